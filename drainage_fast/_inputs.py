@@ -1,0 +1,140 @@
+"""Validation of the public arguments and the row layout every backend works on.
+
+Validation happens once, here, at the API boundary; kernels assume valid input. Every error names
+the argument and the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import NamedTuple
+
+import torch
+
+REDUCTIONS = ("none", "sum", "mean")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class Hyper(NamedTuple):
+    """Resolved hyper-parameters, as the kernels take them."""
+
+    log_alpha: float
+    log_beta: float
+    drainage_idx: int  # normalised to [0, K)
+    ignore_index: int
+
+
+def _positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a positive real number, got {value!r}")
+    if not 0.0 < value < math.inf:  # also false for nan; comparisons work on traced SymFloats too
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def check_hyper(alpha, beta, reduction: str, ignore_index) -> tuple[float, float]:
+    """Checks the tensor-independent arguments; returns (alpha, beta) with beta = 1/alpha by default."""
+    alpha = _positive_float("alpha", alpha)
+    beta = 1.0 / alpha if beta is None else _positive_float("beta", beta)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return alpha, beta
+
+
+def check_inputs(logits, target, *, alpha, beta, drainage_idx, reduction, ignore_index) -> Hyper:
+    """Validates every argument of the loss; returns the resolved hyper-parameters.
+
+    Raises:
+        ValueError: bad dtype, shape, device, alpha, beta, reduction or ignore_index.
+        IndexError: drainage_idx out of range; target out of [0, K) or equal to drainage_idx
+            (checked on the host for CPU tensors; on other devices a device-side assert, so the
+            host never waits for the GPU).
+    """
+    alpha, beta = check_hyper(alpha, beta, reduction, ignore_index)
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"logits must have a floating dtype in {FLOAT_DTYPES}, got {logits.dtype}")
+    if target.dtype not in INDEX_DTYPES:
+        raise ValueError(f"target must have dtype torch.int64 or torch.int32, got {target.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (N, K) or (N, K, d1, ..., dk), got {tuple(logits.shape)}")
+    K = logits.shape[1]
+    if K < 2:
+        raise ValueError(f"logits must have K >= 2 outputs (C classes + drainage) in dim 1, got K={K}")
+    expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target must have shape {expected} for logits of shape {tuple(logits.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if isinstance(drainage_idx, bool) or not isinstance(drainage_idx, Integral):
+        raise ValueError(f"drainage_idx must be an int, got {drainage_idx!r}")
+    if not -K <= drainage_idx < K:
+        raise IndexError(f"drainage_idx={drainage_idx} is out of range for K={K} outputs")
+    d = int(drainage_idx) % K
+    check_target_values(target, K, d, int(ignore_index))
+    return Hyper(math.log(alpha), math.log(beta), d, int(ignore_index))
+
+
+def check_target_values(target: torch.Tensor, K: int, d: int, ignore_index: int) -> None:
+    """Every target is ignore_index or a class index in [0, K) other than d."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= K) | (target == d))
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bad.any():
+            value = int(target[bad].flatten()[0])
+            what = "equals drainage_idx" if value == d else f"is out of range [0, {K})"
+            raise IndexError(
+                f"target value {value} {what}; targets must be class indices in [0, {K}) other "
+                f"than drainage_idx={d}, or ignore_index={ignore_index}"
+            )
+    else:
+        # No host synchronisation on accelerators or inside a compiled graph.
+        torch._assert_async(
+            ~bad.any(), f"target must be in [0, {K}), != drainage_idx={d}, or == ignore_index"
+        )
+
+
+class Rows(NamedTuple):
+    """A (N, K, d1..dk) tensor seen as rows of K outputs: row r = n * S + s, S = prod(d1..dk).
+
+    `view` is a (N, S, K) view of the input (no copy unless the spatial dims cannot be
+    flattened into one stride); element (r, k) lives at n*stride_n + s*stride_s + k*stride_k.
+    """
+
+    view: torch.Tensor
+    n_rows: int
+    K: int
+    S: int
+
+
+def as_rows(x: torch.Tensor) -> Rows:
+    """(N, K, d1..dk) -> a (N, S, K) view; copies only when d1..dk cannot share one stride."""
+    N, K = x.shape[0], x.shape[1]
+    S = math.prod(x.shape[2:])
+    # movedim is a view; reshape stays a view whenever the spatial strides are compatible,
+    # which covers contiguous (NCHW) and channels_last (NHWC) layouts.
+    view = x.movedim(1, -1).reshape(N, S, K) if x.dim() > 2 else x.unsqueeze(1)
+    return Rows(view, N * S, K, S)
+
+
+def from_rows(t3: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of as_rows for a (N, S, K) tensor: back to `shape` = (N, K, d1, ..., dk), as a view."""
+    if len(shape) == 2:
+        return t3.squeeze(1)
+    return t3.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
+def loss_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-row losses are float32, or float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,62 @@
+"""Backend registry. Each backend is a module with the same functions:
+
+    availability(device) -> (bool, reason)
+    forward(x3, target, hp) -> (loss (R,), row terms (3, R))
+    backward(x3, target, row_terms, grad_rows, hp) -> grad (N, S, K)
+and, where FUSED_GRAD is true, forward_with_grad(x3, target, hp, count) and scale_(grad, scale).
+
+x3 is the (N, S, K) row view of the logits (see _inputs.as_rows), target the (R,) flat targets.
+Modules are imported lazily, only when asked for, so a missing optional dependency (triton) never
+breaks `import drainage_fast`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# name -> module, in the order "auto" prefers them on a GPU
+_MODULES = {
+    "triton": "drainage_fast.backends.triton_launch",
+    "reference": "drainage_fast.backends.reference",
+}
+NAMES = tuple(_MODULES)
+
+
+_LOADED: dict[str, ModuleType] = {}
+
+
+def load(name: str) -> ModuleType:
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_MODULES[name])
+    return _LOADED[name]
+
+
+_AVAILABILITY: dict[tuple[str, str | None], tuple[bool, str]] = {}
+
+
+def availability(name: str, device: torch.device | None = None) -> tuple[bool, str]:
+    """Whether backend `name` can run on `device` (None: on this machine), and why (not)."""
+    key = (name, None if device is None else device.type)
+    if key not in _AVAILABILITY:  # a plain dict, not lru_cache: Dynamo traces dict lookups
+        try:
+            _AVAILABILITY[key] = load(name).availability(device)
+        except ImportError as err:
+            _AVAILABILITY[key] = (False, f"cannot import it: {err}")
+    return _AVAILABILITY[key]
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module for `name` on `device`. "auto" picks the fastest; others never fall back."""
+    if name == "auto":
+        if device.type == "cuda" and availability("triton", device)[0]:
+            return load("triton")
+        return load("reference")
+    if name not in _MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    ok, reason = availability(name, device)
+    if not ok:
+        raise RuntimeError(f"backend={name!r} cannot run on {device}: {reason}")
+    return load(name)

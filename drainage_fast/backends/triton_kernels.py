@@ -1,0 +1,216 @@
+"""Triton kernels of the drainage loss.
+
+Rows: the logits are seen as R = N * S rows of K outputs (S = prod of the spatial dims, 1 for (N, K)
+input). Row r = n * S + s starts at n * stride_n + s * stride_s; its outputs are stride_k apart.
+All offsets are int64 (N * K may exceed 2^31); math is fp32 (fp64 for fp64 input), loads are cast
+right after the load and stores cast back, which is also what the CPU interpreter needs for bf16.
+
+Per row the forward needs z_t, z_d and lse_J = logsumexp over J = all but {t, d}, one pass:
+
+    a = log(alpha) + logaddexp(z_d, lse_J) - z_t        b = log(beta) + lse_J - z_d
+    l = logaddexp(0, logaddexp(a, b))
+
+and the gradient is elementwise once three row terms are known (all exponents <= log 2):
+
+    w = logaddexp(log(alpha) - z_t - l, log(beta) - z_d - l)
+    g_j = exp(z_j + w) for j in J,    g_t = -exp(a - l),    g_d = exp(log(alpha) + z_d - z_t - l) - exp(b - l)
+
+Rows whose target is ignore_index get loss 0 and gradient 0; a target out of [0, K) or equal to d
+poisons its row with NaN (the API rejects such targets before they get here).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): exp2 is the native instruction
+
+
+@triton.jit
+def _log1p(x):
+    # log1p(x) = log(u) * x / (u - 1) with u = 1 + x (Goldberg): full relative precision for tiny x,
+    # where log(1 + x) rounds to 0. A confident row's loss is ~exp(a) + exp(b), far below fp32 eps.
+    u = 1.0 + x
+    tiny = u == 1.0
+    return tl.where(tiny, x, tl.log(u) * (x / tl.where(tiny, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _logaddexp(x, y):
+    # NaN must survive: the default max/min drop a NaN operand on GPU.
+    hi = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    lo = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
+    empty = hi == float("-inf")  # both -inf (e.g. J empty): the result is -inf, not nan
+    return tl.where(empty, hi, hi + _log1p(tl.exp(lo - tl.where(empty, 0.0, hi))))
+
+
+@triton.jit
+def _row_start(rows, S, stride_n, stride_s):
+    n = rows // S
+    return n * stride_n + (rows - n * S) * stride_s
+
+
+@triton.jit
+def _load_tile(X_ptr, x_row, row_ok, cols, K, stride_k, COMPUTE: tl.constexpr):
+    """[ROWS, BLOCK_K] tile of logits in the compute dtype; -inf outside the row."""
+    ptrs = X_ptr + x_row[:, None] + cols[None, :].to(tl.int64) * stride_k
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    return tl.load(ptrs, mask=mask, other=float("-inf")).to(COMPUTE)
+
+
+@triton.jit
+def _online_lse(m, s, x, cols, t, d):
+    """One step of the online log-sum-exp over J: skips the target t and the drainage output d."""
+    in_J = (cols[None, :] != t[:, None]) & (cols[None, :] != d)
+    x_J = tl.where(in_J, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x_J, axis=1))
+    # While every entry seen is -inf, m_new is -inf and -inf - -inf would be nan: shift by 0 instead.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((x_J - shift[:, None]) * LOG2E), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _row_terms(z_t, z_d, lse_J, log_alpha, log_beta):
+    """Per-row loss and the three gradient terms (w, g_t, g_d) from z_t, z_d, lse_J."""
+    a = log_alpha + _logaddexp(z_d, lse_J) - z_t
+    b = log_beta + lse_J - z_d
+    loss = _logaddexp(tl.zeros_like(a), _logaddexp(a, b))
+    u = log_alpha - z_t - loss
+    w = _logaddexp(u, log_beta - z_d - loss)
+    g_t = -tl.exp(a - loss)
+    g_d = tl.exp(z_d + u) - tl.exp(b - loss)
+    return loss, w, g_t, g_d
+
+
+@triton.jit
+def _grad_tile(x, cols, t, d, w, g_t, g_d):
+    """Unscaled gradient of a [ROWS, BLOCK_K] tile given the row terms."""
+    g = tl.exp2(x * LOG2E + (w * LOG2E)[:, None])
+    g = tl.where(cols[None, :] == t[:, None], g_t[:, None], g)
+    return tl.where(cols[None, :] == d, g_d[:, None], g)
+
+
+@triton.jit
+def _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k):
+    ptrs = G_ptr + g_row[:, None] + cols[None, :].to(tl.int64) * g_stride_k
+    tl.store(ptrs, g.to(G_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _drainage_fwd_kernel(
+    X_ptr, T_ptr, Loss_ptr, Stats_ptr, G_ptr, Count_ptr,  # data; G_ptr/Count_ptr only if WRITE_GRAD
+    n_rows, K, S,  # shapes
+    x_stride_n, x_stride_s, x_stride_k, t_stride,  # input strides
+    g_stride_n, g_stride_s, g_stride_k,  # gradient strides (WRITE_GRAD)
+    drainage_idx, ignore_index,  # hyper-parameters; log(alpha), log(beta) as fp32 hi + lo pairs
+    log_alpha_hi, log_alpha_lo, log_beta_hi, log_beta_lo,
+    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,  # K <= BLOCK_K: the row tile stays in registers
+    WRITE_GRAD: tl.constexpr,  # also write the gradient of sum (or mean, MEAN) of the losses
+    MEAN: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """Per-row loss (R,) and row terms (3, R) = [w, g_t, g_d]; optionally the gradient itself."""
+    # Triton passes Python floats as fp32 (Inductor-generated calls as fp64: the casts pin the math
+    # to COMPUTE either way). The lo parts restore ~48 bits for fp64 inputs; in fp32 they vanish.
+    log_alpha = tl.cast(log_alpha_hi, COMPUTE) + tl.cast(log_alpha_lo, COMPUTE)
+    log_beta = tl.cast(log_beta_hi, COMPUTE) + tl.cast(log_beta_lo, COMPUTE)
+    d = tl.cast(drainage_idx, tl.int64)
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row_ok = rows < n_rows
+    x_row = _row_start(rows, S, x_stride_n, x_stride_s)
+
+    t = tl.load(T_ptr + rows * t_stride, mask=row_ok, other=ignore_index).to(tl.int64)
+    kept = t != ignore_index
+    bad = kept & ((t < 0) | (t >= K) | (t == d))
+    z_t = tl.load(X_ptr + x_row + t * x_stride_k, mask=row_ok & kept & ~bad, other=0.0).to(COMPUTE)
+    z_d = tl.load(X_ptr + x_row + d * x_stride_k, mask=row_ok, other=0.0).to(COMPUTE)
+
+    m = tl.full([BLOCK_ROWS], float("-inf"), COMPUTE)
+    s = tl.zeros([BLOCK_ROWS], COMPUTE)
+    cols = tl.arange(0, BLOCK_K)
+    if SINGLE_TILE:
+        x = _load_tile(X_ptr, x_row, row_ok, cols, K, x_stride_k, COMPUTE)
+        m, s = _online_lse(m, s, x, cols, t, d)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
+            m, s = _online_lse(m, s, x, k0 + cols, t, d)
+    J_empty = s == 0.0  # K = 2, or every z_j is -inf
+    lse_J = tl.where(J_empty, float("-inf"), m + tl.log(tl.where(J_empty, 1.0, s)))
+
+    loss, w, g_t, g_d = _row_terms(z_t, z_d, lse_J, log_alpha, log_beta)
+    nan = float("nan")
+    loss = tl.where(bad, nan, tl.where(kept, loss, 0.0))
+    w = tl.where(bad, nan, w)
+    g_t = tl.where(bad, nan, g_t)
+    g_d = tl.where(bad, nan, g_d)
+    tl.store(Loss_ptr + rows, loss.to(Loss_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(Stats_ptr + rows, w, mask=row_ok)
+    tl.store(Stats_ptr + n_rows + rows, g_t, mask=row_ok)
+    tl.store(Stats_ptr + n_rows + n_rows + rows, g_d, mask=row_ok)
+
+    if WRITE_GRAD:
+        scale = tl.where(kept, 1.0, 0.0).to(COMPUTE)
+        if MEAN:
+            scale = scale / tl.load(Count_ptr).to(COMPUTE)
+        g_row = _row_start(rows, S, g_stride_n, g_stride_s)
+        if SINGLE_TILE:
+            g = _grad_tile(x, cols, t, d, w, g_t, g_d)
+            # where, not multiply: an ignored row with inf/nan logits still gets exactly 0
+            g = tl.where(kept[:, None], g * scale[:, None], 0.0)
+            _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k)
+        else:
+            # Second read of the row; it was just streamed, so it mostly comes from L2.
+            for k0 in range(0, K, BLOCK_K):
+                x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
+                g = _grad_tile(x, k0 + cols, t, d, w, g_t, g_d)
+                g = tl.where(kept[:, None], g * scale[:, None], 0.0)
+                _store_tile(G_ptr, g, g_row, row_ok, k0 + cols, K, g_stride_k)
+
+
+@triton.jit
+def _drainage_bwd_kernel(
+    X_ptr, T_ptr, Stats_ptr, DY_ptr, G_ptr,  # data
+    n_rows, K, S,  # shapes
+    x_stride_n, x_stride_s, x_stride_k, t_stride, dy_stride,  # input strides (dy_stride may be 0)
+    g_stride_n, g_stride_s, g_stride_k,  # gradient strides
+    drainage_idx, ignore_index,
+    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    """grad[r, k] = dy[r] * g[r, k]: elementwise, a 2-D grid of (row block, column block) tiles."""
+    d = tl.cast(drainage_idx, tl.int64)
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+
+    t = tl.load(T_ptr + rows * t_stride, mask=row_ok, other=ignore_index).to(tl.int64)
+    kept = t != ignore_index
+    w = tl.load(Stats_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    g_t = tl.load(Stats_ptr + n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    g_d = tl.load(Stats_ptr + n_rows + n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    dy = tl.load(DY_ptr + rows * dy_stride, mask=row_ok, other=0.0).to(COMPUTE)
+
+    x = _load_tile(X_ptr, _row_start(rows, S, x_stride_n, x_stride_s), row_ok, cols, K, x_stride_k, COMPUTE)
+    g = _grad_tile(x, cols, t, d, w, g_t, g_d)
+    g = tl.where(kept[:, None], g * dy[:, None], 0.0)
+    _store_tile(G_ptr, g, _row_start(rows, S, g_stride_n, g_stride_s), row_ok, cols, K, g_stride_k)
+
+
+@triton.jit
+def _scale_grad_kernel(G_ptr, Scale_ptr, numel, BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
+    """G *= scale in place, grid-stride; reads nothing but the scalar when scale == 1.
+
+    The gradient written in the forward is handed out by the backward, scaled by the upstream
+    gradient. That scalar is 1 for a plain loss.backward(): testing it on the device (not with
+    .item()) skips the whole pass without a host synchronisation.
+    """
+    scale = tl.load(Scale_ptr).to(COMPUTE)
+    if scale != 1.0:
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for block_start in tl.range(start, numel, step):
+            offs = block_start + tl.arange(0, BLOCK)
+            mask = offs < numel
+            g = tl.load(G_ptr + offs, mask=mask).to(COMPUTE)
+            tl.store(G_ptr + offs, (g * scale).to(G_ptr.dtype.element_ty), mask=mask)

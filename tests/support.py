@@ -1,0 +1,98 @@
+"""Shared test helpers: the device, the backends to test, and tolerances derived from precision."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from drainage_fast import available_backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [b for b in ("triton", "reference") if b in available_backends()]
+
+# Unit roundoff 2^-p of each storage dtype: the error of one rounding to it.
+UNIT_ROUNDOFF = {
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+    torch.float32: 2.0**-24,
+    # fp64 inputs: Triton receives log(alpha), log(beta) as fp32 hi + lo pairs (~48 bits).
+    torch.float64: 2.0**-46,
+}
+# Triton's interpreter converts fp32 -> bf16 by truncation (measured: relative error up to 2^-7,
+# even with fp_downcast_rounding="rtne"); GPUs and torch round to nearest (2^-8). fp16 is exact RNE.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rounding_error(dtype: torch.dtype) -> float:
+    """Relative error of one rounding of a result to `dtype`."""
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return 2 * UNIT_ROUNDOFF[dtype]
+    return UNIT_ROUNDOFF[dtype]
+
+
+# Bound on the number of roundings along the longest chain of the row terms (logaddexp, log1p,
+# the online sum over K terms contributes log2(K) more via the pairwise tree).
+OPS = 16
+
+
+def compute_roundoff(dtype: torch.dtype) -> float:
+    """Every backend computes in fp32, or fp64 for fp64 input."""
+    return UNIT_ROUNDOFF[torch.float64] if dtype == torch.float64 else UNIT_ROUNDOFF[torch.float32]
+
+
+def exponent_scale(logits: torch.Tensor, alpha: float, beta: float) -> float:
+    """Magnitude of the exponents the kernels form: an absolute error of u * E in an exponent is a
+    relative error of u * E in exp() of it, and an absolute error of u * E in the loss."""
+    finite = logits[torch.isfinite(logits)].double()
+    m = finite.abs().max().item() if finite.numel() else 0.0
+    return m + math.log(logits.shape[1]) + abs(math.log(alpha)) + abs(math.log(beta)) + 1.0
+
+
+def assert_loss_close(loss, ref, logits, alpha, beta):
+    """|loss - ref| <= OPS * u_compute * (E + |ref|), losses being fp32 (fp64 for fp64 input)."""
+    u = compute_roundoff(logits.dtype)
+    E = exponent_scale(logits, alpha, beta)
+    loss, ref = loss.double(), ref.double()
+    bound = OPS * u * (E + ref.abs())
+    _assert_within(loss, ref, bound, "loss")
+
+
+def assert_grad_close(grad, ref, logits, alpha, beta, roundings=1):
+    """Gradient in the input dtype: `roundings` roundings to it (1, or 2 when the forward-written
+    gradient is scaled again in the backward by an upstream gradient != 1) plus the compute error, which is relative to the
+    largest entry of the row because g_d is a difference of two terms."""
+    u_in = rounding_error(grad.dtype)
+    u = compute_roundoff(logits.dtype)
+    E = exponent_scale(logits, alpha, beta)
+    info = torch.finfo(grad.dtype)
+    grad, ref = grad.double(), ref.double()
+    row_scale = ref.abs().amax(dim=1, keepdim=True) if ref.dim() > 1 else ref.abs()
+    # Below the smallest normal number (fp16: 6.1e-5) a rounding errs by up to half the subnormal
+    # spacing, an absolute amount.
+    subnormal = 0.5 * info.tiny * info.eps
+    bound = roundings * (u_in * ref.abs() + subnormal) + OPS * u * E * row_scale
+    _assert_within(grad, ref, bound, "gradient")
+
+
+def _assert_within(value, ref, bound, what):
+    assert value.shape == ref.shape, f"{what}: shape {tuple(value.shape)} != {tuple(ref.shape)}"
+    same_nan = torch.isnan(value) == torch.isnan(ref)
+    assert same_nan.all(), f"{what}: nan at different places ({(~same_nan).sum().item()} entries)"
+    finite = ~torch.isnan(ref)
+    err = (value - ref).abs()[finite]
+    excess = err - bound.expand_as(ref)[finite]
+    if excess.numel() and excess.max() > 0:
+        i = excess.argmax()
+        raise AssertionError(
+            f"{what}: {(excess > 0).sum().item()} entries exceed the derived bound; worst error "
+            f"{err[i].item():.3e} vs bound {bound.expand_as(ref)[finite][i].item():.3e}"
+        )
+
+
+def random_targets(N, K, drainage_idx, *shape, device=DEVICE, dtype=torch.int64):
+    """Class targets in [0, K) that are never the drainage output."""
+    d = drainage_idx % K
+    t = torch.randint(0, K - 1, (N, *shape), device=device)
+    return (t + (t >= d).long()).to(dtype)

@@ -1,0 +1,126 @@
+"""The public contract: names, module form, backend choice, and a clear error for every bad input."""
+
+import math
+
+import pytest
+import torch
+
+import drainage_fast
+from drainage_fast import DrainageLoss, available_backends, drainage_loss_reference, fused_drainage_loss
+from drainage_fast import backends
+from support import DEVICE, random_targets
+
+LOSSES = [fused_drainage_loss, drainage_loss_reference]
+
+
+def good_inputs(N=4, K=5):
+    return torch.randn(N, K, device=DEVICE), random_targets(N, K, -1)
+
+
+# (keyword overrides, logits/target transform, exception, words the message must contain)
+BAD_INPUTS = [
+    (dict(alpha=0.0), None, ValueError, ["alpha", "0.0"]),
+    (dict(alpha=-1), None, ValueError, ["alpha", "-1"]),
+    (dict(alpha=float("nan")), None, ValueError, ["alpha", "nan"]),
+    (dict(alpha=float("inf")), None, ValueError, ["alpha", "inf"]),
+    (dict(alpha=True), None, ValueError, ["alpha", "True"]),
+    (dict(alpha="1"), None, ValueError, ["alpha", "'1'"]),
+    (dict(beta=0.0), None, ValueError, ["beta", "0.0"]),
+    (dict(beta=-2.5), None, ValueError, ["beta", "-2.5"]),
+    (dict(reduction="avg"), None, ValueError, ["reduction", "'avg'"]),
+    (dict(ignore_index=1.5), None, ValueError, ["ignore_index", "1.5"]),
+    (dict(drainage_idx=5), None, IndexError, ["drainage_idx=5", "K=5"]),
+    (dict(drainage_idx=-6), None, IndexError, ["drainage_idx=-6"]),
+    (dict(drainage_idx=1.0), None, ValueError, ["drainage_idx", "1.0"]),
+    ({}, lambda x, t: (x, t.float()), ValueError, ["target", "torch.float32"]),
+    ({}, lambda x, t: (x, t.to(torch.uint8)), ValueError, ["target", "torch.uint8"]),
+    ({}, lambda x, t: (x.long(), t), ValueError, ["logits", "torch.int64"]),
+    ({}, lambda x, t: (x[:, 0], t), ValueError, ["logits", "shape", "(4,)"]),
+    ({}, lambda x, t: (x[:, :1], t.clamp(max=0)), ValueError, ["K >= 2", "K=1"]),
+    ({}, lambda x, t: (x, t[:3]), ValueError, ["target", "shape", "(4,)", "(3,)"]),
+    ({}, lambda x, t: (x, t[:, None]), ValueError, ["target", "shape", "(4, 1)"]),
+    ({}, lambda x, t: (x.tolist(), t), ValueError, ["logits", "list"]),
+    ({}, lambda x, t: (x, t.to("meta")), ValueError, ["target", "meta"]),
+    ({}, lambda x, t: (x, torch.where(t == 0, 7, t).index_fill(0, torch.tensor([0], device=t.device), 7)),
+     IndexError, ["target", "7", "[0, 5)"]),
+    ({}, lambda x, t: (x, t.index_fill(0, torch.tensor([1], device=t.device), -1)), IndexError, ["target", "-1"]),
+    ({}, lambda x, t: (x, t.index_fill(0, torch.tensor([2], device=t.device), 4)), IndexError,
+     ["target", "4", "drainage_idx"]),
+]
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kwargs, transform, error, words", BAD_INPUTS)
+def test_bad_input_raises_a_clear_error(loss_fn, kwargs, transform, error, words):
+    if DEVICE.type != "cpu" and error is IndexError and "target" in words:
+        pytest.skip("on GPU a bad target is a device-side assert (no host sync); tested in test_gpu.py")
+    logits, target = good_inputs()
+    if transform is not None:
+        logits, target = transform(logits, target)
+    with pytest.raises(error) as info:
+        loss_fn(logits, target, **kwargs)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+def test_unknown_backend():
+    logits, target = good_inputs()
+    with pytest.raises(ValueError, match="backend.*'cudnn'"):
+        fused_drainage_loss(logits, target, backend="cudnn")
+    with pytest.raises(ValueError, match="backend.*'cudnn'"):
+        DrainageLoss(backend="cudnn")
+
+
+def test_named_backend_never_falls_back():
+    # Triton cannot run on the meta device: the named backend raises instead of falling back.
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run on meta"):
+        backends.resolve("triton", torch.device("meta"))
+    assert backends.resolve("auto", torch.device("meta")).NAME == "reference"
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    from drainage_fast.backends import triton_launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, reason = triton_launch.availability(torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET=1" in reason and "CUDA" in reason
+
+
+def test_available_backends():
+    names = available_backends()
+    assert "reference" in names and set(names) <= set(backends.NAMES)
+    assert names == [n for n in backends.NAMES if n in names]  # fastest first
+
+
+def test_auto_backend_choice():
+    expected = "triton" if DEVICE.type == "cuda" else "reference"
+    assert backends.resolve("auto", DEVICE).NAME == expected
+
+
+def test_module_matches_function_and_validates_early():
+    logits, target = good_inputs()
+    module = DrainageLoss(alpha=0.2, beta=3.0, drainage_idx=0, reduction="sum")
+    target = random_targets(4, 5, 0)
+    assert module(logits, target).item() == pytest.approx(
+        fused_drainage_loss(logits, target, alpha=0.2, beta=3.0, drainage_idx=0, reduction="sum").item()
+    )
+    assert "alpha=0.2" in repr(module) and "reduction='sum'" in repr(module)
+    with pytest.raises(ValueError, match="alpha"):
+        DrainageLoss(alpha=0)
+    with pytest.raises(ValueError, match="reduction"):
+        DrainageLoss(reduction="batchmean")
+
+
+def test_default_beta_is_one_over_alpha():
+    logits, target = good_inputs()
+    a = fused_drainage_loss(logits, target, alpha=0.25)
+    b = fused_drainage_loss(logits, target, alpha=0.25, beta=4.0)
+    assert a.item() == b.item()
+
+
+def test_public_names():
+    assert set(drainage_fast.__all__) == {
+        "DrainageLoss", "available_backends", "drainage_loss_reference", "fused_drainage_loss"
+    }
+    assert math.isfinite(fused_drainage_loss(*good_inputs()).item())

@@ -1,0 +1,305 @@
+"""Every backend against the float64 oracle, loss and gradient; bounds from support.py.
+
+On a machine without a GPU the Triton kernels run in the numpy interpreter (slow): shapes are small
+but each one is chosen to reach a distinct code path, as the comments on the lists say.
+"""
+
+import math
+
+import pytest
+import torch
+
+import drainage_fast.api
+from drainage_fast import drainage_loss_reference, fused_drainage_loss
+from support import BACKENDS, DEVICE, assert_grad_close, assert_loss_close, random_targets
+
+try:
+    from drainage_fast.backends.triton_launch import MAX_TILE_K
+except ImportError:
+    MAX_TILE_K = 32768
+# One K longer than the largest register tile: the forward streams the row in tiles with the online
+# log-sum-exp, and the backward grid has several column blocks.
+K_LONG = MAX_TILE_K + 233
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS)
+
+
+def run_both(base, target, *, backend, view=lambda b: b, reduction="none", upstream="random", **hp):
+    """Loss and gradient of `backend` on view(base), and of the oracle on the same values in fp64.
+
+    upstream: "random" (a random upstream gradient, exactly representable in fp32) or "one"
+    (loss.sum().backward(), the plain training call).
+    """
+    x = base.detach().clone().requires_grad_()
+    loss = fused_drainage_loss(view(x), target, backend=backend, reduction=reduction, **hp)
+    x64 = base.detach().double().requires_grad_()
+    ref = drainage_loss_reference(view(x64), target, reduction=reduction, **hp)
+    if upstream == "one":
+        loss.sum().backward()
+        ref.sum().backward()
+    else:
+        up = torch.randn(ref.shape, device=ref.device).double()
+        (loss.double() * up).sum().backward()
+        (ref * up).sum().backward()
+    return loss, ref, view(x.grad), view(x64.grad)
+
+
+def check(loss, ref, grad, ref_grad, logits, alpha=1.0, beta=None, roundings=1):
+    beta = 1 / alpha if beta is None else beta
+    assert loss.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert grad.dtype == logits.dtype
+    assert_loss_close(loss, ref, logits, alpha, beta)
+    assert_grad_close(grad, ref_grad, logits, alpha, beta, roundings)
+
+
+# K: 2 (J empty), 3 (a single J entry), 11 / 51 / 1001 (the paper's class counts + 1, odd, so rows
+# are unaligned; 1001 fills a 1024 tile), K_LONG (streamed rows).
+@pytest.mark.parametrize("K", [2, 3, 11, 51, 1001, K_LONG])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_oracle(backend, K, dtype):
+    N = 3 if K == K_LONG else 37
+    logits = (torch.randn(N, K, device=DEVICE) * 3).to(dtype)
+    target = random_targets(N, K, -1)
+    check(*run_both(logits, target, backend=backend, alpha=0.1), logits, alpha=0.1)
+
+
+@pytest.mark.parametrize("drainage_idx", [0, 5, 10, -1, -4])  # first, middle, last, negative
+@pytest.mark.parametrize("alpha, beta", [(1.0, None), (0.1, None), (0.01, None), (0.1, 3.0), (2.0, 0.5)])
+def test_drainage_idx_and_hyper_parameters(backend, drainage_idx, alpha, beta):
+    logits = torch.randn(40, 11, device=DEVICE) * 2
+    target = random_targets(40, 11, drainage_idx)
+    out = run_both(logits, target, backend=backend, reduction="mean", alpha=alpha, beta=beta,
+                   drainage_idx=drainage_idx)
+    check(*out, logits, alpha, beta)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "recompute"])
+@pytest.mark.parametrize("upstream", ["one", "random"])
+def test_reductions_and_pass_structures(backend, reduction, fused, upstream, monkeypatch):
+    monkeypatch.setattr(drainage_fast.api, "FUSED_GRAD_ENABLED", fused)
+    logits = (torch.randn(33, 51, device=DEVICE) * 2).to(torch.bfloat16)
+    target = random_targets(33, 51, -1)
+    target[3] = -100
+    out = run_both(logits, target, backend=backend, reduction=reduction, upstream=upstream, alpha=0.5)
+    check(*out, logits, alpha=0.5, roundings=2 if fused and upstream == "random" else 1)
+
+
+def test_row_gradients_sum_to_zero(backend):
+    logits = torch.randn(16, 13, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = random_targets(16, 13, 2)
+    fused_drainage_loss(logits, target, drainage_idx=2, alpha=0.2, backend=backend).backward()
+    torch.testing.assert_close(logits.grad.sum(1), torch.zeros_like(logits.grad[:, 0]), rtol=0, atol=1e-16)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda b: b[:, 3:14],  # row stride 20 > K: a slice of a wider buffer
+        lambda b: b[::2, ::2],  # every other row and output: stride_k = 2
+        lambda b: b.t(),  # transposed: stride_k = N, rows 1 apart
+    ],
+    ids=["column-slice", "strided", "transposed"],
+)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_non_contiguous_logits(backend, view, reduction):
+    base = torch.randn(22, 20, device=DEVICE)
+    x = view(base)
+    target = random_targets(x.shape[0], x.shape[1], -1)
+    check(*run_both(base, target, backend=backend, view=view, reduction=reduction), x)
+
+
+def test_int32_and_strided_targets(backend):
+    logits = torch.randn(30, 9, device=DEVICE)
+    target = random_targets(60, 9, -1, dtype=torch.int32)[::2]  # int32, stride 2
+    check(*run_both(logits, target, backend=backend), logits)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_spatial_inputs(backend, layout, reduction):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    logits = torch.randn(2, 7, 3, 5, device=DEVICE).contiguous(memory_format=fmt)
+    target = random_targets(2, 7, -1, 3, 5)
+    target[0, 1, 2] = -100
+    loss, ref, grad, ref_grad = run_both(logits, target, backend=backend, reduction=reduction)
+    check(loss, ref, grad, ref_grad, logits)
+    if backend == "triton":  # the kernels stride over the class dim: no transpose copy, same layout
+        assert grad.stride() == logits.stride()
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_ignore_index(backend, reduction):
+    logits = torch.randn(12, 6, device=DEVICE)
+    target = random_targets(12, 6, -1)
+    target[[0, 5, 11]] = 2  # ignore_index = 2 is also a valid class: those rows must still be skipped
+    loss, ref, grad, ref_grad = run_both(logits, target, backend=backend, reduction=reduction, ignore_index=2)
+    check(loss, ref, grad, ref_grad, logits)
+    assert grad[[0, 5, 11]].abs().sum().item() == 0.0
+    if reduction == "none":
+        assert loss[[0, 5, 11]].abs().sum().item() == 0.0
+
+
+def test_all_ignored(backend):
+    x = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    target = torch.full((5,), -100, device=DEVICE)
+    mean = fused_drainage_loss(x, target, backend=backend)
+    assert math.isnan(mean.item())  # 0 / 0, as F.cross_entropy
+    mean.backward()
+    assert x.grad.abs().sum().item() == 0.0
+    assert fused_drainage_loss(x, target, reduction="sum", backend=backend).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits_stay_finite(backend, dtype):
+    logits = torch.randn(8, 11, device=DEVICE) * 3
+    logits[0, :] = 1e4  # everything huge
+    logits[1, 3] = 1e4  # one huge J entry
+    logits[2, :] = -1e4
+    logits[3, 0::2] = -1e4
+    target = random_targets(8, 11, -1)
+    logits[4, target[4]] = 1e4  # a confident, correct row: loss ~ 0 with full relative precision
+    logits[5, target[5]] = -1e4  # a hopeless row: loss ~ 1e4
+    logits = logits.to(dtype)
+    loss, ref, grad, ref_grad = run_both(logits, target, backend=backend)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    check(loss, ref, grad, ref_grad, logits)
+
+
+def test_negative_infinity_entries(backend):
+    logits = torch.randn(6, 9, device=DEVICE)
+    target = random_targets(6, 9, -1)
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[:, :4] = True  # -inf in J entries only (never at t or d: that loss is +inf by definition)
+    mask[torch.arange(6), target] = False
+    logits[mask] = float("-inf")
+    loss, ref, grad, ref_grad = run_both(logits, target, backend=backend)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert grad[mask].abs().sum().item() == 0.0
+    check(loss, ref, grad, ref_grad, logits)
+
+
+@pytest.mark.parametrize("where", ["J", "target", "drainage"])
+def test_nan_propagates(backend, where):
+    logits = torch.randn(4, 7, device=DEVICE)
+    target = random_targets(4, 7, -1)
+    col = {"J": (target[1].item() + 1) % 6, "target": target[1].item(), "drainage": 6}[where]
+    logits[1, col] = float("nan")
+    x = logits.clone().requires_grad_()
+    loss = fused_drainage_loss(x, target, backend=backend, reduction="none")
+    (loss * torch.rand(4, device=DEVICE)).sum().backward()
+    assert math.isnan(loss[1].item()) and torch.isnan(x.grad[1]).any()
+    others = [0, 2, 3]
+    assert torch.isfinite(loss[others]).all() and torch.isfinite(x.grad[others]).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch(backend, reduction):
+    x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+    loss = fused_drainage_loss(x, torch.zeros(0, dtype=torch.long, device=DEVICE), reduction=reduction,
+                               backend=backend)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    if reduction == "mean":
+        assert math.isnan(loss.item())
+    loss.sum().backward()
+    assert x.grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("shape", [(4, 5), (3, 2), (2, 3, 2, 2)], ids=["NK", "K2", "NKHW"])
+def test_gradcheck_float64(backend, shape, reduction):
+    x = torch.randn(*shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = random_targets(shape[0], shape[1], 0, *shape[2:])
+    target.view(-1)[-1] = -100
+    fn = lambda x: fused_drainage_loss(x, target, alpha=0.3, drainage_idx=0, reduction=reduction,  # noqa: E731
+                                       backend=backend)
+    # gradcheck's re-entrancy check runs the backward twice on one graph: the second run recomputes
+    # instead of handing out the forward-written gradient, equal up to fp64 rounding order.
+    assert torch.autograd.gradcheck(fn, (x,), nondet_tol=1e-13)
+
+
+def test_second_backward_through_the_same_graph(backend):
+    x = torch.randn(10, 6, device=DEVICE, requires_grad=True)
+    loss = fused_drainage_loss(x, random_targets(10, 6, -1), backend=backend) * 3.0
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()  # the forward-written gradient was handed out: this one recomputes
+    torch.testing.assert_close(x.grad, 2 * first)
+
+
+def test_no_grad_forward_equals_grad_forward(backend):
+    x = torch.randn(10, 6, device=DEVICE, requires_grad=True)
+    target = random_targets(10, 6, -1)
+    with torch.no_grad():
+        a = fused_drainage_loss(x, target, backend=backend)
+    b = fused_drainage_loss(x, target, backend=backend)
+    assert a.item() == b.item()
+
+
+@pytest.mark.parametrize(
+    "rows, row_stride, K",
+    [
+        (2, 2**31, 5),  # one row 2^31 elements in: the stride itself needs 64 bits
+        (2**16 + 1, 2**15 + 1, 2),  # row index * row stride passes 2^31 although both fit in int32
+    ],
+    ids=["int64-stride", "int32-product"],
+)
+def test_offsets_beyond_int32(backend, rows, row_stride, K):
+    """Element offsets past 2^31 (the interpreter wraps int32 arithmetic like a GPU does).
+
+    The rows live in a sparse 4 GiB fp16 buffer: only the pages holding them are touched.
+    """
+    storage = torch.empty((rows - 1) * row_stride + K, dtype=torch.float16, device=DEVICE)
+    x = storage.as_strided((rows, K), (row_stride, 1))
+    x.copy_(torch.randn(rows, K, device=DEVICE))
+    x.requires_grad_()
+    target = random_targets(rows, K, -1)
+    up = torch.randn(rows, device=DEVICE)
+    loss = fused_drainage_loss(x, target, backend=backend, reduction="none")
+    (loss * up).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ref = drainage_loss_reference(x64, target, reduction="none")
+    (ref * up.double()).sum().backward()
+    check(loss, ref, x.grad, x64.grad, x.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_confident_rows_keep_relative_precision(backend, dtype):
+    """A confident row's loss is ~exp(a) + exp(b) ~ 1e-9: log(1 + x) would round it to 0."""
+    logits = torch.randn(32, 11, device=DEVICE, dtype=dtype)
+    target = random_targets(32, 11, -1)
+    logits[torch.arange(32), target] += 40.0  # p_t >> p_d >> p_J: both ratios of the loss are tiny
+    logits[:, -1] += 20.0
+    loss = fused_drainage_loss(logits, target, reduction="none", backend=backend)
+    ref = drainage_loss_reference(logits.double(), target, reduction="none")
+    assert (ref < 1e-6).all() and (ref > 0).all()
+    from support import OPS, compute_roundoff, exponent_scale
+
+    bound = OPS * compute_roundoff(dtype) * exponent_scale(logits, 1.0, 1.0)  # relative, see support.py
+    assert ((loss.double() - ref).abs() / ref).max().item() <= bound
+
+
+def test_autocast_keeps_bf16_logits(backend, monkeypatch):
+    seen = []
+    import drainage_fast._function as fn
+
+    as_rows = fn.as_rows
+    monkeypatch.setattr(fn, "as_rows", lambda x: seen.append(x.dtype) or as_rows(x))
+    layer = torch.nn.Linear(8, 6).to(DEVICE)
+    feats = torch.randn(16, 8, device=DEVICE)
+    target = random_targets(16, 6, -1)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        logits = layer(feats)
+        loss = fused_drainage_loss(logits, target, backend=backend)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and seen == [torch.bfloat16]  # no fp32 copy of the logits
+    ref = drainage_loss_reference(logits.detach().double(), target)
+    assert abs(loss.item() - ref.item()) <= 16 * 2**-24 * (1 + ref.item()) * 10
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_rows_of_256k_outputs(backend):
+    """K = 2^18 + 3 (a large vocabulary): 33 streamed tiles per row, 65 column blocks in the backward."""
+    logits = torch.randn(2, 2**18 + 3, device=DEVICE).to(torch.bfloat16)
+    target = random_targets(2, logits.shape[1], -1)
+    check(*run_both(logits, target, backend=backend, reduction="mean"), logits)

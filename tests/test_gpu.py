@@ -1,0 +1,100 @@
+"""What only a GPU can show: no host synchronisation, device-side target asserts, CUDA graphs, and a
+real tensor of more than 2^31 elements. Skipped (with the reason) on machines without CUDA; the rest
+of the suite also runs on the GPU there (support.DEVICE)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from drainage_fast import drainage_loss_reference, fused_drainage_loss
+from support import BACKENDS, assert_grad_close, assert_loss_close, random_targets
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_no_host_synchronisation(backend, reduction):
+    x = torch.randn(512, 1001, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    target = random_targets(512, 1001, -1, device=CUDA)
+    fused_drainage_loss(x, target, backend=backend, reduction=reduction).sum().backward()  # warm-up, JIT
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_drainage_loss(x, target, backend=backend, reduction=reduction)
+        loss.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("bad", [1001, -1, 1000])  # out of range high / low, the drainage index
+def test_bad_target_is_a_device_side_assert(bad):
+    code = textwrap.dedent(f"""
+        import torch
+        from drainage_fast import fused_drainage_loss
+        x = torch.randn(8, 1001, device="cuda")
+        t = torch.zeros(8, dtype=torch.long, device="cuda")
+        t[3] = {bad}
+        fused_drainage_loss(x, t)
+        torch.cuda.synchronize()
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # the message of a device-side assert is printed by the kernel; the host sees "device-side assert"
+    assert run.returncode != 0 and "assert" in run.stderr.lower()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_graph_capture_and_replay(reduction):
+    x = torch.randn(256, 101, device=CUDA, requires_grad=True)
+    target = random_targets(256, 101, -1, device=CUDA)
+    up = torch.rand(256, device=CUDA)
+
+    def step():
+        loss = fused_drainage_loss(x, target, reduction=reduction)
+        (loss * up if reduction == "none" else loss).sum().backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the graph (JIT compilation, autograd buffers)
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_x = x.detach().double().requires_grad_()
+    ref = drainage_loss_reference(ref_x, target, reduction=reduction)
+    (ref * up.double() if reduction == "none" else ref).sum().backward()
+    assert_loss_close(loss, ref, x.detach(), 1.0, 1.0)
+    assert_grad_close(x.grad, ref_x.grad, x.detach(), 1.0, 1.0)
+
+
+def test_more_than_2_pow_31_elements():
+    """A real (2_145_339, 1001) bf16 tensor: 2^31 + ~0.6M elements, 4.3 GB (+ 4.3 GB gradient)."""
+    N, K = 2**31 // 1001 + 600, 1001
+    if torch.cuda.get_device_properties(CUDA).total_memory < 12 * 2**30:
+        pytest.skip("needs 12 GiB of GPU memory")
+    x = torch.randn(N, K, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    target = random_targets(N, K, -1, device=CUDA)
+    loss = fused_drainage_loss(x, target, reduction="sum")
+    loss.backward()
+    tail = slice(N - 1000, N)  # the rows past element 2^31
+    x64 = x.detach()[tail].double().requires_grad_()
+    ref = drainage_loss_reference(x64, target[tail], reduction="none")
+    ref.sum().backward()
+    rows = fused_drainage_loss(x.detach()[tail], target[tail], reduction="none")
+    assert_loss_close(rows, ref, x.detach()[tail], 1.0, 1.0)
+    assert_grad_close(x.grad[tail], x64.grad, x.detach()[tail], 1.0, 1.0)
