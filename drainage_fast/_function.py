@@ -6,7 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends
-from ._inputs import Hyper, as_rows, from_rows
+from ._inputs import Hyper, as_rows, check_targets_torch, from_rows
 
 
 class DrainageFunction(torch.autograd.Function):
@@ -26,7 +26,14 @@ class DrainageFunction(torch.autograd.Function):
         backend = backends.load(backend_name)
         x3 = as_rows(logits).view
         target = target.reshape(-1)
-        count = (target != hp.ignore_index).sum() if reduction == "mean" else None
+        K = x3.shape[-1]
+        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Targets were checked on the host at the API boundary.
+            count = (target != hp.ignore_index).sum() if reduction == "mean" else None
+        else:
+            check = getattr(backend, "check_targets", check_targets_torch)
+            count = check(target, K, hp)
+            count = count if reduction == "mean" else None
         if fuse_grad:
             loss, stats, grad3 = backend.forward_with_grad(x3, target, hp, count)
             ctx.fused_grad = from_rows(grad3, logits.shape)

@@ -51,8 +51,7 @@ def check_inputs(logits, target, *, alpha, beta, drainage_idx, reduction, ignore
     Raises:
         ValueError: bad dtype, shape, device, alpha, beta, reduction or ignore_index.
         IndexError: drainage_idx out of range; target out of [0, K) or equal to drainage_idx
-            (checked on the host for CPU tensors; on other devices a device-side assert, so the
-            host never waits for the GPU).
+            (checked here for CPU tensors; on other devices the forward asserts on the device).
     """
     alpha, beta = check_hyper(alpha, beta, reduction, ignore_index)
     if not isinstance(logits, torch.Tensor):
@@ -85,24 +84,35 @@ def check_inputs(logits, target, *, alpha, beta, drainage_idx, reduction, ignore
     return Hyper(math.log(alpha), math.log(beta), d, int(ignore_index))
 
 
+# Device-side asserts carry a fixed message (the failing value is not known on the host; under
+# torch.compile K may be symbolic and cannot be formatted in).
+TARGET_MESSAGE = "drainage_fast: every target must be in [0, K) and != drainage_idx, or == ignore_index"
+
+
 def check_target_values(target: torch.Tensor, K: int, d: int, ignore_index: int) -> None:
-    """Every target is ignore_index or a class index in [0, K) other than d."""
-    if target.numel() == 0:
+    """Host check that every target is ignore_index or a class index in [0, K) other than d.
+
+    Only for CPU tensors in eager mode: elsewhere the check runs on the device, in the forward
+    (backends' check_targets), so the host never waits for the GPU.
+    """
+    if target.device.type != "cpu" or torch.compiler.is_compiling() or target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= K) | (target == d))
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bad.any():
-            value = int(target[bad].flatten()[0])
-            what = "equals drainage_idx" if value == d else f"is out of range [0, {K})"
-            raise IndexError(
-                f"target value {value} {what}; targets must be class indices in [0, {K}) other "
-                f"than drainage_idx={d}, or ignore_index={ignore_index}"
-            )
-    else:
-        # No host synchronisation on accelerators or inside a compiled graph.
-        torch._assert_async(
-            ~bad.any(), f"target must be in [0, {K}), != drainage_idx={d}, or == ignore_index"
+    if bad.any():
+        value = int(target[bad].flatten()[0])
+        what = "equals drainage_idx" if value == d else f"is out of range [0, {K})"
+        raise IndexError(
+            f"target value {value} {what}; targets must be class indices in [0, {K}) other "
+            f"than drainage_idx={d}, or ignore_index={ignore_index}"
         )
+
+
+def check_targets_torch(target: torch.Tensor, K: int, hp: "Hyper") -> torch.Tensor:
+    """Device-side target check in torch ops (an assert, no host sync); returns the kept count."""
+    kept = target != hp.ignore_index
+    bad = kept & ((target < 0) | (target >= K) | (target == hp.drainage_idx))
+    torch._assert_async(~bad.any(), TARGET_MESSAGE)
+    return kept.sum()
 
 
 class Rows(NamedTuple):

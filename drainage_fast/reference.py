@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import check_inputs, loss_dtype
+from ._inputs import check_inputs, check_targets_torch, loss_dtype
 
 
 def drainage_loss_reference(
@@ -52,6 +52,8 @@ def drainage_loss_reference(
         logits, target, alpha=alpha, beta=beta, drainage_idx=drainage_idx,
         reduction=reduction, ignore_index=ignore_index,
     )
+    if logits.device.type != "cpu" or torch.compiler.is_compiling():
+        check_targets_torch(target, logits.shape[1], hp)  # on the device: no host sync
     z = logits.movedim(1, -1).to(loss_dtype(logits))  # (N, d1..dk, K)
     K, d = z.shape[-1], hp.drainage_idx
     valid = target != hp.ignore_index
