@@ -11,15 +11,45 @@ Only ratios of probabilities appear, so the softmax normaliser cancels:
     b     = log(beta)  + lse_J - z_d
     l     = logaddexp(0, logaddexp(a, b))
 
-This module shares no code with the kernels' hand-written backward: the tests hold every backend
-against it, and it is itself held against the probability formula above.
+The "reference" backend reuses loss_terms for its forward, but nothing here touches a hand-written
+gradient: the tests hold every backend's gradient against autograd of this module, and this module
+against the probability formula above.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ._inputs import check_inputs, check_targets_torch, loss_dtype
+
+
+class LossTerms(NamedTuple):
+    loss: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    z_t: torch.Tensor
+    z_d: torch.Tensor
+
+
+def loss_terms(z: torch.Tensor, t: torch.Tensor, d: int, log_alpha: float, log_beta: float) -> LossTerms:
+    """The log-sum-exp form on (..., K) logits z and (...) class indices t (none equal to d)."""
+    K = z.shape[-1]
+    t = t.long().unsqueeze(-1)
+    z_t = z.gather(-1, t).squeeze(-1)
+    z_d = z[..., d]
+    if K == 2:
+        # J is empty: its log-sum-exp is -inf, a constant (logsumexp over all -inf has a nan gradient).
+        lse_J = torch.full_like(z_d, float("-inf"))
+    else:
+        outside_J = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, t, True)
+        outside_J[..., d] = True
+        lse_J = z.masked_fill(outside_J, float("-inf")).logsumexp(-1)
+    a = log_alpha + torch.logaddexp(z_d, lse_J) - z_t
+    b = log_beta + lse_J - z_d
+    loss = torch.logaddexp(torch.zeros_like(a), torch.logaddexp(a, b))
+    return LossTerms(loss, a, b, z_t, z_d)
 
 
 def drainage_loss_reference(
@@ -55,24 +85,10 @@ def drainage_loss_reference(
     if logits.device.type != "cpu" or torch.compiler.is_compiling():
         check_targets_torch(target, logits.shape[1], hp)  # on the device: no host sync
     z = logits.movedim(1, -1).to(loss_dtype(logits))  # (N, d1..dk, K)
-    K, d = z.shape[-1], hp.drainage_idx
     valid = target != hp.ignore_index
     # Ignored rows get a harmless stand-in class (any class but d) and are zeroed below.
-    t = torch.where(valid, target, (d + 1) % K).long().unsqueeze(-1)
-
-    z_t = z.gather(-1, t).squeeze(-1)
-    z_d = z[..., d]
-    if K == 2:
-        # J is empty: its log-sum-exp is -inf, a constant (logsumexp over all -inf has a nan gradient).
-        lse_J = torch.full_like(z_d, float("-inf"))
-    else:
-        outside_J = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, t, True)
-        outside_J[..., d] = True
-        lse_J = z.masked_fill(outside_J, float("-inf")).logsumexp(-1)
-
-    a = hp.log_alpha + torch.logaddexp(z_d, lse_J) - z_t
-    b = hp.log_beta + lse_J - z_d
-    loss = torch.logaddexp(torch.zeros_like(a), torch.logaddexp(a, b))
+    t = torch.where(valid, target, (hp.drainage_idx + 1) % z.shape[-1])
+    loss = loss_terms(z, t, hp.drainage_idx, hp.log_alpha, hp.log_beta).loss
     loss = torch.where(valid, loss, torch.zeros_like(loss))
 
     if reduction == "none":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._inputs import Hyper, loss_dtype
+from ..reference import loss_terms
 
 NAME = "reference"
 FUSED_GRAD = False  # no gradient-in-forward path: backward recomputes from the saved row terms
@@ -31,17 +32,8 @@ def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Te
     t = target.reshape(N, S)
     ignored = t == hp.ignore_index
     bad = ~ignored & ((t < 0) | (t >= K) | (t == d))
-    t_safe = torch.where(ignored | bad, (d + 1) % K, t).long().unsqueeze(-1)
-
-    z_t = z.gather(-1, t_safe).squeeze(-1)
-    z_d = z[..., d]
-    outside_J = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, t_safe, True)
-    outside_J[..., d] = True
-    lse_J = z.masked_fill(outside_J, float("-inf")).logsumexp(-1)
-
-    a = hp.log_alpha + torch.logaddexp(z_d, lse_J) - z_t
-    b = hp.log_beta + lse_J - z_d
-    loss = torch.logaddexp(torch.zeros_like(a), torch.logaddexp(a, b))
+    t_safe = torch.where(ignored | bad, (d + 1) % K, t)
+    loss, a, b, z_t, z_d = loss_terms(z, t_safe, d, hp.log_alpha, hp.log_beta)
     u = hp.log_alpha - z_t - loss
     v = hp.log_beta - z_d - loss
     stats = torch.stack([torch.logaddexp(u, v), -torch.exp(a - loss), torch.exp(z_d + u) - torch.exp(b - loss)])
