@@ -40,7 +40,8 @@ def fused_drainage_loss(
         reduction: "none" -> (N, d1, ..., dk) float32 losses (float64 for float64 input);
             "sum"; "mean" over the non-ignored targets (nan when all are ignored).
         ignore_index: target value to skip.
-        backend: "auto" (the fastest available for the tensor's device), "triton" or "reference".
+        backend: "auto" (the fastest available for the tensor's device: triton, else cuda, else
+            reference on a GPU; cpp, else reference on the CPU), "triton", "cuda", "cpp" or "reference".
             A named backend never falls back: it raises if it cannot run.
 
     Raises:

@@ -7,10 +7,12 @@ import os
 
 import torch
 
-from drainage_fast import available_backends
+from drainage_fast import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b for b in ("triton", "reference") if b in available_backends()]
+# Every backend that runs on DEVICE, in backends.NAMES order (CPU: triton in its interpreter, cpp,
+# reference; GPU: triton, cuda, reference).
+BACKENDS = [b for b in backends.NAMES if backends.availability(b, DEVICE)[0]]
 
 # Unit roundoff 2^-p of each storage dtype: the error of one rounding to it.
 UNIT_ROUNDOFF = {

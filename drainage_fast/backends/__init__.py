@@ -6,8 +6,8 @@
 and, where FUSED_GRAD is true, forward_with_grad(x3, target, hp, count) and scale_(grad, scale).
 
 x3 is the (N, S, K) row view of the logits (see _inputs.as_rows), target the (R,) flat targets.
-Modules are imported lazily, only when asked for, so a missing optional dependency (triton) never
-breaks `import drainage_fast`.
+Modules are imported lazily, only when asked for, so a missing optional dependency (triton) or a
+native extension that cannot be built (cpp, cuda) never breaks `import drainage_fast`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from types import ModuleType
 
 import torch
 
-# name -> module, in the order "auto" prefers them on a GPU
+# name -> module, fastest first on a GPU. "auto" takes triton, else cuda, else reference for CUDA
+# tensors, and cpp, else reference on the CPU (where Triton runs only in its interpreter, for tests).
 _MODULES = {
     "triton": "drainage_fast.backends.triton_launch",
+    "cuda": "drainage_fast.backends.cuda",
+    "cpp": "drainage_fast.backends.cpp",
     "reference": "drainage_fast.backends.reference",
 }
 NAMES = tuple(_MODULES)
@@ -51,8 +54,10 @@ def availability(name: str, device: torch.device | None = None) -> tuple[bool, s
 def resolve(name: str, device: torch.device) -> ModuleType:
     """The backend module for `name` on `device`. "auto" picks the fastest; others never fall back."""
     if name == "auto":
-        if device.type == "cuda" and availability("triton", device)[0]:
-            return load("triton")
+        candidates = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
+        for candidate in candidates:
+            if availability(candidate, device)[0]:
+                return load(candidate)
         return load("reference")
     if name not in _MODULES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")

@@ -1,0 +1,35 @@
+// Operator schemas of the drainage loss: defined once here; each device registers its kernels in a
+// TORCH_LIBRARY_IMPL block beside them (cpu/drainage_cpu.cpp, cuda/drainage_cuda.cu). The fake
+// (meta) kernels and the autograd formula live in Python, drainage_fast/backends/native.py.
+//
+// Contract (the same as the Triton backend, drainage_fast/backends/__init__.py):
+//   x3: (N, S, K) logits, any strides; row r = n * S + s. target: (R,) int32 / int64, any stride.
+//   forward -> loss (R,) and stats (3, R) = [w, g_t, g_d], float32 (float64 for float64 logits).
+//   backward -> the gradient of sum_r grad_rows[r] * loss[r], shaped and typed like x3.
+//   forward_with_grad -> loss, stats and the gradient of the summed loss (divided by count for a
+//     mean) in one pass over the logits.
+//   scale_ multiplies a gradient by a one-element tensor in place; nothing happens when it is 1.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing the ahead-of-time module drainage_fast._C runs the static registrations below; the
+// module itself has no Python functions (the ops are reached through torch.ops.drainage_fast).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(drainage_fast, m) {
+  // torch.compile looks for the fake kernels in this module and imports it when needed.
+  m.set_python_module("drainage_fast.backends.native");
+  m.def(
+      "forward(Tensor x3, Tensor target, float log_alpha, float log_beta, int drainage_idx, "
+      "int ignore_index) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "backward(Tensor x3, Tensor target, Tensor stats, Tensor grad_rows, int drainage_idx, "
+      "int ignore_index) -> Tensor");
+  m.def(
+      "forward_with_grad(Tensor x3, Tensor target, Tensor? count, float log_alpha, float log_beta, "
+      "int drainage_idx, int ignore_index) -> (Tensor loss, Tensor stats, Tensor grad)");
+  m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");
+}

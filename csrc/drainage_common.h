@@ -1,0 +1,82 @@
+// Host-side argument checks and the row / target views shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "row_math.h"
+
+namespace drainage {
+
+// The (N, S, K) view of the logits as R = N * S rows: row r = n * S + s starts at
+// n * stride_n + s * stride_s; its outputs are stride_k apart. All offsets are int64.
+struct RowLayout {
+  int64_t R, S, K, stride_n, stride_s, stride_k;
+
+  DRAINAGE_HD int64_t start(int64_t r) const {
+    const int64_t n = r / S;
+    return n * stride_n + (r - n * S) * stride_s;
+  }
+};
+
+inline RowLayout layout_of(const at::Tensor& x3) {
+  const int64_t S = x3.size(1);
+  return {x3.size(0) * S, S > 0 ? S : 1, x3.size(2), x3.stride(0), x3.stride(1), x3.stride(2)};
+}
+
+// (R,) int32 or int64 targets with any stride.
+struct TargetView {
+  const void* ptr;
+  int64_t stride;
+  bool is_int64;
+
+  DRAINAGE_HD int64_t operator[](int64_t r) const {
+    return is_int64 ? static_cast<const int64_t*>(ptr)[r * stride]
+                    : static_cast<int64_t>(static_cast<const int32_t*>(ptr)[r * stride]);
+  }
+};
+
+inline TargetView target_view(const at::Tensor& target) {
+  return {target.data_ptr(), target.stride(0), target.scalar_type() == at::kLong};
+}
+
+// Per-row losses and stats are float32, or float64 for float64 logits.
+inline at::ScalarType loss_type(const at::Tensor& x3) {
+  return x3.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The public API validates every argument (drainage_fast/_inputs.py); these checks guard direct
+// calls of the ops against memory errors, not against bad values.
+inline void check_rows(const at::Tensor& x3, const at::Tensor& target) {
+  TORCH_CHECK(x3.dim() == 3, "drainage_fast: x3 must be (N, S, K), got shape ", x3.sizes());
+  TORCH_CHECK(x3.size(2) >= 2, "drainage_fast: rows need K >= 2 outputs, got K=", x3.size(2));
+  const auto dtype = x3.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "drainage_fast: logits must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x3.size(0) * x3.size(1),
+              "drainage_fast: target must be (R,) with R = N * S = ", x3.size(0) * x3.size(1),
+              ", got shape ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+              "drainage_fast: target must be int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == x3.device(), "drainage_fast: target is on ", target.device(),
+              " but x3 is on ", x3.device());
+}
+
+inline void check_drainage_idx(int64_t drainage_idx, int64_t K) {
+  TORCH_CHECK(0 <= drainage_idx && drainage_idx < K, "drainage_fast: drainage_idx=", drainage_idx,
+              " must be normalised to [0, ", K, ")");
+}
+
+inline void check_stats(const at::Tensor& x3, const at::Tensor& stats, const at::Tensor& grad_rows) {
+  const int64_t R = x3.size(0) * x3.size(1);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == R && stats.is_contiguous(),
+              "drainage_fast: stats must be a contiguous (3, ", R, ") tensor, got shape ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == loss_type(x3), "drainage_fast: stats must be ", loss_type(x3),
+              ", got ", stats.scalar_type());
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == R,
+              "drainage_fast: grad_rows must be (R,) with R = ", R, ", got shape ", grad_rows.sizes());
+  TORCH_CHECK(stats.device() == x3.device() && grad_rows.device() == x3.device(),
+              "drainage_fast: stats and grad_rows must be on ", x3.device());
+}
+
+}  // namespace drainage

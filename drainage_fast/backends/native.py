@@ -1,0 +1,83 @@
+"""The Python face of the csrc/ ops (torch.ops.drainage_fast.forward / backward / forward_with_grad /
+scale_), shared by the "cpp" and "cuda" backends: the dispatcher picks the CPU or CUDA kernel from
+the tensors' device.
+
+Importing this module loads the extension (see _ext.py) and registers what torch.compile needs
+beside the C++ kernels: a fake kernel per op (shapes and dtypes only) and the autograd formula of
+`forward` (its backward is the `backward` op), so the ops also work on their own, outside
+DrainageFunction. The C++ library names this module (set_python_module), so torch imports it when
+it meets the ops without their fakes. The import never fails: LOAD_ERROR says why the ops are absent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .._inputs import Hyper, loss_dtype
+
+LOAD_ERROR = _ext.load_cpu()
+
+
+def _register_python_parts() -> None:
+    @torch.library.register_fake("drainage_fast::forward")
+    def _(x3, target, log_alpha, log_beta, drainage_idx, ignore_index):
+        R = x3.shape[0] * x3.shape[1]
+        return x3.new_empty(R, dtype=loss_dtype(x3)), x3.new_empty((3, R), dtype=loss_dtype(x3))
+
+    @torch.library.register_fake("drainage_fast::backward")
+    def _(x3, target, stats, grad_rows, drainage_idx, ignore_index):
+        return torch.empty_like(x3)
+
+    @torch.library.register_fake("drainage_fast::forward_with_grad")
+    def _(x3, target, count, log_alpha, log_beta, drainage_idx, ignore_index):
+        R = x3.shape[0] * x3.shape[1]
+        loss = x3.new_empty(R, dtype=loss_dtype(x3))
+        return loss, x3.new_empty((3, R), dtype=loss_dtype(x3)), torch.empty_like(x3)
+
+    @torch.library.register_fake("drainage_fast::scale_")
+    def _(grad, scale):
+        return None
+
+    def setup_context(ctx, inputs, output):
+        x3, target, _, _, drainage_idx, ignore_index = inputs
+        ctx.mark_non_differentiable(output[1])  # stats: the backward's inputs, not a loss
+        ctx.save_for_backward(x3, target, output[1])
+        ctx.drainage_idx, ctx.ignore_index = drainage_idx, ignore_index
+
+    def backward(ctx, grad_loss, grad_stats):
+        x3, target, stats = ctx.saved_tensors
+        grad = torch.ops.drainage_fast.backward.default(
+            x3, target, stats, grad_loss, ctx.drainage_idx, ctx.ignore_index
+        )
+        return grad, None, None, None, None, None
+
+    torch.library.register_autograd("drainage_fast::forward", backward, setup_context=setup_context)
+
+
+if LOAD_ERROR is None:
+    _register_python_parts()
+
+
+def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (3, R)."""
+    return torch.ops.drainage_fast.forward.default(x3, target, *hp)
+
+
+def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
+    """Gradient (N, S, K) of sum_r grad_rows[r] * loss[r]; grad_rows may have any stride, 0 too."""
+    return torch.ops.drainage_fast.backward.default(
+        x3, target, stats, grad_rows, hp.drainage_idx, hp.ignore_index
+    )
+
+
+def forward_with_grad(x3, target, hp: Hyper, count: torch.Tensor | None):
+    """Forward that also writes the gradient of the summed loss (divided by `count` for a mean)
+    while each row is still in cache: one read and one write of the logits in all."""
+    return torch.ops.drainage_fast.forward_with_grad.default(x3, target, count, *hp)
+
+
+def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad *= scale (a one-element tensor) in place; skipped when scale == 1, on the device."""
+    torch.ops.drainage_fast.scale_.default(grad, scale)
+    return grad

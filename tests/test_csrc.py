@@ -1,0 +1,245 @@
+"""The csrc/ extension: its ops as torch ops (opcheck), its build and load paths, and the CUDA source.
+
+The numbers of the "cpp" backend (and "cuda" on a GPU) are checked against the float64 oracle by the
+whole backend matrix (test_backends.py, test_api.py, test_compile.py, through support.BACKENDS);
+this file checks what only the extension has.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from drainage_fast import _ext, backends, drainage_loss_reference, fused_drainage_loss
+from support import DEVICE, random_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+DISABLED = os.environ.get("DRAINAGE_FAST_NO_EXT") == "1"
+NATIVE = "cuda" if DEVICE.type == "cuda" else "cpp"
+needs_ext = pytest.mark.skipif(
+    not backends.availability(NATIVE, DEVICE)[0],
+    reason=f"backend {NATIVE!r} unavailable: {backends.availability(NATIVE, DEVICE)[1]}",
+)
+
+
+@pytest.mark.skipif(DISABLED, reason="DRAINAGE_FAST_NO_EXT=1")
+def test_cpp_extension_builds_here():
+    # CI has a C++ compiler: the CPU kernels must build, or the whole matrix would skip them.
+    ok, reason = backends.availability("cpp", torch.device("cpu"))
+    assert ok, reason
+
+
+def _rows(layout, dtype, requires_grad):
+    """(N, S, K) row views as the API makes them, with one ignored row."""
+    if layout == "contiguous":
+        x3 = torch.randn(6, 1, 11, device=DEVICE)
+    elif layout == "transposed":  # stride_k = N: every row is strided
+        x3 = torch.randn(11, 6, device=DEVICE).t().unsqueeze(1)
+    elif layout == "channels_last":  # (N, K, H, W) channels_last -> (N, H*W, K) with unit stride_k
+        x3 = torch.randn(2, 11, 3, 2, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        x3 = x3.movedim(1, -1).reshape(2, 6, 11)
+    else:  # empty
+        x3 = torch.randn(0, 1, 11, device=DEVICE)
+    x3 = x3.to(dtype).detach().requires_grad_(requires_grad)
+    target = random_targets(x3.shape[0] * x3.shape[1], 11, -1)
+    if target.numel():
+        target[1] = -100
+    return x3, target
+
+
+LAYOUTS = ["contiguous", "transposed", "channels_last", "empty"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+HP = (0.25, -0.5, 10, -100)  # log_alpha, log_beta, drainage_idx, ignore_index
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
+def test_opcheck_forward(layout, dtype, requires_grad):
+    x3, target = _rows(layout, dtype, requires_grad)
+    torch.library.opcheck(torch.ops.drainage_fast.forward.default, (x3, target, *HP))
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_backward_forward_with_grad_and_scale(layout, dtype):
+    # backward, forward_with_grad and scale_ are once-differentiable: checked without grad.
+    x3, target = _rows(layout, dtype, False)
+    R = target.numel()
+    loss, stats = torch.ops.drainage_fast.forward(x3, target, *HP)
+    for grad_rows in (torch.randn(R, device=DEVICE, dtype=loss.dtype), loss.new_ones(()).expand(R)):
+        torch.library.opcheck(
+            torch.ops.drainage_fast.backward.default, (x3, target, stats, grad_rows, HP[2], HP[3])
+        )
+    count = (target != -100).sum()
+    for c in (None, count):
+        torch.library.opcheck(torch.ops.drainage_fast.forward_with_grad.default, (x3, target, c, *HP))
+    grad = torch.empty_like(x3).normal_()
+    torch.library.opcheck(torch.ops.drainage_fast.scale_.default, (grad, torch.tensor(0.5, device=DEVICE)))
+
+
+@needs_ext
+def test_forward_op_is_differentiable_on_its_own():
+    # register_autograd: the op's backward is the backward op (DrainageFunction is not needed).
+    x3, target = _rows("transposed", torch.float64, True)
+    fn = lambda x: torch.ops.drainage_fast.forward(x, target, *HP)[0]
+    assert torch.autograd.gradcheck(fn, (x3,))
+    assert not torch.ops.drainage_fast.forward(x3, target, *HP)[1].requires_grad  # stats
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_in_place_and_skip_when_one(dtype):
+    grad = torch.randn(3, 1, 700, device=DEVICE).to(dtype)
+    before = grad.clone()
+    torch.ops.drainage_fast.scale_(grad, torch.tensor(1.0, device=DEVICE))
+    assert torch.equal(grad, before)
+    torch.ops.drainage_fast.scale_(grad, torch.tensor(-0.75, device=DEVICE))
+    torch.testing.assert_close(grad, (before.float() * -0.75).to(dtype), rtol=0, atol=0)
+
+
+@needs_ext
+def test_forward_with_grad_is_the_gradient_of_the_mean():
+    x3, target = _rows("contiguous", torch.float64, False)
+    count = (target != -100).sum()
+    loss, stats, grad = torch.ops.drainage_fast.forward_with_grad(x3, target, count, *HP)
+    x = x3.clone().requires_grad_()
+    loss_ref, stats_ref = torch.ops.drainage_fast.forward(x, target, *HP)
+    (loss_ref.sum() / count).backward()  # the forward op's own autograd: the backward op
+    torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-15)
+    assert torch.equal(loss, loss_ref.detach()) and torch.equal(stats, stats_ref)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+
+
+def test_import_never_fails_without_the_extension():
+    run = _python(
+        "import torch, drainage_fast as df\n"
+        "from drainage_fast import backends\n"
+        "print(df.available_backends())\n"
+        "print(backends.availability('cpp', torch.device('cpu'))[1])\n"
+        "print(backends.resolve('auto', torch.device('cpu')).NAME)\n"
+        "try:\n"
+        "    df.fused_drainage_loss(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), backend='cpp')\n"
+        "except RuntimeError as err:\n"
+        "    print('raised:', err)\n",
+        DRAINAGE_FAST_NO_EXT="1",
+        TRITON_INTERPRET="0",
+    )
+    assert run.returncode == 0, run.stderr
+    names, reason, auto, raised = run.stdout.strip().splitlines()
+    assert "cpp" not in names and "reference" in names
+    assert "DRAINAGE_FAST_NO_EXT=1" in reason
+    assert auto == "reference"
+    assert raised.startswith("raised: backend='cpp' cannot run on cpu") and "DRAINAGE_FAST_NO_EXT" in raised
+
+
+def test_a_failed_build_is_a_reason_not_an_exception(tmp_path, monkeypatch):
+    # A source tree that does not compile: the loader reports the compiler's complaint.
+    src = tmp_path / "csrc"
+    for name in set(_ext.CPU_SOURCES) | set(_ext.HEADERS):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("this is not C++;\n")
+    monkeypatch.setattr(_ext, "csrc_dir", lambda: src)
+    monkeypatch.setenv("DRAINAGE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    reason = _ext._jit("cpu", _ext.CPU_SOURCES, with_cuda=False)
+    assert reason is not None and "build of csrc/ failed" in reason and "error" in reason.lower()
+    monkeypatch.setattr(_ext, "csrc_dir", lambda: None)
+    assert "not shipped" in _ext._jit("cpu", _ext.CPU_SOURCES, with_cuda=False)
+
+
+@pytest.mark.skipif(DISABLED or _ext._ahead_of_time, reason="only the just-in-time build caches")
+def test_a_new_process_reuses_the_cached_build():
+    assert backends.availability("cpp", torch.device("cpu"))[0]
+    run = _python("from drainage_fast.backends import cpp; print(cpp.availability()[0])")
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+    assert "compiling" not in run.stderr  # loaded from the cache, not built again
+
+
+@needs_ext
+def test_named_native_backend_on_the_wrong_device_raises():
+    other = "cpp" if NATIVE == "cuda" else "cuda"
+    x = torch.randn(3, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match=f"backend='{other}' cannot run on {DEVICE.type}"):
+        fused_drainage_loss(x, torch.zeros(3, dtype=torch.long, device=DEVICE), backend=other)
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").is_file():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (no CUDA toolkit on this machine)")
+def test_cuda_source_compiles_for_sm90(tmp_path):
+    """nvcc compiles csrc/cuda/drainage_cuda.cu, kernels and torch binding, to an sm_90 object.
+
+    A CPU build of torch ships the c10/cuda and ATen/cuda headers but not the generated
+    c10/cuda/impl/cuda_cmake_macros.h (it only holds a Windows export macro); we skip it. Nothing
+    is linked (libc10_cuda is absent) or run. ptxas must fit every kernel in its launch bounds
+    without spilling registers to local memory.
+    """
+    from torch.utils import cpp_extension
+
+    torch_include = Path(cpp_extension.include_paths()[0])
+    defines = []
+    if not (torch_include / "c10/cuda/impl/cuda_cmake_macros.h").is_file():
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    cmd = [
+        _nvcc(),
+        "-std=c++20",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-Xptxas",
+        "-v",
+        "-c",
+        str(ROOT / "csrc/cuda/drainage_cuda.cu"),
+        "-o",
+        str(tmp_path / "drainage_cuda.o"),
+        *includes,
+        *defines,
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        *_ext.NVCC_FLAGS,
+        "-Xcompiler",
+        "-fPIC",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-5000:]
+    kernels = re.findall(r"Compiling entry function '(\w+)'", run.stderr)
+    assert sum("drainage_fwd_kernel" in k for k in kernels) == 20  # 4 dtypes x 5 row-group sizes
+    assert sum("drainage_bwd_kernel" in k for k in kernels) == 20
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    assert spills and all(s == ("0", "0") for s in spills), run.stderr[-3000:]
+
+
+def test_a_stale_build_lock_is_cleared(tmp_path):
+    """A build killed mid-way leaves torch's lock file; waiting on it would hang every later import."""
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "lock").touch()
+    old = time.time() - _ext.STALE_LOCK_SECONDS - 60
+    os.utime(stale / "lock", (old, old))
+    _ext._clear_stale_lock(stale)
+    _ext._clear_stale_lock(fresh)  # may belong to a build running right now in another process
+    assert not (stale / "lock").exists() and (fresh / "lock").exists()
