@@ -1,1 +1,14 @@
-"""Research harness for robust losses under label noise (uses the drainage_fast library)."""
+"""Research harness for robust losses under label noise (uses the drainage_fast library).
+
+Entry points for code built on top (new commands, the large-scale loop):
+
+    config.load_config(name_or_path, overrides) -> Config      presets in train/configs/*.json
+    data.build_data(cfg) -> NoisyDataset                        tensors, noisy + clean labels, tuning split
+    noise.apply_noise(...) -> (noisy labels, NoiseRecord)
+    models.build_model(name, num_outputs, pretrained)
+    losses.build_loss(name, num_classes, **params), losses.num_outputs, losses.l1_penalty
+    experiment.run_experiment(cfg, run_dir) -> RunResult        one run end to end, the run folder
+    trainer.Trainer, trainer.drainage_probability, trainer.class_predictions, trainer.precision_at_k
+    checkpoint.atomic_save / load_checkpoint / capture_rng_state / restore_rng_state
+    cli.COMMANDS                                                a new `python -m train <cmd>` is one line
+"""
