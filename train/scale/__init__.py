@@ -1,0 +1,14 @@
+"""Large-scale training (mini-WebVision + ILSVRC12 val, Clothing1M): the pieces behind
+train/imagenet_scale.py.
+
+    lists.py          the datasets' list formats -> ImageList (paths + labels); class-balanced draws
+    validate.py       missing / corrupt files counted and dropped before training (sharded, cached)
+    transforms.py     the augmentation recipe (constants + PIL/numpy transforms for the torch path)
+    dali_pipeline.py  the same recipe as DALI pipelines (decode on "mixed" with a GPU, "cpu" without)
+    torch_loader.py   the torch DataLoader path (no torchvision), globally planned batches
+    data.py           builds lists, loaders and device-ready batches
+    distributed.py    torchrun / DDP setup and collectives
+    models.py         model building (+ a tiny test model), SyncBN, channels_last, DDP, compile
+    loop.py           the training loop, evaluation, checkpoints
+    smoke.py          generated JPEG trees in the real layouts (smoke job, tests, benchmark)
+"""
