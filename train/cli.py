@@ -14,6 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "default": ("train.default_job", "Drainage vs CE on digits with 40% asymmetric noise (CPU, < 2 min)"),
     "run": ("train.run", "train one config (the authors' flags: --config --noise_type --noise_rate ...)"),
     "sweep": ("train.sweep", "losses x noise settings x seeds -> mean +- std table (md, csv) and figure"),
+    "osr": ("train.osr", "open-set recognition: train on k known classes, AUROC / OSCR on the unknown ones"),
+    "clean": ("train.clean", "dataset cleaning: rank training samples by p_d, precision / recall at k"),
+    "demo789": ("train.demo789", "digits 7, 8, 9 relabelled at random to 0-6: does the drainage node take them?"),
 }
 
 

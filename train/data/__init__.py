@@ -7,6 +7,7 @@ Loaders (each returns a RawDataset of raw uint8 pixels and clean labels):
     cifar100    <root>/cifar-100-python
     cifar10n    CIFAR-10 + <root>/CIFAR-10_human.pt (human noise)         train/data/cifarn.py
     cifar100n   CIFAR-100 + <root>/CIFAR-100_human.pt
+    svhn        <root>/svhn/{train,test}_32x32.mat (needs scipy)         train/data/svhn.py
 WebVision and Clothing1M are image-folder datasets trained by train/imagenet_scale.py (DALI + DDP).
 """
 
@@ -22,8 +23,9 @@ from .cifarn import load_human_labels
 from .core import NoisyDataset, RawDataset, tuning_split
 from .digits import load_digits_dataset
 from .mnist import load_mnist
+from .svhn import load_svhn
 
-DATASETS = ("digits", "mnist", "cifar10", "cifar100", "cifar10n", "cifar100n")
+DATASETS = ("digits", "mnist", "cifar10", "cifar100", "cifar10n", "cifar100n", "svhn")
 LARGE_SCALE = ("webvision", "clothing1m")
 HUMAN_NOISE_ALIASES = {"cifar10n": "cifar10", "cifar100n": "cifar100"}
 
@@ -40,6 +42,8 @@ def load_raw(name: str, root: str = "data", download: bool = True) -> RawDataset
         return load_mnist(root, download)
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, root, download)
+    if name == "svhn":
+        return load_svhn(root, download)
     if name in LARGE_SCALE:
         raise ValueError(f"{name} is trained with train/imagenet_scale.py (DALI + torchrun DDP), "
                          "not `train run`")
