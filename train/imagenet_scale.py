@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         log = run_logger(run_dir, args.quiet)
     else:
         log = _silent_logger(ctx.rank)
+    finished = False
     try:
         seed_everything(cfg.seed)
         torch.backends.cudnn.benchmark = not cfg.deterministic
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             at_best = ", ".join(f"{k[:-5]} {v:.2%}" for k, v in best.items() if k.endswith("_top1"))
             log.info(f"done: selected epoch {best['epoch']} on {trainer.spec.select} (top-1 {at_best}); "
                      f"outputs in {run_dir}")
+        finished = True
         return 0
     except KeyboardInterrupt:
         log.warning(f"interrupted; continue with: python -m train.imagenet_scale --resume {run_dir}")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ctx.is_main:
             close_logger(log)
-        shutdown()
+        shutdown(wait_for_all=finished)
 
 
 if __name__ == "__main__":

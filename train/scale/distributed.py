@@ -68,8 +68,14 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world, local_rank, local_world, target)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_all: bool) -> None:
+    """Leaves the process group. After a finished run every rank waits for the others first: rank 0
+    still writes the last checkpoint and the summary, and a peer tearing down its gloo connections
+    meanwhile aborted a rank ("terminate called without an active exception", seen once in CI). After
+    an error there is no barrier: the other ranks may never reach it."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
