@@ -97,23 +97,28 @@ def plot(groups: dict, device: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 5.2), squeeze=False)
+    providers = sorted({r["provider"] for rows in groups.values() for r in rows})
+    colors = dict(zip(providers, plt.get_cmap("tab10").colors))  # one colour per provider, every panel
     for ax, ((mode, dtype), rows) in zip(axes[0], sorted(groups.items())):
         shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: s[0] * s[1])
-        for provider in sorted({r["provider"] for r in rows}):
+        for provider in providers:
             pts = {(r["N"], r["K"]): r["GBps"] for r in rows if r["provider"] == provider}
             xs = [i for i, s in enumerate(shapes) if s in pts]
             style = "-o" if provider.startswith(OURS) else "--."
-            ax.plot(xs, [pts[shapes[i]] for i in xs], style, label=provider)
+            ax.plot(xs, [pts[shapes[i]] for i in xs], style, color=colors[provider], label=provider)
         ax.axhline(rows[0]["copy_GBps"], color="gray", lw=1, ls=":", label="copy bandwidth")
         ax.set_xticks(range(len(shapes)), [f"{N}×{K}" for N, K in shapes], rotation=30, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("GB/s on the design's bytes (higher is faster)")
         ax.set_title(f"{mode}, {dtype.removeprefix('torch.')}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(5, len(handles)), fontsize=8)
     fig.suptitle(f"Drainage loss throughput — {device}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
 
 
