@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drainage_fast import _ext, backends, drainage_loss_reference, fused_drainage_loss
+from drainage_fast import _ext, backends, fused_drainage_loss
 from support import DEVICE, random_targets
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,15 +63,10 @@ def summarise(trainer: Trainer, scores: dict) -> dict:
     return summary
 
 
-def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
-                   quiet: bool = False, stop_after: int | None = None, progress: bool = True) -> RunResult:
-    """Trains cfg (or continues run_dir when resume=True) and returns the summary and history.
-
-    stop_after: stop after this epoch (a chunked job; continue later with resume=True).
-    """
-    run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
-    if resume and not (run_dir / CHECKPOINT).exists():
-        raise FileNotFoundError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist")
+@contextmanager
+def run_session(cfg: Config, run_dir: Path, quiet: bool):
+    """The frame of every run: the run folder and its logger, cfg's CPU threads, device, seeds and
+    cuDNN determinism; yields (logger, device) and restores the thread count afterwards."""
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = run_logger(run_dir, quiet)
     threads = torch.get_num_threads()
@@ -81,6 +77,22 @@ def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bo
         seed_everything(cfg.seed)
         if cfg.deterministic:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        yield logger, device
+    finally:
+        torch.set_num_threads(threads)
+        close_logger(logger)
+
+
+def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+                   quiet: bool = False, stop_after: int | None = None, progress: bool = True) -> RunResult:
+    """Trains cfg (or continues run_dir when resume=True) and returns the summary and history.
+
+    stop_after: stop after this epoch (a chunked job; continue later with resume=True).
+    """
+    run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
+    if resume and not (run_dir / CHECKPOINT).exists():
+        raise FileNotFoundError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist")
+    with run_session(cfg, run_dir, quiet) as (logger, device):
         data = build_data(cfg)
         if not resume:
             write_run_info(run_dir, cfg, device)
@@ -105,9 +117,6 @@ def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bo
         logger.info(f"done: best {data.eval_split} acc {summary['best_eval_acc']:.2%} (epoch "
                     f"{summary['best_epoch']}), last {summary['last_eval_acc']:.2%}; outputs in {run_dir}")
         return RunResult(run_dir, summary, history)
-    finally:
-        torch.set_num_threads(threads)
-        close_logger(logger)
 
 
 def resume_experiment(run_dir: str | Path, **kwargs) -> RunResult:

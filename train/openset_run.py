@@ -32,14 +32,13 @@ from drainage_fast.openset import open_set_metrics, open_set_scores
 
 from .config import CONFIG_DIR, Config, load_config, write_run_info
 from .data import load_raw
-from .experiment import save_noise
-from .logs import close_logger, run_logger
+from .experiment import run_session, save_noise
 from .losses import build_loss, num_outputs
 from .models import build_model
 from .openset_data import OpenSetData, build_open_set_data
 from .openset_splits import OpenSetSplit
 from .sweep import grid_points, parse_grid, point_tag
-from .trainer import Trainer, class_predictions, resolve_device, seed_everything
+from .trainer import Trainer, class_predictions
 
 
 @dataclass(frozen=True)
@@ -158,14 +157,7 @@ def run_open_set(cfg: Config, method: str, osd: OpenSetData, run_dir: str | Path
     """Trains `method` on osd's known classes, scores the evaluation images, writes the run folder
     (module docstring); returns openset_metrics.json's content."""
     m, run_dir = METHODS[method], Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = run_logger(run_dir, quiet)
-    threads = torch.get_num_threads()
-    try:
-        if cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
-        device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)
+    with run_session(cfg, run_dir, quiet) as (logger, device):
         write_run_info(run_dir, cfg, device)
         save_noise(run_dir, osd.data)
         (run_dir / "openset.json").write_text(json.dumps({
@@ -188,9 +180,6 @@ def run_open_set(cfg: Config, method: str, osd: OpenSetData, run_dir: str | Path
         write_rows(run_dir / "scores.csv", rows)
         (run_dir / "openset_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         return metrics
-    finally:
-        torch.set_num_threads(threads)
-        close_logger(logger)
 
 
 def run_plan(dataset: str, methods: list[str], splits: list[OpenSetSplit], seeds: list[int], *,

@@ -80,6 +80,17 @@ def build_scheduler(cfg, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def optimisation_step(cfg, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """loss (+ l1_delta * sum |theta| when l1_delta > 0) -> backward -> clip the global gradient norm
+    to cfg.grad_clip (0: no clipping) -> step. Shared with train/scale/loop.py."""
+    objective = loss + cfg.l1_delta * l1_penalty(model) if cfg.l1_delta > 0 else loss
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+
+
 class Trainer:
     """Trains `model` on `data` with `loss_fn` as cfg says; writes checkpoints and metrics to run_dir."""
 
@@ -135,12 +146,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = model(x)
             loss = self.loss_fn(logits, y)
-            objective = loss + cfg.l1_delta * l1_penalty(self.raw_model) if cfg.l1_delta > 0 else loss
-            self.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            optimisation_step(cfg, loss, self.raw_model, self.optimizer)
             loss_sum += loss.detach() * len(idx)
             correct += (class_predictions(logits.detach(), self.C) == y).sum()
             seen += len(idx)

@@ -22,11 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..checkpoint import atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
-from ..losses import build_loss, l1_penalty
-from ..trainer import build_optimizer, build_scheduler, class_predictions
+from ..losses import build_loss
+from ..trainer import build_optimizer, build_scheduler, class_predictions, optimisation_step
 from . import data as scale_data
 from .distributed import DistContext, all_reduce_sum, average_batchnorm_statistics
 from .models import build_scale_model, prepare_for_training
@@ -60,12 +59,7 @@ class ScaleTrainer:
         with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.train_model(x)
         loss = self.loss_fn(logits, y)
-        objective = loss + cfg.l1_delta * l1_penalty(self.model) if cfg.l1_delta > 0 else loss
-        self.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        optimisation_step(cfg, loss, self.model, self.optimizer)
         correct = (class_predictions(logits.detach(), self.C) == y).sum()
         return torch.stack([loss.detach().float() * len(y), correct.float()])
 
