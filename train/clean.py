@@ -134,10 +134,7 @@ def plot_run(scores: dict, suspicion: dict, path: Path, title: str) -> None:
         _pd_histograms(axes[1], scores, suspicion["p_d"])
     else:
         axes[1].axis("off")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, title, path)
 
 
 def train_runs(args, runs_dir: Path) -> list[tuple[dict, Path]]:
@@ -249,10 +246,14 @@ def plot_report(rows: list[dict], runs: list[tuple[dict, Path]], path: Path, tit
         axes[1].set_title(f"p_d of the training samples ({drainage[1].parent.name}, seed {drainage[0]['seed']})")
     else:
         axes[1].axis("off")
+    _save_figure(fig, title, path)
+
+
+def _save_figure(fig, title: str, path: Path) -> None:
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def command_line(args) -> str:
