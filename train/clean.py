@@ -250,6 +250,8 @@ def plot_report(rows: list[dict], runs: list[tuple[dict, Path]], path: Path, tit
 
 
 def _save_figure(fig, title: str, path: Path) -> None:
+    from .report import _pyplot
+
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
