@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sweep import tuning_grid_set_flags
+
 from drainage_fast.openset import cleaning_metrics
 
 SCORE_LABELS = {"p_d": "p_d", "self_confidence": "self-confidence"}
@@ -263,10 +265,7 @@ def command_line(args) -> str:
         return "python -m train clean --runs " + " ".join(args.runs)
     parts = ["python -m train clean", f"--dataset {args.dataset}", "--losses " + " ".join(args.losses),
              f"--noise {args.noise}", "--seeds " + " ".join(map(str, args.seeds))]
-    parts += ["--tuning"] if args.tuning else []
-    parts += ["--grid " + " ".join(args.grid)] if args.grid else []
-    parts += ["--set " + " ".join(args.set)] if args.set else []
-    return " ".join(parts)
+    return " ".join(parts + tuning_grid_set_flags(args))
 
 
 def main(args) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 
 from .openset_run import METHODS, METRICS, SCORE_LABELS, run_plan, score_rows, setting_label
 from .openset_splits import SPLIT_DIR, load_split, seeded_split
+from .sweep import tuning_grid_set_flags
 
 NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "svhn": 10, "cifar100": 100}
 # drainage_const's constant drainage logit when --drainage_logit is not given. Not a config key (the
@@ -210,10 +211,7 @@ def command_line(args) -> str:
     parts.append("--seeds " + " ".join(map(str, args.seeds)))
     parts += [f"--drainage_logit {args.drainage_logit:g}"] if args.drainage_logit is not None else []
     parts += [f"--unknown_train {args.unknown_train}"] if args.unknown_train != "drop" else []
-    parts += ["--tuning"] if args.tuning else []
-    parts += ["--grid " + " ".join(args.grid)] if args.grid else []
-    parts += ["--set " + " ".join(args.set)] if args.set else []
-    return " ".join(parts)
+    return " ".join(parts + tuning_grid_set_flags(args))
 
 
 def main(args) -> int:

@@ -214,14 +214,17 @@ def _cell(agg: dict, metric: str) -> str:
     return "n/a" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
+def tuning_grid_set_flags(args) -> list[str]:
+    """The --tuning / --grid / --set flags of a command line that reproduces `args` (sweep, osr, clean)."""
+    return ((["--tuning"] if args.tuning else []) + (["--grid " + " ".join(args.grid)] if args.grid else [])
+            + (["--set " + " ".join(args.set)] if args.set else []))
+
+
 def command_line(args) -> str:
     """The sweep as a command (for the report: how to reproduce it)."""
     parts = ["python -m train sweep", f"--dataset {args.dataset}", "--losses " + " ".join(args.losses),
              "--noise " + " ".join(args.noise), f"--seeds {args.seeds}", f"--seed_start {args.seed_start}"]
-    parts += ["--tuning"] if args.tuning else []
-    parts += ["--grid " + " ".join(args.grid)] if args.grid else []
-    parts += ["--set " + " ".join(args.set)] if args.set else []
-    return " ".join(parts)
+    return " ".join(parts + tuning_grid_set_flags(args))
 
 
 def main(args) -> int:
