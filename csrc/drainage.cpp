@@ -4,10 +4,11 @@
 //
 // Contract (the same as the Triton backend, drainage_fast/backends/__init__.py):
 //   x3: (N, S, K) logits, any strides; row r = n * S + s. target: (R,) int32 / int64, any stride.
-//   forward -> loss (R,) and stats (3, R) = [w, g_t, g_d], float32 (float64 for float64 logits).
+//   forward -> loss (R,) and stats (4, R) = [shift, c, g_t, g_d], float32 (float64 for float64
+//     logits); see row_math.h.
 //   backward -> the gradient of sum_r grad_rows[r] * loss[r], shaped and typed like x3.
-//   forward_with_grad -> loss, stats and the gradient of the summed loss (divided by count for a
-//     mean) in one pass over the logits.
+//   forward_with_grad -> loss, stats and the gradient of the summed loss times scale (a one-element
+//     tensor of the loss dtype: 1 / count for a mean; none: 1) in one pass over the logits.
 //   scale_ multiplies a gradient by a one-element tensor in place; nothing happens when it is 1.
 #include <Python.h>
 #include <torch/library.h>
@@ -29,7 +30,7 @@ TORCH_LIBRARY(drainage_fast, m) {
       "backward(Tensor x3, Tensor target, Tensor stats, Tensor grad_rows, int drainage_idx, "
       "int ignore_index) -> Tensor");
   m.def(
-      "forward_with_grad(Tensor x3, Tensor target, Tensor? count, float log_alpha, float log_beta, "
+      "forward_with_grad(Tensor x3, Tensor target, Tensor? scale, float log_alpha, float log_beta, "
       "int drainage_idx, int ignore_index) -> (Tensor loss, Tensor stats, Tensor grad)");
   m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");
 }

@@ -40,6 +40,9 @@ inline TargetView target_view(const at::Tensor& target) {
   return {target.data_ptr(), target.stride(0), target.scalar_type() == at::kLong};
 }
 
+// Row terms a forward saves for the backward: (kRowTerms, R) = [shift, c, g_t, g_d] (row_math.h).
+constexpr int64_t kRowTerms = 4;
+
 // Per-row losses and stats are float32, or float64 for float64 logits.
 inline at::ScalarType loss_type(const at::Tensor& x3) {
   return x3.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -69,14 +72,22 @@ inline void check_drainage_idx(int64_t drainage_idx, int64_t K) {
 
 inline void check_stats(const at::Tensor& x3, const at::Tensor& stats, const at::Tensor& grad_rows) {
   const int64_t R = x3.size(0) * x3.size(1);
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == R && stats.is_contiguous(),
-              "drainage_fast: stats must be a contiguous (3, ", R, ") tensor, got shape ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kRowTerms && stats.size(1) == R && stats.is_contiguous(),
+              "drainage_fast: stats must be a contiguous (", kRowTerms, ", ", R, ") tensor, got shape ",
+              stats.sizes());
   TORCH_CHECK(stats.scalar_type() == loss_type(x3), "drainage_fast: stats must be ", loss_type(x3),
               ", got ", stats.scalar_type());
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == R,
               "drainage_fast: grad_rows must be (R,) with R = ", R, ", got shape ", grad_rows.sizes());
   TORCH_CHECK(stats.device() == x3.device() && grad_rows.device() == x3.device(),
               "drainage_fast: stats and grad_rows must be on ", x3.device());
+}
+
+// forward_with_grad's optional factor: one element of the compute type, on the logits' device.
+inline void check_scale(const at::Tensor& x3, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(!scale.has_value() || (scale->numel() == 1 && scale->scalar_type() == loss_type(x3) &&
+                                     scale->device() == x3.device()),
+              "drainage_fast: scale must be a one-element ", loss_type(x3), " tensor on ", x3.device());
 }
 
 }  // namespace drainage

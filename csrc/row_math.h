@@ -1,15 +1,16 @@
-// Per-row math of the drainage loss, shared by the CPU and the CUDA kernels (DESIGN.md §1).
+// Per-row math of the drainage loss, shared by the CPU and the CUDA kernels; the same formulas as
+// the Triton kernels (drainage_fast/backends/triton_kernels.py, whose docstring derives them).
 //
-// A row needs three numbers from one pass over its K logits: z_t, z_d and
-// lse_J = logsumexp(z_j, j in J), J = all outputs but the target t and the drainage output d. Then
+// One pass over a row gives z_t, z_d, the max m of J = all outputs but {t, d} and
+// s = sum over J of exp(z_j - m). With lse_J = m + log(s) and L = logaddexp(z_d, lse_J):
 //
-//     a = log(alpha) + logaddexp(z_d, lse_J) - z_t        b = log(beta) + lse_J - z_d
-//     l = logaddexp(0, logaddexp(a, b))
+//     a = log(alpha) + L - z_t        b = log(beta) + lse_J - z_d        l = logsumexp(0, a, b)
+//     dl/dz_t = -pi_a        dl/dz_d = pi_a exp(z_d - L) - pi_b        (pi_a, pi_b) = exp((a, b) - l)
+//     dl/dz_j = exp(z_j - shift) * c,   c = pi_a exp(m - L) + pi_b / s,   shift = m   (j in J)
 //
-// and the gradient is elementwise given three row terms (every exponent is <= log 2):
-//
-//     w = logaddexp(log(alpha) - z_t - l, log(beta) - z_d - l)
-//     g_j = exp(z_j + w) for j in J,   g_t = -exp(a - l),   g_d = exp(log(alpha) + z_d - z_t - l) - exp(b - l)
+// Every exponent is a difference of nearby values, so the gradient keeps its precision at any
+// logit scale. x - x is taken as 0 where both are the same infinity, which gives the reference's
+// results for infinite logits.
 //
 // T is the compute type: float for float / half / bfloat16 logits, double for double.
 #pragma once
@@ -55,25 +56,46 @@ DRAINAGE_HD T logaddexp(T x, T y) {
   return hi + log1p_acc(exp_acc(lo - hi));
 }
 
-// lse_J from a max m over J and s = sum_J exp(z_j - m) (s = 0: J empty or all of it -inf).
+// x - y, and 0 where x == y (also for two equal infinities, where x - y is nan).
 template <typename T>
-DRAINAGE_HD T lse_from(T m, T s) {
-  return s == T(0) ? neg_inf<T>() : m + log_acc(s);
+DRAINAGE_HD T sub(T x, T y) {
+  return x == y ? T(0) : x - y;
+}
+
+template <typename T>
+DRAINAGE_HD T max_nan(T x, T y) {
+  if (x != x || y != y) return x + y;  // NaN propagates
+  return x > y ? x : y;
 }
 
 template <typename T>
 struct RowTerms {
-  T loss, w, g_t, g_d;
+  T loss, shift, c, g_t, g_d;
 };
 
+// The loss and the gradient's row terms from z_t, z_d and J's max m and sum s (s = 0: J is empty,
+// K = 2, or all of it is -inf).
 template <typename T>
-DRAINAGE_HD RowTerms<T> row_terms(T z_t, T z_d, T lse_J, T log_alpha, T log_beta) {
-  const T a = log_alpha + logaddexp(z_d, lse_J) - z_t;
+DRAINAGE_HD RowTerms<T> row_terms(T z_t, T z_d, T m, T s, T log_alpha, T log_beta) {
+  const bool J_empty = s == T(0);
+  const T shift = m == neg_inf<T>() ? T(0) : m;
+  const T log_s = J_empty ? T(0) : log_acc(s);
+  const T lse_J = J_empty ? neg_inf<T>() : shift + log_s;
+  const T L = logaddexp(z_d, lse_J);
+  const T a = log_alpha + L - z_t;
   const T b = log_beta + lse_J - z_d;
-  const T loss = logaddexp(T(0), logaddexp(a, b));
-  const T u = log_alpha - z_t - loss;
-  const T w = logaddexp(u, log_beta - z_d - loss);
-  return {loss, w, -exp_acc(a - loss), exp_acc(z_d + u) - exp_acc(b - loss)};
+  // l = mx + log1p(the two smaller of exp(0 - mx), exp(a - mx), exp(b - mx)): exact for the largest
+  // term, and a confident row (mx = 0) keeps the full relative precision of its tiny loss.
+  const T mx = max_nan(max_nan(a, b), T(0));
+  const T da = sub(a, mx), db = sub(b, mx);
+  const T ea = exp_acc(da), eb = exp_acc(db), e0 = exp_acc(-mx);
+  const T log_z = log1p_acc(a == mx ? e0 + eb : (b == mx ? e0 + ea : ea + eb));
+  // a = b = +inf (z_t = z_d = -inf): the split between them is undefined, nan as in the reference.
+  const bool undefined = a == -neg_inf<T>() && b == -neg_inf<T>();
+  const T log_pa = undefined ? quiet_nan<T>() : da - log_z;
+  const T log_pb = undefined ? quiet_nan<T>() : db - log_z;
+  const T c = J_empty ? T(0) : exp_acc(logaddexp(log_pa + sub(m, L), log_pb - log_s));
+  return {mx + log_z, shift, c, -exp_acc(log_pa), exp_acc(log_pa + sub(z_d, L)) - exp_acc(log_pb)};
 }
 
 // The terms a row stores: an ignored row has loss 0 (its gradient is zeroed by a select, so inf or
@@ -81,7 +103,7 @@ DRAINAGE_HD RowTerms<T> row_terms(T z_t, T z_d, T lse_J, T log_alpha, T log_beta
 template <typename T>
 DRAINAGE_HD RowTerms<T> skipped_row(bool bad) {
   const T v = bad ? quiet_nan<T>() : T(0);
-  return {v, v, v, v};
+  return {v, T(0), v, v, v};
 }
 
 // Whether a target is usable: ignore_index rows are skipped, anything else must be a class != d.

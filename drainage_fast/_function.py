@@ -2,18 +2,57 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import backends
-from ._inputs import Hyper, as_rows, check_targets_torch, from_rows
+from ._inputs import Hyper, as_rows, check_targets_torch, from_rows, loss_dtype
+
+HIGHER_ORDER_MESSAGE = (
+    "fused_drainage_loss has a hand-written first-order backward only: it cannot be differentiated "
+    "twice (create_graph=True, gradgradcheck, Hessians) nor run under torch.func transforms (grad, vmap, "
+    "jacrev, ...). Use drainage_fast.drainage_loss_reference, the pure-PyTorch loss, for those."
+)
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on the gradient, tied to the logits; differentiating through it raises."""
+
+    @staticmethod
+    def forward(ctx, grad, logits):
+        return grad
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(HIGHER_ORDER_MESSAGE)
+
+
+def first_order_only(backward):
+    """Like torch.autograd.function.once_differentiable, with an error that says what to use instead.
+
+    The backward runs without a graph. When create_graph=True asks for one, the gradient is routed
+    through a node tied to the logits whose backward raises: only a use that really differentiates
+    through the loss's gradient fails; a penalty on another term of the same graph still works.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():  # create_graph=False: the usual case
+            return grads
+        logits = ctx.saved_tensors[0]  # a saved input keeps its place in the graph
+        return (_NoSecondOrder.apply(grads[0], logits), *grads[1:])
+
+    return wrapper
 
 
 class DrainageFunction(torch.autograd.Function):
     """Per-row losses from the backend, reduced here in PyTorch (the kernels never reduce).
 
     Two pass structures:
-      * recompute (any reduction): the forward saves three fp32 terms per row; the backward reads
+      * recompute (any reduction): the forward saves four fp32 terms per row; the backward reads
         the logits again and writes the gradient: 2 reads + 1 write of the logits.
       * fused (mean / sum, eager, backend.FUSED_GRAD): the forward writes the gradient of the
         reduced loss while the row is in registers; the backward scales it by the upstream scalar
@@ -34,13 +73,16 @@ class DrainageFunction(torch.autograd.Function):
             check = getattr(backend, "check_targets", check_targets_torch)
             count = check(target, K, hp)
             count = count if reduction == "mean" else None
+        # The gradient of a mean is scaled by 1 / count: the same tensor in both pass structures, so
+        # that the fused gradient and a recomputed one (gradcheck's second backward) are the same bits.
+        inv_count = None if count is None else torch.reciprocal(count.to(loss_dtype(x3)))
         if fuse_grad:
-            loss, stats, grad3 = backend.forward_with_grad(x3, target, hp, count)
+            loss, stats, grad3 = backend.forward_with_grad(x3, target, hp, inv_count)
             ctx.fused_grad = from_rows(grad3, logits.shape)
         else:
             loss, stats = backend.forward(x3, target, hp)
             ctx.fused_grad = None
-        ctx.save_for_backward(x3, target, stats, count)
+        ctx.save_for_backward(logits, target, stats, inv_count)  # the input itself: see first_order_only
         ctx.hp, ctx.reduction, ctx.backend, ctx.shape = hp, reduction, backend, logits.shape
         if reduction == "none":
             return loss.reshape(logits.shape[:1] + logits.shape[2:])
@@ -48,16 +90,17 @@ class DrainageFunction(torch.autograd.Function):
         return total / count if reduction == "mean" else total
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_out):
         if ctx.fused_grad is not None:
             grad, ctx.fused_grad = ctx.fused_grad, None
             return ctx.backend.scale_(grad, grad_out), None, None, None, None, None
-        x3, target, stats, count = ctx.saved_tensors
+        logits, target, stats, inv_count = ctx.saved_tensors
+        x3 = as_rows(logits).view
         if ctx.reduction == "none":
             grad_rows = grad_out.reshape(-1)
         else:
-            scalar = grad_out / count if ctx.reduction == "mean" else grad_out
+            scalar = grad_out * inv_count if ctx.reduction == "mean" else grad_out
             grad_rows = scalar.reshape(1).expand(target.numel())  # stride 0: no (R,) buffer
         grad3 = ctx.backend.backward(x3, target, stats, grad_rows, ctx.hp)
         return from_rows(grad3, ctx.shape), None, None, None, None, None

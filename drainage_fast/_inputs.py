@@ -150,6 +150,11 @@ def from_rows(t3: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t3.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
 
 
+# Per-row terms a forward saves for the backward: (ROW_TERMS, R) = [shift, c, g_t, g_d], see
+# backends/triton_kernels.py for the formulas.
+ROW_TERMS = 4
+
+
 def loss_dtype(x: torch.Tensor) -> torch.dtype:
     """Per-row losses are float32, or float64 for float64 inputs."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._function import DrainageFunction
+from ._function import HIGHER_ORDER_MESSAGE, DrainageFunction
 from ._inputs import check_hyper, check_inputs
 
 # The fused pass structure (gradient written in the forward for mean / sum) is the default; the
@@ -48,13 +48,17 @@ def fused_drainage_loss(
         ValueError: a bad dtype, shape, device, alpha, beta, reduction, ignore_index or backend.
         IndexError: drainage_idx out of range, or a target out of [0, K) or equal to drainage_idx
             (on GPU a device-side assert, so the host never waits).
-        RuntimeError: the named backend cannot run on the logits' device.
+        RuntimeError: the named backend cannot run on the logits' device; or a second-order use
+            (create_graph=True through the loss, torch.func.grad / vmap): the backward is
+            first-order only, use drainage_loss_reference for those.
     """
     hp = check_inputs(
         logits, target, alpha=alpha, beta=beta, drainage_idx=drainage_idx,
         reduction=reduction, ignore_index=ignore_index,
     )
-    impl = backends.resolve(backend, logits.device)
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        raise RuntimeError(HIGHER_ORDER_MESSAGE)  # torch.func.grad / vmap / jacrev: see the message
+    impl = backends.load(backends.resolve_name(backend, logits.device.type))
     fuse_grad = (
         FUSED_GRAD_ENABLED
         and impl.FUSED_GRAD

@@ -8,7 +8,7 @@ import torch
 import drainage_fast
 from drainage_fast import DrainageLoss, available_backends, drainage_loss_reference, fused_drainage_loss
 from drainage_fast import backends
-from support import DEVICE, random_targets
+from support import BACKENDS, DEVICE, random_targets
 
 LOSSES = [fused_drainage_loss, drainage_loss_reference]
 
@@ -127,3 +127,38 @@ def test_public_names():
         "DrainageLoss", "available_backends", "drainage_loss_reference", "fused_drainage_loss"
     }
     assert math.isfinite(fused_drainage_loss(*good_inputs()).item())
+
+
+# Second-order uses: the hand-written backward is first-order only. Each gets one error that names
+# the way to do it (the pure-PyTorch oracle), and the oracle does it.
+SECOND_ORDER = {
+    "double backward": lambda loss, x: torch.autograd.grad(
+        torch.autograd.grad(loss(x), x, create_graph=True)[0].sum(), x
+    ),
+    "torch.func.grad": lambda loss, x: torch.func.grad(loss)(x),
+    "torch.func.vmap": lambda loss, x: torch.func.vmap(loss)(x.unsqueeze(0).expand(2, -1, -1)),
+    "torch.func.hessian": lambda loss, x: torch.func.hessian(loss)(x),
+}
+
+
+@pytest.mark.parametrize("use", list(SECOND_ORDER))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_order_uses_raise_one_clear_error(use, backend):
+    x = torch.randn(4, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    target = random_targets(4, 5, -1)
+    with pytest.raises(RuntimeError, match="first-order backward only.*drainage_loss_reference"):
+        SECOND_ORDER[use](lambda x: fused_drainage_loss(x, target, backend=backend), x)
+    SECOND_ORDER[use](lambda x: drainage_loss_reference(x, target), x)  # the way the message names
+
+
+def test_create_graph_for_another_term_still_works():
+    """create_graph=True for a gradient penalty on another term: the loss's own gradient is never
+    differentiated, so nothing raises."""
+    x = torch.randn(4, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    loss = fused_drainage_loss(x, random_targets(4, 5, -1)) + (w**3).sum()
+    grad_x, grad_w = torch.autograd.grad(loss, (x, w), create_graph=True)
+    grad_w.sum().backward()
+    torch.testing.assert_close(w.grad, 6 * w.detach())
+    expected = torch.autograd.grad(drainage_loss_reference(x, random_targets(4, 5, -1)), x)[0]
+    assert grad_x.shape == expected.shape

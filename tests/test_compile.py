@@ -4,11 +4,18 @@ Without a GPU the Triton path runs in the interpreter behind its torch.library c
 Inductor for the CPU; the values must equal eager ones.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from drainage_fast import fused_drainage_loss
 from support import BACKENDS, DEVICE, random_targets
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -57,3 +64,37 @@ def test_compiled_with_dynamic_batch_size(backend):
         x_ref = x.detach().clone().requires_grad_()
         fused_drainage_loss(x_ref, t, reduction="sum", backend=backend).backward()
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+FIRST_CALL = """
+import sys, torch
+from drainage_fast import drainage_loss_reference, fused_drainage_loss
+
+backend, device = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+x = torch.randn(9, 7, device=device, requires_grad=True)
+t = torch.randint(0, 6, (9,), device=device)
+fn = torch.compile(lambda x, t: fused_drainage_loss(x, t, alpha=0.5, backend=backend), fullgraph=True)
+loss = fn(x, t)  # the very first call of the library in this process
+loss.backward()
+x64 = x.detach().double().requires_grad_()
+ref = drainage_loss_reference(x64, t, alpha=0.5)
+ref.backward()
+torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_compiled_call_can_be_the_first_use_of_the_library(backend):
+    """Dynamo cannot trace an import: the backend must be resolved (and imported) outside the trace.
+
+    In a test process an earlier test has always loaded the backend, so this runs in a fresh one.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL, backend, DEVICE.type], capture_output=True, text=True,
+        env=env, cwd=ROOT, timeout=600, check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]

@@ -53,33 +53,49 @@ T sum_exp(const T* z, int64_t begin, int64_t end, T shift, T* e) {
   return s;
 }
 
-// logsumexp over J = [0, K) \ {t, d} (-inf when J is empty, K = 2, or all of it is -inf), and the
-// shift of its exponentials: with `e`, e[j] = exp(z_j - shift) for j in J.
+// sum_exp over J for a row whose max is +inf, where exp(inf - inf) would be nan: the terms equal to
+// the shift count 1 (the reference's loss is then inf, its gradient nan). Rare, so a scalar loop.
 template <typename T>
-T lse_J(const T* z, int64_t K, int64_t t, int64_t d, T* e, T& shift) {
+T sum_exp_slow(const T* z, int64_t K, int64_t t, int64_t d, T shift, T* e) {
+  T s = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (k == t || k == d) continue;
+    const T v = z[k] == shift ? T(1) : fast_exp(z[k] - shift);
+    if (e != nullptr) e[k] = v;
+    s += v;
+  }
+  return s;
+}
+
+// J's max m and s = sum over J of exp(z_j - shift), J = [0, K) \ {t, d}, shift = m (0 when every
+// z_j is -inf or J is empty). With `e`, e[j] = exp(z_j - shift) for j in J: the gradient's factors.
+template <typename T>
+T max_sum_J(const T* z, int64_t K, int64_t t, int64_t d, T* e, T& m) {
   const int64_t lo = std::min(t, d), hi = std::max(t, d);
-  const T m = max_of(z, hi + 1, K, max_of(z, lo + 1, hi, max_of(z, int64_t{0}, lo, neg_inf<T>())));
-  shift = m == neg_inf<T>() ? T(0) : m;  // all -inf: exp(-inf - 0) = 0, not nan
-  const T s = sum_exp(z, 0, lo, shift, e) + sum_exp(z, lo + 1, hi, shift, e) + sum_exp(z, hi + 1, K, shift, e);
-  return lse_from(m, s);
+  m = max_of(z, hi + 1, K, max_of(z, lo + 1, hi, max_of(z, int64_t{0}, lo, neg_inf<T>())));
+  if (m == -neg_inf<T>()) return sum_exp_slow(z, K, t, d, m, e);
+  const T shift = m == neg_inf<T>() ? T(0) : m;  // all -inf: exp(-inf - 0) = 0, not nan
+  return sum_exp(z, 0, lo, shift, e) + sum_exp(z, lo + 1, hi, shift, e) + sum_exp(z, hi + 1, K, shift, e);
 }
 
 // g = scale * dl/dz of a row whose g[j] already holds exp(z_j - shift) for j in J: the gradient
-// in the forward costs no second exponential, g_j = exp(z_j + w) = e_j * exp(shift + w).
+// in the forward costs no second exponential.
 template <typename T>
-void grad_from_exp(int64_t K, int64_t t, int64_t d, const RowTerms<T>& terms, T shift, T scale, T* g) {
-  const T factor = exp_acc(shift + terms.w) * scale;  // <= 2 * scale: exp(z_j + w) <= 2 for j in J
+void grad_from_exp(int64_t K, int64_t t, int64_t d, const RowTerms<T>& terms, T scale, T* g) {
+  const T factor = terms.c * scale;
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) g[k] *= factor;
   g[t] = terms.g_t * scale;
   g[d] = terms.g_d * scale;
 }
 
-// g = scale * dl/dz of a row from the logits and the stored row terms (the recompute backward).
+// The same values from the logits and the stored row terms (the recompute backward): the same
+// expression as the forward's, exp(z_j - shift) * (c * scale), so both give the same bits.
 template <typename T>
 void grad_from_logits(const T* z, int64_t K, int64_t t, int64_t d, const RowTerms<T>& terms, T scale, T* g) {
+  const T factor = terms.c * scale;
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) g[k] = fast_exp(z[k] + terms.w) * scale;
+  for (int64_t k = 0; k < K; ++k) g[k] = fast_exp(z[k] - terms.shift) * factor;
   g[t] = terms.g_t * scale;
   g[d] = terms.g_d * scale;
 }
@@ -143,22 +159,24 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
       RowTerms<T> terms = skipped_row<T>(check.bad);
       scalar_t* g_row = write_grad ? g + g_rows.start(r) : nullptr;
       T* e = write_grad ? grad_slot(g_row, g_rows.stride_k, g_buffer.data()) : nullptr;
-      T shift = 0;
       if (check.kept && !check.bad) {
         const T* z = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data());
-        terms = row_terms(z[t], z[d], lse_J(z, K, t, d, e, shift), T(log_alpha), T(log_beta));
+        T m;
+        const T s = max_sum_J(z, K, t, d, e, m);
+        terms = row_terms(z[t], z[d], m, s, T(log_alpha), T(log_beta));
       }
       loss_p[r] = terms.loss;
-      stats_p[r] = terms.w;
-      stats_p[R + r] = terms.g_t;
-      stats_p[2 * R + r] = terms.g_d;
+      stats_p[r] = terms.shift;
+      stats_p[R + r] = terms.c;
+      stats_p[2 * R + r] = terms.g_t;
+      stats_p[3 * R + r] = terms.g_d;
       if (!write_grad) continue;
       if (!check.kept) {
         fill_row(g_row, K, g_rows.stride_k, scalar_t(0));  // a select: inf / nan logits give 0
       } else if (check.bad) {
         fill_row(g_row, K, g_rows.stride_k, static_cast<scalar_t>(quiet_nan<T>()));
       } else {
-        grad_from_exp(K, t, d, terms, shift, T(grad_scale), e);
+        grad_from_exp(K, t, d, terms, T(grad_scale), e);
         store_row(e, g_row, K, g_rows.stride_k);
       }
     }
@@ -189,7 +207,7 @@ void backward_rows(const at::Tensor& x3, const at::Tensor& target, const at::Ten
       } else if (check.bad) {
         fill_row(g_row, K, g_rows.stride_k, static_cast<scalar_t>(quiet_nan<T>()));
       } else {
-        const RowTerms<T> terms = {T(0), stats_p[r], stats_p[R + r], stats_p[2 * R + r]};
+        const RowTerms<T> terms = {T(0), stats_p[r], stats_p[R + r], stats_p[2 * R + r], stats_p[3 * R + r]};
         const T* z = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data());
         T* out = grad_slot(g_row, g_rows.stride_k, g_buffer.data());
         grad_from_logits(z, K, t, d, terms, dy[r * dy_stride], out);
@@ -206,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x3, const at::T
   check_drainage_idx(drainage_idx, x3.size(2));
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
-  at::Tensor loss = at::empty({R}, opts), stats = at::empty({3, R}, opts);
+  at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_cpu", [&] {
     forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats,
                            at::Tensor(), 1.0);
@@ -215,18 +233,19 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x3, const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu(
-    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& count,
+    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& scale,
     double log_alpha, double log_beta, int64_t drainage_idx, int64_t ignore_index) {
   check_rows(x3, target);
   check_drainage_idx(drainage_idx, x3.size(2));
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
-  at::Tensor loss = at::empty({R}, opts), stats = at::empty({3, R}, opts);
+  at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
   at::Tensor grad = at::empty_like(x3);  // keeps a dense input's layout (e.g. channels_last)
-  // A mean divides by the number of kept rows (when it is 0 no row is kept, so no row uses it).
-  const double scale = count.has_value() ? 1.0 / count->item<double>() : 1.0;
+  check_scale(x3, scale);
+  // The gradient's factor (1 / count for a mean), in the compute type: converting it to T is exact.
+  const double factor = scale.has_value() ? scale->item<double>() : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_with_grad_cpu", [&] {
-    forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad, scale);
+    forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad, factor);
   });
   return {loss, stats, grad};
 }

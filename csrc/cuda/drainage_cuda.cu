@@ -38,13 +38,19 @@ struct MaxSum {
   T m, s;
 };
 
+// exp(x - m), and 1 where x == m: two +inf logits in a row give s = 2, not exp(inf - inf) = nan.
+template <typename T>
+__device__ __forceinline__ T exp_sub(T x, T m) {
+  return x == m ? T(1) : fast_exp(x - m);
+}
+
 template <typename T>
 __device__ __forceinline__ void add(MaxSum<T>& a, T z) {
   if (z > a.m) {
     a.s = a.s * fast_exp(a.m - z) + T(1);  // a.m = -inf: exp(-inf) = 0
     a.m = z;
   } else if (z != neg_inf<T>()) {
-    a.s += fast_exp(z - a.m);  // a NaN lands here and poisons s; m never holds a NaN
+    a.s += exp_sub(z, a.m);  // a NaN lands here and poisons s; m never holds a NaN
   }
 }
 
@@ -52,7 +58,7 @@ template <typename T>
 __device__ __forceinline__ MaxSum<T> merge(MaxSum<T> a, MaxSum<T> b) {
   const T m = a.m > b.m ? a.m : b.m;
   if (m == neg_inf<T>()) return {m, a.s + b.s};  // nothing but -inf yet: no -inf - -inf
-  return {m, a.s * fast_exp(a.m - m) + b.s * fast_exp(b.m - m)};
+  return {m, a.s * exp_sub(a.m, m) + b.s * exp_sub(b.m, m)};
 }
 
 // Butterfly over `width` lanes: merge is commutative, so every lane ends with the same bits.
@@ -147,12 +153,13 @@ __device__ __forceinline__ void write_row(const scalar_t* x, scalar_t* g, int64_
     g[k] = static_cast<scalar_t>(grad_of(k, static_cast<T>(x[k])));
 }
 
-// The gradient of one element given the row terms; `kept` is a select, so ignored rows with inf
-// or nan logits still give exactly 0.
+// scale * the gradient of one element given the row terms: the one expression of both the fused
+// forward and the backward, so that both give the same bits. `kept` is a select, so ignored rows
+// with inf or nan logits still give exactly 0.
 template <typename T>
 __device__ __forceinline__ T grad_element(int64_t k, T z, int64_t t, int64_t d, const RowTerms<T>& terms,
                                           bool kept, T scale) {
-  const T g = k == t ? terms.g_t : (k == d ? terms.g_d : fast_exp(z + terms.w));
+  const T g = k == t ? terms.g_t : (k == d ? terms.g_d : fast_exp(z - terms.shift) * terms.c);
   return kept ? g * scale : T(0);
 }
 
@@ -160,20 +167,23 @@ struct ForwardArgs {
   const void* x;
   TargetView target;
   void* loss;  // (R,) T
-  void* stats;  // (3, R) T
+  void* stats;  // (kRowTerms, R) T
   void* grad;  // null: no gradient (plain forward)
-  const int64_t* count;  // null: the gradient of the sum, else of the mean over count rows
+  const void* scale;  // one T, the gradient's factor (1 / count for a mean); null: 1
   RowLayout rows, g_rows;
   int64_t drainage_idx, ignore_index;
   double log_alpha, log_beta;
 };
 
-// Launch bounds: a block-per-row kernel may get 1024 threads, so it must fit in 64 registers
-// (65536 per SM); without the bound ptxas is free to take more and such a launch fails.
-constexpr int kMaxThreads = 1024;
+// Launch bounds: a block-per-row kernel may get up to max_threads(sizeof(scalar_t)) threads, so it
+// must fit in 65536 / that many registers per thread (64 at 1024); without the bound ptxas is free
+// to take more and such a launch fails. fp64's row math spilled 20 bytes at 64 registers, so fp64
+// blocks stop at 512 threads. The second bound (1 block per SM at least) lets ptxas use that room:
+// with the first alone it still stopped at 64 registers and spilled 8-28 bytes (nvcc 13.0, sm_90).
+constexpr int max_threads(int64_t elem_size) { return elem_size == 8 ? 512 : 1024; }
 
 template <typename scalar_t, int TPR>
-__global__ void __launch_bounds__(kMaxThreads) drainage_fwd_kernel(ForwardArgs a) {
+__global__ void __launch_bounds__(max_threads(sizeof(scalar_t)), 1) drainage_fwd_kernel(ForwardArgs a) {
   using T = at::opmath_type<scalar_t>;
   __shared__ MaxSum<T> partials[kWarp];
   const int lanes = TPR > 0 ? TPR : blockDim.x;
@@ -203,18 +213,19 @@ __global__ void __launch_bounds__(kMaxThreads) drainage_fwd_kernel(ForwardArgs a
     RowTerms<T> terms = skipped_row<T>(check.bad);
     if (compute) {
       const T z_t = static_cast<T>(x[t * a.rows.stride_k]), z_d = static_cast<T>(x[d * a.rows.stride_k]);
-      terms = row_terms(z_t, z_d, lse_from(acc.m, acc.s), T(a.log_alpha), T(a.log_beta));
+      terms = row_terms(z_t, z_d, acc.m, acc.s, T(a.log_alpha), T(a.log_beta));
     }
     if (row_ok && lane == 0) {
       loss[r] = terms.loss;
-      stats[r] = terms.w;
-      stats[R + r] = terms.g_t;
-      stats[2 * R + r] = terms.g_d;
+      stats[r] = terms.shift;
+      stats[R + r] = terms.c;
+      stats[2 * R + r] = terms.g_t;
+      stats[3 * R + r] = terms.g_d;
     }
     if (a.grad != nullptr && row_ok) {
       // The row was just read: this second read mostly hits L1 / L2, so DRAM sees one read and
       // one write of the logits for the whole forward + backward.
-      const T scale = a.count != nullptr ? T(1) / static_cast<T>(*a.count) : T(1);
+      const T scale = a.scale != nullptr ? *static_cast<const T*>(a.scale) : T(1);
       scalar_t* g = static_cast<scalar_t*>(a.grad) + a.g_rows.start(r);
       write_row<scalar_t, T>(x, g, K, a.rows.stride_k, a.g_rows.stride_k, lane, lanes, [&](int64_t k, T z) {
         return grad_element(k, z, t, d, terms, check.kept, scale);
@@ -226,7 +237,7 @@ __global__ void __launch_bounds__(kMaxThreads) drainage_fwd_kernel(ForwardArgs a
 struct BackwardArgs {
   const void* x;
   TargetView target;
-  const void* stats;  // (3, R) T
+  const void* stats;  // (kRowTerms, R) T
   const void* grad_rows;  // (R,) T, any stride (0: a broadcast scalar)
   int64_t grad_rows_stride;
   void* grad;
@@ -235,7 +246,7 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, int TPR>
-__global__ void __launch_bounds__(kMaxThreads) drainage_bwd_kernel(BackwardArgs a) {
+__global__ void __launch_bounds__(max_threads(sizeof(scalar_t)), 1) drainage_bwd_kernel(BackwardArgs a) {
   using T = at::opmath_type<scalar_t>;
   const int lanes = TPR > 0 ? TPR : blockDim.x;
   const int lane = threadIdx.x % lanes, rows_per_block = blockDim.x / lanes;
@@ -248,7 +259,7 @@ __global__ void __launch_bounds__(kMaxThreads) drainage_bwd_kernel(BackwardArgs 
     if (r >= R) continue;  // no block-wide step below: a thread may leave early
     const int64_t t = a.target[r];
     const bool kept = t != a.ignore_index;
-    const RowTerms<T> terms = {T(0), stats[r], stats[R + r], stats[2 * R + r]};
+    const RowTerms<T> terms = {T(0), stats[r], stats[R + r], stats[2 * R + r], stats[3 * R + r]};
     const T scale = dy[r * a.grad_rows_stride];
     const auto* x = static_cast<const scalar_t*>(a.x) + a.rows.start(r);
     scalar_t* g = static_cast<scalar_t*>(a.grad) + a.g_rows.start(r);
@@ -290,7 +301,7 @@ Config config_for(int64_t R, int64_t K, int64_t elem_size, int sms) {
     return {tpr, kBlock, std::min((R + rows_per_block - 1) / rows_per_block, max_blocks)};
   }
   int threads = 2 * kWarp;
-  while (threads < kMaxThreads && int64_t(threads) * per_lane < K) threads *= 2;
+  while (threads < max_threads(elem_size) && int64_t(threads) * per_lane < K) threads *= 2;
   return {0, threads, std::min(R, max_blocks)};
 }
 
@@ -323,15 +334,15 @@ void launch(const Config& c, const Args& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// forward and forward_with_grad (grad defined; count defined for a mean).
+// forward and forward_with_grad (grad defined; scale: the gradient's factor, none for 1).
 void run_forward(const at::Tensor& x3, const at::Tensor& target, double log_alpha, double log_beta,
                  int64_t drainage_idx, int64_t ignore_index, const at::Tensor& loss, const at::Tensor& stats,
-                 const at::Tensor& grad, const std::optional<at::Tensor>& count) {
+                 const at::Tensor& grad, const std::optional<at::Tensor>& scale) {
   const RowLayout rows = layout_of(x3);
   if (rows.R == 0) return;
   ForwardArgs args{x3.data_ptr(), target_view(target), loss.data_ptr(), stats.data_ptr(),
                    grad.defined() ? grad.data_ptr() : nullptr,
-                   count.has_value() ? count->const_data_ptr<int64_t>() : nullptr,
+                   scale.has_value() ? scale->const_data_ptr() : nullptr,
                    rows, grad.defined() ? layout_of(grad) : rows, drainage_idx, ignore_index,
                    log_alpha, log_beta};
   const Config config = config_for(rows.R, rows.K, x3.element_size(), sm_count(x3));
@@ -353,26 +364,24 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x3, const at::
   const c10::cuda::CUDAGuard guard(x3.device());
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
-  at::Tensor loss = at::empty({R}, opts), stats = at::empty({3, R}, opts);
+  at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
   run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, at::Tensor(), std::nullopt);
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cuda(
-    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& count,
+    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& scale,
     double log_alpha, double log_beta, int64_t drainage_idx, int64_t ignore_index) {
   check_device(x3);
   check_rows(x3, target);
   check_drainage_idx(drainage_idx, x3.size(2));
-  TORCH_CHECK(!count.has_value() || (count->numel() == 1 && count->scalar_type() == at::kLong &&
-                                     count->device() == x3.device()),
-              "drainage_fast: count must be a one-element int64 tensor on ", x3.device());
+  check_scale(x3, scale);
   const c10::cuda::CUDAGuard guard(x3.device());
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
-  at::Tensor loss = at::empty({R}, opts), stats = at::empty({3, R}, opts);
+  at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
   at::Tensor grad = at::empty_like(x3);  // keeps a dense input's layout (e.g. channels_last)
-  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad, count);
+  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad, scale);
   return {loss, stats, grad};
 }
 

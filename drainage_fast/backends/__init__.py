@@ -1,9 +1,11 @@
 """Backend registry. Each backend is a module with the same functions:
 
     availability(device) -> (bool, reason)
-    forward(x3, target, hp) -> (loss (R,), row terms (3, R))
+    forward(x3, target, hp) -> (loss (R,), row terms (4, R))
     backward(x3, target, row_terms, grad_rows, hp) -> grad (N, S, K)
-and, where FUSED_GRAD is true, forward_with_grad(x3, target, hp, count) and scale_(grad, scale).
+and, where FUSED_GRAD is true, forward_with_grad(x3, target, hp, scale) -> (loss, row terms, grad)
+and scale_(grad, scale). forward_with_grad's gradient must have the same bits as backward's with
+grad_rows = scale: gradcheck calls the backward twice and compares them exactly.
 
 x3 is the (N, S, K) row view of the logits (see _inputs.as_rows), target the (R,) flat targets.
 Modules are imported lazily, only when asked for, so a missing optional dependency (triton) or a
@@ -49,6 +51,16 @@ def availability(name: str, device: torch.device | None = None) -> tuple[bool, s
         except ImportError as err:
             _AVAILABILITY[key] = (False, f"cannot import it: {err}")
     return _AVAILABILITY[key]
+
+
+@torch.compiler.assume_constant_result
+def resolve_name(name: str, device_type: str) -> str:
+    """resolve(name, device).NAME, importing (and building) the backend on its first use.
+
+    torch.compile calls this at trace time and keeps the returned name as a constant, so the first
+    call of a process may be a compiled one: Dynamo cannot trace an import, but it never traces this.
+    """
+    return resolve(name, torch.device(device_type)).NAME
 
 
 def resolve(name: str, device: torch.device) -> ModuleType:

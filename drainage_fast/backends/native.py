@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .._inputs import Hyper, loss_dtype
+from .._inputs import ROW_TERMS, Hyper, loss_dtype
 
 LOAD_ERROR = _ext.load_cpu()
 
@@ -25,17 +25,17 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("drainage_fast::forward")
     def _(x3, target, log_alpha, log_beta, drainage_idx, ignore_index):
         R = x3.shape[0] * x3.shape[1]
-        return x3.new_empty(R, dtype=loss_dtype(x3)), x3.new_empty((3, R), dtype=loss_dtype(x3))
+        return x3.new_empty(R, dtype=loss_dtype(x3)), x3.new_empty((ROW_TERMS, R), dtype=loss_dtype(x3))
 
     @torch.library.register_fake("drainage_fast::backward")
     def _(x3, target, stats, grad_rows, drainage_idx, ignore_index):
         return torch.empty_like(x3)
 
     @torch.library.register_fake("drainage_fast::forward_with_grad")
-    def _(x3, target, count, log_alpha, log_beta, drainage_idx, ignore_index):
+    def _(x3, target, scale, log_alpha, log_beta, drainage_idx, ignore_index):
         R = x3.shape[0] * x3.shape[1]
         loss = x3.new_empty(R, dtype=loss_dtype(x3))
-        return loss, x3.new_empty((3, R), dtype=loss_dtype(x3)), torch.empty_like(x3)
+        return loss, x3.new_empty((ROW_TERMS, R), dtype=loss_dtype(x3)), torch.empty_like(x3)
 
     @torch.library.register_fake("drainage_fast::scale_")
     def _(grad, scale):
@@ -47,7 +47,7 @@ if LOAD_ERROR is None:
 
 
 def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (3, R)."""
+    """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (4, R)."""
     return torch.ops.drainage_fast.forward.default(x3, target, *hp)
 
 
@@ -58,10 +58,11 @@ def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
     )
 
 
-def forward_with_grad(x3, target, hp: Hyper, count: torch.Tensor | None):
-    """Forward that also writes the gradient of the summed loss (divided by `count` for a mean)
-    while each row is still in cache: one read and one write of the logits in all."""
-    return torch.ops.drainage_fast.forward_with_grad.default(x3, target, count, *hp)
+def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None):
+    """Forward that also writes the gradient of the summed loss times `scale` (one element of the
+    loss dtype, 1 / count for a mean; None: 1) while each row is still in cache: one read and one
+    write of the logits in all."""
+    return torch.ops.drainage_fast.forward_with_grad.default(x3, target, scale, *hp)
 
 
 def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

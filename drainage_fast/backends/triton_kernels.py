@@ -5,15 +5,20 @@ input). Row r = n * S + s starts at n * stride_n + s * stride_s; its outputs are
 All offsets are int64 (N * K may exceed 2^31); math is fp32 (fp64 for fp64 input), loads are cast
 right after the load and stores cast back, which is also what the CPU interpreter needs for bf16.
 
-Per row the forward needs z_t, z_d and lse_J = logsumexp over J = all but {t, d}, one pass:
+One pass over a row gives z_t, z_d, the max m of J = all outputs but {t, d} and s = the sum over J
+of exp(z_j - m). With lse_J = m + log(s) and L = logaddexp(z_d, lse_J):
 
-    a = log(alpha) + logaddexp(z_d, lse_J) - z_t        b = log(beta) + lse_J - z_d
-    l = logaddexp(0, logaddexp(a, b))
+    a = log(alpha) + L - z_t        b = log(beta) + lse_J - z_d        l = logsumexp(0, a, b)
 
-and the gradient is elementwise once three row terms are known (all exponents <= log 2):
+The gradient is a 3-way softmax (pi_a, pi_b) = exp((a, b) - l) spread over the row:
 
-    w = logaddexp(log(alpha) - z_t - l, log(beta) - z_d - l)
-    g_j = exp(z_j + w) for j in J,    g_t = -exp(a - l),    g_d = exp(log(alpha) + z_d - z_t - l) - exp(b - l)
+    dl/dz_t = -pi_a        dl/dz_d = pi_a exp(z_d - L) - pi_b
+    dl/dz_j = exp(z_j - m) * c,   c = pi_a exp(m - L) + pi_b / s      (j in J; every factor <= 1)
+
+Every exponent is a difference of nearby values, never a sum of two large ones, so the gradient
+keeps its precision at any logit scale (exp(z_j + w) with w ~ -z_j loses all of it at |z| ~ 1e7).
+An infinite logit follows the reference (autograd of drainage_fast.reference): x - x := 0 where
+both are the same infinity, so e.g. z_t = -inf gives loss inf and the finite limit gradient.
 
 Rows whose target is ignore_index get loss 0 and gradient 0; a target out of [0, K) or equal to d
 poisons its row with NaN (the API rejects such targets before they get here).
@@ -22,7 +27,11 @@ poisons its row with NaN (the API rejects such targets before they get here).
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): exp2 is the native instruction
+# A global that a @triton.jit function reads must be a tl.constexpr instance (an annotation is not
+# enough: the code generator rejects the plain float).
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): exp2 is the native instruction
+NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -35,11 +44,23 @@ def _log1p(x):
 
 
 @triton.jit
+def _sub(x, y):
+    """x - y, and 0 where x == y (also when both are the same infinity, where x - y is nan)."""
+    return tl.where(x == y, 0.0, x - y)
+
+
+@triton.jit
+def _exp_sub(x, y):
+    """exp(x - y), and 1 where x == y: the one exponential of the element loops."""
+    return tl.where(x == y, 1.0, tl.exp2((x - y) * LOG2E))
+
+
+@triton.jit
 def _logaddexp(x, y):
     # NaN must survive: the default max/min drop a NaN operand on GPU.
     hi = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
     lo = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
-    empty = hi == float("-inf")  # both -inf (e.g. J empty): the result is -inf, not nan
+    empty = hi == NEG_INF  # both -inf (e.g. J empty): the result is -inf, not nan
     return tl.where(empty, hi, hi + _log1p(tl.exp(lo - tl.where(empty, 0.0, hi))))
 
 
@@ -58,36 +79,65 @@ def _load_tile(X_ptr, x_row, row_ok, cols, K, stride_k, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _online_lse(m, s, x, cols, t, d):
-    """One step of the online log-sum-exp over J: skips the target t and the drainage output d."""
+def _online_max_sum(m, s, x, cols, t, d):
+    """One tile of the online (max, sum of exp) over J: the target t and drainage output d are
+    skipped. Returns the new (m, s) and the tile's exp(x_j - shift) (0 outside J), shift being the
+    new m, or 0 while every entry of J seen is -inf."""
     in_J = (cols[None, :] != t[:, None]) & (cols[None, :] != d)
-    x_J = tl.where(in_J, x, float("-inf"))
+    x_J = tl.where(in_J, x, NEG_INF)
     m_new = tl.maximum(m, tl.max(x_J, axis=1))
-    # While every entry seen is -inf, m_new is -inf and -inf - -inf would be nan: shift by 0 instead.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((x_J - shift[:, None]) * LOG2E), axis=1)
-    return m_new, s
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    e = _exp_sub(x_J, shift[:, None])
+    return m_new, s * _exp_sub(m, shift) + tl.sum(e, axis=1), e
 
 
 @triton.jit
-def _row_terms(z_t, z_d, lse_J, log_alpha, log_beta):
-    """Per-row loss and the three gradient terms (w, g_t, g_d) from z_t, z_d, lse_J."""
-    a = log_alpha + _logaddexp(z_d, lse_J) - z_t
+def _row_terms(z_t, z_d, m, s, log_alpha, log_beta):
+    """Loss and gradient terms of rows with the given z_t, z_d and J's (max m, sum s).
+
+    Returns (loss, shift, c, g_t, g_d): dl/dz_j = exp(z_j - shift) * c for j in J.
+    """
+    J_empty = s == 0.0  # K = 2, or every z_j is -inf
+    shift = tl.where(m == NEG_INF, 0.0, m)
+    log_s = tl.log(tl.where(J_empty, 1.0, s))
+    lse_J = tl.where(J_empty, NEG_INF, shift + log_s)
+    L = _logaddexp(z_d, lse_J)
+    a = log_alpha + L - z_t
     b = log_beta + lse_J - z_d
-    loss = _logaddexp(tl.zeros_like(a), _logaddexp(a, b))
-    u = log_alpha - z_t - loss
-    w = _logaddexp(u, log_beta - z_d - loss)
-    g_t = -tl.exp(a - loss)
-    g_d = tl.exp(z_d + u) - tl.exp(b - loss)
-    return loss, w, g_t, g_d
+    # l = logsumexp(0, a, b) = mx + log1p(sum of the two smaller terms): exact for the largest term,
+    # and a confident row (mx = 0) keeps the full relative precision of its tiny loss.
+    mx = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    mx = tl.maximum(mx, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    da = _sub(a, mx)
+    db = _sub(b, mx)
+    ea = tl.exp(da)
+    eb = tl.exp(db)
+    e0 = tl.exp(-mx)
+    log_z = _log1p(tl.where(a == mx, e0 + eb, tl.where(b == mx, e0 + ea, ea + eb)))
+    loss = mx + log_z
+    # a = b = +inf (z_t = z_d = -inf): the split between them is undefined, nan as in the reference
+    undefined = (a == POS_INF) & (b == POS_INF)
+    log_pa = tl.where(undefined, float("nan"), da - log_z)
+    log_pb = tl.where(undefined, float("nan"), db - log_z)
+    g_t = -tl.exp(log_pa)
+    g_d = tl.exp(log_pa + _sub(z_d, L)) - tl.exp(log_pb)
+    log_c = _logaddexp(log_pa + _sub(m, L), log_pb - log_s)
+    c = tl.where(J_empty, 0.0, tl.exp(log_c))
+    return loss, shift, c, g_t, g_d
 
 
 @triton.jit
-def _grad_tile(x, cols, t, d, w, g_t, g_d):
-    """Unscaled gradient of a [ROWS, BLOCK_K] tile given the row terms."""
-    g = tl.exp2(x * LOG2E + (w * LOG2E)[:, None])
+def _grad_tile(e, cols, t, d, c, g_t, g_d, kept, scale):
+    """scale * gradient of a [ROWS, BLOCK_K] tile, from e = exp(x - shift) and the row terms; scale
+    is a scalar or a [ROWS, 1] column.
+
+    The same expression in the fused forward and in the backward, so that both give the same bits.
+    `kept` is a select, not a product: an ignored row with inf / nan logits still gets exactly 0.
+    """
+    g = e * c[:, None]
     g = tl.where(cols[None, :] == t[:, None], g_t[:, None], g)
-    return tl.where(cols[None, :] == d, g_d[:, None], g)
+    g = tl.where(cols[None, :] == d, g_d[:, None], g)
+    return tl.where(kept[:, None], g * scale, 0.0)
 
 
 @triton.jit
@@ -98,7 +148,7 @@ def _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k):
 
 @triton.jit
 def _drainage_fwd_kernel(
-    X_ptr, T_ptr, Loss_ptr, Stats_ptr, G_ptr, Count_ptr,  # data; G_ptr/Count_ptr only if WRITE_GRAD
+    X_ptr, T_ptr, Loss_ptr, Stats_ptr, G_ptr, Scale_ptr,  # data; G_ptr / Scale_ptr: WRITE_GRAD / SCALED
     n_rows, K, S,  # shapes
     x_stride_n, x_stride_s, x_stride_k, t_stride,  # input strides
     g_stride_n, g_stride_s, g_stride_k,  # gradient strides (WRITE_GRAD)
@@ -106,11 +156,11 @@ def _drainage_fwd_kernel(
     log_alpha_hi, log_alpha_lo, log_beta_hi, log_beta_lo,
     BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_TILE: tl.constexpr,  # K <= BLOCK_K: the row tile stays in registers
-    WRITE_GRAD: tl.constexpr,  # also write the gradient of sum (or mean, MEAN) of the losses
-    MEAN: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,  # also write Scale * the gradient of the summed losses
+    SCALED: tl.constexpr,  # Scale_ptr holds the gradient's factor (1 / count for a mean)
     COMPUTE: tl.constexpr,
 ):
-    """Per-row loss (R,) and row terms (3, R) = [w, g_t, g_d]; optionally the gradient itself."""
+    """Per-row loss (R,) and row terms (4, R) = [shift, c, g_t, g_d]; optionally the gradient."""
     # Triton passes Python floats as fp32 (Inductor-generated calls as fp64: the casts pin the math
     # to COMPUTE either way). The lo parts restore ~48 bits for fp64 inputs; in fp32 they vanish.
     log_alpha = tl.cast(log_alpha_hi, COMPUTE) + tl.cast(log_alpha_lo, COMPUTE)
@@ -130,42 +180,37 @@ def _drainage_fwd_kernel(
     s = tl.zeros([BLOCK_ROWS], COMPUTE)
     cols = tl.arange(0, BLOCK_K)
     if SINGLE_TILE:
+        # From m = -inf the tile's shift is the final one: e is the gradient's exponential too.
         x = _load_tile(X_ptr, x_row, row_ok, cols, K, x_stride_k, COMPUTE)
-        m, s = _online_lse(m, s, x, cols, t, d)
+        m, s, e = _online_max_sum(m, s, x, cols, t, d)
     else:
         for k0 in range(0, K, BLOCK_K):
             x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
-            m, s = _online_lse(m, s, x, k0 + cols, t, d)
-    J_empty = s == 0.0  # K = 2, or every z_j is -inf
-    lse_J = tl.where(J_empty, float("-inf"), m + tl.log(tl.where(J_empty, 1.0, s)))
+            m, s, _ = _online_max_sum(m, s, x, k0 + cols, t, d)
 
-    loss, w, g_t, g_d = _row_terms(z_t, z_d, lse_J, log_alpha, log_beta)
+    loss, shift, c, g_t, g_d = _row_terms(z_t, z_d, m, s, log_alpha, log_beta)
     nan = float("nan")
     loss = tl.where(bad, nan, tl.where(kept, loss, 0.0))
-    w = tl.where(bad, nan, w)
+    c = tl.where(bad, nan, c)
     g_t = tl.where(bad, nan, g_t)
     g_d = tl.where(bad, nan, g_d)
     tl.store(Loss_ptr + rows, loss.to(Loss_ptr.dtype.element_ty), mask=row_ok)
-    tl.store(Stats_ptr + rows, w, mask=row_ok)
-    tl.store(Stats_ptr + n_rows + rows, g_t, mask=row_ok)
-    tl.store(Stats_ptr + n_rows + n_rows + rows, g_d, mask=row_ok)
+    tl.store(Stats_ptr + rows, shift, mask=row_ok)
+    tl.store(Stats_ptr + n_rows + rows, c, mask=row_ok)
+    tl.store(Stats_ptr + 2 * n_rows + rows, g_t, mask=row_ok)
+    tl.store(Stats_ptr + 3 * n_rows + rows, g_d, mask=row_ok)
 
     if WRITE_GRAD:
-        scale = tl.where(kept, 1.0, 0.0).to(COMPUTE)
-        if MEAN:
-            scale = scale / tl.load(Count_ptr).to(COMPUTE)
+        scale = tl.load(Scale_ptr).to(COMPUTE) if SCALED else tl.full([], 1.0, COMPUTE)
         g_row = _row_start(rows, S, g_stride_n, g_stride_s)
         if SINGLE_TILE:
-            g = _grad_tile(x, cols, t, d, w, g_t, g_d)
-            # where, not multiply: an ignored row with inf/nan logits still gets exactly 0
-            g = tl.where(kept[:, None], g * scale[:, None], 0.0)
+            g = _grad_tile(e, cols, t, d, c, g_t, g_d, kept, scale)
             _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k)
         else:
             # Second read of the row; it was just streamed, so it mostly comes from L2.
             for k0 in range(0, K, BLOCK_K):
                 x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
-                g = _grad_tile(x, k0 + cols, t, d, w, g_t, g_d)
-                g = tl.where(kept[:, None], g * scale[:, None], 0.0)
+                g = _grad_tile(_exp_sub(x, shift[:, None]), k0 + cols, t, d, c, g_t, g_d, kept, scale)
                 _store_tile(G_ptr, g, g_row, row_ok, k0 + cols, K, g_stride_k)
 
 
@@ -186,14 +231,14 @@ def _drainage_bwd_kernel(
 
     t = tl.load(T_ptr + rows * t_stride, mask=row_ok, other=ignore_index).to(tl.int64)
     kept = t != ignore_index
-    w = tl.load(Stats_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)
-    g_t = tl.load(Stats_ptr + n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
-    g_d = tl.load(Stats_ptr + n_rows + n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    shift = tl.load(Stats_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    c = tl.load(Stats_ptr + n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    g_t = tl.load(Stats_ptr + 2 * n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    g_d = tl.load(Stats_ptr + 3 * n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
     dy = tl.load(DY_ptr + rows * dy_stride, mask=row_ok, other=0.0).to(COMPUTE)
 
     x = _load_tile(X_ptr, _row_start(rows, S, x_stride_n, x_stride_s), row_ok, cols, K, x_stride_k, COMPUTE)
-    g = _grad_tile(x, cols, t, d, w, g_t, g_d)
-    g = tl.where(kept[:, None], g * dy[:, None], 0.0)
+    g = _grad_tile(_exp_sub(x, shift[:, None]), cols, t, d, c, g_t, g_d, kept, dy[:, None])
     _store_tile(G_ptr, g, _row_start(rows, S, g_stride_n, g_stride_s), row_ok, cols, K, g_stride_k)
 
 

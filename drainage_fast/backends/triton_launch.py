@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._inputs import TARGET_MESSAGE, Hyper, check_targets_torch, loss_dtype
+from .._inputs import ROW_TERMS, TARGET_MESSAGE, Hyper, check_targets_torch, loss_dtype
 from .triton_kernels import (
     _check_targets_kernel,
     _drainage_bwd_kernel,
@@ -30,13 +30,18 @@ from .triton_kernels import (
 NAME = "triton"
 FUSED_GRAD = True  # forward_with_grad / scale_ exist: 1 read + 1 write for mean / sum
 
-# Tile sizes. Rows of up to MAX_TILE_K outputs are held in registers, so the forward reads them once
-# (with 32 warps, 32 fp32 values per thread at K = 32768); longer rows are streamed in LOOP_BLOCK_K
-# tiles with an online log-sum-exp. Short rows are packed TILE_ELEMS elements to a program.
-MAX_TILE_K = 32768
-LOOP_BLOCK_K = 8192
-TILE_ELEMS = 4096
+# Tile sizes, chosen so that no config spills registers on sm_80 / sm_90 (tests/kernel_resources.py
+# compiles every config the launchers can issue and reads the registers from the cubin).
+# Rows of up to MAX_TILE_K outputs are held in registers, so the forward reads them once; longer rows
+# are streamed in LOOP_BLOCK_K tiles with an online log-sum-exp. Short rows are packed several to a
+# program, at most ROWS_PER_THREAD rows of per-row math per thread: the row math is replicated
+# across the threads that share a row, and 8+ rows per thread took 255 registers and spilled.
+# fp64 values take two registers, so fp64 tiles hold half as many elements per thread.
+MAX_TILE_K = 8192
+LOOP_BLOCK_K = 4096
 BWD_BLOCK_K = 4096
+ELEMS_PER_THREAD = 32
+ROWS_PER_THREAD = 4
 
 
 class _Config(NamedTuple):
@@ -46,22 +51,40 @@ class _Config(NamedTuple):
     num_warps: int
 
 
-def _num_warps(tile_elems: int) -> int:
-    return min(32, max(4, tile_elems // 1024))  # ~32 elements per thread
+def _tile_config(block_k: int, single_tile: bool, wide: bool) -> _Config:
+    """Rows per program and warps for tiles of block_k columns (wide: fp64 values)."""
+    per_thread = ELEMS_PER_THREAD // (2 if wide else 1)
+    num_warps = min(8, max(4, block_k // (32 * per_thread)))
+    threads = 32 * num_warps
+    # Triton lays a tile's threads, then its warps, along K first: threads that share a row.
+    lanes_per_row = min(block_k, threads)
+    rows_in_one_pass = max(1, threads // lanes_per_row)
+    by_elems = max(1, threads * per_thread // block_k)
+    block_rows = min(by_elems, rows_in_one_pass * (ROWS_PER_THREAD // (2 if wide else 1)))
+    return _Config(triton.next_power_of_2(block_rows), block_k, single_tile, num_warps)
 
 
-def _forward_config(K: int) -> _Config:
-    if K <= MAX_TILE_K:
-        block_k = triton.next_power_of_2(K)
-        block_rows = max(1, TILE_ELEMS // block_k)
-        return _Config(block_rows, block_k, True, _num_warps(block_rows * block_k))
-    return _Config(1, LOOP_BLOCK_K, False, _num_warps(LOOP_BLOCK_K))
+def _max_registers(num_warps: int) -> int:
+    """ptxas's register cap: room for two programs per SM (255 at 4 warps, 128 at 8).
+
+    Without a cap ptxas picks its own target for occupancy and, at 72-80 registers, spilled a
+    long-lived value to stay under it (sm_80, fp32 K=5 and fp64 K=1001 forwards); with a cap it
+    uses the registers it needs. The cap is a launch option, so every launch passes it.
+    """
+    return min(255, 65536 // (2 * 32 * num_warps))
 
 
-def _backward_config(K: int) -> _Config:
+def _forward_config(K: int, dtype: torch.dtype) -> _Config:
+    wide = dtype == torch.float64
+    # fp64 halves the tiles: a 1x8192 fp64 forward took 248 registers, its loop with 8 warps spilled.
+    if K <= MAX_TILE_K // (2 if wide else 1):
+        return _tile_config(triton.next_power_of_2(K), True, wide)
+    return _tile_config(LOOP_BLOCK_K // (2 if wide else 1), False, wide)
+
+
+def _backward_config(K: int, dtype: torch.dtype) -> _Config:
     block_k = min(triton.next_power_of_2(K), BWD_BLOCK_K)
-    block_rows = max(1, TILE_ELEMS // block_k)
-    return _Config(block_rows, block_k, K <= block_k, _num_warps(block_rows * block_k))
+    return _tile_config(block_k, K <= block_k, dtype == torch.float64)
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -100,24 +123,24 @@ def availability(device: torch.device | None = None) -> tuple[bool, str]:
     )
 
 
-def _launch_forward(x3, target, hp: Hyper, grad3=None, count=None):
+def _launch_forward(x3, target, hp: Hyper, grad3=None, scale=None):
     N, S, K = x3.shape
     R = N * S
     loss = torch.empty(R, dtype=loss_dtype(x3), device=x3.device)
-    stats = torch.empty(3, R, dtype=loss.dtype, device=x3.device)
+    stats = torch.empty(ROW_TERMS, R, dtype=loss.dtype, device=x3.device)
     if R == 0:
         return loss, stats
-    cfg = _forward_config(K)
+    cfg = _forward_config(K, x3.dtype)
     with _device_guard(x3):
         _drainage_fwd_kernel[(triton.cdiv(R, cfg.block_rows),)](
-            x3, target, loss, stats, grad3, count,
+            x3, target, loss, stats, grad3, scale,
             R, K, S,
             *x3.stride(), target.stride(0),
             *(grad3.stride() if grad3 is not None else (0, 0, 0)),
             hp.drainage_idx, hp.ignore_index, *_hi_lo(hp.log_alpha), *_hi_lo(hp.log_beta),
             BLOCK_ROWS=cfg.block_rows, BLOCK_K=cfg.block_k, SINGLE_TILE=cfg.single_tile,
-            WRITE_GRAD=grad3 is not None, MEAN=count is not None,
-            COMPUTE=_compute_dtype(x3.dtype), num_warps=cfg.num_warps,
+            WRITE_GRAD=grad3 is not None, SCALED=scale is not None,
+            COMPUTE=_compute_dtype(x3.dtype), num_warps=cfg.num_warps, maxnreg=_max_registers(cfg.num_warps),
         )
     return loss, stats
 
@@ -128,7 +151,7 @@ def _launch_backward(x3, target, stats, grad_rows, hp: Hyper):
     grad3 = torch.empty_like(x3)  # keeps a dense input's layout (e.g. channels_last)
     if R == 0:
         return grad3
-    cfg = _backward_config(K)
+    cfg = _backward_config(K, x3.dtype)
     with _device_guard(x3):
         _drainage_bwd_kernel[(triton.cdiv(R, cfg.block_rows), triton.cdiv(K, cfg.block_k))](
             x3, target, stats, grad_rows, grad3,
@@ -137,13 +160,13 @@ def _launch_backward(x3, target, stats, grad_rows, hp: Hyper):
             *grad3.stride(),
             hp.drainage_idx, hp.ignore_index,
             BLOCK_ROWS=cfg.block_rows, BLOCK_K=cfg.block_k,
-            COMPUTE=_compute_dtype(x3.dtype), num_warps=cfg.num_warps,
+            COMPUTE=_compute_dtype(x3.dtype), num_warps=cfg.num_warps, maxnreg=_max_registers(cfg.num_warps),
         )
     return grad3
 
 
 def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (3, R)."""
+    """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (4, R)."""
     if torch.compiler.is_compiling():
         return torch.ops.drainage_fast.triton_forward(x3, target, *hp)
     return _launch_forward(x3, target, hp)
@@ -158,14 +181,15 @@ def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
     return _launch_backward(x3, target, stats, grad_rows, hp)
 
 
-def forward_with_grad(x3, target, hp: Hyper, count: torch.Tensor | None):
-    """Forward that also writes the gradient of the summed loss (divided by `count` for a mean).
+def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None):
+    """Forward that also writes the gradient of the summed loss, times `scale` (a one-element
+    tensor of the loss dtype, 1 / count for a mean; None: 1).
 
     One read and one write of the logits for the whole forward + backward. Eager mode only (the
     caller hands the buffer out once, see _function.py).
     """
     grad3 = torch.empty_like(x3)
-    loss, stats = _launch_forward(x3, target, hp, grad3=grad3, count=count)
+    loss, stats = _launch_forward(x3, target, hp, grad3=grad3, scale=scale)
     return loss, stats, grad3
 
 
@@ -178,7 +202,9 @@ def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     block = 4096
     grid = (min(triton.cdiv(numel, block), _scale_grid_cap(grad.device)),)
     with _device_guard(grad):
-        _scale_grad_kernel[grid](grad, scale, numel, BLOCK=block, COMPUTE=_compute_dtype(grad.dtype))
+        _scale_grad_kernel[grid](
+            grad, scale, numel, BLOCK=block, COMPUTE=_compute_dtype(grad.dtype), maxnreg=_max_registers(4)
+        )
     return grad
 
 
@@ -196,7 +222,8 @@ def check_targets(target: torch.Tensor, K: int, hp: Hyper) -> torch.Tensor:
         block = 4096
         with _device_guard(target):
             _check_targets_kernel[(triton.cdiv(n, block),)](
-                target, counts, n, target.stride(0), K, hp.drainage_idx, hp.ignore_index, BLOCK=block
+                target, counts, n, target.stride(0), K, hp.drainage_idx, hp.ignore_index, BLOCK=block,
+                maxnreg=_max_registers(4),
             )
     torch._assert_async(counts[0] == 0, TARGET_MESSAGE)
     return counts[1]
@@ -213,7 +240,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(x3, target, log_alpha, log_beta, drainage_idx, ignore_index):
     R = x3.shape[0] * x3.shape[1]
-    return x3.new_empty(R, dtype=loss_dtype(x3)), x3.new_empty((3, R), dtype=loss_dtype(x3))
+    return x3.new_empty(R, dtype=loss_dtype(x3)), x3.new_empty((ROW_TERMS, R), dtype=loss_dtype(x3))
 
 
 @torch.library.custom_op("drainage_fast::triton_backward", mutates_args=())
