@@ -13,13 +13,13 @@ import time
 
 import pytest
 import torch
-
 from naive_loss import naive_drainage_loss
+
 from drainage_fast import fused_drainage_loss
 
 STEPS = {
-    "resnet50-b256-224px-K51": dict(model="resnet50", batch=256, size=224, outputs=51, gpu_only=True),
-    "cnn8-b128-32px-K11": dict(model="cnn8", batch=128, size=32, outputs=11, gpu_only=False),
+    "resnet50-b256-224px-K51": {"model": "resnet50", "batch": 256, "size": 224, "outputs": 51, "gpu_only": True},
+    "cnn8-b128-32px-K11": {"model": "cnn8", "batch": 128, "size": 32, "outputs": 11, "gpu_only": False},
 }
 LOSSES = {
     "fused": lambda logits, t: fused_drainage_loss(logits, t, alpha=0.1),

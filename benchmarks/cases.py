@@ -6,11 +6,13 @@ GB/s compares speed on one scale:
   fwd+bwd     (mean reduction) 1 read + 1 write of the logits: the fused design's floor
   fwd+bwd-none (random upstream gradient per row) 2 reads + 1 write: the forward cannot know the
               upstream gradient, so the backward must read the logits again
+A row is one (sample, pixel) pair: per-pixel logits (N, K, H, W) have N * H * W rows of K outputs.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,34 +29,51 @@ class Case:
     K: int
     dtype: torch.dtype
     mode: str
+    spatial: tuple[int, ...] = ()  # (H, W) of per-pixel logits (N, K, H, W)
+    channels_last: bool = False  # per-pixel logits stored N, H, W, K in memory (torch.channels_last)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.N, self.K, *self.spatial)
+
+    @property
+    def rows(self) -> int:
+        return self.N * math.prod(self.spatial)
 
     @property
     def group(self) -> str:
-        return f"{self.mode}-{str(self.dtype).removeprefix('torch.')}-N{self.N}-K{self.K}"
+        pixels = "".join(f"x{s}" for s in self.spatial) + ("-channels_last" if self.channels_last else "")
+        return f"{self.mode}-{str(self.dtype).removeprefix('torch.')}-N{self.N}-K{self.K}{pixels}"
 
     def bytes(self) -> int:
-        logits = self.N * self.K * torch.finfo(self.dtype).bits // 8
-        target = 8 * self.N
+        logits = self.rows * self.K * torch.finfo(self.dtype).bits // 8
+        target = 8 * self.rows
         if self.mode == "fwd":
-            return logits + target + 4 * self.N
+            return logits + target + 4 * self.rows
         if self.mode == "fwd+bwd":
             return 2 * logits + target
-        return 3 * logits + 2 * target + 4 * self.N
+        return 3 * logits + 2 * target + 4 * self.rows
 
 
 class RotatingInputs:
     """Enough independent copies of (logits, target, upstream) that consecutive calls never reuse
-    an input still in the cache; `next()` cycles through them."""
+    an input still in the cache; `next()` cycles through them, `items` holds them all. Drawn on the
+    device itself (seed 0): drawing on the CPU takes ~2 s per GiB (measured, 2 cores), seconds of
+    the GPU check's budget for its 2 GiB cases."""
 
     def __init__(self, case: Case, device: torch.device, requires_grad: bool):
-        one = case.N * case.K * torch.finfo(case.dtype).bits // 8
+        one = case.rows * case.K * torch.finfo(case.dtype).bits // 8
         copies = max(1, min(64, ROTATION_BYTES // max(one, 1))) if device.type == "cuda" else 1
-        gen = torch.Generator(device="cpu").manual_seed(0)
+        fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+        gen = torch.Generator(device=device).manual_seed(0)
         self.items = []
         for _ in range(copies):
-            logits = (torch.randn(case.N, case.K, generator=gen) * 2).to(device, case.dtype)
-            target = torch.randint(0, case.K - 1, (case.N,), generator=gen).to(device)  # never the last (drainage)
-            upstream = torch.rand(case.N, generator=gen).to(device)
+            logits = torch.randn(case.shape, generator=gen, device=device) * 2
+            logits = logits.to(case.dtype, memory_format=fmt)
+            target_shape = (case.N, *case.spatial)
+            # never the last output (the drainage node)
+            target = torch.randint(0, case.K - 1, target_shape, generator=gen, device=device)
+            upstream = torch.rand(target_shape, generator=gen, device=device)
             self.items.append((logits.requires_grad_(requires_grad), target, upstream))
         self._cycle = itertools.cycle(self.items)
 

@@ -8,12 +8,11 @@ shapes, a few minutes on 2 cores); --suite overrides it.
 from __future__ import annotations
 
 import platform
-import time
-
-import pytest
-import torch
 
 import cases as case_defs
+import measure
+import pytest
+import torch
 from providers import providers_for
 
 
@@ -59,23 +58,7 @@ def device(request) -> torch.device:
 @pytest.fixture(scope="session")
 def copy_bandwidth(device) -> float:
     """Measured copy bandwidth in GB/s (bytes read + written), the yardstick for '% of bandwidth'."""
-    n = (2**30 if device.type == "cuda" else 2**27) // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            torch.cuda.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best / 1e9
+    return measure.copy_bandwidth_gbps(device, 2**30 if device.type == "cuda" else 2**27, reps=10)
 
 
 def cpu_name() -> str:

@@ -14,6 +14,13 @@ Measurements, each independent (one failing is recorded, the others still run):
                       batches normalised on the GPU): images/s and the fraction of time waiting for data
   dali_mixed          the same JPEGs through the DALI pipeline decoding on "mixed" (skipped without DALI)
 Needs only torch and numpy (+ Pillow for the loader paths); no network.
+
+    python benchmarks/gpu_resnet50_step.py --short    # writes gpu_resnet50_short.{json,md}
+
+--short measures only the synthetic eager step with K = 51 outputs (mini-WebVision: 50 classes + the
+drainage node), once with the fused Drainage loss and once with cross-entropy (train/losses.py "ce"),
+and for each the loss's forward + backward alone on (batch, 51) logits: images/s and the loss's share.
+2 x (15 + 50) steps, no compile, no loaders: sized for about 2 minutes on an H100 (not yet timed there).
 """
 
 from __future__ import annotations
@@ -32,21 +39,29 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO)]
+
+import measure
+from cases import Case, RotatingInputs
+from providers import make_step
 
 from train.losses import build_loss
 from train.resnet import resnet50
 
 CLASSES = 1000
+SHORT_OUTPUTS = 51  # mini-WebVision: 50 classes + the drainage node
+LOSS_PARAMS = {"drainage": {"alpha": 0.1}, "ce": {}}
 
 
 class Step:
-    """One optimisation step of the recipe on `device`; call(x, y) runs it, x (B, 3, H, W) in bf16."""
+    """One optimisation step of the recipe on `device`; call(x, y) runs it, x (B, 3, H, W) in bf16.
+    `outputs` K: the drainage loss reads the last one as its drainage node; cross-entropy takes all K."""
 
-    def __init__(self, device: torch.device, compile_model: bool):
-        self.model = resnet50(CLASSES + 1).to(device, memory_format=torch.channels_last)
+    def __init__(self, device: torch.device, compile_model: bool, outputs=CLASSES + 1, loss="drainage"):
+        self.model = resnet50(outputs).to(device, memory_format=torch.channels_last)
+        self.outputs = outputs
         self.forward = torch.compile(self.model) if compile_model else self.model
-        self.loss_fn = build_loss("drainage", CLASSES, alpha=0.1)
+        self.loss_fn = build_loss(loss, outputs - 1, **LOSS_PARAMS[loss])
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         self.device = device
 
@@ -69,12 +84,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic(device, batch, size, steps, warmup, compile_model) -> dict:
-    step = Step(device, compile_model)
+def synthetic(step: Step, args) -> dict:
+    """images/s of `step` on one random batch of args.batch images of args.size px, kept on the device."""
+    device, batch, size, steps = step.device, args.batch, args.size, args.steps
     x = torch.randn(batch, 3, size, size, device=device).to(input_dtype(device))
     x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, CLASSES, (batch,), device=device)
-    for _ in range(warmup):
+    y = torch.randint(0, step.outputs - 1, (batch,), device=device)  # never the drainage node
+    for _ in range(args.warmup):
         step(x, y)
     sync(device)
     start = time.perf_counter()
@@ -135,20 +151,44 @@ def jpeg_set(count: int, folder: Path):
     return ImageList("bench", folder, paths, np.arange(count) % 10, 10)
 
 
+def attempt(results: dict, name: str, fn) -> None:
+    """results[name] = fn(), or the error: one broken path must not hide the others."""
+    print(f"-- {name}", flush=True)
+    try:
+        results[name] = fn()
+    except Exception as exc:  # noqa: BLE001 -- recorded in the report
+        results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+    print(f"   {results[name]}", flush=True)
+
+
+def loss_alone_us(loss: str, device, batch: int, outputs: int, reps: int) -> float:
+    """Median time of the loss's forward + backward alone on (batch, outputs) logits of the step's dtype."""
+    loss_fn = build_loss(loss, outputs - 1, **LOSS_PARAMS[loss])
+    case = Case(batch, outputs, input_dtype(device), "fwd+bwd")
+    inputs = RotatingInputs(case, device, requires_grad=True)
+    step = make_step(lambda x, t, reduction: loss_fn(x, t), case.mode)
+    for _ in range(3):
+        step(*inputs.next())
+    return measure.device_us(step, inputs, device, reps)
+
+
+def run_short(args, device) -> dict:
+    results = {}
+    for loss in LOSS_PARAMS:
+        def one(loss=loss):
+            step = synthetic(Step(device, False, SHORT_OUTPUTS, loss), args)
+            us = loss_alone_us(loss, device, args.batch, SHORT_OUTPUTS, reps=max(args.steps, 5))
+            return {**step, "loss_us": us, "loss_share": us / (1e3 * step["step_ms"])}
+
+        attempt(results, loss, one)
+    return results
+
+
 def run_all(args, device) -> dict:
     results = {}
-
-    def attempt(name, fn):
-        print(f"-- {name}", flush=True)
-        try:
-            results[name] = fn()
-        except Exception as exc:  # noqa: BLE001 -- record and go on: one broken path must not hide the others
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-        print(f"   {results[name]}", flush=True)
-
-    attempt("synthetic_eager", lambda: synthetic(device, args.batch, args.size, args.steps, args.warmup, False))
+    attempt(results, "synthetic_eager", lambda: synthetic(Step(device, False), args))
     if args.compile:
-        attempt("synthetic_compile", lambda: synthetic(device, args.batch, args.size, args.steps, args.warmup, True))
+        attempt(results, "synthetic_compile", lambda: synthetic(Step(device, True), args))
     else:
         results["synthetic_compile"] = {"skipped": "--no-compile"}
     try:
@@ -158,16 +198,16 @@ def run_all(args, device) -> dict:
         return results
     with tempfile.TemporaryDirectory() as tmp:
         images = jpeg_set(args.images, Path(tmp))
-        attempt("torch_loader", lambda: fed("torch", device, images, args.batch, args.size, args.steps, args.warmup,
-                                             args.workers))
+        attempt(results, "torch_loader", lambda: fed("torch", device, images, args.batch, args.size,
+                                                      args.steps, args.warmup, args.workers))
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
             results["dali_mixed"] = {"skipped": "NVIDIA DALI is not installed"}
         else:
             if device.type == "cuda":
-                attempt("dali_mixed", lambda: fed("dali", device, images, args.batch, args.size, args.steps,
-                                                  args.warmup, args.workers))
+                attempt(results, "dali_mixed", lambda: fed("dali", device, images, args.batch, args.size,
+                                                           args.steps, args.warmup, args.workers))
             else:
                 results["dali_mixed"] = {"skipped": "no GPU"}
     return results
@@ -189,6 +229,24 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_short(r: dict) -> str:
+    lines = [f"# ResNet-50 step, fused Drainage loss vs cross-entropy, on {r['device_name']}", "",
+             (f"bf16 autocast, channels_last, batch {r['batch']}, {r['size']} px, K = {SHORT_OUTPUTS} "
+              f"outputs, eager, SGD nesterov, clip 5.0; torch {r['torch']}, {r['steps']} timed steps after "
+              f"{r['warmup']}. "
+              "Loss alone: its forward + backward on the step's (batch, K) logits, median of CUDA events. "
+              "`benchmarks/gpu_resnet50_step.py --short`."),
+             "", "| loss | images/s | step ms | loss fwd+bwd µs | loss share of the step |",
+             "|---|---|---|---|---|"]
+    for name, v in r["results"].items():
+        if "error" in v:
+            lines.append(f"| {name} | - | - | - | {v['error']} |")
+        else:
+            lines.append(f"| {name} | {v['images_per_s']:.0f} | {v['step_ms']:.1f} | {v['loss_us']:.0f} | "
+                         f"{v['loss_share']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
@@ -200,6 +258,8 @@ def main() -> int:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU (a functional check, not a measurement)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--short", action="store_true",
+                   help=f"only the eager synthetic step, K = {SHORT_OUTPUTS}, Drainage vs cross-entropy")
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("no CUDA GPU: nothing to measure (pass --allow-cpu for a functional check)", file=sys.stderr)
@@ -211,12 +271,14 @@ def main() -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
         "batch": args.batch, "size": args.size, "steps": args.steps, "warmup": args.warmup,
-        "results": run_all(args, device),
+        "results": run_short(args, device) if args.short else run_all(args, device),
     }
+    stem = "gpu_resnet50_short" if args.short else "gpu_resnet50_step"
+    md = markdown_short(report) if args.short else markdown(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_resnet50_step.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "gpu_resnet50_step.md").write_text(markdown(report))
-    print(markdown(report))
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
     return 0
 
 

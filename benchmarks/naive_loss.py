@@ -11,7 +11,7 @@ import torch.nn.functional as F
 def naive_drainage_loss(logits, target, alpha=1.0, beta=None, drainage_idx=-1, reduction="mean"):
     """(N, K) logits, (N,) targets; no ignore_index (as in the authors' code)."""
     beta = 1.0 / alpha if beta is None else beta
-    N, K = logits.shape
+    K = logits.shape[1]
     d = drainage_idx % K
     log_p = F.log_softmax(logits.float(), dim=1)
     is_t = F.one_hot(target.long(), K).bool()

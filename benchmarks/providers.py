@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from naive_loss import naive_drainage_loss
 
 import drainage_fast.api
-from drainage_fast import available_backends, backends, drainage_loss_reference, fused_drainage_loss
-from naive_loss import naive_drainage_loss
+from drainage_fast import backends, drainage_loss_reference, fused_drainage_loss
 
 ALPHA = 0.1  # the paper's CIFAR-100 / WebVision value; any alpha costs the same
 
@@ -61,21 +61,47 @@ def _liger(x, t, reduction):
     return liger_cross_entropy(x, t, reduction=reduction)
 
 
-def providers_for(device: torch.device) -> dict[str, Callable]:
-    """Provider name -> loss function, for the providers that can run on `device`."""
+OURS = "drainage_fast["
+
+
+def all_providers() -> dict[str, Callable]:
+    """Every provider, name -> loss function, whether or not it can run here (see `unavailable`)."""
     out = {}
-    for name in available_backends():
-        if backends.availability(name, device)[0] and not (name == "triton" and device.type == "cpu"):
-            out[f"drainage_fast[{name}]"] = _fused(name)
-            if getattr(backends.load(name), "FUSED_GRAD", False):
-                out[f"drainage_fast[{name},recompute]"] = _fused(name, fused_grad=False)
+    for name in backends.NAMES:
+        out[f"{OURS}{name}]"] = _fused(name)
+        out[f"{OURS}{name},recompute]"] = _fused(name, fused_grad=False)
     out["reference-eager"] = _reference
     out["reference-compiled"] = _compiled_reference
     out["naive"] = _naive
     out["F.cross_entropy"] = _cross_entropy
-    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
-        out["liger-cross_entropy"] = _liger
+    out["liger-cross_entropy"] = _liger
     return out
+
+
+def unavailable(provider: str, device: torch.device) -> str | None:
+    """Why `provider` cannot run on `device`, or None when it can. Asking about "cuda" builds the
+    CUDA extension on first use (drainage_fast/_ext.py)."""
+    if provider.startswith(OURS):
+        backend, _, variant = provider.removeprefix(OURS).removesuffix("]").partition(",")
+        ok, reason = backends.availability(backend, device)
+        if not ok:
+            return reason
+        if backend == "triton" and device.type == "cpu":
+            return "Triton runs on the CPU only in its interpreter (a test tool, not a benchmark)"
+        if variant == "recompute" and not getattr(backends.load(backend), "FUSED_GRAD", False):
+            return f"backend {backend!r} has one pass structure (no fused gradient to switch off)"
+        return None
+    if provider == "liger-cross_entropy":
+        if device.type != "cuda":
+            return "Liger's kernels need CUDA"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel is not installed"
+    return None
+
+
+def providers_for(device: torch.device) -> dict[str, Callable]:
+    """Provider name -> loss function, for the providers that can run on `device`."""
+    return {name: fn for name, fn in all_providers().items() if unavailable(name, device) is None}
 
 
 def make_step(loss: Callable, mode: str) -> Callable:

@@ -46,7 +46,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
-def _fmt(x, spec=".1f"):
+def fmt(x, spec=".1f"):
     return "–" if x is None else format(x, spec)
 
 
@@ -66,13 +66,13 @@ def summary_table(rows: list[dict]) -> list[str]:
             continue
         best = min(ours, key=lambda r: r["median_us"])
         ratios = [
-            _fmt(providers[b]["median_us"] / best["median_us"], ".2f") if b in providers else "–" for b in present
+            fmt(providers[b]["median_us"] / best["median_us"], ".2f") if b in providers else "–" for b in present
         ]
         naive_mem = providers.get("naive", {}).get("peak_mem_MB")
         lines.append(
             f"| {N} × {K} | {best['provider']} | {best['median_us']:.1f} | {best['GBps']:.1f} | "
             f"{100 * best['GBps'] / best['copy_GBps']:.0f}% | " + " | ".join(ratios)
-            + f" | {_fmt(best.get('peak_mem_MB'))} / {_fmt(naive_mem)} |"
+            + f" | {fmt(best.get('peak_mem_MB'))} / {fmt(naive_mem)} |"
         )
     return lines
 
@@ -85,8 +85,8 @@ def raw_table(rows: list[dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["N"] * r["K"], r["K"], r["median_us"])):
         lines.append(
             f"| {r['N']} × {r['K']} | {r['provider']} | {r['median_us']:.1f} | {r['GBps']:.1f} | "
-            f"{100 * r['GBps'] / r['copy_GBps']:.0f}% | {_fmt(r.get('device_us'))} | {_fmt(r.get('host_us'))} | "
-            f"{r.get('kernels', '–')} | {_fmt(r.get('peak_mem_MB'))} |"
+            f"{100 * r['GBps'] / r['copy_GBps']:.0f}% | {fmt(r.get('device_us'))} | {fmt(r.get('host_us'))} | "
+            f"{fmt(r.get('kernels'), 'd')} | {fmt(r.get('peak_mem_MB'))} |"
         )
     return lines
 
@@ -137,11 +137,13 @@ def main() -> None:
     md = [
         f"# Drainage loss benchmarks — {device}",
         "",
-        f"torch {first['torch']}, triton {first['triton']}, {first['threads']} CPU threads. "
-        f"Copy bandwidth measured in the same run: **{_fmt(first.get('copy_GBps'))} GB/s**. "
-        "Times are medians of host wall-clock with a device synchronisation in every call; GB/s is the "
-        "explicit byte count of the mode (benchmarks/cases.py: fwd 1 read; fwd+bwd 1 read + 1 write; "
-        "fwd+bwd-none 2 reads + 1 write) over that time. Raw data: the JSON beside this file.",
+        (
+            f"torch {first['torch']}, triton {first['triton']}, {first['threads']} CPU threads. "
+            f"Copy bandwidth measured in the same run: **{fmt(first.get('copy_GBps'))} GB/s**. "
+            "Times are medians of host wall-clock with a device synchronisation in every call; GB/s is the "
+            "explicit byte count of the mode (benchmarks/cases.py: fwd 1 read; fwd+bwd 1 read + 1 write; "
+            "fwd+bwd-none 2 reads + 1 write) over that time. Raw data: the JSON beside this file."
+        ),
     ]
     for (mode, dtype), rows_g in sorted(groups.items()):
         md += ["", f"## {mode}, {dtype.removeprefix('torch.')}", ""] + summary_table(rows_g)

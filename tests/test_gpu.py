@@ -5,15 +5,17 @@ of the suite also runs on the GPU there (support.DEVICE)."""
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
+from support import BACKENDS, assert_grad_close, assert_loss_close, random_targets
 
 from drainage_fast import drainage_loss_reference, fused_drainage_loss
-from support import BACKENDS, assert_grad_close, assert_loss_close, random_targets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
+ROOT = Path(__file__).resolve().parents[1]  # the subprocess imports drainage_fast from the checkout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,7 +46,10 @@ def test_bad_target_is_a_device_side_assert(bad):
         fused_drainage_loss(x, t)
         torch.cuda.synchronize()
     """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # a timeout, so that a kernel that hangs instead of asserting fails here, not the whole run
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     # the message of a device-side assert is printed by the kernel; the host sees "device-side assert"
     assert run.returncode != 0 and "assert" in run.stderr.lower()
 

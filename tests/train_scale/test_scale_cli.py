@@ -73,7 +73,9 @@ def test_resume_needs_a_checkpoint(tmp_path):
 
 def test_global_batch_must_divide_over_ranks(tmp_path, webvision_tree):
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"dataset": "webvision", "batch_size": 15, "eval_batch_size": 32}))
+    # the CPU (gloo) on every machine: on one GPU, rank 1 would ask for cuda:1
+    config.write_text(json.dumps({"dataset": "webvision", "batch_size": 15, "eval_batch_size": 32,
+                                  "device": "cpu"}))
     result = run_module(["--config", str(config), "--data_root", str(webvision_tree[0]), "--arch", "tiny_convnet",
                          "--out_dir", str(tmp_path), "--quiet", "--loader", "torch", "--crop", "32", "--resize", "36"],
                         torchrun=2, check=False)

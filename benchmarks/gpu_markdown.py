@@ -1,0 +1,90 @@
+"""results.md of benchmarks/gpu_check.py: one table per part, from the report it also writes as
+results.json (every status, error and figure is in the report; this only lays them out)."""
+
+from __future__ import annotations
+
+from report import fmt
+
+
+def _cell_text(value, width: int = 160) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")[:width]
+
+
+def markdown(r: dict) -> str:
+    """The report of gpu_check.main as markdown: a header naming the GPU, then environment,
+    correctness and timings, each a table."""
+    dry = " (dry-run: the plan only, nothing measured)" if r["dry_run"] else ""
+    lines = [
+        f"# GPU check — {r['gpu']}{dry}",
+        "",
+        (
+            f"`{r['command']}`, started {r['started']}, {fmt(r.get('elapsed_s'), '.0f')} s of a "
+            f"{r['plan']['budget_s']} s budget{' (--quick: fewer repeats)' if r['quick'] else ''}. "
+            f"Raw data: results.json beside this file; commit both as benchmarks/results/{r['slug']}/."
+        ),
+        "",
+        "## Environment",
+        "",
+        f"Status: {r['env']['status']}.",
+        "",
+        "| item | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_cell_text(v)} |" for k, v in r["env"].get("values", {}).items()]
+
+    tests = r["tests"]
+    about = "The core test files on CUDA tensors, every GPU backend (tests/support.py)."
+    lines += [
+        "",
+        "## Correctness",
+        "",
+        f"{about} Status: {tests['status']}.",
+        "",
+        "| file | status | passed | failed | errors | skipped | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, f in tests.get("files", {}).items():
+        lines.append(
+            f"| {name} | {f['status']} | {f.get('passed', '')} | {f.get('failed', '')} | "
+            f"{f.get('errors', '')} | {f.get('skipped', '')} | {f.get('seconds', '')} |"
+        )
+    if "totals" in tests:
+        t = tests["totals"]
+        lines.append(
+            f"| total | | {t['passed']} | {t['failed']} | {t['errors']} | {t['skipped']} | "
+            f"{tests.get('seconds', '')} |"
+        )
+    failures = [x for f in tests.get("files", {}).values() for x in f.get("failures", [])]
+    if failures:
+        lines += ["", "Failures:", ""] + [
+            f"- `{x['test']}` ({x['kind']}): {_cell_text(x['message'])}" for x in failures
+        ]
+
+    timings = r["timings"]
+    lines += [
+        "",
+        "## Timings: forward + backward, reduction mean, upstream gradient 1",
+        "",
+        (
+            f"Status: {timings['status']}. µs: median of CUDA events around one eager call, inputs "
+            "rotating so that L2 never serves them twice. GB/s: the 1-read + 1-write bytes (2 × logits + "
+            "int64 targets) over that time; % of copy: against the copy bandwidth measured in the same run "
+            f"({fmt(timings.get('copy_GBps'), '.0f')} GB/s). graph µs: the same step replayed from a "
+            "CUDA graph (GPU time only); wall µs: a synchronised eager call, so wall − graph is the "
+            "host's overhead. kernels: GPU kernels per step; peak MB: memory allocated by one step "
+            "beyond its inputs."
+        ),
+        "",
+        "| case | dtype | provider | µs | GB/s | % of copy | graph µs | wall µs | kernels | peak MB "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in timings["cells"]:
+        note = c["status"] if c["status"] != "ok" else c.get("graph_error", "")
+        lines.append(
+            f"| {c['case']} | {c['dtype']} | {c['provider']} | {fmt(c.get('us'))} | "
+            f"{fmt(c.get('GBps'), '.0f')} | "
+            f"{fmt(c.get('pct_copy'), '.0f')} | {fmt(c.get('graph_us'))} | {fmt(c.get('wall_us'))} | "
+            f"{fmt(c.get('kernels'), 'd')} | {fmt(c.get('peak_MB'))} | {_cell_text(note)} |"
+        )
+    return "\n".join(lines) + "\n"

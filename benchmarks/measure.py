@@ -1,0 +1,144 @@
+"""Timing and profiling of one step, shared by bench_loss.py, gpu_check.py and gpu_resnet50_step.py.
+
+`step(*inputs.next())` is one unit of work (providers.make_step); `inputs` is a cases.RotatingInputs
+(`.next()` cycles through the copies in `.items`). Every function takes the device: on the CPU a time
+is the wall clock, and what only CUDA has (kernel count, peak memory) is None; CUDA graphs raise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_us(step, inputs, device: torch.device, reps: int) -> float:
+    """Median time of one call in µs: CUDA events around it on a GPU (its GPU time, plus any gap in
+    which the GPU waited for the host), the wall clock of a synchronised call on the CPU."""
+    if device.type != "cuda":
+        return wall_us(step, inputs, device, reps)
+    times = []
+    for _ in range(reps):
+        args = inputs.next()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(*args)
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def wall_us(step, inputs, device: torch.device, reps: int) -> float:
+    """Median wall-clock time of one call, synchronised before and after: what a loop that waits pays."""
+    return _host_timed(step, inputs, device, reps, wait=True)
+
+
+def host_us(step, inputs, device: torch.device, reps: int) -> float:
+    """Median host time to issue one call (the Python + launch overhead; the GPU runs behind it)."""
+    return _host_timed(step, inputs, device, reps, wait=False)
+
+
+def _host_timed(step, inputs, device: torch.device, reps: int, wait: bool) -> float:
+    times = []
+    for _ in range(reps):
+        args = inputs.next()
+        sync(device)
+        t0 = time.perf_counter()
+        step(*args)
+        if wait:
+            sync(device)
+        times.append((time.perf_counter() - t0) * 1e6)
+    sync(device)
+    return statistics.median(times)
+
+
+def graph_us(step, inputs, device: torch.device, replays: int) -> float:
+    """Median GPU time of one call replayed from a CUDA graph, in µs: no host work at all.
+
+    One graph runs the step once on every input copy (so the inputs rotate as in eager timing) and
+    the replay time is divided by the number of copies. Warm-up runs on a side stream before the
+    capture, as https://pytorch.org/docs/stable/notes/cuda.html#cuda-graphs does. Raises whatever
+    the capture raises (e.g. a provider that synchronises with the host).
+    """
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for args in inputs.items:
+            step(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = [step(*args) for args in inputs.items]  # kept alive: the graph writes into them
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) * 1e3 / len(inputs.items))
+    del graph, outputs
+    return statistics.median(times)
+
+
+def kernel_count(step, inputs, device: torch.device) -> int | None:
+    """GPU kernels one call launches (memory copies and memsets not counted); None on the CPU, and
+    None when the profiler saw nothing (CUPTI unavailable, e.g. without the rights in a container)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    args = inputs.next()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(*args)
+        sync(device)
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    return len(kernels) or None
+
+
+def peak_memory_mb(step, inputs, device: torch.device) -> float | None:
+    """Peak memory allocated during one call beyond what was allocated before it (inputs excluded;
+    the outputs, e.g. the gradient, included); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    args = inputs.next()
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step(*args)
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int, reps: int) -> float:
+    """Median device-to-device copy bandwidth in GB/s over bytes read + written (2 * nbytes per copy),
+    the yardstick for "% of copy": a fused forward + backward moves the same 1 read + 1 write."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = device_us(lambda: dst.copy_(src), FixedInputs(), device, reps) / 1e6
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+class FixedInputs:
+    """The same arguments every call, for steps whose inputs are too big to need rotating."""
+
+    def __init__(self, *args):
+        self.items = [args]
+
+    def next(self):
+        return self.items[0]
