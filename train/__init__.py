@@ -8,7 +8,10 @@ Entry points for code built on top (new commands, the large-scale loop):
     models.build_model(name, num_outputs, pretrained)
     losses.build_loss(name, num_classes, **params), losses.num_outputs, losses.l1_penalty
     experiment.run_experiment(cfg, run_dir) -> RunResult        one run end to end, the run folder
+    experiment.check_plan(cfgs), experiment.reuse_or_claim     a multi-run command's checks and folders
+    run_dirs.claim_run_dir, run_dirs.UserError                  one folder per run; a user's mistake
+    plan.parse_noise / parse_grid / grid_points / config_for   the multi-run commands' shared syntax
     trainer.Trainer, trainer.drainage_probability, trainer.class_predictions, trainer.precision_at_k
-    checkpoint.atomic_save / load_checkpoint / capture_rng_state / restore_rng_state
+    checkpoint.atomic_save / load_checkpoint / read_checkpoint / capture_rng_state / restore_rng_state
     cli.COMMANDS                                                a new `python -m train <cmd>` is one line
 """

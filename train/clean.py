@@ -18,31 +18,44 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .sweep import tuning_grid_set_flags
-
 from drainage_fast.openset import cleaning_metrics
+
+from .cli import positive_int
+from .plan import (
+    config_for,
+    grid_points,
+    job_dir,
+    parse_grid,
+    parse_noise,
+    point_overrides,
+    point_tag,
+    tuning_grid_set_flags,
+)
+from .run_dirs import UserError
 
 SCORE_LABELS = {"p_d": "p_d", "self_confidence": "self-confidence"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--losses", nargs="+", default=["drainage", "ce"])
-    p.add_argument("--noise", default="asym:0.4", metavar="TYPE:RATE", help="e.g. asym:0.4, sym:0.6, instance:0.4")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1])
+    p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
+    p.add_argument("--losses", nargs="+", default=["drainage", "ce"], help="losses to train (default: drainage ce)")
+    p.add_argument("--noise", default="asym:0.4", metavar="TYPE:RATE",
+                   help="the noise setting with its rate, e.g. asym:0.4, sym:0.6, instance:0.4 (default asym:0.4)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1], help="training seeds (default: 1)")
     p.add_argument("--tuning", action="store_true", help="train on the noisy 80%% of the training set")
     p.add_argument("--grid", nargs="*", default=[], metavar="[LOSS:]KEY=V1,V2",
                    help="hyper-parameter axes, e.g. drainage:loss_params.alpha=0.03,1")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
                    help="finished runs to rank instead of training (any `train run` folder)")
-    p.add_argument("--ks", nargs="+", type=int, default=[10, 50, 100], help="fixed k for precision / recall")
-    p.add_argument("--runs_dir", default=None, help="run folders (default: runs/clean-<dataset>-<time>)")
+    p.add_argument("--ks", nargs="+", type=positive_int, default=[10, 50, 100], help="fixed k for precision / recall")
+    p.add_argument("--runs_dir", default=None,
+                   help="run folders; a rerun on the same folder reuses its finished runs of the same config "
+                   "(default: a new runs/clean-<dataset>-<time>)")
     p.add_argument("--out", default=None, help="output path prefix (default: <runs_dir>/cleaning)")
 
 
@@ -139,37 +152,43 @@ def plot_run(scores: dict, suspicion: dict, path: Path, title: str) -> None:
     _save_figure(fig, title, path)
 
 
-def train_runs(args, runs_dir: Path) -> list[tuple[dict, Path]]:
-    """Trains every loss x grid point x seed (a folder with summary.json is reused); [(labels, run_dir)]."""
-    from .experiment import run_experiment
-    from .sweep import config_for, grid_points, parse_grid, point_tag
-
-    kind, _, rate = args.noise.partition(":")
+def plan_runs(args) -> list[tuple[dict, object]]:
+    """[(labels, config)] for every loss x grid point x seed, validated (a UserError for any mistake)."""
+    kind, rate = parse_noise(args.noise)
     axes = parse_grid(args.grid)
+    return [({"loss": loss, "params": point_tag(point), "seed": seed},
+             config_for(args.dataset, loss, [f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}",
+                                             "checkpoint=false", f"tuning={args.tuning}", *args.set,
+                                             *point_overrides(point)]))
+            for loss in args.losses for point in grid_points(loss, axes) for seed in args.seeds]
+
+
+def train_runs(plan: list[tuple[dict, object]], runs_dir: Path) -> list[tuple[dict, Path]]:
+    """Trains every planned run under runs_dir/<loss>[<params>]/s<seed>, reusing a finished run of the same
+    config (experiment.reuse_or_claim); [(labels, run_dir)]."""
+    from .experiment import reuse_or_claim, run_experiment
+
     done = []
-    for loss in args.losses:
-        for point in grid_points(loss, axes):
-            for seed in args.seeds:
-                params = point_tag(point)
-                run_dir = runs_dir / (f"{loss}[{params}]" if params else loss) / f"s{seed}"
-                reused = (run_dir / "summary.json").exists()
-                if not reused:
-                    overrides = [f"noise_type={kind}", f"noise_rate={rate or 0}", f"seed={seed}", "checkpoint=false",
-                                 f"tuning={str(args.tuning).lower()}", *args.set,
-                                 *[f"{k}={json.dumps(v)}" for k, v in point.items()]]
-                    run_experiment(config_for(args.dataset, loss, overrides), run_dir, quiet=True, progress=False)
-                done.append(({"loss": loss, "params": params, "seed": seed}, run_dir))
-                print(f"{'reused' if reused else 'trained'} {run_dir}", flush=True)
+    for labels, cfg in plan:
+        folder = f"{labels['loss']}[{labels['params']}]" if labels["params"] else labels["loss"]
+        run_dir, reused, notes = reuse_or_claim(runs_dir / folder, f"s{labels['seed']}", cfg)
+        for note in notes:
+            print(note, flush=True)
+        if not reused:
+            run_experiment(cfg, run_dir, quiet=True, progress=False)
+        done.append((labels, run_dir))
+        print(f"{'reused (finished, same config)' if reused else 'trained'} {run_dir}", flush=True)
     return done
 
 
 def finished_runs(paths: list[str]) -> list[tuple[dict, Path]]:
     """[(labels, run_dir)] for `train run` folders; runs of the same loss and loss parameters (seeds)
-    are aggregated together."""
-    from .sweep import point_tag
-
+    are aggregated together. A folder without config.json and scores.npz is a UserError."""
     runs = []
     for path in map(Path, paths):
+        missing = [name for name in ("config.json", "scores.npz") if not (path / name).is_file()]
+        if missing:
+            raise UserError(f"--runs {path}: not a finished run folder (no {', '.join(missing)})")
         cfg = json.loads((path / "config.json").read_text())
         runs.append(({"loss": cfg["loss"], "params": point_tag(cfg["loss_params"]), "seed": cfg["seed"]}, path))
     return runs
@@ -269,9 +288,18 @@ def command_line(args) -> str:
 
 
 def main(args) -> int:
-    runs_dir = Path(args.runs_dir or f"runs/clean-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from .experiment import check_plan
+
+    if args.runs:
+        runs = finished_runs(args.runs)
+        # only the report goes there
+        runs_dir = None if args.out else job_dir(args.runs_dir, f"clean-{args.dataset}")
+    else:
+        plan = plan_runs(args)
+        check_plan([cfg for _, cfg in plan])  # device, backend, dataset files: before the first folder
+        runs_dir = job_dir(args.runs_dir, f"clean-{args.dataset}")
+        runs = train_runs(plan, runs_dir)
     out = Path(args.out) if args.out else runs_dir / "cleaning"
-    runs = finished_runs(args.runs) if args.runs else train_runs(args, runs_dir)
     rows = result_rows(runs, args.ks)
     if not rows:
         print(f"no flipped labels in {[str(r) for _, r in runs]}: ranked CSVs written, nothing to score")

@@ -4,6 +4,11 @@ load_config("cifar10_drainage", ["noise_rate=0.45", "loss_params.alpha=0.5"]) re
 train/configs/cifar10_drainage.json (or any path), applies the overrides and validates the result.
 The Drainage authors' nested JSON ({"model": .., "loss": .., "dataset": .., "optim": ..}) loads too.
 write_run_info(run_dir, cfg) writes the resolved config.json and env.json next to the results.
+
+Every value, from a preset or an override, is read by the type its Config field declares: int fields
+take integers only (epochs=2.5 is refused), bool fields true/false/yes/no/on/off/1/0 in any case,
+optional fields null (or none), loss_params a JSON object, loss_params.<name> a JSON number or a word.
+A bad key or value is a UserError naming it and what would be accepted.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .run_dirs import UserError, atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SCHEDULERS = ("cosine", "step", "none")
@@ -72,34 +81,60 @@ class Config:
     train_stats: bool = True         # per-sample p_d / confidence on the training set at each evaluation
     # outputs
     out_dir: str = "runs"
-    name: str | None = None          # run folder name; default <time>-<dataset>-<loss>-<noise>-s<seed>
+    name: str | None = None          # run folder name; default <time>-<dataset>-<loss>-<noise>-s<seed>-<hash>
     tb: bool = False                 # TensorBoard event files in the run folder
     checkpoint: bool = True          # atomic checkpoint after every epoch (needed by --resume)
 
     def validate(self) -> Config:
-        """Checks names and ranges; returns self. Raises ValueError naming the bad field."""
-        from .data import DATASETS, LARGE_SCALE
+        """Checks names and ranges; returns self. Raises UserError naming the bad field and value."""
+        from drainage_fast import backends
+
+        from .data import DATASETS, HUMAN_NOISE_ALIASES, LARGE_SCALE
         from .losses import build_loss, canonical_loss_name
         from .models import canonical_model_name
-        from .noise import NOISE_TYPES
+        from .noise import NOISE_TYPES, has_asymmetric_map
+        from .resnet import RESNET50_WEIGHTS
 
         self.loss = canonical_loss_name(self.loss)
         self.model = canonical_model_name(self.model)
-        build_loss(self.loss, 2, **self.loss_params)  # rejects unknown loss parameters
+        build_loss(self.loss, 2, **self.loss_params)  # rejects unknown loss parameters and non-numbers
         checks = [
-            (self.dataset in DATASETS + LARGE_SCALE,
-             f"dataset {self.dataset!r} not in {DATASETS + LARGE_SCALE}"),
-            (self.noise_type in NOISE_TYPES, f"noise_type {self.noise_type!r} not in {NOISE_TYPES}"),
-            (0.0 <= self.noise_rate <= 1.0, f"noise_rate {self.noise_rate} not in [0, 1]"),
-            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} not in {OPTIMIZERS}"),
-            (self.scheduler in SCHEDULERS, f"scheduler {self.scheduler!r} not in {SCHEDULERS}"),
-            (self.epochs >= 1 and self.batch_size >= 2, "epochs must be >= 1 and batch_size >= 2"),
-            (self.eval_freq >= 1, f"eval_freq {self.eval_freq} must be >= 1"),
-            (self.l1_delta >= 0 and self.grad_clip >= 0, "l1_delta and grad_clip must be >= 0"),
+            ("dataset", self.dataset in DATASETS + LARGE_SCALE, f"one of {DATASETS + LARGE_SCALE}"),
+            ("noise_type", self.noise_type in NOISE_TYPES, f"one of {NOISE_TYPES}"),
+            ("noise_rate", 0.0 <= self.noise_rate <= 1.0, "a number in [0, 1]"),
+            ("noise_type", self.noise_type != "asym" or self.dataset in LARGE_SCALE + tuple(HUMAN_NOISE_ALIASES)
+             or has_asymmetric_map(self.dataset),
+             f"another noise type for {self.dataset}: it has no asymmetric flip map (see train/noise.py)"),
+            ("pretrained", self.pretrained in (None, *RESNET50_WEIGHTS),
+             f"null or one of {sorted(RESNET50_WEIGHTS)}"),
+            ("pretrained", not self.pretrained or self.model == "resnet50",
+             f"null for model {self.model!r} (pretrained weights exist for resnet50 only)"),
+            ("loss_params.backend", self.loss_params.get("backend", "auto") in ("auto", *backends.NAMES),
+             f"one of {('auto', *backends.NAMES)}"),
+            ("l1_delta", self.l1_delta >= 0, "a number >= 0"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+            ("lr", self.lr > 0, "a number > 0"),
+            ("momentum", 0 <= self.momentum < 1, "a number in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("scheduler", self.scheduler in SCHEDULERS, f"one of {SCHEDULERS}"),
+            ("step_size", self.step_size >= 1, "an integer >= 1"),
+            ("gamma", self.gamma > 0, "a number > 0"),
+            ("eta_min", self.eta_min >= 0, "a number >= 0"),
+            ("epochs", self.epochs >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size >= 2, "an integer >= 2 (BatchNorm trains on 2 or more)"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1"),
+            ("grad_clip", self.grad_clip >= 0, "a number >= 0 (0: no clipping)"),
+            ("eval_freq", self.eval_freq >= 1, "an integer >= 1"),
+            ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             "auto, cpu, cuda or cuda:N"),
+            ("cpu_threads", self.cpu_threads >= 0, "an integer >= 0 (0: torch's default)"),
+            ("name", self.name is None or re.fullmatch(r"[^/\\]+", self.name) is not None
+             and self.name not in (".", ".."), "a folder name without / (or null: a default name)"),
         ]
-        for ok, message in checks:
+        for key, ok, accepted in checks:
             if not ok:
-                raise ValueError(f"config: {message}")
+                value = self.loss_params.get("backend") if key == "loss_params.backend" else getattr(self, key)
+                raise UserError(f"{key}={shown(value)}: must be {accepted}")
         return self
 
 
@@ -129,29 +164,102 @@ def from_authors_json(raw: dict) -> dict:
     return flat
 
 
-def parse_override(item: str) -> tuple[str, object]:
-    """"key=value" -> (key, value); value parsed as JSON when it is JSON (numbers, true, null, [...])."""
-    key, sep, text = item.partition("=")
-    if not sep:
-        raise ValueError(f"override {item!r} is not key=value")
+FIELD_TYPES = typing.get_type_hints(Config)
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+            "0": False}
+
+
+def parse_value(key: str, value):
+    """value (the text of a `key=value` override, or a value read from JSON) as the type Config declares
+    for key; a loss_params.<name> value as a JSON number, true / false / null, or else the word itself.
+    Raises UserError naming key, value and what the field takes."""
+    if key.startswith("loss_params."):
+        return json_or_word(value) if isinstance(value, str) else value
+    declared = FIELD_TYPES[key]
+    optional = type(None) in typing.get_args(declared)
+    kind = next(t for t in typing.get_args(declared) if t is not type(None)) if optional else declared
+    if optional and (value is None or isinstance(value, str) and value.lower() in ("null", "none")):
+        return None
+    text = value.strip() if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in BOOLEANS:
+            return BOOLEANS[text.lower()]
+        accepted = "true or false (also yes / no, on / off, 1 / 0, in any case)"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if text is not None and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        accepted = "an integer"
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            accepted = "a number"
+    elif kind is dict:
+        parsed = json_or_word(text) if text is not None else value
+        if isinstance(parsed, dict):
+            return parsed
+        accepted = (f"a JSON object, e.g. {key}='{{\"alpha\": 0.5}}' (or set one entry: "
+                    f"{key}.alpha=0.5)")
+    else:  # str; a JSON string literal ("adam", as json.dumps writes it) is unquoted
+        if text is not None:
+            parsed = json_or_word(value)
+            return parsed if isinstance(parsed, str) else value
+        accepted = "a word" + (" or null" if optional else "")
+    raise UserError(f"{key}={shown(value)}: {key} takes {accepted}")
+
+
+def shown(value) -> str:
+    """A value as the user would write it after key= (text as it is, anything else as JSON)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def json_or_word(text: str):
+    """text as JSON where it reads as JSON (0.5, true, null, {...}), else the text itself."""
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
-        value = text
-    return key.strip(), value
+        return text
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """"key=value" -> (key, value read by the key's declared type, see parse_value)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {item}: an override is key=value, e.g. epochs=30 or loss_params.alpha=0.5")
+    _check_key(key)
+    return key, parse_value(key, text)
+
+
+def _check_key(key: str) -> None:
+    if key not in FIELDS and not (key.startswith("loss_params.") and len(key) > len("loss_params.")):
+        raise UserError(f"unknown config key {key!r}; valid keys: {sorted(FIELDS)} and loss_params.<name>")
 
 
 def apply_overrides(values: dict, overrides) -> dict:
-    """Applies {"key": value} or ["key=value", ...]; "loss_params.alpha=0.5" sets one loss parameter."""
-    pairs = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
-    values = {**values, "loss_params": dict(values.get("loss_params", {}))}
+    """Applies {"key": value} or ["key=value", ...]; "loss_params.alpha=0.5" sets one loss parameter.
+    Every value is read by its declared type (parse_value)."""
+    if isinstance(overrides, dict):
+        for key in overrides:
+            _check_key(key)
+        pairs = [(key, parse_value(key, value)) for key, value in overrides.items()]
+    else:
+        pairs = [parse_override(item) for item in overrides or []]
+    values = {key: parse_value(key, value) for key, value in values.items()}
+    values["loss_params"] = dict(values.get("loss_params", {}))
     for key, value in pairs:
         if key.startswith("loss_params."):
             values["loss_params"][key.split(".", 1)[1]] = value
-        elif key in FIELDS:
-            values[key] = value
         else:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {sorted(FIELDS)}")
+            values[key] = value
     return values
 
 
@@ -162,20 +270,29 @@ def resolve_config_path(name_or_path: str) -> Path:
     stem = path.stem.replace("alpha_dl", "drainage")
     candidate = CONFIG_DIR / f"{stem}.json"
     if not candidate.exists():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise FileNotFoundError(f"no config {name_or_path!r}: not a .json file, and not one of {known}")
+        raise UserError(f"--config {name_or_path}: not a .json file, and not one of {preset_names()}")
     return candidate
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def load_config(name_or_path: str | None = None, overrides=None) -> Config:
     """A validated Config from a preset name / JSON path (None: the defaults) plus overrides."""
     values: dict = {}
     if name_or_path:
-        raw = json.loads(resolve_config_path(name_or_path).read_text())
+        path = resolve_config_path(name_or_path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"--config {path}: not a readable JSON config ({exc})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"--config {path}: a config is a JSON object, this file holds a {type(raw).__name__}")
         values = from_authors_json(raw) if "optim" in raw else raw
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
-            raise ValueError(f"{name_or_path}: unknown config keys {unknown}")
+            raise UserError(f"--config {path}: unknown config keys {unknown}")
     return Config(**apply_overrides(values, overrides)).validate()
 
 
@@ -204,10 +321,20 @@ def environment(device: torch.device | str | None = None) -> dict:
     }
 
 
+def resolved(cfg: Config) -> dict:
+    """The config as config.json holds it (JSON types): what two runs must share to be the same run."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def write_config(run_dir: str | Path, cfg: Config) -> None:
+    """run_dir/config.json, the resolved config (`train run --config <run_dir>/config.json` repeats the
+    run), written atomically: a resume that changes epochs rewrites it."""
+    atomic_write_text(Path(run_dir) / "config.json", json.dumps(asdict(cfg), indent=1) + "\n")
+
+
 def write_run_info(run_dir: str | Path, cfg: Config, device=None) -> None:
-    """config.json (the resolved config; `train run --config <run_dir>/config.json` repeats the run) and
-    env.json, in run_dir."""
+    """config.json (write_config) and env.json (versions, git commit, device), in run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    write_config(run_dir, cfg)
     (run_dir / "env.json").write_text(json.dumps(environment(device), indent=1) + "\n")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .openset_run import METHODS, run_plan, score_rows
+from .openset_run import METHODS, plan_open_set, run_plan, score_rows
 from .openset_splits import SPLIT_DIR, load_split
+from .plan import job_dir, tuning_grid_set_flags
 
 SPLIT_FILE = SPLIT_DIR / "digits_789.json"
 COLUMNS = [  # (key in the run row, header)
@@ -43,14 +43,16 @@ COLUMNS = [  # (key in the run row, header)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", nargs="+", default=["drainage", "ce"], choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=["drainage", "ce"], choices=list(METHODS),
+                   help="methods to train (default: drainage ce)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1], help="seeds: relabelling draw and training")
     p.add_argument("--tuning", action="store_true",
                    help="train on 80%% of the training images, evaluate on the clean other 20%%")
     p.add_argument("--grid", nargs="*", default=[], metavar="[METHOD:]KEY=V1,V2",
                    help="hyper-parameter axes, e.g. lr=0.01,0.1 drainage:loss_params.alpha=0.1,1")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
-    p.add_argument("--runs_dir", default=None, help="run folders (default: runs/demo789-<time>)")
+    p.add_argument("--runs_dir", default=None,
+                   help="run folders, a new one per run (default: a new runs/demo789-<time>)")
     p.add_argument("--out", default=None, help="output path prefix (default: <runs_dir>/demo789)")
 
 
@@ -157,17 +159,16 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
 
 
 def main(args) -> int:
-    runs_dir = Path(args.runs_dir or f"runs/demo789-{time.strftime('%Y%m%d-%H%M%S')}")
-    out = Path(args.out) if args.out else runs_dir / "demo789"
     overrides = [*(["tuning=true"] if args.tuning else []), *args.set]
-    runs = run_plan("digits", args.methods, [load_split(SPLIT_FILE)], args.seeds, runs_dir=runs_dir,
-                    grid=args.grid, overrides=overrides, unknown_train="relabel", preset_prefix="demo789")
+    plan = plan_open_set("digits", args.methods, [load_split(SPLIT_FILE)], args.seeds, grid=args.grid,
+                         overrides=overrides, preset_prefix="demo789")
+    runs_dir = job_dir(args.runs_dir, "demo789")
+    out = Path(args.out) if args.out else runs_dir / "demo789"
+    runs = run_plan(plan, runs_dir, unknown_train="relabel")
     title = (f"digits: training 7/8/9 relabelled at random to 0-6 "
              f"({'validation split, tuning' if args.tuning else 'test set'})")
     command = " ".join(["python -m train demo789", "--methods " + " ".join(args.methods),
-                        "--seeds " + " ".join(map(str, args.seeds)), *(["--tuning"] if args.tuning else []),
-                        *(["--grid " + " ".join(args.grid)] if args.grid else []),
-                        *(["--set " + " ".join(args.set)] if args.set else [])])
+                        "--seeds " + " ".join(map(str, args.seeds)), *tuning_grid_set_flags(args)])
     print(write_report(runs, out, title, command))
     print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; runs (with scores.csv) in {runs_dir}")
     return 0

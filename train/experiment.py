@@ -4,29 +4,40 @@ run folder. The entry point that `train run`, `train sweep` and the default job 
 Run folder (runs/<name>/):
     config.json  env.json        the resolved config; versions, git commit, device
     noise.json   labels.npz       the noise record (realised rate, transition counts); the labels trained on
-    train.log    metrics.jsonl   readable log; one JSON row per evaluated epoch
-    last.pt                      the atomic per-epoch checkpoint (--resume)
+    train.log                    readable log (with the traceback of an error that ended the run)
+    metrics.jsonl metrics.csv    one row per evaluated epoch
+    last.pt      best.pt         the atomic per-epoch checkpoint (--resume); the best evaluated epoch's weights
     scores.npz                   final per-sample training-set scores (p_d, p_given, pred, labels)
-    summary.json                 best / last accuracy and the final training-set statistics
+    summary.json                 best / last accuracy and the final training-set statistics (a finished run)
+
+A run folder belongs to one run (train/run_dirs.py): a new run claims a fresh folder, and only after
+everything a user can get wrong (config, device, loss backend, TensorBoard, dataset files) was checked,
+so a mistake leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from .config import Config, load_config, write_run_info
-from .data import NoisyDataset, build_data
-from .logs import close_logger, run_logger
+from .checkpoint import read_checkpoint
+from .config import Config, load_config, parse_override, resolved, write_config, write_run_info
+from .data import NoisyDataset, build_data, load_labelled, noise_type_of, prepare_batch
+from .logs import close_logger, run_logger, tensorboard_writer_class
 from .losses import build_loss, num_outputs
 from .models import build_model
-from .trainer import CHECKPOINT, Trainer, resolve_device, seed_everything
+from .run_dirs import UserError, atomic_write_text, claim_run_dir, config_hash, discard_if_unused, timestamp
+from .trainer import CHECKPOINT, CHECKPOINT_KEYS, Trainer, resolve_device, seed_everything
+
+# what a resume may change: nothing an epoch already trained depends on (a cosine schedule is
+# re-planned for the new length, see Trainer.load_state)
+RESUMABLE_KEYS = ("epochs", "eval_freq")
 
 
 @dataclass
@@ -37,8 +48,125 @@ class RunResult:
 
 
 def default_run_name(cfg: Config) -> str:
-    noise = "human" if cfg.dataset.endswith("n") else f"{cfg.noise_type}{cfg.noise_rate:g}"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}-{cfg.loss}-{noise}-s{cfg.seed}"
+    """<time>-<dataset>-<loss>-<noise>-s<seed>-<hash of the resolved config>: two runs that differ in any
+    setting differ in name; two equal ones started in the same second get -2, -3, ... (claim_run_dir)."""
+    noise = "human" if noise_type_of(cfg) == "human" else f"{cfg.noise_type}{cfg.noise_rate:g}"
+    return f"{timestamp()}-{cfg.dataset}-{cfg.loss}-{noise}-s{cfg.seed}-{config_hash(resolved(cfg))}"
+
+
+def claim_new_run_dir(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """The folder of a new run, claimed atomically: run_dir (refused when it exists and is not empty, unless
+    overwrite); without run_dir, cfg.out_dir / cfg.name, else a unique default name under cfg.out_dir. An
+    empty existing run_dir is one the caller claimed (claim_run_dir) and is used as it is."""
+    if run_dir is None:
+        if cfg.name:
+            return claim_run_dir(cfg.out_dir, cfg.name, overwrite=overwrite)
+        return claim_run_dir(cfg.out_dir, default_run_name(cfg), unique=True)
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and not overwrite and not any(run_dir.iterdir()):
+        return run_dir
+    return claim_run_dir(run_dir.parent, run_dir.name, overwrite=overwrite)
+
+
+def check_runtime(cfg: Config) -> torch.device:
+    """What Config.validate cannot check without the machine: the device exists, the Drainage backend runs
+    on it, TensorBoard is installed when tb=true. Returns the device; raises UserError."""
+    device = resolve_device(cfg.device)
+    backend = cfg.loss_params.get("backend", "auto")
+    if cfg.loss == "drainage" and backend != "auto":
+        from drainage_fast import backends
+
+        ok, reason = backends.availability(backend, device)
+        if not ok:
+            raise UserError(f"loss_params.backend={backend}: cannot run on {device} ({reason}); "
+                            "use loss_params.backend=auto")
+    if cfg.tb:
+        tensorboard_writer_class()
+    return device
+
+
+def check_model_fits(model: nn.Module, data, cfg: Config) -> None:
+    """One forward pass of two training images through model in eval mode (no RNG drawn, no BatchNorm
+    statistics changed). A model that cannot take the dataset's images (cnn8 on 1 x 8 x 8 digits), or
+    emits another number of outputs than cfg's loss needs, is a UserError before any folder exists.
+    data: a RawDataset or NoisyDataset."""
+    x = prepare_batch(data.train_x[:2], pixel_scale=data.pixel_scale, mean=data.mean, std=data.std)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            shape = tuple(model(x).shape)
+    except RuntimeError as exc:  # torch's shape errors
+        raise UserError(f"model={cfg.model}: cannot take the {cfg.dataset} images, of shape {tuple(x.shape[1:])} "
+                        f"({str(exc).splitlines()[0]})") from None
+    finally:
+        model.train(was_training)
+    expected = (len(x), num_outputs(cfg.loss, data.num_classes))
+    if shape != expected:
+        raise UserError(f"model={cfg.model}: emits {shape[1:]} outputs per image, loss={cfg.loss} on "
+                        f"{cfg.dataset} needs {expected[1]}")
+
+
+def check_plan(cfgs: list[Config]) -> None:
+    """What a multi-run command checks before it makes its first folder: check_runtime for every config,
+    the dataset files of each distinct dataset (loaded once) and that each model fits its dataset."""
+    datasets, fitted = {}, set()
+    for cfg in cfgs:
+        check_runtime(cfg)
+        key = (cfg.dataset, cfg.data_root, cfg.download, cfg.human_label, noise_type_of(cfg))
+        if key not in datasets:
+            datasets[key] = load_labelled(cfg)[0]
+        if (key, cfg.model, cfg.loss) not in fitted:  # no pretrained weights: the same shapes, no download
+            raw = datasets[key]
+            check_model_fits(build_model(cfg.model, num_outputs(cfg.loss, raw.num_classes)), raw, cfg)
+            fitted.add((key, cfg.model, cfg.loss))
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op threads set to n (0: left as they are) for the block, then restored."""
+    before = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def run_log(run_dir: Path, quiet: bool):
+    """The run's logger (train.log, and the console unless quiet). An error that ends the run is written to
+    train.log with its traceback before it propagates; a folder it leaves holding nothing but train.log
+    (the run never started) is removed."""
+    logger = run_logger(run_dir, quiet)
+    try:
+        yield logger
+    except KeyboardInterrupt:
+        raise  # the trainer logs where to resume from
+    except BaseException:
+        logger.exception("the run stopped with an error")
+        close_logger(logger)
+        discard_if_unused(run_dir, keep=("train.log",))
+        raise
+    finally:
+        close_logger(logger)
+
+
+def seed_run(cfg: Config) -> None:
+    """Every RNG seeded from cfg.seed, and cuDNN's deterministic kernels when cfg asks for them."""
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+@contextmanager
+def run_session(cfg: Config, run_dir: Path, quiet: bool):
+    """The frame of a run in a folder its caller claimed and whose data it built: cfg's CPU threads, the
+    seeds (seed_run) and the run's logger (run_log); yields the logger."""
+    with cpu_threads(cfg.cpu_threads), run_log(run_dir, quiet) as logger:
+        seed_run(cfg)
+        yield logger
 
 
 def save_noise(run_dir: Path, data: NoisyDataset) -> None:
@@ -63,63 +191,124 @@ def summarise(trainer: Trainer, scores: dict) -> dict:
     return summary
 
 
-@contextmanager
-def run_session(cfg: Config, run_dir: Path, quiet: bool):
-    """The frame of every run: the run folder and its logger, cfg's CPU threads, device, seeds and
-    cuDNN determinism; yields (logger, device) and restores the thread count afterwards."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = run_logger(run_dir, quiet)
-    threads = torch.get_num_threads()
-    try:
-        if cfg.cpu_threads:
-            torch.set_num_threads(cfg.cpu_threads)
-        device = resolve_device(cfg.device)
-        seed_everything(cfg.seed)
-        if cfg.deterministic:
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        yield logger, device
-    finally:
-        torch.set_num_threads(threads)
-        close_logger(logger)
-
-
 def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
-                   quiet: bool = False, stop_after: int | None = None, progress: bool = True) -> RunResult:
-    """Trains cfg (or continues run_dir when resume=True) and returns the summary and history.
+                   overwrite: bool = False, quiet: bool = False, stop_after: int | None = None,
+                   progress: bool = True) -> RunResult:
+    """Trains cfg in a new run folder (claim_new_run_dir(cfg, run_dir, overwrite=...)), or with resume=True
+    continues the run in run_dir from its last.pt; returns the summary and history.
 
-    stop_after: stop after this epoch (a chunked job; continue later with resume=True).
+    Everything a user can get wrong is checked before the folder is claimed (or, on resume, before a
+    file in it changes); those mistakes are UserErrors. stop_after: stop after this epoch (a chunked job;
+    continue later with resume=True).
     """
-    run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / (cfg.name or default_run_name(cfg))
-    if resume and not (run_dir / CHECKPOINT).exists():
-        raise FileNotFoundError(f"nothing to resume: {run_dir / CHECKPOINT} does not exist")
-    with run_session(cfg, run_dir, quiet) as (logger, device):
+    if stop_after is not None and stop_after < 1:
+        raise UserError(f"--run_epochs {stop_after}: must be an epoch >= 1")
+    with cpu_threads(cfg.cpu_threads):
+        device = check_runtime(cfg)
+        state = resume_state(Path(run_dir), cfg, device) if resume else None
+        seed_run(cfg)  # then data, then the model: the order every run since the first has used
         data = build_data(cfg)
-        if not resume:
-            write_run_info(run_dir, cfg, device)
-            save_noise(run_dir, data)
         model = build_model(cfg.model, num_outputs(cfg.loss, data.num_classes), cfg.pretrained)
+        check_model_fits(model, data, cfg)
         loss_fn = build_loss(cfg.loss, data.num_classes, **cfg.loss_params)
-        if cfg.loss == "drainage":  # resolving "auto" may build the C++ kernels once (cached per machine)
-            from drainage_fast import backends
+        run_dir = Path(run_dir) if resume else claim_new_run_dir(cfg, run_dir, overwrite=overwrite)
+        with run_log(run_dir, quiet) as logger:
+            if resume:
+                write_config(run_dir, cfg)  # a resume may have changed epochs / eval_freq
+            else:
+                write_run_info(run_dir, cfg, device)
+                save_noise(run_dir, data)
+            if cfg.loss == "drainage":  # resolving "auto" may build the C++ kernels once (cached per machine)
+                from drainage_fast import backends
 
-            logger.info(f"drainage_fast backend: {backends.resolve(loss_fn.backend, device).NAME}")
-        logger.info(f"{run_dir}: {cfg.loss} on {cfg.dataset} ({len(data.train_y)} train / "
-                    f"{len(data.eval_y)} {data.eval_split}), noise {data.noise.noise_type} requested "
-                    f"{cfg.noise_rate:g} realised {data.flipped.float().mean():.3f}, {cfg.model} on {device}")
-        trainer = Trainer(cfg, data, model, loss_fn, run_dir, device, logger,
-                          show_progress=progress and not quiet)
-        history = trainer.fit(resume=resume, stop_after=stop_after)
-        scores = trainer.training_set_scores()
-        np.savez(run_dir / "scores.npz", index=data.train_index.numpy(), noisy=data.train_y.numpy(),
-                 clean=data.train_y_clean.numpy(), **{k: v.numpy() for k, v in scores.items()})
-        summary = summarise(trainer, scores)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        logger.info(f"done: best {data.eval_split} acc {summary['best_eval_acc']:.2%} (epoch "
-                    f"{summary['best_epoch']}), last {summary['last_eval_acc']:.2%}; outputs in {run_dir}")
-        return RunResult(run_dir, summary, history)
+                logger.info(f"drainage_fast backend: {backends.resolve(loss_fn.backend, device).NAME}")
+            logger.info(f"{run_dir}: {cfg.loss} on {cfg.dataset} ({len(data.train_y)} train / "
+                        f"{len(data.eval_y)} {data.eval_split}), noise {data.noise.noise_type} requested "
+                        f"{cfg.noise_rate:g} realised {data.flipped.float().mean():.3f}, {cfg.model} on {device}")
+            trainer = Trainer(cfg, data, model, loss_fn, run_dir, device, logger,
+                              show_progress=progress and not quiet)
+            history = trainer.fit(state, stop_after=stop_after)
+            scores = trainer.training_set_scores()
+            np.savez(run_dir / "scores.npz", index=data.train_index.numpy(), noisy=data.train_y.numpy(),
+                     clean=data.train_y_clean.numpy(), **{k: v.numpy() for k, v in scores.items()})
+            summary = summarise(trainer, scores)
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")  # read by reruns
+            logger.info(f"done: best {data.eval_split} acc {summary['best_eval_acc']:.2%} (epoch "
+                        f"{summary['best_epoch']}), last {summary['last_eval_acc']:.2%}; outputs in {run_dir}")
+            return RunResult(run_dir, summary, history)
 
 
-def resume_experiment(run_dir: str | Path, **kwargs) -> RunResult:
-    """Continues an interrupted run from run_dir/last.pt with the config stored beside it."""
-    cfg = load_config(str(Path(run_dir) / "config.json"))
+def resume_state(run_dir: Path, cfg: Config, device: torch.device) -> dict:
+    """run_dir's last.pt, checked: readable, a checkpoint of this trainer, at most cfg.epochs trained."""
+    try:
+        state = read_checkpoint(run_dir / CHECKPOINT, CHECKPOINT_KEYS, map_location=device)
+    except UserError as exc:
+        raise UserError(f"--resume {run_dir}: {exc}") from None
+    if state["epoch"] > cfg.epochs:
+        raise UserError(f"epochs={cfg.epochs}: the run in {run_dir} has trained {state['epoch']} epochs "
+                        f"already; epochs must be >= {state['epoch']}")
+    return state
+
+
+def resume_experiment(run_dir: str | Path, overrides=(), **kwargs) -> RunResult:
+    """Continues the interrupted (or finished, to extend it) run in run_dir from its last.pt, with the
+    config stored beside it. overrides: key=value strings for RESUMABLE_KEYS only; anything else would
+    make the continued run a different run, and is refused."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"--resume {run_dir}: not a run folder (no config.json in it)")
+    for item in overrides:
+        key, _ = parse_override(item)
+        if key not in RESUMABLE_KEYS:
+            raise UserError(f"--set {item}: {key} cannot change when a run resumes (only "
+                            f"{', '.join(RESUMABLE_KEYS)} can); start a new run with --config "
+                            f"{run_dir / 'config.json'} --set {item}")
+    cfg = load_config(str(run_dir / "config.json"), list(overrides))
     return run_experiment(cfg, run_dir, resume=True, **kwargs)
+
+
+def reuse_or_claim(parent: Path, stem: str, cfg: Config) -> tuple[Path, bool, list[str]]:
+    """(run_dir, reused, notes) for a planned run of a multi-run command (sweep, clean).
+
+    Looks at parent/stem, stem-2, ... in order: the first that holds a finished run of exactly cfg
+    (config.json equal to the resolved cfg, summary.json after cfg.epochs epochs) is reused. Otherwise a
+    fresh folder is claimed beside them (claim_run_dir(unique=True)), so a stale, unfinished or running run
+    is never reused, overwritten or mixed. notes: why each existing folder was not reused.
+    """
+    wanted, notes = resolved(cfg), []
+    existing = [p for p in [parent / stem, *parent.glob(f"{stem}-*")] if p.is_dir() and _suffix(p, stem)]
+    for path in sorted(existing, key=lambda p: _suffix(p, stem)):
+        reason = why_not_reusable(path, wanted)
+        if reason is None:
+            return path, True, notes
+        notes.append(f"{path}: not reused, {reason}")
+    return claim_run_dir(parent, stem, unique=True), False, notes
+
+
+def _suffix(path: Path, stem: str) -> int | None:
+    """1 for stem itself, n for stem-n, None for a folder that only starts like stem."""
+    if path.name == stem:
+        return 1
+    tail = path.name[len(stem) + 1:]
+    return int(tail) if tail.isdigit() else None
+
+
+def why_not_reusable(run_dir: Path, wanted: dict) -> str | None:
+    """None when run_dir holds a finished run of the resolved config `wanted`, else the reason it does not."""
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except FileNotFoundError as exc:
+        return f"no {Path(exc.filename).name} (unfinished, or running now)"
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable ({exc})"
+    if stored != wanted:
+        changed = [k for k in wanted if stored.get(k) != wanted[k]] + sorted(set(stored) - set(wanted))
+        return "its config differs: " + ", ".join(f"{k} {stored.get(k)!r} (wanted {wanted.get(k)!r})"
+                                                  for k in changed[:4])
+    if summary.get("epochs") != wanted["epochs"]:
+        return f"it stopped after epoch {summary.get('epochs')} of {wanted['epochs']}"
+    return None
+

@@ -39,6 +39,8 @@ from torch import nn
 
 from drainage_fast import fused_drainage_loss
 
+from .run_dirs import UserError
+
 RCE_LOG_FLOOR = -math.log(1e-4)  # -log of the clamped zero entries of the one-hot target
 PROB_FLOOR = 1e-7                 # the clamp every implementation applies before log / pow
 
@@ -284,20 +286,26 @@ ALIASES = {"alpha_dl": "drainage"}  # the Drainage authors' name for it
 def canonical_loss_name(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {sorted(LOSSES)}")
+        raise UserError(f"loss={name}: unknown loss; choose from {sorted(LOSSES)}")
     return name
 
 
 def build_loss(name: str, num_classes: int, **params) -> nn.Module:
     """The loss `name` for `num_classes` classes, called as loss(logits (N, K), target (N,)) -> scalar.
 
-    Raises ValueError for an unknown name or a parameter the loss does not take.
+    Raises UserError (a ValueError) for an unknown name, a parameter the loss does not take, or a
+    parameter value that is not a number (backend: a word; beta: also null).
     """
     name = canonical_loss_name(name)
     builder, accepted = LOSSES[name]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise ValueError(f"loss {name!r} takes parameters {list(accepted)}, got unknown {unknown}")
+        raise UserError(f"loss {name!r} takes parameters {list(accepted)}, got unknown {unknown}")
+    for key, value in params.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, str) if key == "backend" else number or (key == "beta" and value is None)):
+            raise UserError(f"loss_params.{key}={value!r}: {name} takes a "
+                            f"{'backend name' if key == 'backend' else 'number'} for {key}")
     return builder(num_classes, **params)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from .resnet import resnet34_cifar, resnet50
+from .run_dirs import UserError
 
 ALIASES = {"toymodel4l": "cnn4", "toymodel8l": "cnn8"}  # the authors' names
 
@@ -79,16 +80,16 @@ MODELS = {
 def canonical_model_name(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+        raise UserError(f"model={name}: unknown model; choose from {sorted(MODELS)}")
     return name
 
 
 def build_model(name: str, num_outputs: int, pretrained: str | None = None) -> nn.Module:
     """The model `name` with num_outputs logits. pretrained ("IMAGENET1K_V1" / "IMAGENET1K_V2") is only
-    for resnet50; asking it of another model raises ValueError."""
+    for resnet50; asking it of another model, or an unknown name, raises UserError."""
     name = canonical_model_name(name)
     if pretrained:
         if name != "resnet50":
-            raise ValueError(f"pretrained weights exist for resnet50 only, not {name!r}")
+            raise UserError(f"pretrained={pretrained}: pretrained weights exist for resnet50 only, not {name!r}")
         return resnet50(num_outputs, pretrained)
     return MODELS[name](num_outputs)

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .run_dirs import UserError
+
 NOISE_TYPES = ("none", "sym", "asym", "instance", "human")
 INSTANCE_NORM_STD = 0.1
 
@@ -77,6 +79,10 @@ def symmetric_transition(num_classes: int, rate: float) -> np.ndarray:
     return T
 
 
+def has_asymmetric_map(dataset: str) -> bool:
+    return dataset == "cifar100" or dataset in ASYM_FLIPS
+
+
 def asymmetric_transition(dataset: str, num_classes: int, rate: float) -> np.ndarray:
     """The dataset's class-flip map as a row-stochastic (C, C) matrix."""
     T = np.eye(num_classes)
@@ -84,9 +90,9 @@ def asymmetric_transition(dataset: str, num_classes: int, rate: float) -> np.nda
         for k in range(num_classes):
             T[k, k], T[k, k - k % 5 + (k + 1) % 5] = 1 - rate, rate
         return T
-    if dataset not in ASYM_FLIPS:
-        raise ValueError(f"no asymmetric flip map for dataset {dataset!r}; "
-                         f"have {sorted(ASYM_FLIPS)} and cifar100")
+    if not has_asymmetric_map(dataset):
+        raise UserError(f"noise_type=asym: no asymmetric flip map for dataset {dataset!r}; "
+                        f"have {sorted(ASYM_FLIPS)} and cifar100")
     for src, dst in ASYM_FLIPS[dataset].items():
         T[src, src], T[src, dst] = 1 - rate, rate
     return T
@@ -153,7 +159,8 @@ def apply_noise(
     """Noisy labels for `labels` (clean, (N,) int64) and the record of what was done.
 
     images / pixel_scale: needed by instance noise; human_labels: needed by human noise.
-    Raises ValueError for an unknown noise type, a rate outside [0, 1] or a missing input.
+    Raises ValueError for an unknown noise type, a rate outside [0, 1] or a missing input (Config.validate
+    catches the first two as UserErrors), UserError for an asymmetric noise without a flip map.
     """
     if noise_type not in NOISE_TYPES:
         raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")

@@ -23,6 +23,7 @@ import torch
 from .data import NoisyDataset, RawDataset, tuning_split
 from .noise import NoiseRecord, apply_noise, transition_counts
 from .openset_splits import OpenSetSplit
+from .run_dirs import UserError
 
 UNKNOWN_TRAIN = ("drop", "relabel")
 NO_KNOWN_LABEL = -1
@@ -80,12 +81,17 @@ def _record(labels: np.ndarray, given: np.ndarray, split: OpenSetSplit, unknown_
                        f"uniformly at random to one of the known classes {list(split.known)}")
 
 
+def check_split_fits(raw: RawDataset, split: OpenSetSplit) -> None:
+    """Raises UserError when split is for a dataset with another number of classes than raw."""
+    if raw.num_classes != split.num_classes:
+        raise UserError(f"split {split.tag} has {split.num_classes} classes, dataset {raw.name} has "
+                        f"{raw.num_classes}")
+
+
 def build_open_set_data(raw: RawDataset, split: OpenSetSplit, *, seed: int, tuning: bool = False,
                         unknown_train: str = "drop") -> OpenSetData:
     """Cuts raw by split (see the module docstring). seed draws the relabelling (unknown_train="relabel")."""
-    if raw.num_classes != split.num_classes:
-        raise ValueError(f"split {split.tag} has {split.num_classes} classes, dataset {raw.name} has "
-                         f"{raw.num_classes}")
+    check_split_fits(raw, split)
     given, clean = open_set_labels(raw.train_y, split, unknown_train, seed)
     if tuning:
         pool, eval_index = tuning_split(len(raw.train_y))

@@ -1,6 +1,7 @@
 """Open-set training runs: the three methods, the paper's constant-drainage model, one run end to end
 (train on the known classes, score known and unknown evaluation images, dump every score), and a plan
-of methods x hyper-parameter points x splits x seeds. Used by `train osr` and `train demo789`.
+of methods x hyper-parameter points x splits x seeds, checked whole before the first folder is made
+(plan_open_set), then run (run_plan). Used by `train osr` and `train demo789`.
 
     ce              cross-entropy, C outputs; scores msp, max_logit, energy
     drainage_const  the paper's open-set variant: the network emits the C class logits, the drainage
@@ -31,13 +32,14 @@ from torch import nn
 from drainage_fast.openset import open_set_metrics, open_set_scores
 
 from .config import CONFIG_DIR, Config, load_config, write_run_info
-from .data import load_raw
-from .experiment import run_session, save_noise
+from .data import RawDataset, load_raw
+from .experiment import check_model_fits, check_runtime, run_session, save_noise
 from .losses import build_loss, num_outputs
 from .models import build_model
-from .openset_data import OpenSetData, build_open_set_data
+from .openset_data import OpenSetData, build_open_set_data, check_split_fits
 from .openset_splits import OpenSetSplit
-from .sweep import grid_points, parse_grid, point_tag
+from .plan import grid_points, parse_grid, point_overrides, point_tag
+from .run_dirs import UserError, claim_run_dir
 from .trainer import Trainer, class_predictions
 
 
@@ -95,7 +97,7 @@ def config_for_method(method: str, dataset: str, overrides=(), preset_prefix: st
     recipe is the dataset or RECIPE_PRESETS's stand-in), with clean labels and the method's loss
     (drainage_const: alpha = beta = 1), then `overrides`."""
     if method not in METHODS:
-        raise ValueError(f"unknown open-set method {method!r}; choose from {sorted(METHODS)}")
+        raise UserError(f"method {method!r}: unknown open-set method; choose from {sorted(METHODS)}")
     m = METHODS[method]
     recipe = RECIPE_PRESETS.get(dataset, dataset)
     names = [f"{preset_prefix}_{dataset}_{method}", f"{recipe}_{m.loss}", recipe]
@@ -107,10 +109,10 @@ def config_for_method(method: str, dataset: str, overrides=(), preset_prefix: st
         forced["loss_params"] = dict(PAPER_OPEN_SET_PARAMS)
     elif preset is None or load_config(preset).loss != m.loss:
         forced["loss_params"] = {}
-    cfg = load_config(preset, [f"{k}={json.dumps(v)}" for k, v in forced.items()] + list(overrides))
+    cfg = load_config(preset, point_overrides(forced) + list(overrides))
     if cfg.loss != m.loss or cfg.noise_type != "none":
-        raise ValueError(f"method {method} trains {m.loss} on clean labels; got loss={cfg.loss}, "
-                         f"noise_type={cfg.noise_type}")
+        raise UserError(f"method {method} trains {m.loss} on clean labels; got loss={cfg.loss}, "
+                        f"noise_type={cfg.noise_type}")
     return cfg
 
 
@@ -155,9 +157,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def run_open_set(cfg: Config, method: str, osd: OpenSetData, run_dir: str | Path, *,
                  drainage_logit: float = 0.0, quiet: bool = True) -> dict:
     """Trains `method` on osd's known classes, scores the evaluation images, writes the run folder
-    (module docstring); returns openset_metrics.json's content."""
+    (module docstring; run_dir: claimed by the caller, e.g. train.run_dirs.claim_run_dir); returns
+    openset_metrics.json's content."""
     m, run_dir = METHODS[method], Path(run_dir)
-    with run_session(cfg, run_dir, quiet) as (logger, device):
+    device = check_runtime(cfg)
+    with run_session(cfg, run_dir, quiet) as logger:
         write_run_info(run_dir, cfg, device)
         save_noise(run_dir, osd.data)
         (run_dir / "openset.json").write_text(json.dumps({
@@ -182,39 +186,70 @@ def run_open_set(cfg: Config, method: str, osd: OpenSetData, run_dir: str | Path
         return metrics
 
 
-def run_plan(dataset: str, methods: list[str], splits: list[OpenSetSplit], seeds: list[int], *,
-             runs_dir: Path, grid=(), overrides=(), unknown_train: str = "drop", drainage_logit: float = 0.0,
-             preset_prefix: str = "osr", quiet: bool = True) -> list[dict]:
-    """Every method x grid point x split x seed, one after the other; one row per run: method, params,
-    split, seed, run_dir and openset_metrics.json's content. A grid axis may be `drainage_logit`
-    (drainage_const only); every other axis is a config key as in `train sweep --grid`."""
+@dataclass(frozen=True)
+class PlannedRun:
+    method: str
+    point: dict                # the grid point (drainage_logit included when it is an axis)
+    split: OpenSetSplit
+    seed: int
+    cfg: Config
+    drainage_logit: float
+
+
+@dataclass
+class OpenSetPlan:
+    runs: list[PlannedRun]
+    raws: dict                 # (dataset, data_root) -> RawDataset, loaded once
+
+
+def plan_open_set(dataset: str, methods: list[str], splits: list[OpenSetSplit], seeds: list[int], *, grid=(),
+                  overrides=(), drainage_logit: float = 0.0, preset_prefix: str = "osr") -> OpenSetPlan:
+    """Every method x grid point x split x seed as a checked config, and the datasets they train on, loaded.
+    A grid axis may be `drainage_logit` (drainage_const only); every other axis is a config key as in
+    `train sweep --grid`. Raises UserError for any mistake, before anything is written."""
     axes = parse_grid(list(grid))
-    plan = [(method, point, split, seed) for method in methods for point in grid_points(method, axes)
-            for split in splits for seed in seeds]
-    raw_cache, rows, start = {}, [], time.perf_counter()
-    for n, (method, point, split, seed) in enumerate(plan, 1):
+    combos = [(m, point, split, seed) for m in methods for point in grid_points(m, axes)
+              for split in splits for seed in seeds]
+    runs, raws, fitted = [], {}, set()
+    for method, point, split, seed in combos:
         if "drainage_logit" in point and METHODS[method].drainage != "constant":
-            raise ValueError("the drainage_logit axis applies to drainage_const only: "
-                             "write --grid drainage_const:drainage_logit=...")
+            raise UserError("--grid drainage_logit=...: the drainage_logit axis applies to drainage_const only: "
+                            "write --grid drainage_const:drainage_logit=...")
         config_point = {k: v for k, v in point.items() if k != "drainage_logit"}
-        settings = ["checkpoint=false", *overrides, f"seed={seed}",
-                    *[f"{k}={json.dumps(v)}" for k, v in config_point.items()]]
+        settings = ["checkpoint=false", *overrides, f"seed={seed}", *point_overrides(config_point)]
         cfg = config_for_method(method, dataset, settings, preset_prefix)
+        check_runtime(cfg)
         key = (cfg.dataset, cfg.data_root)
-        if key not in raw_cache:
-            raw_cache[key] = load_raw(cfg.dataset, cfg.data_root, cfg.download)
-        osd = build_open_set_data(raw_cache[key], split, seed=cfg.seed, tuning=cfg.tuning,
+        if key not in raws:
+            raws[key] = load_raw(cfg.dataset, cfg.data_root, cfg.download)
+        check_split_fits(raws[key], split)
+        if (method, cfg.model, key, len(split.known)) not in fitted:
+            osd = build_open_set_data(raws[key], split, seed=seed, tuning=cfg.tuning)
+            check_model_fits(build_method_model(method, cfg.model, len(split.known)), osd.data, cfg)
+            fitted.add((method, cfg.model, key, len(split.known)))
+        runs.append(PlannedRun(method, point, split, seed, cfg, float(point.get("drainage_logit", drainage_logit))))
+    return OpenSetPlan(runs, raws)
+
+
+def run_plan(plan: OpenSetPlan, runs_dir: Path, *, unknown_train: str = "drop", quiet: bool = True) -> list[dict]:
+    """Runs the plan one run after the other, each in a folder of its own claimed under
+    runs_dir/<method>[<params>]/<split>/s<seed> (-2, -3, ... when that exists: never an earlier run's);
+    one row per run: method, params, split, seed, run_dir and openset_metrics.json's content."""
+    rows, start = [], time.perf_counter()
+    for n, run in enumerate(plan.runs, 1):
+        raw: RawDataset = plan.raws[run.cfg.dataset, run.cfg.data_root]
+        osd = build_open_set_data(raw, run.split, seed=run.cfg.seed, tuning=run.cfg.tuning,
                                   unknown_train=unknown_train)
-        params = point_tag(point)
-        run_dir = runs_dir / (f"{method}[{params}]" if params else method) / split.tag / f"s{seed}"
-        result = run_open_set(cfg, method, osd, run_dir, quiet=quiet,
-                              drainage_logit=point.get("drainage_logit", drainage_logit))
-        rows.append({"method": method, "params": params, "split": split.tag, "seed": seed,
+        params = point_tag(run.point)
+        parent = runs_dir / (f"{run.method}[{params}]" if params else run.method) / run.split.tag
+        run_dir = claim_run_dir(parent, f"s{run.seed}", unique=True)
+        result = run_open_set(run.cfg, run.method, osd, run_dir, quiet=quiet, drainage_logit=run.drainage_logit)
+        rows.append({"method": run.method, "params": params, "split": run.split.tag, "seed": run.seed,
                      "run_dir": str(run_dir), **result})
-        primary = result["scores"][METHODS[method].primary_score]["AUROC"]
-        print(f"[{n}/{len(plan)}] {method:>14} {params:<28} {split.tag} s{seed}: {result['eval_split']} "
-              f"acc {result['closed_set_accuracy']:.4f}, AUROC {METHODS[method].primary_score} {primary:.4f} "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
+        score = METHODS[run.method].primary_score
+        print(f"[{n}/{len(plan.runs)}] {run.method:>14} {params:<28} {run.split.tag} s{run.seed}: "
+              f"{result['eval_split']} acc {result['closed_set_accuracy']:.4f}, AUROC {score} "
+              f"{result['scores'][score]['AUROC']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
     return rows
 
 

@@ -9,7 +9,8 @@ images of the known and unknown classes, report AUROC / OSCR (mean +- std over s
 Methods (train/openset_run.py): ce, drainage_const (the paper's open-set variant: constant drainage logit,
 alpha = beta = 1), drainage (learned drainage node). Each method starts from the preset
 train/configs/osr_<dataset>_<method>.json when there is one (the digits ones were chosen with --tuning),
-else <dataset>_<loss>.json, with clean labels. Splits: train/osr_splits/ (train/openset_splits.py).
+else <dataset>_<loss>.json, with clean labels. Splits: train/osr_splits/ (train/openset_splits.py); a
+seeded split without a file there is written to <runs_dir>/splits/ (or --split_dir), never into the package.
 Writes <out>.md, <out>.csv (mean +- std), <out>_runs.csv (one row per run and score), <out>.png, and
 one run folder per run with scores.csv (every score of every evaluated image).
 """
@@ -17,14 +18,13 @@ one run folder per run with scores.csv (every score of every evaluated image).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .openset_run import METHODS, METRICS, SCORE_LABELS, run_plan, score_rows, setting_label
-from .openset_splits import SPLIT_DIR, load_split, seeded_split
-from .sweep import tuning_grid_set_flags
+from .openset_run import METHODS, METRICS, SCORE_LABELS, plan_open_set, run_plan, score_rows, setting_label
+from .openset_splits import SPLIT_DIR, load_split, save_split, seeded_split
+from .plan import job_dir, tuning_grid_set_flags
 
 NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "svhn": 10, "cifar100": 100}
 # drainage_const's constant drainage logit when --drainage_logit is not given. Not a config key (the
@@ -35,14 +35,17 @@ EXTRA_METRICS = ("drained_known", "drained_unknown")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", choices=sorted(NUM_CLASSES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--dataset", default="digits", choices=sorted(NUM_CLASSES), help="dataset (default: digits)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="open-set methods to train (default: all)")
     p.add_argument("--known", type=int, default=6, help="known classes per seeded split (default 6)")
     p.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2, 3, 4], metavar="SEED",
-                   help="seeded splits (default 0-4), read from / written to --split_dir")
+                   help="seeded splits (default 0-4), read from --split_dir when their file is there")
     p.add_argument("--split_files", nargs="+", default=None, metavar="JSON",
                    help="split files to use instead of --splits (e.g. a published split)")
-    p.add_argument("--split_dir", default=str(SPLIT_DIR))
+    p.add_argument("--split_dir", default=None,
+                   help=f"where seeded split files are read from (default: {SPLIT_DIR}) and new ones written "
+                   "(default: <runs_dir>/splits)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1], help="training seeds per split (default 1)")
     p.add_argument("--drainage_logit", type=float, default=None,
                    help="the constant drainage logit of drainage_const (default: tuned for digits, 40; else 0)")
@@ -55,15 +58,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hyper-parameter axes, e.g. lr=0.01,0.1 drainage:loss_params.alpha=0.1,1 "
                    "drainage_const:drainage_logit=0,4")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
-    p.add_argument("--runs_dir", default=None, help="run folders (default: runs/osr-<dataset>-<time>)")
+    p.add_argument("--runs_dir", default=None,
+                   help="run folders, a new one per run (default: a new runs/osr-<dataset>-<time>)")
     p.add_argument("--out", default=None, help="output path prefix (default: <runs_dir>/osr)")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="report title (default: dataset, classes and splits)")
 
 
-def splits_from(args) -> list:
+def splits_from(args) -> tuple[list, list]:
+    """(the splits to run, the seeded ones without a file yet: the command saves them beside its results)."""
     if args.split_files:
-        return [load_split(path) for path in args.split_files]
-    return [seeded_split(args.dataset, NUM_CLASSES[args.dataset], args.known, s, args.split_dir) for s in args.splits]
+        return [load_split(path) for path in args.split_files], []
+    found = [seeded_split(args.dataset, NUM_CLASSES[args.dataset], args.known, s, args.split_dir or SPLIT_DIR)
+             for s in args.splits]
+    return [split for split, _ in found], [split for split, on_disk in found if not on_disk]
 
 
 def aggregate_scores(rows: list[dict]) -> list[dict]:
@@ -110,7 +117,7 @@ def per_split_table(rows: list[dict], metric: str = "AUROC") -> str:
 def paired_table(rows: list[dict], metric: str = "AUROC") -> str:
     """Each setting minus CE / MSP on the same split and seed (the splits differ more than the methods);
     empty unless exactly one CE / MSP setting ran."""
-    from .report import mean_std
+    from .report import mean_std, pct
 
     baselines = {r["params"] for r in rows if (r["method"], r["score"]) == ("ce", "msp")}
     if len(baselines) != 1:
@@ -123,15 +130,14 @@ def paired_table(rows: list[dict], metric: str = "AUROC") -> str:
             diffs.setdefault(label, []).append(r[metric] - base[r["split"], r["seed"]])
     lines = [f"| method / score | {metric} minus CE / MSP (points) | runs where higher |", "|---|---:|---:|"]
     for label, d in diffs.items():
-        mean, std = mean_std(d)
-        lines.append(f"| {label} | {100 * mean:+.2f} ± {100 * std:.2f} | {sum(x > 0 for x in d)} / {len(d)} |")
+        lines.append(f"| {label} | {pct(*mean_std(d), signed=True)} | {sum(x > 0 for x in d)} / {len(d)} |")
     return "\n".join(lines)
 
 
 def plot_osr(agg: list[dict], rows: list[dict], path: Path, title: str) -> None:
     """Horizontal bars (mean +- std) of AUROC and OSCR per method / score; dots: the single runs. With a
     grid, only each method's own score (the one it is tuned by), so a tuning figure stays readable."""
-    from .report import _pyplot
+    from .report import _pyplot, bar_value_axis, error_bars
 
     plt = _pyplot()
     if any(a["params"] for a in agg):
@@ -143,16 +149,15 @@ def plot_osr(agg: list[dict], rows: list[dict], path: Path, title: str) -> None:
     y = np.arange(len(agg))
     for ax, metric in zip(axes, ("AUROC", "OSCR")):
         means = [100 * a[f"{metric}_mean"] for a in agg]
-        ax.barh(y, means, xerr=[100 * a[f"{metric}_std"] for a in agg], capsize=3,
+        ax.barh(y, means, xerr=error_bars([100 * a[f"{metric}_std"] for a in agg]), capsize=3,
                 color=[colors[a["method"]] for a in agg], alpha=0.75)
         for i, a in enumerate(agg):
             runs = [100 * r[metric] for r in rows if (r["method"], r["params"], r["score"]) ==
                     (a["method"], a["params"], a["score"])]
             ax.plot(runs, [i] * len(runs), "k.", ms=4)
             ax.text(99.7, i, f"{means[i]:.1f}", va="center", ha="right", fontsize=8)  # right of every dot
-        low = min(100 * min(r[metric] for r in rows), min(means))
-        ax.set_xlim(max(0.0, low - 5), 100)
         ax.set_xlabel(f"{metric} (%), {agg[0]['eval_split']} set; dots: single splits")
+        bar_value_axis(ax, min(100 * min(r[metric] for r in rows), min(means)), "x")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, labels, fontsize=9)
     axes[0].invert_yaxis()
@@ -215,13 +220,16 @@ def command_line(args) -> str:
 
 
 def main(args) -> int:
-    runs_dir = Path(args.runs_dir or f"runs/osr-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out = Path(args.out) if args.out else runs_dir / "osr"
-    splits = splits_from(args)
+    splits, new_splits = splits_from(args)
     overrides = [*(["tuning=true"] if args.tuning else []), *args.set]
     logit = args.drainage_logit if args.drainage_logit is not None else TUNED_DRAINAGE_LOGIT.get(args.dataset, 0.0)
-    runs = run_plan(args.dataset, args.methods, splits, args.seeds, runs_dir=runs_dir, grid=args.grid,
-                    overrides=overrides, unknown_train=args.unknown_train, drainage_logit=logit)
+    plan = plan_open_set(args.dataset, args.methods, splits, args.seeds, grid=args.grid, overrides=overrides,
+                         drainage_logit=logit)
+    runs_dir = job_dir(args.runs_dir, f"osr-{args.dataset}")
+    for split in new_splits:
+        save_split(split, Path(args.split_dir or runs_dir / "splits") / f"{split.tag}.json")
+    out = Path(args.out) if args.out else runs_dir / "osr"
+    runs = run_plan(plan, runs_dir, unknown_train=args.unknown_train)
     k, u = len(splits[0].known), len(splits[0].unknown)
     title = args.title or (f"{args.dataset}: open-set recognition, {k} known / {u} unknown classes, "
                            f"{len(splits)} splits ({'validation split, tuning' if args.tuning else 'test set'})")

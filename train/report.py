@@ -1,6 +1,8 @@
 """Tables and figures: mean +- std aggregation, markdown / CSV writers, the sweep and default-job plots.
 
-matplotlib is imported lazily with the Agg backend (no display needed).
+One run has no spread: its std is nan, tables print its value alone (no "± 0.00") and error bars are
+left out. Bars encode length from zero, so a bar axis starts at 0 or, zoomed in, carries a break mark
+(bar_value_axis). matplotlib is imported lazily with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ def loss_label(name: str) -> str:
 
 
 def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1, as APL's statistics.stdev); nan-aware."""
+    """Mean and sample standard deviation (ddof = 1, as APL's statistics.stdev); nan-aware. The std of a
+    single value is nan (undefined for ddof = 1), not 0."""
     v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))],
                    dtype=float)
     if v.size == 0:
         return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
 
 def aggregate(rows: list[dict], keys: list[str], metrics: list[str]) -> list[dict]:
@@ -50,10 +53,38 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def pct(mean: float, std: float | None = None) -> str:
+def pct(mean: float, std: float | None = None, digits: int = 2, signed: bool = False) -> str:
+    """100 * mean as text, "n/a" for nan; with " ± 100 * std" when std is a spread (not None, not the nan
+    of a single run)."""
     if math.isnan(mean):
         return "n/a"
-    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    text = f"{100 * mean:{'+' if signed else ''}.{digits}f}"
+    return text if std is None or math.isnan(std) else f"{text} ± {100 * std:.{digits}f}"
+
+
+def error_bars(stds) -> np.ndarray:
+    """stds as error-bar lengths: 0 where a single run has no std (nan)."""
+    return np.nan_to_num(np.asarray(stds, dtype=float), nan=0.0)
+
+
+def bar_value_axis(ax, lowest: float, axis: str = "y", high: float = 100.0) -> None:
+    """Sets the value axis of a bar chart (percent) to end at `high` and start at 0, or, when every bar
+    ends above 20% (lowest: the smallest bar end, error bar included), a little below lowest, with a
+    break mark (two slashes across the axis's start, gid "axis_break") and a note in the axis label:
+    a bar that starts above zero must not read as a length."""
+    low = 0.0 if not math.isfinite(lowest) or lowest < 20 else 5 * math.floor((lowest - 2) / 5)
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(low, high)
+    if low <= 0:
+        return
+    d = 0.012
+    style = {"transform": ax.transAxes, "color": "k", "clip_on": False, "lw": 1, "gid": "axis_break"}
+    for offset in (0.0, 0.02):
+        if axis == "y":
+            ax.plot((-d, d), (offset - d, offset + d), **style)
+        else:
+            ax.plot((offset - d, offset + d), (-d, d), **style)
+    label = ax.get_ylabel() if axis == "y" else ax.get_xlabel()
+    (ax.set_ylabel if axis == "y" else ax.set_xlabel)(f"{label} (axis starts at {low:g})")
 
 
 def markdown_grid(agg: list[dict], row_key: str, col_key: str, metric: str, bold_max: bool = True) -> str:
@@ -102,8 +133,8 @@ def plot_sweep(agg: list[dict], path: Path, title: str, metrics=(("last_eval_acc
             present = [(name, s) in cell for s in settings]
             means = np.array([100 * cell[name, s][f"{metric}_mean"] if ok else np.nan
                               for s, ok in zip(settings, present)])
-            stds = np.array([100 * cell[name, s][f"{metric}_std"] if ok else 0
-                             for s, ok in zip(settings, present)])
+            stds = error_bars([100 * cell[name, s][f"{metric}_std"] if ok else 0
+                               for s, ok in zip(settings, present)])
             lows.append(np.nanmin(means - stds))
             x = np.arange(len(settings)) + (i - (len(series) - 1) / 2) * width
             drainage = name.startswith("Drainage")
@@ -112,8 +143,9 @@ def plot_sweep(agg: list[dict], path: Path, title: str, metrics=(("last_eval_acc
         ax.set_xticks(np.arange(len(settings)), settings)
         ax.set_xlabel("label noise (type:rate)")
         ax.set_ylabel(f"clean {split} accuracy (%)")
-        ax.set_title(f"{label}, mean ± std over {agg[0]['n']} seeds")
-        ax.set_ylim(max(0.0, min(lows) - 3), 100)
+        ax.set_title(f"{label}, mean ± std over {agg[0]['n']} seeds" if agg[0]["n"] > 1 else
+                     f"{label}, one seed")
+        bar_value_axis(ax, min(lows), "y")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(series), 6), fontsize=8, frameon=False)
@@ -139,20 +171,20 @@ def plot_grid(agg: list[dict], path: Path, title: str, selected: dict[str, str],
     fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, sum(panel_heights)), squeeze=False,
                              gridspec_kw={"height_ratios": panel_heights})
     colors = plt.get_cmap("tab10")
-    lo = min(100 * (a[f"{metric}_mean"] - a[f"{metric}_std"]) for a in agg)
+    lo = min(100 * a[f"{metric}_mean"] - error_bars(100 * a[f"{metric}_std"]) for a in agg)
     for ax, loss in zip(axes.flat, losses):
         height = 0.8 / len(settings)
         for j, setting in enumerate(settings):
             y = np.arange(len(points[loss])) + (j - (len(settings) - 1) / 2) * height
             means = [100 * cell[loss, p, setting][f"{metric}_mean"] for p in points[loss]]
-            stds = [100 * cell[loss, p, setting][f"{metric}_std"] for p in points[loss]]
+            stds = error_bars([100 * cell[loss, p, setting][f"{metric}_std"] for p in points[loss]])
             ax.barh(y, means, height, xerr=stds, capsize=1.5, color=colors(j), label=setting)
         labels = [("★ " if p == selected.get(loss) else "") + (p or "preset") for p in points[loss]]
         ax.set_yticks(np.arange(len(points[loss])), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlim(max(0.0, lo - 2), 100)
         ax.set_title(f"{loss_label(loss)}", fontsize=11)
         ax.set_xlabel(f"clean {agg[0].get('eval_split', 'val')} accuracy (%), last epoch")
+        bar_value_axis(ax, lo, "x")
         ax.grid(axis="x", alpha=0.3)
     for ax in list(axes.flat)[len(losses):]:
         ax.axis("off")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .run_dirs import UserError
+
 # torchvision's ResNet50_Weights (same files, same hashes)
 RESNET50_WEIGHTS = {
     "IMAGENET1K_V1": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
@@ -118,7 +120,7 @@ def resnet50(num_outputs: int, pretrained: str | None = None) -> ResNet:
     if not pretrained:
         return ResNet(Bottleneck, [3, 4, 6, 3], num_outputs)
     if pretrained not in RESNET50_WEIGHTS:
-        raise ValueError(f"pretrained must be one of {sorted(RESNET50_WEIGHTS)}, got {pretrained!r}")
+        raise UserError(f"pretrained must be one of {sorted(RESNET50_WEIGHTS)}, got {pretrained!r}")
     url = RESNET50_WEIGHTS[pretrained]
     model = ResNet(Bottleneck, [3, 4, 6, 3], 1000)
     try:
@@ -126,7 +128,7 @@ def resnet50(num_outputs: int, pretrained: str | None = None) -> ResNet:
                                                    weights_only=True)
     except OSError as exc:  # URLError, no network, a full disk
         cache = f"{torch.hub.get_dir()}/checkpoints/{url.rsplit('/', 1)[1]}"
-        raise RuntimeError(
+        raise UserError(
             f"could not get the ImageNet ResNet-50 weights {pretrained} from {url} ({exc}). "
             f"Without internet, copy that file to {cache}, or train from scratch (pretrained: null)."
         ) from exc

@@ -7,22 +7,35 @@ Each loss starts from the preset <dataset>_<loss>.json when there is one, else <
 loss swapped in. --grid adds hyper-parameter axes, for all losses (lr=0.03,0.1) or one (drainage:
 loss_params.alpha=0.5,1,2); with --tuning the runs evaluate on the clean validation split, never the test
 set, and the table marks each loss's best setting by mean last-epoch validation accuracy.
-Writes <out>.md, <out>.csv (aggregated), <out>_runs.csv (one row per run) and <out>.png; run folders
-go under --runs_dir, and a run whose summary.json exists is reused (rerunning a sweep resumes it).
+Writes <out>.md, <out>.csv (aggregated), <out>_runs.csv (one row per run) and <out>.png. Run folders
+go under --runs_dir (default: a new runs/sweep-<dataset>-<time>), one per run at
+<loss>[<grid point>]/<noise>/s<seed>. Rerunning a sweep on the same --runs_dir reuses a finished run only
+when its config.json equals the requested config; any other run (stale, unfinished, running in a
+parallel sweep) is left alone and the run goes to a fresh s<seed>-2, -3, ... folder beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import CONFIG_DIR
+from .cli import positive_int
+from .config import Config
+from .plan import (
+    config_for,
+    grid_points,
+    job_dir,
+    parse_grid,
+    parse_noise,
+    point_overrides,
+    point_tag,
+    tuning_grid_set_flags,
+)
 
 METRICS = ["best_eval_acc", "last_eval_acc", "eval_drained_frac", "precision_at_k_pd",
            "precision_at_k_self_conf", "memorized_frac", "pd_clean", "pd_flipped", "realised_noise_rate",
@@ -30,58 +43,54 @@ METRICS = ["best_eval_acc", "last_eval_acc", "eval_drained_frac", "precision_at_
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--losses", nargs="+", default=["drainage", "ce"])
+    p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
+    p.add_argument("--losses", nargs="+", default=["drainage", "ce"], help="losses to compare (default: drainage ce)")
     p.add_argument("--noise", nargs="+", default=["asym:0.4"], metavar="TYPE:RATE",
-                   help="noise settings, e.g. asym:0.4 sym:0.6 instance:0.4 human:0")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per setting: seed_start, seed_start + 1, ...")
-    p.add_argument("--seed_start", type=int, default=1)
+                   help="noise settings, each with its rate, e.g. asym:0.4 sym:0.6 instance:0.4 human:0 none")
+    p.add_argument("--seeds", type=positive_int, default=3,
+                   help="seeds per setting: seed_start, seed_start + 1, ... (default 3)")
+    p.add_argument("--seed_start", type=int, default=1, help="the first seed (default 1)")
     p.add_argument("--tuning", action="store_true", help="evaluate on the clean 20%% validation split")
     p.add_argument("--grid", nargs="*", default=[], metavar="[LOSS:]KEY=V1,V2",
                    help="hyper-parameter axes, e.g. lr=0.03,0.1 drainage:loss_params.alpha=0.5,1,2")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every run")
     p.add_argument("--out", default=None, help="output path prefix (default: <runs_dir>/sweep)")
-    p.add_argument("--runs_dir", default=None, help="run folders (default: runs/sweep-<dataset>-<time>)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (one CPU thread each)")
-    p.add_argument("--title", default=None)
+    p.add_argument("--runs_dir", default=None,
+                   help="run folders; a rerun on the same folder reuses its finished runs of the same config "
+                   "(default: a new runs/sweep-<dataset>-<time>)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs in parallel processes (one CPU thread each)")
+    p.add_argument("--title", default=None, help="report title (default: dataset and evaluation split)")
 
 
-def parse_noise(item: str) -> tuple[str, float]:
-    kind, _, rate = item.partition(":")
-    return kind, float(rate or 0)
+@dataclass(frozen=True)
+class PlannedRun:
+    loss: str
+    point: dict
+    noise: tuple[str, float]
+    seed: int
+    cfg: Config
+
+    @property
+    def folder(self) -> Path:
+        """Where the run goes under runs_dir (its stem: s<seed>, s<seed>-2, ...)."""
+        kind, rate = self.noise
+        return Path(f"{self.loss}[{point_tag(self.point)}]" if self.point else self.loss) / f"{kind}{rate:g}"
 
 
-def parse_grid(items: list[str]) -> list[tuple[str | None, str, list]]:
-    """["drainage:loss_params.alpha=0.5,1", "lr=0.1"] -> [("drainage", "loss_params.alpha", [0.5, 1]), ...]"""
-    axes = []
-    for item in items:
-        key, _, values = item.partition("=")
-        loss, _, key = key.rpartition(":") if ":" in key else (None, None, key)
-        axes.append((loss or None, key, [json.loads(v) if v[:1] in "-.0123456789tfn[" else v
-                                         for v in values.split(",")]))
-    return axes
-
-
-def grid_points(loss: str, axes) -> list[dict]:
-    """Every combination of the axes that apply to `loss` (one empty point when none do)."""
-    mine = [(key, values) for owner, key, values in axes if owner in (None, loss)]
-    return [dict(zip([k for k, _ in mine], combo)) for combo in itertools.product(*[v for _, v in mine])]
-
-
-def base_config_name(dataset: str, loss: str) -> str | None:
-    for name in (f"{dataset}_{loss}", dataset):
-        if (CONFIG_DIR / f"{name}.json").exists():
-            return name
-    return None
-
-
-def config_for(dataset: str, loss: str, overrides: list[str]):
-    """<dataset>_<loss>.json, else <dataset>.json with `loss` and no loss parameters, then overrides."""
-    from .config import load_config
-
-    name = base_config_name(dataset, loss)
-    reset = [] if name == f"{dataset}_{loss}" else [f"dataset={dataset}", f"loss={loss}", "loss_params={}"]
-    return load_config(name, reset + list(overrides))
+def plan_sweep(dataset: str, losses: list[str], noises: list[tuple[str, float]], seeds: list[int], *,
+               tuning: bool = False, grid: list[str] = (), overrides: list[str] = ()) -> list[PlannedRun]:
+    """Every loss x grid point x noise x seed as a validated config (a UserError for any mistake)."""
+    axes = parse_grid(list(grid))
+    plan = []
+    for loss in losses:
+        for point in grid_points(loss, axes):
+            for kind, rate in noises:
+                for seed in seeds:
+                    cfg = config_for(dataset, loss, [
+                        f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}", f"tuning={tuning}",
+                        "checkpoint=false", *overrides, *point_overrides(point)])
+                    plan.append(PlannedRun(loss, point, (kind, rate), seed, cfg))
+    return plan
 
 
 def _run_one(job: tuple) -> dict:
@@ -90,35 +99,27 @@ def _run_one(job: tuple) -> dict:
 
     from .experiment import run_experiment
 
-    dataset, loss, overrides, run_dir, threads = job
+    cfg, run_dir, threads = job
     if threads:
         torch.set_num_threads(threads)
-    return run_experiment(config_for(dataset, loss, overrides), run_dir, quiet=True, progress=False).summary
+    return run_experiment(cfg, run_dir, quiet=True, progress=False).summary
 
 
-def point_tag(point: dict) -> str:
-    return ",".join(f"{k.replace('loss_params.', '')}={v}" for k, v in point.items())
+def run_sweep(plan: list[PlannedRun], runs_dir: Path, jobs: int = 1) -> list[dict]:
+    """Runs (or reuses, see the module docstring) every planned run, `jobs` at a time; returns one row per
+    run: loss, params, noise, seed and METRICS, in plan order."""
+    from .experiment import reuse_or_claim
 
-
-def run_sweep(dataset: str, losses: list[str], noises: list[tuple[str, float]], seeds: list[int], *,
-              tuning: bool = False, grid: list[str] = (), overrides: list[str] = (), runs_dir: Path,
-              jobs: int = 1) -> list[dict]:
-    """Runs (or reuses) every run, `jobs` at a time; returns one row per run: loss, params, noise, seed
-    and METRICS, in plan order."""
-    axes = parse_grid(list(grid))
-    plan = [(loss, point, noise, seed) for loss in losses for point in grid_points(loss, axes)
-            for noise in noises for seed in seeds]
     jobs_to_run, summaries = {}, {}
-    for i, (loss, point, (kind, rate), seed) in enumerate(plan):
-        folder = f"{loss}[{point_tag(point)}]" if point else loss
-        run_dir = runs_dir / folder / f"{kind}{rate:g}" / f"s{seed}"
-        if (run_dir / "summary.json").exists():
+    for i, run in enumerate(plan):
+        run_dir, reused, notes = reuse_or_claim(runs_dir / run.folder, f"s{run.seed}", run.cfg)
+        for note in notes:
+            print(note, flush=True)
+        if reused:
+            print(f"{run_dir}: reused (finished, same config)", flush=True)
             summaries[i] = json.loads((run_dir / "summary.json").read_text())
-            continue
-        overrides_i = [f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}",
-                       f"tuning={str(tuning).lower()}", "checkpoint=false", *overrides,
-                       *[f"{k}={json.dumps(v)}" for k, v in point.items()]]
-        jobs_to_run[i] = (dataset, loss, overrides_i, run_dir, 1 if jobs > 1 else 0)
+        else:
+            jobs_to_run[i] = (run.cfg, run_dir, 1 if jobs > 1 else 0)
     print(f"{len(plan)} runs: {len(summaries)} reused, {len(jobs_to_run)} to run ({jobs} at a time)",
           flush=True)
     start = time.perf_counter()
@@ -135,14 +136,15 @@ def run_sweep(dataset: str, losses: list[str], noises: list[tuple[str, float]], 
         for n, (i, job) in enumerate(jobs_to_run.items(), 1):
             summaries[i] = _run_one(job)
             _progress(n, len(jobs_to_run), plan[i], summaries[i], start)
-    return [{"loss": loss, "params": point_tag(point), "noise": f"{kind}:{rate:g}", "seed": seed,
-             "eval_split": summaries[i]["eval_split"], **{m: summaries[i].get(m) for m in METRICS}}
-            for i, (loss, point, (kind, rate), seed) in enumerate(plan)]
+    return [{"loss": run.loss, "params": point_tag(run.point), "noise": f"{run.noise[0]}:{run.noise[1]:g}",
+             "seed": run.seed, "eval_split": summaries[i]["eval_split"],
+             **{m: summaries[i].get(m) for m in METRICS}}
+            for i, run in enumerate(plan)]
 
 
-def _progress(n: int, total: int, planned: tuple, summary: dict, start: float) -> None:
-    loss, point, (kind, rate), seed = planned
-    print(f"[{n}/{total}] {loss:>9} {point_tag(point):<30} {kind}:{rate:g} seed {seed}: best "
+def _progress(n: int, total: int, run: PlannedRun, summary: dict, start: float) -> None:
+    kind, rate = run.noise
+    print(f"[{n}/{total}] {run.loss:>9} {point_tag(run.point):<30} {kind}:{rate:g} seed {run.seed}: best "
           f"{summary['best_eval_acc']:.4f} last {summary['last_eval_acc']:.4f} "
           f"({time.perf_counter() - start:.0f}s)",
           flush=True)
@@ -159,7 +161,8 @@ def write_report(rows: list[dict], out: Path, title: str, command: str = "") -> 
         a["setting"] = loss_label(a["loss"]) + (f" [{a['params']}]" if a["params"] else "")
     split = rows[0]["eval_split"]
     seeds = sorted({r["seed"] for r in rows})
-    text = [f"# {title}", "", (f"Clean {split} accuracy (%), mean ± std over seeds {seeds}; the best mean "
+    over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one run per setting (seed {seeds[0]})"
+    text = [f"# {title}", "", (f"Clean {split} accuracy (%), {over}; the best mean "
             f"of each column in bold. 'Last' = after the final epoch; 'best' = the maximum over evaluated "
             f"epochs "
             f"(selected on the {split} set itself, as the papers report it, so optimistic)."), "",
@@ -210,14 +213,9 @@ def select_per_loss(agg: list[dict]) -> dict[str, tuple[str, float]]:
 
 
 def _cell(agg: dict, metric: str) -> str:
-    mean, std = agg[f"{metric}_mean"], agg[f"{metric}_std"]
-    return "n/a" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    from .report import pct
 
-
-def tuning_grid_set_flags(args) -> list[str]:
-    """The --tuning / --grid / --set flags of a command line that reproduces `args` (sweep, osr, clean)."""
-    return ((["--tuning"] if args.tuning else []) + (["--grid " + " ".join(args.grid)] if args.grid else [])
-            + (["--set " + " ".join(args.set)] if args.set else []))
+    return pct(agg[f"{metric}_mean"], agg[f"{metric}_std"], digits=1)
 
 
 def command_line(args) -> str:
@@ -228,12 +226,15 @@ def command_line(args) -> str:
 
 
 def main(args) -> int:
-    runs_dir = Path(args.runs_dir or f"runs/sweep-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out = Path(args.out) if args.out else runs_dir / "sweep"
+    from .experiment import check_plan
+
     seeds = list(range(args.seed_start, args.seed_start + args.seeds))
-    rows = run_sweep(args.dataset, args.losses, [parse_noise(n) for n in args.noise], seeds,
-                     tuning=args.tuning, grid=args.grid, overrides=args.set, runs_dir=runs_dir,
-                     jobs=args.jobs)
+    plan = plan_sweep(args.dataset, args.losses, [parse_noise(n) for n in args.noise], seeds,
+                      tuning=args.tuning, grid=args.grid, overrides=args.set)
+    check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
+    runs_dir = job_dir(args.runs_dir, f"sweep-{args.dataset}")
+    out = Path(args.out) if args.out else runs_dir / "sweep"
+    rows = run_sweep(plan, runs_dir, jobs=args.jobs)
     title = args.title or (f"{args.dataset}: robust losses under label noise "
                            f"({'validation split, tuning' if args.tuning else 'test set'})")
     print(write_report(rows, out, title, command_line(args)))

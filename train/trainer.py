@@ -4,7 +4,8 @@ exact resume, evaluation by argmax over the C class logits, and drainage-probabi
 A batch step: augment (CPU-seeded) -> forward under bf16 autocast (CUDA) -> loss (+ l1_delta * sum|theta|)
 -> backward -> clip the global gradient norm -> step. The learning-rate schedule steps once per epoch.
 Resuming restores model, optimizer, scheduler, every RNG and the metric history, so 2 epochs + resume
-+ 1 epoch gives the same weights as 3 epochs straight (tested bit for bit on the CPU).
++ 1 epoch gives the same weights as 3 epochs straight (tested bit for bit on the CPU). best.pt holds the
+weights of the best evaluated epoch (atomic, like last.pt).
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from .data import NoisyDataset, prepare_batch
 from .logs import MetricsLog
 from .losses import l1_penalty
+from .run_dirs import UserError
 
-CHECKPOINT = "last.pt"
+CHECKPOINT, BEST = "last.pt", "best.pt"
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "best")
+# the per-batch bar appears only on epochs that run longer than this (a digits epoch takes 0.1 s)
+BATCH_BAR_DELAY_S = 2.0
 
 
 def seed_everything(seed: int) -> None:
@@ -35,11 +40,15 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """auto -> cuda when there is a GPU, else cpu. A device this machine does not have is a UserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+        raise UserError(f"device={name}: CUDA is not available on this machine; use device=cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -108,7 +117,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # batch order and augmentation
-        self.show_progress = show_progress
+        self.show_progress = show_progress and sys.stderr.isatty()
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self.eval_x, self.eval_y = data.eval_x.to(device), data.eval_y.to(device)
         self.epoch, self.history, self.best = 0, [], {"eval_acc": -1.0, "epoch": 0}
@@ -138,7 +147,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
-        for idx in order.split(cfg.batch_size):
+        batches = order.split(cfg.batch_size)
+        bar = self._progress_bar(total=len(batches), desc=f"epoch {self.epoch + 1}", unit="batch",
+                                 delay=BATCH_BAR_DELAY_S)
+        for idx in batches:
+            bar.update(1)
             if len(idx) < 2:  # BatchNorm cannot train on one sample; happens only for N = 1 mod batch
                 continue
             idx = idx.to(self.device)
@@ -150,6 +163,7 @@ class Trainer:
             loss_sum += loss.detach() * len(idx)
             correct += (class_predictions(logits.detach(), self.C) == y).sum()
             seen += len(idx)
+        bar.close()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         seen = max(seen, 1)
@@ -201,30 +215,50 @@ class Trainer:
             "history": self.history, "best": self.best, "config": asdict(self.cfg),
         }, self.run_dir / CHECKPOINT)
 
-    def load_checkpoint(self) -> None:
-        state = load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.device)
+    def save_best(self) -> None:
+        atomic_save({"epoch": self.epoch, "eval_acc": self.best["eval_acc"], "eval_split": self.data.eval_split,
+                     "model": self.raw_model.state_dict(), "config": asdict(self.cfg)}, self.run_dir / BEST)
+
+    def load_state(self, state: dict) -> None:
+        """Continues from a checkpoint's state (checkpoint.read_checkpoint(run_dir / CHECKPOINT)).
+
+        When cfg.epochs differs from the checkpoint's (a resume that extends or shortens the run), a
+        cosine schedule continues as if it had been planned for cfg.epochs from the start: the learning
+        rate of the next epoch is the closed form at this epoch over the new length (timm's rule).
+        """
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"], self.gen)
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        cosine = isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+        if cosine and self.scheduler.T_max != self.cfg.epochs:
+            eta_min, self.scheduler.T_max = self.scheduler.eta_min, self.cfg.epochs
+            # CosineAnnealingLR steps recursively from the current lr, so setting it here puts every later
+            # epoch on the new curve
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = eta_min + (base - eta_min) * (1 + math.cos(math.pi * self.epoch / self.cfg.epochs)) / 2
 
-    # ---------------------------------------------------------------- the loop
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> list[dict]:
-        """Trains to cfg.epochs (or until epoch `stop_after`, for chunked jobs); returns the history.
-
-        resume=True continues from run_dir/last.pt. Ctrl-C leaves the last completed epoch's checkpoint.
-        """
+    def _progress_bar(self, **kwargs):
         from tqdm import tqdm
 
+        return tqdm(disable=not self.show_progress, leave=False, dynamic_ncols=True, **kwargs)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, state: dict | None = None, stop_after: int | None = None) -> list[dict]:
+        """Trains to cfg.epochs (or until epoch `stop_after`, for chunked jobs); returns the history.
+
+        state: a checkpoint to continue from (see load_state). Ctrl-C leaves the last completed epoch's
+        checkpoint.
+        """
         cfg = self.cfg
-        if resume:
-            self.load_checkpoint()
-            self.log.info(f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch}")
+        if state is not None:
+            self.load_state(state)
+            self.log.info(f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} of {cfg.epochs}")
         metrics = MetricsLog(self.run_dir, tb=cfg.tb, history=self.history)
         last = min(cfg.epochs, stop_after or cfg.epochs)
-        bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=f"{cfg.loss} on {cfg.dataset}", unit="epoch",
-                   disable=not (self.show_progress and sys.stderr.isatty()), leave=False)
+        bar = self._progress_bar(total=cfg.epochs, initial=self.epoch, desc=f"{cfg.loss} on {cfg.dataset}",
+                                 unit="epoch")
         start = time.perf_counter()
         try:
             while self.epoch < last:
@@ -254,6 +288,8 @@ class Trainer:
                 row.update(self.training_set_stats())
             if row["eval_acc"] > self.best["eval_acc"]:
                 self.best = {"eval_acc": row["eval_acc"], "epoch": self.epoch}
+                if cfg.checkpoint:
+                    self.save_best()
             row.update(best_eval_acc=self.best["eval_acc"], best_epoch=self.best["epoch"],
                        epoch_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - start)
             self.history.append(row)

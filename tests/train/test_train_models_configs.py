@@ -11,6 +11,7 @@ from train.config import CONFIG_DIR, Config, from_authors_json, load_config
 from train.losses import build_loss, num_outputs
 from train.models import build_model
 from train.resnet import RESNET50_WEIGHTS, resnet50
+from train.run_dirs import UserError
 
 # torchvision.models.resnet50().state_dict(), recorded from torchvision (not importable next to the CPU
 # torch wheel): 161 parameters + 159 BatchNorm buffers, 25,557,032 parameters for 1000 classes.
@@ -70,7 +71,7 @@ def test_pretrained_without_internet_says_what_to_do(monkeypatch):
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="resnet50-0676ba61.pth"):
+    with pytest.raises(UserError, match="resnet50-0676ba61.pth"):
         build_model("resnet50", 50, pretrained="IMAGENET1K_V1")
     with pytest.raises(ValueError, match="resnet50 only"):
         build_model("cnn8", 10, pretrained="IMAGENET1K_V1")
@@ -149,7 +150,7 @@ def test_overrides_and_validation():
         load_config("digits", {"noise_type": "symmetric"})
     with pytest.raises(ValueError, match="unknown \\['q'\\]"):
         load_config("digits", {"loss_params.q": 0.7})
-    with pytest.raises(FileNotFoundError, match="cifar10_drainage"):
+    with pytest.raises(UserError, match="cifar10_drainage"):
         load_config("cifar10_dranage")
     assert Config().validate().loss == "drainage"
 

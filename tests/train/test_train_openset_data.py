@@ -26,10 +26,12 @@ def test_committed_digits_splits_are_what_their_seeds_give():
     assert len({split.known for split in splits}) == 5, "five different splits"
 
 
-def test_split_files_are_written_once_and_checked(tmp_path):
-    first = seeded_split("mnist", 10, 6, 7, tmp_path)
+def test_split_files_are_read_and_checked_never_written(tmp_path):
+    first, on_disk = seeded_split("mnist", 10, 6, 7, tmp_path)
     path = tmp_path / "mnist_6-4_seed7.json"
-    assert path.exists() and seeded_split("mnist", 10, 6, 7, tmp_path) == first
+    assert not on_disk and not path.exists()  # the command saves a new split beside its results
+    save_split(first, path)
+    assert seeded_split("mnist", 10, 6, 7, tmp_path) == (first, True)
     assert make_split("mnist", 10, 6, 7).known == first.known
     record = json.loads(path.read_text())
     record["known"], record["unknown"] = record["unknown"][:2] + record["known"][2:], record["known"][:2] + record["unknown"][2:]

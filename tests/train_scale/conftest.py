@@ -6,7 +6,19 @@ from __future__ import annotations
 import pytest
 from scale_support import SIZE
 
+from drainage_fast._ext import cache_root
 from train.scale.smoke import make_clothing1m_tree, make_ilsvrc12_tree, make_webvision_tree
+
+
+@pytest.fixture(scope="session", autouse=True)
+def list_check_cache(tmp_path_factory):
+    """The list checks' cache (train/scale/validate.py default_cache_dir) in a session folder, for this
+    process and the commands it starts, instead of the user's ~/.cache. The compiled CPU extension stays
+    where it is (moving XDG_CACHE_HOME alone would rebuild it in every session: 15 s)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRAINAGE_FAST_CACHE_DIR", str(cache_root()))
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scale_support import needs_dali
+from scale_support import SIZE, needs_dali
 
 from train.scale.lists import ImageList, webvision_train, webvision_val
-from train.scale.validate import check_list, drop_bad
+from train.scale.smoke import corrupt_file, make_webvision_tree
+from train.scale.validate import DataFileError, check_list, drop_bad
 
 pytestmark = needs_dali
 
@@ -111,3 +112,18 @@ def test_train_pipeline_needs_a_gpu_for_mixed_decoding():
         PipelineSpec(crop=32, resize=36, decode_device="mixed", device_id=None, threads=1)
     with pytest.raises(ValueError, match="'gpu'"):
         PipelineSpec(crop=32, resize=36, decode_device="gpu", device_id=0, threads=1)
+
+
+def test_a_file_damaged_after_the_check_stops_dali_with_one_line(tmp_path):
+    # DALI cannot skip a sample: the loop gets a DataFileError (one line for the user), not DALI's
+    # multi-line "Critical error in pipeline"
+    from train.scale.dali_pipeline import DaliTrainLoader
+
+    root = tmp_path / "tree"
+    make_webvision_tree(root, train_per_class=1, extra_classes=0, val_per_class=1, size=SIZE, missing=0, corrupt=0)
+    val = webvision_val(root)
+    corrupt_file(val.root / val.paths[1], "garbage")
+    loader = DaliTrainLoader(val, 8, _spec(), 1, 0, 1)
+    with pytest.raises(DataFileError, match=r"DALI could not decode a file of the list \(.+; DALI does not say"):
+        for _ in loader.epoch(0, np.arange(len(val))):  # raised at the first prefetch or while iterating
+            pass

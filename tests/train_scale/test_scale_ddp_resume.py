@@ -18,20 +18,14 @@ import time
 
 import pytest
 import torch
-from scale_support import REPO, needs_dali, run_module
-
-CONFIG = {"dataset": "webvision", "model": "resnet50", "loss": "drainage", "loss_params": {"alpha": 0.1},
-          "l1_delta": 1e-5, "noise_type": "none", "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-          "nesterov": True, "scheduler": "step", "step_size": 1, "gamma": 0.97, "epochs": 3, "batch_size": 16,
-          "eval_batch_size": 32, "grad_clip": 5.0, "seed": 3,
-          "device": "cpu"}  # gloo on the CPU on every machine: on one GPU, rank 1 would ask for cuda:1
+from scale_support import REPO, TINY_CONFIG, needs_dali, run_module
 
 
 @pytest.fixture(scope="module")
 def setup(webvision_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     config = out / "tiny.json"
-    config.write_text(json.dumps(CONFIG))
+    config.write_text(json.dumps(TINY_CONFIG))
     args = ["--config", str(config), "--data_root", str(webvision_tree[0]), "--arch", "tiny_convnet", "--crop", "32",
             "--resize", "36", "--out_dir", str(out), "--quiet"]
     run_module([*args, "--loader", "torch", "--workers", "0", "--name", "single"])

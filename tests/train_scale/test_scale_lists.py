@@ -110,5 +110,5 @@ def test_build_dataset_names_bad_arguments(tmp_path, webvision_tree):
         lists.build_dataset("webvision", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="'cifar10'"):
         lists.build_dataset("cifar10", webvision_tree[0])
-    spec = lists.build_dataset("webvision", webvision_tree[0], webvision_tree[0] / "imagenet")
-    assert list(spec.evals) == ["webvision_val", "ilsvrc12_val"] and spec.select == "webvision_val"
+    spec = lists.build_dataset("webvision", webvision_tree[0])
+    assert list(spec.evals) == ["webvision_val"] and spec.select == "webvision_val"

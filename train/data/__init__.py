@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..noise import apply_noise
+from ..run_dirs import UserError
 from .augment import prepare_batch
 from .cifar import load_cifar
 from .cifarn import load_human_labels
@@ -29,8 +30,8 @@ DATASETS = ("digits", "mnist", "cifar10", "cifar100", "cifar10n", "cifar100n", "
 LARGE_SCALE = ("webvision", "clothing1m")
 HUMAN_NOISE_ALIASES = {"cifar10n": "cifar10", "cifar100n": "cifar100"}
 
-__all__ = ["DATASETS", "NoisyDataset", "RawDataset", "build_data", "load_raw", "prepare_batch",
-           "tuning_split"]
+__all__ = ["DATASETS", "NoisyDataset", "RawDataset", "build_data", "load_labelled", "load_raw",
+           "noise_type_of", "prepare_batch", "tuning_split"]
 
 
 def load_raw(name: str, root: str = "data", download: bool = True) -> RawDataset:
@@ -45,19 +46,30 @@ def load_raw(name: str, root: str = "data", download: bool = True) -> RawDataset
     if name == "svhn":
         return load_svhn(root, download)
     if name in LARGE_SCALE:
-        raise ValueError(f"{name} is trained with train/imagenet_scale.py (DALI + torchrun DDP), "
-                         "not `train run`")
-    raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+        raise UserError(f"dataset={name}: {name} is trained with train/imagenet_scale.py (DALI + torchrun DDP), "
+                        "not `train run`")
+    raise UserError(f"dataset={name}: unknown dataset; choose from {DATASETS}")
+
+
+def noise_type_of(cfg) -> str:
+    """cfg.noise_type, except that CIFAR-10N / CIFAR-100N always train on their human labels."""
+    return "human" if cfg.dataset in HUMAN_NOISE_ALIASES else cfg.noise_type
+
+
+def load_labelled(cfg) -> tuple[RawDataset, np.ndarray | None, str]:
+    """cfg's clean dataset, and for human noise the human labels and where they come from. Downloads
+    missing files where allowed; a file that is still missing is a UserError (DatasetNotFound)."""
+    raw = load_raw(cfg.dataset, cfg.data_root, cfg.download)
+    if noise_type_of(cfg) != "human":
+        return raw, None, ""
+    return raw, *load_human_labels(raw.name, cfg.data_root, raw.train_y, cfg.human_label, cfg.download)
 
 
 def build_data(cfg) -> NoisyDataset:
     """Loads cfg.dataset, corrupts the training labels (cfg.noise_type / noise_rate / seed) and, with
     cfg.tuning, holds out 20% of the training set as a clean-labelled validation split."""
-    noise_type = "human" if cfg.dataset in HUMAN_NOISE_ALIASES else cfg.noise_type
-    raw = load_raw(cfg.dataset, cfg.data_root, cfg.download)
-    human, source = None, ""
-    if noise_type == "human":
-        human, source = load_human_labels(raw.name, cfg.data_root, raw.train_y, cfg.human_label, cfg.download)
+    noise_type = noise_type_of(cfg)
+    raw, human, source = load_labelled(cfg)
     noisy, record = apply_noise(
         noise_type, cfg.noise_rate, raw.train_y, raw.num_classes, dataset=raw.name, seed=cfg.seed,
         images=raw.train_x, pixel_scale=raw.pixel_scale, human_labels=human, human_source=source,

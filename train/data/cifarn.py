@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..run_dirs import UserError
 from .cifar import _numpy_internal
 from .download import ensure, fetch
 
@@ -42,11 +43,11 @@ def load_human_labels(dataset: str, root: str | Path, clean_train_labels: np.nda
                       download: bool = True) -> tuple[np.ndarray, str]:
     """(noisy labels (50000,) int64, description) for cifar10 / cifar100.
 
-    Raises ValueError when the file's clean_label does not equal the CIFAR training labels element by
+    Raises UserError when the file's clean_label does not equal the CIFAR training labels element by
     element (a wrong file, or a CIFAR copy in another order), or when the key is missing.
     """
     if dataset not in FILES:
-        raise ValueError(f"human noise exists for {sorted(FILES)}, not {dataset!r}")
+        raise UserError(f"human noise exists for {sorted(FILES)}, not {dataset!r}")
     path = Path(root) / FILES[dataset]
     ensure(path.exists(), path.parent, [FILES[dataset]], lambda: fetch(URL + FILES[dataset], path), download,
            f"Get it from https://github.com/UCSC-REAL/cifar-10-100n (data/{FILES[dataset]}) "
@@ -54,9 +55,9 @@ def load_human_labels(dataset: str, root: str | Path, clean_train_labels: np.nda
     stored = read_human_labels(path)
     key = KEY_ALIASES.get(key, key) if key else DEFAULT_KEY[dataset]
     if key not in stored:
-        raise ValueError(f"{path} has keys {sorted(stored)}, not {key!r}")
+        raise UserError(f"{path} has keys {sorted(stored)}, not {key!r}")
     clean = np.asarray(stored["clean_label"], dtype=np.int64)
     if clean.shape != clean_train_labels.shape or not np.array_equal(clean, clean_train_labels):
-        raise ValueError(f"{path}: clean_label does not match the {dataset} training labels "
-                         "element by element")
+        raise UserError(f"{path}: clean_label does not match the {dataset} training labels "
+                        "element by element")
     return np.asarray(stored[key], dtype=np.int64), f"{FILES[dataset]}[{key}]"

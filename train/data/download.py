@@ -12,11 +12,13 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
+from ..run_dirs import UserError
+
 TIMEOUT_S = 60
 
 
-class DatasetNotFound(FileNotFoundError):
-    """The dataset files are missing and could not be downloaded."""
+class DatasetNotFound(UserError, FileNotFoundError):
+    """The dataset files are missing and could not be downloaded (a user's mistake to fix: a UserError)."""
 
 
 def md5sum(path: Path) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..run_dirs import UserError
 from .core import RawDataset
 from .download import ensure, fetch
 
@@ -29,12 +30,12 @@ def read_idx(path: Path) -> np.ndarray:
         data = f.read()
     magic = int.from_bytes(data[:4], "big")
     if magic not in IDX_MAGIC:
-        raise ValueError(f"{path}: not an MNIST idx file (magic {magic}, expected 2049 or 2051)")
+        raise UserError(f"{path}: not an MNIST idx file (magic {magic}, expected 2049 or 2051)")
     ndim = IDX_MAGIC[magic]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, payload has {payload.size} bytes")
+        raise UserError(f"{path}: header says {shape}, payload has {payload.size} bytes")
     return payload.reshape(shape)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..run_dirs import UserError
 from .core import RawDataset
 from .download import ensure, fetch
 
@@ -30,10 +31,10 @@ def read_svhn_mat(path: Path) -> tuple[torch.Tensor, np.ndarray]:
     mat = loadmat(path)
     x, y = mat["X"], mat["y"].reshape(-1).astype(np.int64)
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y) or x.dtype != np.uint8:
-        raise ValueError(f"{path}: expected X uint8 (32, 32, 3, N) and y (N, 1), got X {x.dtype} {x.shape}, "
-                         f"y {mat['y'].shape}")
+        raise UserError(f"{path}: expected X uint8 (32, 32, 3, N) and y (N, 1), got X {x.dtype} {x.shape}, "
+                        f"y {mat['y'].shape}")
     if y.min() < 1 or y.max() > 10:
-        raise ValueError(f"{path}: labels must be 1..10 (10 = digit 0), got {y.min()}..{y.max()}")
+        raise UserError(f"{path}: labels must be 1..10 (10 = digit 0), got {y.min()}..{y.max()}")
     y[y == 10] = 0
     return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), y
 

@@ -1,8 +1,11 @@
 """Large-scale training (mini-WebVision + ILSVRC12 val, Clothing1M): the pieces behind
 train/imagenet_scale.py.
 
+    start.py          before the first step: --resume and its overrides, checks against the machine,
+                      the run folder's claim, the log before the folder exists
     lists.py          the datasets' list formats -> ImageList (paths + labels); class-balanced draws
-    validate.py       missing / corrupt files counted and dropped before training (sharded, cached)
+    validate.py       missing / corrupt files counted and dropped before training (sharded, cached by
+                      file size and modification time)
     transforms.py     the augmentation recipe (constants + PIL/numpy transforms for the torch path)
     dali_pipeline.py  the same recipe as DALI pipelines (decode on "mixed" with a GPU, "cpu" without)
     torch_loader.py   the torch DataLoader path (no torchvision), globally planned batches

@@ -19,11 +19,17 @@ Evaluation: one pipeline per list, built once, no shuffle, stick_to_shard, pad_l
 LastBatchPolicy.PARTIAL: the padding is cut off, so every image is counted once over all ranks.
 
 DALI has no bfloat16 type (2.4): the pipeline emits float16 (or float32) and the loop casts on device.
-Corrupt JPEGs abort a DALI pipeline: lists are validated before training (train/scale/validate.py).
+
+Corrupt JPEGs abort a DALI pipeline, and DALI cannot skip a sample ("no feedback channel that would ask
+the reader operator to provide one more sample", https://github.com/NVIDIA/DALI/issues/3913), nor does
+its error name the file. So lists are validated before training (train/scale/validate.py; a file
+changed since the last check is decoded again), and a file that goes bad during the run stops it with a
+DataFileError at the last checkpoint: --resume checks the changed file again and drops it.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +46,7 @@ from .transforms import (
     JITTER_HUE_DEGREES,
     JITTER_SCALE,
 )
+from .validate import DataFileError
 
 READER = "Reader"
 OUTPUTS = ["images", "labels"]
@@ -111,19 +118,40 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-class _Batches:
-    """A DALI iterator as a sized iterable of (images (B, H, W, 3), labels (B,) int64)."""
+@contextmanager
+def _bad_files_as_data_errors():
+    """A decoding failure (at the iterator's first prefetch or later) as a one-line DataFileError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "Critical error in pipeline" not in str(exc):
+            raise
+        # the last line before DALI's "Current pipeline object is no longer valid." is the cause
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "no longer valid" not in line]
+        cause = lines[-1] if lines else "no detail"
+        raise DataFileError(f"DALI could not decode a file of the list ({cause}; DALI does not say which): "
+                            f"it changed since the list check or the storage failed") from exc
 
-    def __init__(self, iterator: DALIGenericIterator):
-        self.iterator = iterator
+
+class _Batches:
+    """A DALI iterator as a sized iterable of (images (B, H, W, 3), labels (B,) int64). bad_files is
+    always empty: DALI stops at a bad file instead (DataFileError)."""
+
+    bad_files: tuple = ()
+
+    def __init__(self, pipe, last_batch_policy, auto_reset: bool = False):
+        with _bad_files_as_data_errors():
+            self.iterator = DALIGenericIterator([pipe], OUTPUTS, reader_name=READER, auto_reset=auto_reset,
+                                                last_batch_policy=last_batch_policy)
 
     def __len__(self) -> int:
         return len(self.iterator)
 
     def __iter__(self):
-        for batch in self.iterator:
-            out = batch[0]
-            yield out["images"], out["labels"].squeeze(-1).long()
+        with _bad_files_as_data_errors():
+            for batch in self.iterator:
+                out = batch[0]
+                yield out["images"], out["labels"].squeeze(-1).long()
 
 
 class DaliTrainLoader:
@@ -144,8 +172,7 @@ class DaliTrainLoader:
             batch_size=self.batch, num_threads=self.spec.threads, device_id=self.spec.device_id,
             seed=derived_seed(self.seed, epoch, self.rank))
         pipe.build()
-        self._current = _Batches(DALIGenericIterator([pipe], OUTPUTS, reader_name=READER,
-                                                     last_batch_policy=LastBatchPolicy.DROP))
+        self._current = _Batches(pipe, LastBatchPolicy.DROP)
         return self._current
 
 
@@ -157,8 +184,8 @@ class DaliEvalLoader:
                               num_shards=world_size, spec=spec, batch_size=batch, num_threads=spec.threads,
                               device_id=spec.device_id, seed=0)
         pipe.build()
-        self.batches = _Batches(DALIGenericIterator([pipe], OUTPUTS, reader_name=READER, auto_reset=True,
-                                                    last_batch_policy=LastBatchPolicy.PARTIAL))
+        self.batches = _Batches(pipe, LastBatchPolicy.PARTIAL, auto_reset=True)
+        self.bad_files = self.batches.bad_files
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import DistContext
-from .lists import DatasetSpec, build_dataset, class_balanced_subset
+from ..run_dirs import UserError
+from .distributed import DistContext, agree
+from .lists import LAYOUTS, DatasetSpec, build_dataset, class_balanced_subset, ilsvrc12_val
 from .options import ScaleOptions
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 from .validate import check_list, describe, drop_bad
@@ -34,7 +35,8 @@ def resolve_loader(options: ScaleOptions) -> str:
     if options.loader == "auto":
         return "dali" if dali_installed() else "torch"
     if options.loader == "dali" and not dali_installed():
-        raise ImportError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or use --loader torch)")
+        raise UserError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
+                        "--loader torch or auto work without it")
     return options.loader
 
 
@@ -48,14 +50,33 @@ def default_workers(ctx: DistContext) -> int:
     return max(1, min(16, (os.cpu_count() or 1) // ctx.local_world_size))
 
 
-def load_lists(cfg, options: ScaleOptions, ctx: DistContext, cache_dir: Path, log: logging.Logger) -> DatasetSpec:
-    """The dataset's lists with missing / corrupt files counted, reported and removed (before training)."""
+def _parse_lists(cfg, options: ScaleOptions, log: logging.Logger) -> DatasetSpec:
+    """The dataset's lists as listed; a missing or malformed file is a UserError naming the root flag."""
     imagenet = options.imagenet_root
     if imagenet is None and cfg.dataset == "webvision" and (Path(options.data_root) / "imagenet" / "val").is_dir():
         imagenet = str(Path(options.data_root) / "imagenet")
-    spec = build_dataset(cfg.dataset, options.data_root, imagenet, options.webvision_classes)
-    if cfg.dataset == "webvision" and imagenet is None:
+    try:
+        spec = build_dataset(cfg.dataset, options.data_root, options.webvision_classes)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(f"--data_root {options.data_root}: {exc}; a {cfg.dataset} root holds "
+                        f"{LAYOUTS[cfg.dataset]}") from None
+    if cfg.dataset == "webvision" and imagenet is not None:
+        try:
+            spec.evals["ilsvrc12_val"] = ilsvrc12_val(imagenet, options.webvision_classes)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            raise UserError(f"--imagenet_root {imagenet}: {exc}; an ILSVRC12 root holds {LAYOUTS['imagenet']}") \
+                from None
+    elif cfg.dataset == "webvision":
         log.info("no ILSVRC12 val found (--imagenet_root); evaluating on WebVision val only")
+    return spec
+
+
+def load_lists(cfg, options: ScaleOptions, ctx: DistContext, cache_dir: Path | None, log: logging.Logger
+               ) -> DatasetSpec:
+    """The dataset's lists with missing / corrupt files counted, reported and removed (before training).
+    Every rank parses the lists; a UserError on any rank is raised on all of them before the check's
+    collectives start (a root missing on one node must not leave the others waiting)."""
+    spec = agree(lambda: _parse_lists(cfg, options, log), ctx)
     threads = max(1, options.workers if options.workers is not None else default_workers(ctx))
     for images in (spec.train, *spec.evals.values()):
         result = check_list(images, options.check, ctx, cache_dir, threads)
@@ -66,9 +87,28 @@ def load_lists(cfg, options: ScaleOptions, ctx: DistContext, cache_dir: Path, lo
         else:
             spec.evals[images.name] = cleaned
     if len(spec.train) == 0 or len(spec.evals[spec.select]) == 0:
-        raise ValueError(f"{cfg.dataset}: no usable training or {spec.select} images under {options.data_root}")
+        raise UserError(f"--data_root {options.data_root}: no usable training or {spec.select} images")
     spec.evals = {name: images for name, images in spec.evals.items() if len(images)}
     return spec
+
+
+def epoch_size(spec: DatasetSpec, options: ScaleOptions) -> int:
+    """Training images per epoch: the list, or the size of Clothing1M's class-balanced draw (the same
+    every epoch: up to balanced_samples // C of each class)."""
+    if not options.balanced_samples:
+        return len(spec.train)
+    per_class = options.balanced_samples // spec.num_classes
+    return int(np.minimum(np.bincount(spec.train.labels, minlength=spec.num_classes), per_class).sum())
+
+
+def check_epoch_fits_batch(spec: DatasetSpec, cfg, options: ScaleOptions) -> None:
+    """An epoch must hold one global batch: DALI stops with "no data in the pipeline" when a shard is
+    smaller than its batch, and the torch path would train 0 steps."""
+    images = epoch_size(spec, options)
+    if cfg.batch_size > images:
+        source = f"--balanced_samples {options.balanced_samples} draws" if options.balanced_samples else "there are"
+        raise UserError(f"config batch_size={cfg.batch_size} (global): {source} only {images} usable training images "
+                        f"per epoch in {spec.train.name}; accepted: --set batch_size=N with N <= {images}")
 
 
 @dataclass
@@ -86,9 +126,6 @@ class Loaders:
 
 def build_loaders(spec: DatasetSpec, cfg, options: ScaleOptions, ctx: DistContext) -> Loaders:
     kind = resolve_loader(options)
-    for name, size in (("batch_size", cfg.batch_size), ("eval_batch_size", cfg.eval_batch_size)):
-        if size % ctx.world_size:
-            raise ValueError(f"config {name}={size} (global) is not divisible by the world size {ctx.world_size}")
     batch, eval_batch = cfg.batch_size // ctx.world_size, cfg.eval_batch_size // ctx.world_size
     color_jitter, cutout = cfg.dataset == "webvision", (options.crop // 2 if cfg.dataset == "clothing1m" else 0)
     workers = options.workers if options.workers is not None else default_workers(ctx)

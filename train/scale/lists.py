@@ -219,6 +219,15 @@ def class_balanced_subset(labels: np.ndarray, num_samples: int, num_classes: int
 
 
 # ------------------------------------------------------------------------------------ dataset specs
+LAYOUTS = {  # what a root must hold, for messages about a wrong one
+    "webvision": "info/train_filelist_google.txt, info/val_filelist.txt and val_images_256/ (mini-WebVision)",
+    "clothing1m": "noisy_label_kv.txt, clean_label_kv.txt and {noisy_train,clean_val,clean_test}_key_list.txt, "
+                  "in the root or annotations/",
+    "imagenet": "val/ (1000 wnid folders, or flat ILSVRC2012_val_*.JPEG with the devkit's ground truth and "
+                "meta.mat or ilsvrc2012_id_wnid.txt)",
+}
+
+
 @dataclass
 class DatasetSpec:
     """A training list and the evaluation lists; `select` names the split that picks the best epoch."""
@@ -230,18 +239,16 @@ class DatasetSpec:
     select: str
 
 
-def build_dataset(name: str, root: str | Path, imagenet_root: str | Path | None = None,
-                  num_classes: int = MINI_WEBVISION_CLASSES) -> DatasetSpec:
-    """webvision: train + webvision_val (+ ilsvrc12_val when imagenet_root has it);
-    clothing1m: train + clothing1m_val (selection) + clothing1m_test (reported at the selected epoch)."""
+def build_dataset(name: str, root: str | Path, num_classes: int = MINI_WEBVISION_CLASSES) -> DatasetSpec:
+    """The lists under root. webvision: train + webvision_val (the caller adds ilsvrc12_val from its own
+    root); clothing1m: train + clothing1m_val (selection) + clothing1m_test (reported at the selected
+    epoch)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data_root {root} is not a directory")
+        raise FileNotFoundError(f"{root} is not a directory")
     if name == "webvision":
         check_webvision_matches_ilsvrc(webvision_synsets(root), num_classes)
         evals = {"webvision_val": webvision_val(root, num_classes)}
-        if imagenet_root is not None:
-            evals["ilsvrc12_val"] = ilsvrc12_val(imagenet_root, num_classes)
         return DatasetSpec(name, num_classes, webvision_train(root, num_classes), evals, "webvision_val")
     if name == "clothing1m":
         evals = {f"clothing1m_{s}": clothing1m(root, s) for s in ("val", "test")}

@@ -1,4 +1,4 @@
-"""The training loop of a large run: ScaleTrainer(cfg, options, ctx, run_dir, log).fit().
+"""The training loop of a large run: ScaleTrainer(cfg, options, ctx, run_dir, log, spec).fit().
 
 A step: batch -> device input (bf16 / fp16 / fp32, channels_last on CUDA) -> forward under bf16 autocast
 (CUDA) through DDP -> loss (the fused Drainage loss for drainage configs; + l1_delta * sum|theta|) ->
@@ -23,20 +23,23 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
+from ..checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from ..losses import build_loss
 from ..trainer import build_optimizer, build_scheduler, class_predictions, optimisation_step
 from . import data as scale_data
 from .distributed import DistContext, all_reduce_sum, average_batchnorm_statistics
+from .lists import DatasetSpec
 from .models import build_scale_model, prepare_for_training
 
 CHECKPOINT, BEST = "last.pt", "best.pt"
 
 
 class ScaleTrainer:
-    def __init__(self, cfg, options, ctx: DistContext, run_dir: Path, log, show_progress: bool = True):
+    def __init__(self, cfg, options, ctx: DistContext, run_dir: Path, log, spec: DatasetSpec,
+                 show_progress: bool = True):
+        """spec: the validated lists (train/scale/data.py load_lists)."""
         self.cfg, self.options, self.ctx, self.run_dir, self.log = cfg, options, ctx, Path(run_dir), log
-        self.spec = scale_data.load_lists(cfg, options, ctx, Path(cfg.out_dir) / "list_checks", log)
+        self.spec = spec
         self.C = self.spec.num_classes
         self.loaders = scale_data.build_loaders(self.spec, cfg, options, ctx)
         self.amp = cfg.amp and ctx.device.type == "cuda"
@@ -89,12 +92,21 @@ class ScaleTrainer:
                 interval_start, interval_wait = time.perf_counter(), 0.0
             fetch = time.perf_counter()
         bar.close()
-        loss_sum, correct, seen = all_reduce_sum(torch.cat([sums, sums.new_tensor([seen])]), self.ctx).tolist()
+        self._report_bad_files(self.spec.train, batches.bad_files, "replaced by other training images")
+        totals = all_reduce_sum(torch.cat([sums, sums.new_tensor([seen, len(batches.bad_files)])]), self.ctx)
+        loss_sum, correct, seen, bad = totals.tolist()
         seconds = time.perf_counter() - start
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc_noisy": correct / max(seen, 1),
-                "train_images": int(seen), "images_per_s": seen / seconds, "data_wait_frac": wait / seconds}
+                "train_images": int(seen), "train_bad_files": int(bad), "images_per_s": seen / seconds,
+                "data_wait_frac": wait / seconds}
+
+    def _report_bad_files(self, images, bad: list[int], what: str, examples: int = 3) -> None:
+        """Names this rank's undecodable files in the log (the epoch row holds the count over all ranks)."""
+        if bad:
+            names = ", ".join(images.paths[i] for i in bad[:examples]) + (" ..." if len(bad) > examples else "")
+            self.log.warning(f"  {images.name}: {len(bad)} file(s) could not be decoded, {what}: {names}")
 
     # ------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -113,10 +125,14 @@ class ScaleTrainer:
                 counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
                                        (logits.argmax(1) == self.C).sum()]).double()
                 n += len(y)
-            top1, top5, drained, n = all_reduce_sum(torch.cat([counts, counts.new_tensor([n])]), self.ctx).tolist()
-            row.update({f"{name}_top1": top1 / n, f"{name}_top5": top5 / n, f"{name}_n": int(n)})
+            self._report_bad_files(self.spec.evals[name], loader.bad_files, "left out of the evaluation")
+            totals = all_reduce_sum(torch.cat([counts, counts.new_tensor([n, len(loader.bad_files)])]), self.ctx)
+            top1, top5, drained, n, bad = totals.tolist()
+            row.update({f"{name}_top1": top1 / max(n, 1), f"{name}_top5": top5 / max(n, 1), f"{name}_n": int(n)})
+            if bad:
+                row[f"{name}_bad_files"] = int(bad)
             if self.drainage:
-                row[f"{name}_drained_frac"] = drained / n
+                row[f"{name}_drained_frac"] = drained / max(n, 1)
         return row
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -130,8 +146,9 @@ class ScaleTrainer:
             "world_size": self.ctx.world_size,
         }, self.run_dir / CHECKPOINT)
 
-    def load_checkpoint(self) -> None:
-        state = load_checkpoint(self.run_dir / CHECKPOINT, map_location=self.ctx.device)
+    def restore(self, state: dict) -> None:
+        """Continues from a checkpoint read by train/scale/start.py read_resume_checkpoint (on the CPU:
+        the load_state_dict calls copy to the device)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -43,10 +43,7 @@ def prepare_for_training(model: nn.Module, ctx: DistContext, *, sync_bn: bool, c
                          compile_model: bool) -> tuple[nn.Module, nn.Module]:
     """(module that owns the parameters, module to call for training). DDP's initial broadcast makes
     every rank start from rank 0's weights."""
-    if sync_bn and ctx.distributed:
-        if ctx.device.type != "cuda":
-            raise ValueError("sync_bn needs CUDA (torch's SyncBatchNorm has no CPU implementation); "
-                             "drop --sync_bn for a CPU run")
+    if sync_bn and ctx.distributed:  # CUDA only: checked with the flags (train/scale/start.py check_runtime)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     train_model = model
