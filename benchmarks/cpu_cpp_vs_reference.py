@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-import drainage_fast.api
 from drainage_fast import fused_drainage_loss
 
 SHAPES = [(4096, 1001), (512, 51)]  # ImageNet-1k-sized rows; CIFAR-50-sized rows (launch-bound)
@@ -44,8 +43,7 @@ def make_step(N, K, dtype, reduction, backend, fused):
     upstream = torch.rand(N) + 0.5
 
     def step():
-        drainage_fast.api.FUSED_GRAD_ENABLED = fused
-        loss = fused_drainage_loss(x, target, alpha=0.1, reduction=reduction, backend=backend)
+        loss = fused_drainage_loss(x, target, alpha=0.1, reduction=reduction, backend=backend, _fuse_grad=fused)
         loss.backward(upstream if reduction == "none" else None)
         x.grad = None
 
@@ -70,7 +68,6 @@ def measure(N, K, dtype, reduction, repeats):
     for _ in range(repeats):
         for name, step in steps.items():
             samples[name].append(time_per_call(step, numbers[name]))
-    drainage_fast.api.FUSED_GRAD_ENABLED = True
     return samples
 
 

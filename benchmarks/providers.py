@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from naive_loss import naive_drainage_loss
 
-import drainage_fast.api
 from drainage_fast import backends, drainage_loss_reference, fused_drainage_loss
 
 ALPHA = 0.1  # the paper's CIFAR-100 / WebVision value; any alpha costs the same
@@ -23,12 +22,7 @@ ALPHA = 0.1  # the paper's CIFAR-100 / WebVision value; any alpha costs the same
 
 def _fused(backend: str, fused_grad: bool = True):
     def loss(x, t, reduction):
-        previous = drainage_fast.api.FUSED_GRAD_ENABLED
-        drainage_fast.api.FUSED_GRAD_ENABLED = fused_grad
-        try:
-            return fused_drainage_loss(x, t, alpha=ALPHA, reduction=reduction, backend=backend)
-        finally:
-            drainage_fast.api.FUSED_GRAD_ENABLED = previous
+        return fused_drainage_loss(x, t, alpha=ALPHA, reduction=reduction, backend=backend, _fuse_grad=fused_grad)
 
     return loss
 

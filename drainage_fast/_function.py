@@ -7,7 +7,7 @@ import functools
 import torch
 
 from . import backends
-from ._inputs import Hyper, as_rows, check_targets_torch, from_rows, loss_dtype
+from ._inputs import Hyper, as_rows, from_rows, loss_dtype
 
 HIGHER_ORDER_MESSAGE = (
     "fused_drainage_loss has a hand-written first-order backward only: it cannot be differentiated "
@@ -49,15 +49,18 @@ def first_order_only(backward):
 
 
 class DrainageFunction(torch.autograd.Function):
-    """Per-row losses from the backend, reduced here in PyTorch (the kernels never reduce).
+    """The loss for every backend; the backend's kernels do the reduction too (see backends.Backend).
 
-    Two pass structures:
-      * recompute (any reduction): the forward saves four fp32 terms per row; the backward reads
-        the logits again and writes the gradient: 2 reads + 1 write of the logits.
-      * fused (mean / sum, eager, backend.FUSED_GRAD): the forward writes the gradient of the
-        reduced loss while the row is in registers; the backward scales it by the upstream scalar
-        on the device (nothing to do when that is 1): 1 read + 1 write. The buffer is handed out
-        once; a second backward through the same graph (retain_graph=True) recomputes.
+    Pass structures:
+      * fused (mean / sum with a gradient, eager, backend.FUSED_GRAD): the forward writes the
+        gradient of the reduced loss while the row is in registers; the backward scales it by the
+        upstream scalar on the device (nothing to do when that is 1): 1 read + 1 write of the
+        logits. The buffer is handed out once; a second backward through the same graph
+        (retain_graph=True) recomputes the row terms and the gradient.
+      * reduced without a gradient (eval): the forward alone, no row terms written.
+      * recompute (reduction "none", torch.compile, or fuse_grad=False): the forward saves four
+        terms per row; the backward reads the logits again and writes the gradient: 2 reads + 1
+        write.
     """
 
     @staticmethod
@@ -65,25 +68,27 @@ class DrainageFunction(torch.autograd.Function):
         backend = backends.load(backend_name)
         x3 = as_rows(logits).view
         target = target.reshape(-1)
-        K = x3.shape[-1]
-        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Targets were checked on the host at the API boundary.
-            count = (target != hp.ignore_index).sum() if reduction == "mean" else None
-        else:
-            check = getattr(backend, "check_targets", check_targets_torch)
-            count = check(target, K, hp)
-            count = count if reduction == "mean" else None
-        # The gradient of a mean is scaled by 1 / count: the same tensor in both pass structures, so
-        # that the fused gradient and a recomputed one (gradcheck's second backward) are the same bits.
-        inv_count = None if count is None else torch.reciprocal(count.to(loss_dtype(x3)))
-        if fuse_grad:
-            loss, stats, grad3 = backend.forward_with_grad(x3, target, hp, inv_count)
-            ctx.fused_grad = from_rows(grad3, logits.shape)
-        else:
-            loss, stats = backend.forward(x3, target, hp)
-            ctx.fused_grad = None
-        ctx.save_for_backward(logits, target, stats, inv_count)  # the input itself: see first_order_only
         ctx.hp, ctx.reduction, ctx.backend, ctx.shape = hp, reduction, backend, logits.shape
+        ctx.fused_grad = ctx.pending = None
+        reduced = reduction != "none" and not torch.compiler.is_compiling()
+        if reduced and (fuse_grad or not logits.requires_grad):
+            out, inv_count, grad3, ctx.pending = backend.forward_reduced(
+                x3, target, hp, reduction == "mean", with_grad=fuse_grad
+            )
+            if grad3 is not None:
+                ctx.fused_grad = from_rows(grad3, logits.shape)
+            # No row terms: a second backward recomputes them (see backward).
+            ctx.save_for_backward(logits, target, None, inv_count)  # logits: see first_order_only
+            return out
+        loss, stats = backend.forward(x3, target, hp)
+        inv_count = None
+        if reduction == "mean":
+            # The backend checked the targets; under torch.compile this count is fused by Inductor.
+            count = (target != hp.ignore_index).sum()
+            # The gradient of a mean is scaled by 1 / count: the same tensor in the forward's result
+            # and in the backward.
+            inv_count = torch.reciprocal(count.to(loss_dtype(x3))).reshape(1)
+        ctx.save_for_backward(logits, target, stats, inv_count)
         if reduction == "none":
             return loss.reshape(logits.shape[:1] + logits.shape[2:])
         total = loss.sum()
@@ -94,9 +99,11 @@ class DrainageFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.fused_grad is not None:
             grad, ctx.fused_grad = ctx.fused_grad, None
-            return ctx.backend.scale_(grad, grad_out), None, None, None, None, None
+            return ctx.backend.scale_(grad, grad_out, ctx.pending), None, None, None, None, None
         logits, target, stats, inv_count = ctx.saved_tensors
         x3 = as_rows(logits).view
+        if stats is None:
+            _, stats = ctx.backend.forward(x3, target, ctx.hp)
         if ctx.reduction == "none":
             grad_rows = grad_out.reshape(-1)
         else:

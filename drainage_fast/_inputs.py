@@ -93,7 +93,7 @@ def check_target_values(target: torch.Tensor, K: int, d: int, ignore_index: int)
     """Host check that every target is ignore_index or a class index in [0, K) other than d.
 
     Only for CPU tensors in eager mode: elsewhere the check runs on the device, in the forward
-    (backends' check_targets), so the host never waits for the GPU.
+    (see backends.Backend.forward), so the host never waits for the GPU.
     """
     if target.device.type != "cpu" or torch.compiler.is_compiling() or target.numel() == 0:
         return
@@ -118,6 +118,13 @@ def check_targets_torch(target: torch.Tensor, K: int, hp: "Hyper") -> torch.Tens
     bad = kept & ((target < 0) | (target >= K) | (target == hp.drainage_idx))
     torch._assert_async(~bad.any(), TARGET_MESSAGE)
     return kept.sum()
+
+
+def check_targets_unless_checked(target: torch.Tensor, K: int, hp: "Hyper") -> None:
+    """check_targets_torch where check_target_values did not run (GPU tensors, torch.compile), for
+    the backends whose kernels do not check the targets themselves."""
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        check_targets_torch(target, K, hp)
 
 
 class Rows(NamedTuple):

@@ -8,10 +8,6 @@ from . import backends
 from ._function import HIGHER_ORDER_MESSAGE, DrainageFunction
 from ._inputs import check_hyper, check_inputs
 
-# The fused pass structure (gradient written in the forward for mean / sum) is the default; the
-# benchmarks switch it off to measure the recompute structure against it.
-FUSED_GRAD_ENABLED = True
-
 
 def fused_drainage_loss(
     logits: torch.Tensor,
@@ -23,6 +19,7 @@ def fused_drainage_loss(
     reduction: str = "mean",
     ignore_index: int = -100,
     backend: str = "auto",
+    _fuse_grad: bool = True,
 ) -> torch.Tensor:
     """Drainage loss (Taha et al., CVPR 2026) with a fused softmax and a hand-written backward.
 
@@ -40,9 +37,10 @@ def fused_drainage_loss(
         reduction: "none" -> (N, d1, ..., dk) float32 losses (float64 for float64 input);
             "sum"; "mean" over the non-ignored targets (nan when all are ignored).
         ignore_index: target value to skip.
-        backend: "auto" (the fastest available for the tensor's device: triton, else cuda, else
+        backend: "auto" (the first available for the tensor's device: triton, else cuda, else
             reference on a GPU; cpp, else reference on the CPU), "triton", "cuda", "cpp" or "reference".
             A named backend never falls back: it raises if it cannot run.
+        _fuse_grad: private; False measures the recompute pass structure (benchmarks, tests).
 
     Raises:
         ValueError: a bad dtype, shape, device, alpha, beta, reduction, ignore_index or backend.
@@ -60,7 +58,7 @@ def fused_drainage_loss(
         raise RuntimeError(HIGHER_ORDER_MESSAGE)  # torch.func.grad / vmap / jacrev: see the message
     impl = backends.load(backends.resolve_name(backend, logits.device.type))
     fuse_grad = (
-        FUSED_GRAD_ENABLED
+        _fuse_grad
         and impl.FUSED_GRAD
         and reduction != "none"
         and torch.is_grad_enabled()
@@ -103,5 +101,5 @@ class DrainageLoss(torch.nn.Module):
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that can run on this machine (any device), fastest first."""
+    """Names of the backends that can run on this machine (any device), in the order "auto" tries them."""
     return [name for name in backends.NAMES if backends.availability(name)[0]]

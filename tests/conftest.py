@@ -15,10 +15,3 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
 
-
-@pytest.fixture(autouse=True)
-def _fused_grad_default(monkeypatch):
-    # Tests that toggle the pass structure do it through this attribute; restore it every time.
-    import drainage_fast.api
-
-    monkeypatch.setattr(drainage_fast.api, "FUSED_GRAD_ENABLED", True)

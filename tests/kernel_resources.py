@@ -76,9 +76,10 @@ def _triton_variants(launch):
             stats = torch.zeros(4, 2, dtype=stats_dtype)
             one = torch.ones(1, dtype=stats_dtype)
             modes = {
-                "forward": lambda x3=x3, t=t: launch._launch_forward(x3, t, hp),
-                "forward+grad sum": lambda x3=x3, t=t: launch.forward_with_grad(x3, t, hp, None),
-                "forward+grad mean": lambda x3=x3, t=t, one=one: launch.forward_with_grad(x3, t, hp, one),
+                "forward rows": lambda x3=x3, t=t: launch.forward(x3, t, hp),
+                "sum+grad": lambda x3=x3, t=t: launch.forward_reduced(x3, t, hp, False, True),
+                "mean+grad": lambda x3=x3, t=t: launch.forward_reduced(x3, t, hp, True, True),
+                "mean": lambda x3=x3, t=t: launch.forward_reduced(x3, t, hp, True, False),
                 "backward": lambda x3=x3, t=t, s=stats, one=one: launch._launch_backward(
                     x3, t, s, one.expand(2), hp
                 ),
@@ -93,19 +94,23 @@ def _triton_variants(launch):
             t = torch.zeros(64, dtype=torch.int64)
             variants.append(
                 (
-                    f"{dtype_name} K=19 {layout} forward+grad mean",
-                    lambda x3=x3, t=t, d=stats_dtype: launch.forward_with_grad(
-                        x3, t, hp, torch.ones(1, dtype=d)
-                    ),
+                    f"{dtype_name} K=19 {layout} mean+grad",
+                    lambda x3=x3, t=t: launch.forward_reduced(x3, t, hp, True, True),
                 )
             )
         grad = torch.zeros(3, 5000, dtype=dtype)
         variants.append(
-            (f"{dtype_name} scale_", lambda g=grad, d=stats_dtype: launch.scale_(g, torch.ones(1, dtype=d)))
+            (f"{dtype_name} scale_", lambda g=grad, d=stats_dtype: launch.scale_(g, torch.ones(1, dtype=d), None))
         )
     for index_dtype in ("int32", "int64"):
         t = torch.zeros(10, dtype=getattr(torch, index_dtype))
-        variants.append((f"{index_dtype} check_targets", lambda t=t: launch.check_targets(t, 5, hp)))
+        for count in (False, True):
+            variants.append(
+                (
+                    f"{index_dtype} targets{' count' if count else ''}",
+                    lambda t=t, c=count: launch._launch_targets(t, 5, hp, torch.zeros(2, dtype=torch.int32), c),
+                )
+            )
     return variants
 
 
@@ -121,6 +126,15 @@ def _resource_usage(cubin: bytes, cuobjdump: str) -> dict:
         raise RuntimeError(f"cuobjdump printed no resource usage: {out.stdout}{out.stderr}")
     regs, stack, shared, local = (int(v) for v in m.groups())
     return {"registers": regs, "spill_bytes": stack + local, "shared_bytes": shared}
+
+
+def _sass_instructions(cubin: bytes, cuobjdump: str) -> int:
+    """Static SASS instruction count of the kernel (cuobjdump -sass; one /*addr*/ line each)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=False)
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", out.stdout, flags=re.M))
 
 
 def compile_triton(arch: int) -> list[dict]:
@@ -191,6 +205,8 @@ def compile_triton(arch: int) -> list[dict]:
                     "num_warps": kwargs.get("num_warps", 4),
                     "compile_s": round(seconds, 2),
                     **_resource_usage(kernel.asm["cubin"], cuobjdump),
+                    "sass_instructions": _sass_instructions(kernel.asm["cubin"], cuobjdump),
+                    "asserts": "__assertfail" in kernel.asm["ptx"],
                 }
                 seen[key] = row
                 rows.append(row)
@@ -327,28 +343,50 @@ def problems(rows: list[dict]) -> list[str]:
     return out
 
 
+def instructions_per_element(row: dict) -> float | None:
+    """Static SASS instructions x warps / elements of one program's row block, for the kernels that
+    hold a whole row block in one step (COLUMNS and TILE forwards, the backward): a regression
+    measure that needs no GPU. It counts the code once (loops over columns are unrolled; the
+    reduction epilogue and the last program's finalize are counted, so it is an upper bound)."""
+    config = row.get("config", {})
+    if "sass_instructions" not in row or "BLOCK_K" not in config:
+        return None
+    if row["kernel"] == "_drainage_fwd_kernel" and config.get("LAYOUT") not in ("0", "1"):
+        return None
+    m = re.search(r"K=(\d+)", row["variants"][0])
+    K = min(int(m.group(1)), int(config["BLOCK_K"])) if m else int(config["BLOCK_K"])
+    return row["sass_instructions"] * row["num_warps"] / (int(config["BLOCK_ROWS"]) * K)
+
+
+LAYOUT_NAMES = {"0": "columns", "1": "tile", "2": "stream"}
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per compiled kernel."""
     lines = [
-        "| arch | kernel | config | warps | registers | spill bytes | variants |",
-        "|---|---|---|---|---:|---:|---|",
+        "| arch | kernel | config | warps | registers | spill bytes | SASS | instr/elem | variants |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if "error" in row:
             lines.append(
-                f"| {row['arch']} | {row.get('kernel', '')} | compile error | | | "
+                f"| {row['arch']} | {row.get('kernel', '')} | compile error | | | | | "
                 f"| {row.get('variant', '')} |"
             )
             continue
         config = row.get("config", {})
         shape = f"{config.get('BLOCK_ROWS', '')}x{config.get('BLOCK_K', '')}" if "BLOCK_K" in config else ""
-        flags = " ".join(k for k in ("SINGLE_TILE", "WRITE_GRAD", "SCALED") if config.get(k) == "True")
+        flags = [LAYOUT_NAMES[config["LAYOUT"]]] if "LAYOUT" in config else []
+        flags += [k.lower() for k in ("WRITE_ROWS", "WRITE_GRAD", "COUNT") if config.get(k) == "True"]
+        flags += [{"1": "sum", "2": "mean"}[config["REDUCE"]]] if config.get("REDUCE", "0") != "0" else []
         variants = row.get("variants", [])
         shown = "; ".join(variants[:2]) + (f" (+{len(variants) - 2})" if len(variants) > 2 else "")
+        per_element = instructions_per_element(row)
         lines.append(
-            f"| {row['arch']} | {row['kernel']} | {(shape + ' ' + flags).strip()} "
+            f"| {row['arch']} | {row['kernel']} | {(shape + ' ' + ' '.join(flags)).strip()} "
             f"| {row.get('num_warps', '')} "
-            f"| {row['registers']} | {row['spill_bytes']} | {shown} |"
+            f"| {row['registers']} | {row['spill_bytes']} | {row.get('sass_instructions', '')} "
+            f"| {'' if per_element is None else f'{per_element:.1f}'} | {shown} |"
         )
     return "\n".join(lines)
 

@@ -19,7 +19,6 @@ from support import (
     rounding_error,
 )
 
-import drainage_fast.api
 from drainage_fast import drainage_loss_reference, fused_drainage_loss
 
 try:
@@ -33,14 +32,16 @@ K_LONG = MAX_TILE_K + 233
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 
 
-def run_both(base, target, *, backend, view=lambda b: b, reduction="none", upstream="random", **hp):
+def run_both(
+    base, target, *, backend, view=lambda b: b, reduction="none", upstream="random", fuse_grad=True, **hp
+):
     """Loss and gradient of `backend` on view(base), and of the oracle on the same values in fp64.
 
     upstream: "random" (a random upstream gradient, exactly representable in fp32) or "one"
     (loss.sum().backward(), the plain training call).
     """
     x = base.detach().clone().requires_grad_()
-    loss = fused_drainage_loss(view(x), target, backend=backend, reduction=reduction, **hp)
+    loss = fused_drainage_loss(view(x), target, backend=backend, reduction=reduction, _fuse_grad=fuse_grad, **hp)
     x64 = base.detach().double().requires_grad_()
     ref = drainage_loss_reference(view(x64), target, reduction=reduction, **hp)
     if upstream == "one":
@@ -85,12 +86,13 @@ def test_drainage_idx_and_hyper_parameters(backend, drainage_idx, alpha, beta):
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "recompute"])
 @pytest.mark.parametrize("upstream", ["one", "random"])
-def test_reductions_and_pass_structures(backend, reduction, fused, upstream, monkeypatch):
-    monkeypatch.setattr(drainage_fast.api, "FUSED_GRAD_ENABLED", fused)
+def test_reductions_and_pass_structures(backend, reduction, fused, upstream):
     logits = (torch.randn(33, 51, device=DEVICE) * 2).to(torch.bfloat16)
     target = random_targets(33, 51, -1)
     target[3] = -100
-    out = run_both(logits, target, backend=backend, reduction=reduction, upstream=upstream, alpha=0.5)
+    out = run_both(
+        logits, target, backend=backend, reduction=reduction, upstream=upstream, alpha=0.5, fuse_grad=fused
+    )
     check(*out, logits, alpha=0.5, roundings=2 if fused and upstream == "random" else 1)
 
 
@@ -344,7 +346,7 @@ def test_gradcheck_with_default_arguments(backend):
     assert torch.autograd.gradcheck(lambda x: fused_drainage_loss(x, target, backend=backend), (x,))
 
 
-def test_fused_and_recomputed_gradients_are_the_same_bits(backend, monkeypatch):
+def test_fused_and_recomputed_gradients_are_the_same_bits(backend):
     """The forward-written gradient of a mean equals the recomputed one exactly, in every dtype."""
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         logits = (torch.randn(33, 51, device=DEVICE) * 4).to(dtype)
@@ -352,9 +354,8 @@ def test_fused_and_recomputed_gradients_are_the_same_bits(backend, monkeypatch):
         target[4] = -100
         grads = []
         for fused in (True, False):
-            monkeypatch.setattr(drainage_fast.api, "FUSED_GRAD_ENABLED", fused)
             x = logits.clone().requires_grad_()
-            fused_drainage_loss(x, target, alpha=0.1, backend=backend).backward()
+            fused_drainage_loss(x, target, alpha=0.1, backend=backend, _fuse_grad=fused).backward()
             grads.append(x.grad)
         assert torch.equal(grads[0], grads[1]), dtype
 

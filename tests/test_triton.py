@@ -12,36 +12,56 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_device_target_check_counts_bad_and_kept():
-    # 10_000 targets span 3 programs of the check kernel; the counts are summed across them.
+def _targets_with_bad_and_ignored():
+    # 10_000 targets span 3 programs of the targets kernel; the counts are summed across them.
     target = torch.randint(0, 10, (20_000,), device=DEVICE)[::2]  # stride 2
     target[[5, 6, 7_000]] = -100  # ignored
-    target[[1, 9_999]] = 10  # == K: bad
-    target[2] = 4  # == drainage_idx: bad
-    target[3] = -3  # negative: bad
-    counts = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    kernel = triton_launch._check_targets_kernel
-    kernel[(triton_launch.triton.cdiv(target.numel(), 4096),)](
-        target, counts, target.numel(), target.stride(0), 10, 4, -100, BLOCK=4096
-    )
+    return target
+
+
+def test_targets_kernel_counts_the_kept_targets_across_programs():
+    target = _targets_with_bad_and_ignored()
+    target[target == 4] = 5  # 4 is the drainage output
+    workspace = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    triton_launch._launch_targets(target, 10, Hyper(0.0, 0.0, 4, -100), workspace, count=True)
+    assert workspace.tolist() == [target.numel() - 3, 0]
+    triton_launch._launch_targets(target, 10, Hyper(0.0, 0.0, 4, -100), workspace, count=False)
+    assert workspace.tolist() == [target.numel() - 3, 0]  # a check alone counts nothing
+
+
+@pytest.mark.parametrize("K", [11, 300, 9000], ids=["columns", "tile", "stream"])
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+def test_reduction_in_the_forward_is_the_sum_of_the_rows_and_leaves_the_workspace_zero(K, mean):
+    """The last program adds the partials: the result equals the per-row losses' sum in fp64
+    within the rounding of R additions, is the same bits on every call, and the workspace that
+    carries the count and the ticket is zero again afterwards (the next call relies on it)."""
+    R = 300 if K < 1000 else 9  # the interpreter's grid has 2 programs an SM: several row blocks each
+    x3 = (torch.randn(R, K, device=DEVICE) * 3).view(R, 1, K)
+    target = torch.randint(0, K - 1, (R,), device=DEVICE)
+    target[::7] = -100
+    hp = Hyper(0.3, -0.3, K - 1, -100)
+    loss, _ = triton_launch.forward(x3, target, hp)
+    outs = [triton_launch.forward_reduced(x3, target, hp, mean, with_grad=True) for _ in range(2)]
     kept = (target != -100).sum().item()
-    bad = ((target != -100) & ((target < 0) | (target >= 10) | (target == 4))).sum().item()
-    assert counts.tolist() == [bad, kept]
-    assert bad == 4 + (target == 4).sum().item() - 1  # the planted ones plus random hits of class 4
-
-
-def test_check_targets_returns_the_kept_count():
-    target = torch.tensor([0, 1, -100, 2, -100], device=DEVICE)
-    assert triton_launch.check_targets(target, 4, Hyper(0.0, 0.0, 3, -100)).item() == 3
+    expected = loss.double().sum() / (kept if mean else 1)
+    out, inv_count, grad, pending = outs[0]
+    assert abs(out.item() - expected.item()) <= R * 2**-24 * loss.double().abs().sum().item() / (kept if mean else 1)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][2], outs[1][2])
+    assert pending is None
+    if mean:
+        assert torch.equal(inv_count.cpu(), torch.reciprocal(torch.tensor([kept], dtype=torch.float32)))
+    else:
+        assert inv_count is None
+    assert triton_launch._workspace(x3.device).tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_scale_in_place_and_skip_when_one(dtype):
     grad = torch.randn(3, 5000, device=DEVICE).to(dtype)  # 15_000 elements: several programs, several steps
     before = grad.clone()
-    triton_launch.scale_(grad, torch.tensor(1.0, device=DEVICE))
+    triton_launch.scale_(grad, torch.tensor(1.0, device=DEVICE), None)
     assert torch.equal(grad, before)
-    triton_launch.scale_(grad, torch.tensor(-0.75, device=DEVICE))
+    triton_launch.scale_(grad, torch.tensor(-0.75, device=DEVICE), None)
     # one rounding of the result: eps = 2u covers the interpreter's truncation to bf16
     expected = before.double() * -0.75
     assert ((grad.double() - expected).abs() <= torch.finfo(dtype).eps * expected.abs()).all()

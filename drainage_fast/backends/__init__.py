@@ -1,13 +1,5 @@
-"""Backend registry. Each backend is a module with the same functions:
+"""Backend registry: each backend is a module that implements the Backend protocol below.
 
-    availability(device) -> (bool, reason)
-    forward(x3, target, hp) -> (loss (R,), row terms (4, R))
-    backward(x3, target, row_terms, grad_rows, hp) -> grad (N, S, K)
-and, where FUSED_GRAD is true, forward_with_grad(x3, target, hp, scale) -> (loss, row terms, grad)
-and scale_(grad, scale). forward_with_grad's gradient must have the same bits as backward's with
-grad_rows = scale: gradcheck calls the backward twice and compares them exactly.
-
-x3 is the (N, S, K) row view of the logits (see _inputs.as_rows), target the (R,) flat targets.
 Modules are imported lazily, only when asked for, so a missing optional dependency (triton) or a
 native extension that cannot be built (cpp, cuda) never breaks `import drainage_fast`.
 """
@@ -15,11 +7,56 @@ native extension that cannot be built (cpp, cuda) never breaks `import drainage_
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import Protocol, cast
 
 import torch
 
-# name -> module, fastest first on a GPU. "auto" takes triton, else cuda, else reference for CUDA
+from .._inputs import Hyper
+
+
+class Backend(Protocol):
+    """What DrainageFunction needs from a backend module.
+
+    x3 is the (N, S, K) row view of the logits (see _inputs.as_rows), target the (R,) flat targets
+    (R = N * S), hp the checked hyper-parameters. Losses and row terms are float32 (float64 for
+    float64 logits); gradients have the dtype of the logits and the layout of torch.empty_like(x3).
+    """
+
+    NAME: str
+    # forward_reduced(with_grad=True) writes the gradient in the forward pass (1 read + 1 write of
+    # the logits for a mean / sum); False: the backward recomputes it from the row terms.
+    FUSED_GRAD: bool
+
+    def availability(self, device: torch.device | None = None) -> tuple[bool, str]:
+        """Whether the backend can run on `device` (None: on this machine), and why (not)."""
+
+    def forward(self, x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row losses (R,) and row terms (4, R) = [shift, c, g_t, g_d] for the backward. On a
+        GPU the targets are checked on the device (an assert, no host sync)."""
+
+    def backward(
+        self, x3: torch.Tensor, target: torch.Tensor, row_terms: torch.Tensor, grad_rows: torch.Tensor, hp: Hyper
+    ) -> torch.Tensor:
+        """The gradient of sum_r grad_rows[r] * loss[r]; grad_rows may have any stride, 0 too. Per
+        element (exp(z - shift) * c) * grad_rows[r], in that order (see forward_reduced)."""
+
+    def forward_reduced(
+        self, x3: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool, with_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(out, inv_count, grad, pending), eager mode only.
+
+        out: the 0-dim sum of the row losses, or their mean over the kept rows (nan if none).
+        inv_count: (1,) 1 / count for a mean, else None. grad (with_grad): the gradient of out
+        times 1 / pending; pending: the factor the backward must still apply besides the upstream
+        gradient (None when the pass applied everything). For float32 / float64 logits the grad
+        with scale_(grad, 1, pending) has the same bits as backward(..., grad_rows = inv_count or
+        1): gradcheck's second backward recomputes and compares exactly.
+        """
+
+    def scale_(self, grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """grad *= grad_out * pending (None: 1) in place; nothing to do on the device when it is 1."""
+
+# name -> module, in the order "auto" tries them on a GPU: it takes triton, else cuda, else reference for CUDA
 # tensors, and cpp, else reference on the CPU (where Triton runs only in its interpreter, for tests).
 _MODULES = {
     "triton": "drainage_fast.backends.triton_launch",
@@ -30,12 +67,12 @@ _MODULES = {
 NAMES = tuple(_MODULES)
 
 
-_LOADED: dict[str, ModuleType] = {}
+_LOADED: dict[str, Backend] = {}
 
 
-def load(name: str) -> ModuleType:
+def load(name: str) -> Backend:
     if name not in _LOADED:
-        _LOADED[name] = importlib.import_module(_MODULES[name])
+        _LOADED[name] = cast(Backend, importlib.import_module(_MODULES[name]))
     return _LOADED[name]
 
 
@@ -63,8 +100,8 @@ def resolve_name(name: str, device_type: str) -> str:
     return resolve(name, torch.device(device_type)).NAME
 
 
-def resolve(name: str, device: torch.device) -> ModuleType:
-    """The backend module for `name` on `device`. "auto" picks the fastest; others never fall back."""
+def resolve(name: str, device: torch.device) -> Backend:
+    """The backend module for `name` on `device`. "auto" picks the first available; others never fall back."""
     if name == "auto":
         candidates = ("triton", "cuda") if device.type == "cuda" else ("cpp",)
         for candidate in candidates:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .native import LOAD_ERROR, backward, forward, forward_with_grad, scale_  # noqa: F401
+from .. import _inputs
+from . import native
+from .native import LOAD_ERROR, backward, scale_  # noqa: F401
 
 NAME = "cpp"
 # Writing the gradient in the forward, while the row is in L1 and its exponentials are at hand,
@@ -20,3 +22,16 @@ def availability(device: torch.device | None = None) -> tuple[bool, str]:
     if LOAD_ERROR is not None:
         return False, LOAD_ERROR
     return True, "C++ CPU kernels (csrc/cpu), at::parallel_for over rows"
+
+
+def forward(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+    """See backends.Backend (eager CPU calls had their targets checked on the host by the API)."""
+    _inputs.check_targets_unless_checked(target, x3.shape[-1], hp)
+    return native.forward(x3, target, hp)
+
+
+def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, mean: bool, with_grad: bool):
+    """See backends.Backend. On the CPU the kept count costs one pass over the targets and no wait,
+    so the pass applies 1 / count itself (the API checked the targets on the host)."""
+    count = (target != hp.ignore_index).sum() if mean else None
+    return native.forward_reduced(x3, target, hp, mean, with_grad, count)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
-from .native import backward, forward, forward_with_grad, scale_  # noqa: F401
+from .. import _ext, _inputs
+from . import native
+from .native import backward, scale_  # noqa: F401
 
 NAME = "cuda"
 FUSED_GRAD = True  # forward_with_grad: 1 read + 1 write of the logits for mean / sum
@@ -20,3 +21,15 @@ def availability(device: torch.device | None = None) -> tuple[bool, str]:
     if error is not None:
         return False, error
     return True, "CUDA C++ kernels (csrc/cuda)"
+
+
+def forward(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+    """backends.Backend.forward; the targets are checked on the device (torch ops, no host sync)."""
+    _inputs.check_targets_torch(target, x3.shape[-1], hp)
+    return native.forward(x3, target, hp)
+
+
+def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, mean: bool, with_grad: bool):
+    """See backends.Backend: the target check and the count in torch ops, then one kernel."""
+    count = _inputs.check_targets_torch(target, x3.shape[-1], hp)
+    return native.forward_reduced(x3, target, hp, mean, with_grad, count)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._inputs import Hyper, loss_dtype
+from .._inputs import Hyper, check_targets_unless_checked, loss_dtype
 
 NAME = "reference"
 FUSED_GRAD = False  # no gradient-in-forward path: backward recomputes from the saved row terms
@@ -60,6 +60,7 @@ def row_terms(z_t, z_d, m, s, log_alpha: float, log_beta: float):
 def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (4, R)."""
     N, S, K = x3.shape
+    check_targets_unless_checked(target, K, hp)
     d = hp.drainage_idx
     z = x3.to(loss_dtype(x3))
     t = target.reshape(N, S)
@@ -96,3 +97,21 @@ def backward(
     grad.scatter_(-1, torch.where(kept, t, 0).long().unsqueeze(-1), g_t)
     grad = grad * grad_rows.reshape(N, S, 1).to(stats.dtype)
     return torch.where(kept.unsqueeze(-1), grad, 0.0).to(x3.dtype)
+
+
+def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool, with_grad: bool):
+    """See backends.Backend: forward, then torch reductions; with_grad runs the backward at once."""
+    loss, stats = forward(x3, target, hp)
+    count = (target != hp.ignore_index).sum()
+    total = loss.sum()
+    inv_count = torch.reciprocal(count.to(loss.dtype)).reshape(1) if mean else None
+    grad = None
+    if with_grad:
+        scalar = inv_count if mean else torch.ones(1, dtype=loss.dtype, device=loss.device)
+        grad = backward(x3, target, stats, scalar.expand(target.numel()), hp)
+    return (total / count if mean else total), inv_count, grad, None
+
+
+def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    factor = grad_out if pending is None else grad_out * pending
+    return grad.mul_(factor.to(loss_dtype(grad)).reshape(()))

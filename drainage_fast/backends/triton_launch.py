@@ -19,49 +19,41 @@ import torch
 import triton
 import triton.language as tl
 
-from .._inputs import ROW_TERMS, TARGET_MESSAGE, Hyper, check_targets_torch, loss_dtype
-from .triton_kernels import (
-    _check_targets_kernel,
-    _drainage_bwd_kernel,
-    _drainage_fwd_kernel,
-    _scale_grad_kernel,
-)
+from .._inputs import ROW_TERMS, Hyper, loss_dtype
+from .triton_kernels import _drainage_bwd_kernel, _drainage_fwd_kernel, _scale_grad_kernel, _targets_kernel
 
 NAME = "triton"
-FUSED_GRAD = True  # forward_with_grad / scale_ exist: 1 read + 1 write for mean / sum
+FUSED_GRAD = True  # forward_reduced(with_grad=True): 1 read + 1 write of the logits for mean / sum
 
-# Tile sizes, chosen so that no config spills registers on sm_80 / sm_90 (tests/kernel_resources.py
-# compiles every config the launchers can issue and reads the registers from the cubin).
-# Rows of up to MAX_TILE_K outputs are held in registers, so the forward reads them once; longer rows
-# are streamed in LOOP_BLOCK_K tiles with an online log-sum-exp. Short rows are packed several to a
-# program, at most ROWS_PER_THREAD rows of per-row math per thread: the row math is replicated
-# across the threads that share a row, and 8+ rows per thread took 255 registers and spilled.
+# Layouts of the forward, by row length (tests/kernel_resources.py compiles every config the
+# launchers can issue for sm_80 / sm_90 and reads registers, spills and instructions from the cubin):
+#   COLUMNS (K <= COLUMNS_MAX_K): one row per thread. The row is read column by column (a row is at
+#     most 32 elements, so a warp's rows share a few cache lines and the re-reads hit L1); the per-row
+#     math (a dozen exp / log / log1p) runs once per row, not once per thread that shares the row.
+#   TILE (K <= MAX_TILE_K): a [rows, BLOCK_K] tile in registers. Up to 1024 columns a program is one
+#     warp, so the row math runs once per warp and row (Triton lays a tile's threads, then its warps,
+#     along K, and every thread that shares a row repeats its row math); longer rows take 1024
+#     columns per warp. Up to ROWS_PER_TILE rows keep enough bytes in flight for short rows.
+#   STREAM (longer rows): LOOP_BLOCK_K-wide tiles with an online log-sum-exp, then a second read for
+#     the gradient. The grid is one program per SM, so the rows in flight (132 x 256 KB at K = 128k
+#     bf16 on an H100) stay in L2 for that second read.
+# Every program loops over row blocks (a grid-stride loop), so a reduction has few partials.
 # fp64 values take two registers, so fp64 tiles hold half as many elements per thread.
+COLUMNS, TILE, STREAM = 0, 1, 2
+COLUMNS_MAX_K = 32
 MAX_TILE_K = 8192
 LOOP_BLOCK_K = 4096
 BWD_BLOCK_K = 4096
 ELEMS_PER_THREAD = 32
-ROWS_PER_THREAD = 4
+ROWS_PER_TILE = 8
+PROGRAMS_PER_SM = 32  # programs of one warp; fewer for wider programs (see _grid)
 
 
 class _Config(NamedTuple):
     block_rows: int
     block_k: int
-    single_tile: bool
+    layout: int
     num_warps: int
-
-
-def _tile_config(block_k: int, single_tile: bool, wide: bool) -> _Config:
-    """Rows per program and warps for tiles of block_k columns (wide: fp64 values)."""
-    per_thread = ELEMS_PER_THREAD // (2 if wide else 1)
-    num_warps = min(8, max(4, block_k // (32 * per_thread)))
-    threads = 32 * num_warps
-    # Triton lays a tile's threads, then its warps, along K first: threads that share a row.
-    lanes_per_row = min(block_k, threads)
-    rows_in_one_pass = max(1, threads // lanes_per_row)
-    by_elems = max(1, threads * per_thread // block_k)
-    block_rows = min(by_elems, rows_in_one_pass * (ROWS_PER_THREAD // (2 if wide else 1)))
-    return _Config(triton.next_power_of_2(block_rows), block_k, single_tile, num_warps)
 
 
 def _max_registers(num_warps: int) -> int:
@@ -76,15 +68,43 @@ def _max_registers(num_warps: int) -> int:
 
 def _forward_config(K: int, dtype: torch.dtype) -> _Config:
     wide = dtype == torch.float64
+    per_thread = ELEMS_PER_THREAD // (2 if wide else 1)
+    block_k = triton.next_power_of_2(K)
+    if block_k <= COLUMNS_MAX_K:
+        return _Config(32 * 4, block_k, COLUMNS, 4)
     # fp64 halves the tiles: a 1x8192 fp64 forward took 248 registers, its loop with 8 warps spilled.
-    if K <= MAX_TILE_K // (2 if wide else 1):
-        return _tile_config(triton.next_power_of_2(K), True, wide)
-    return _tile_config(LOOP_BLOCK_K // (2 if wide else 1), False, wide)
+    if block_k <= MAX_TILE_K // (2 if wide else 1):
+        num_warps = max(1, block_k // (32 * per_thread))
+        rows = max(1, min(ROWS_PER_TILE // (2 if wide else 1), 32 * per_thread * num_warps // block_k))
+        return _Config(rows, block_k, TILE, num_warps)
+    return _Config(1, LOOP_BLOCK_K // (2 if wide else 1), STREAM, 4)
 
 
 def _backward_config(K: int, dtype: torch.dtype) -> _Config:
+    """The backward is elementwise (no row math): [rows, block_k] tiles of 4 warps."""
+    wide = dtype == torch.float64
+    per_thread = ELEMS_PER_THREAD // (2 if wide else 1)
     block_k = min(triton.next_power_of_2(K), BWD_BLOCK_K)
-    return _tile_config(block_k, K <= block_k, dtype == torch.float64)
+    num_warps = min(8, max(4, block_k // (32 * per_thread)))
+    threads = 32 * num_warps
+    rows_in_one_pass = max(1, threads // min(block_k, threads))
+    by_elems = max(1, threads * per_thread // block_k)
+    block_rows = min(by_elems, rows_in_one_pass * (4 // (2 if wide else 1)))
+    return _Config(triton.next_power_of_2(block_rows), block_k, TILE, num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: a small grid, so that the tests run the grid-stride loops
+
+
+def _grid(cfg: _Config, n_rows: int, device: torch.device) -> int:
+    blocks = triton.cdiv(n_rows, cfg.block_rows)
+    if cfg.layout == STREAM:
+        return min(blocks, _sm_count(device))
+    return min(blocks, _sm_count(device) * max(1, PROGRAMS_PER_SM // cfg.num_warps))
 
 
 def _compute_dtype(dtype: torch.dtype):
@@ -102,13 +122,6 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
-def _scale_grid_cap(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 64
-
-
 def availability(device: torch.device | None = None) -> tuple[bool, str]:
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if device is None:
@@ -123,25 +136,62 @@ def availability(device: torch.device | None = None) -> tuple[bool, str]:
     )
 
 
-def _launch_forward(x3, target, hp: Hyper, grad3=None, scale=None):
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(device: torch.device) -> torch.Tensor:
+    """Two int32 zeros per (device, stream): the kept count and the last-program ticket.
+
+    The forward's last program sets them back to zero, so one allocation (one fill) serves every
+    later call on the stream; a stream has one call in flight at a time, so calls never share one.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _WORKSPACES[key]
+
+
+def _launch_targets(target: torch.Tensor, K: int, hp: Hyper, workspace: torch.Tensor, count: bool) -> None:
+    n = target.numel()
+    block = 4096
+    with _device_guard(target):
+        _targets_kernel[(triton.cdiv(n, block),)](
+            target, workspace, n, target.stride(0), K, hp.drainage_idx, hp.ignore_index,
+            COUNT=count, BLOCK=block, maxnreg=_max_registers(4),
+        )
+
+
+def _launch_forward(x3, target, hp: Hyper, *, rows=None, grad3=None, reduce=0, workspace=None, out=None):
+    """The forward kernel; rows = (loss (R,), stats (4, R)) to write, grad3 the gradient to write,
+    reduce 1 (sum) / 2 (mean) into out[0] (and 1 / count into out[1])."""
     N, S, K = x3.shape
     R = N * S
-    loss = torch.empty(R, dtype=loss_dtype(x3), device=x3.device)
-    stats = torch.empty(ROW_TERMS, R, dtype=loss.dtype, device=x3.device)
-    if R == 0:
-        return loss, stats
     cfg = _forward_config(K, x3.dtype)
+    grid = _grid(cfg, R, x3.device)
+    partials = torch.empty(grid if reduce else 0, dtype=loss_dtype(x3), device=x3.device)
+    loss, stats = rows if rows is not None else (None, None)
     with _device_guard(x3):
-        _drainage_fwd_kernel[(triton.cdiv(R, cfg.block_rows),)](
-            x3, target, loss, stats, grad3, scale,
+        _drainage_fwd_kernel[(grid,)](
+            x3, target, loss, stats, grad3, workspace, partials, out,
             R, K, S,
             *x3.stride(), target.stride(0),
             *(grad3.stride() if grad3 is not None else (0, 0, 0)),
             hp.drainage_idx, hp.ignore_index, *_hi_lo(hp.log_alpha), *_hi_lo(hp.log_beta),
-            BLOCK_ROWS=cfg.block_rows, BLOCK_K=cfg.block_k, SINGLE_TILE=cfg.single_tile,
-            WRITE_GRAD=grad3 is not None, SCALED=scale is not None,
+            BLOCK_ROWS=cfg.block_rows, BLOCK_K=cfg.block_k, LAYOUT=cfg.layout,
+            WRITE_ROWS=rows is not None, WRITE_GRAD=grad3 is not None, REDUCE=reduce,
             COMPUTE=_compute_dtype(x3.dtype), num_warps=cfg.num_warps, maxnreg=_max_registers(cfg.num_warps),
         )
+
+
+def _forward_rows(x3, target, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+    R = x3.shape[0] * x3.shape[1]
+    loss = torch.empty(R, dtype=loss_dtype(x3), device=x3.device)
+    stats = torch.empty(ROW_TERMS, R, dtype=loss.dtype, device=x3.device)
+    if R:
+        workspace = _workspace(x3.device)
+        _launch_targets(target, x3.shape[-1], hp, workspace, count=False)
+        _launch_forward(x3, target, hp, rows=(loss, stats), workspace=workspace)
     return loss, stats
 
 
@@ -169,7 +219,7 @@ def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Te
     """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (4, R)."""
     if torch.compiler.is_compiling():
         return torch.ops.drainage_fast.triton_forward(x3, target, *hp)
-    return _launch_forward(x3, target, hp)
+    return _forward_rows(x3, target, hp)
 
 
 def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
@@ -181,52 +231,40 @@ def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
     return _launch_backward(x3, target, stats, grad_rows, hp)
 
 
-def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None):
-    """Forward that also writes the gradient of the summed loss, times `scale` (a one-element
-    tensor of the loss dtype, 1 / count for a mean; None: 1).
+def forward_reduced(x3, target, hp: Hyper, mean: bool, with_grad: bool):
+    """The sum or mean of the row losses, (1 / count for a mean), and with_grad the gradient of that
+    reduced loss, written while each row is at hand: two launches (the targets kernel, the forward
+    with its reduction) and one read of the logits. Eager mode only (see backends.Backend)."""
+    R = x3.shape[0] * x3.shape[1]
+    grad3 = torch.empty_like(x3) if with_grad else None
+    out = torch.empty(2 if mean else 1, dtype=loss_dtype(x3), device=x3.device)
+    if R == 0:
+        out.fill_(float("nan") if mean else 0.0)
+        if with_grad:
+            grad3.zero_()
+    else:
+        workspace = _workspace(x3.device)
+        _launch_targets(target, x3.shape[-1], hp, workspace, count=mean)
+        _launch_forward(x3, target, hp, grad3=grad3, reduce=2 if mean else 1, workspace=workspace, out=out)
+    return out[0], (out[1:] if mean else None), grad3, None
 
-    One read and one write of the logits for the whole forward + backward. Eager mode only (the
-    caller hands the buffer out once, see _function.py).
-    """
-    grad3 = torch.empty_like(x3)
-    loss, stats = _launch_forward(x3, target, hp, grad3=grad3, scale=scale)
-    return loss, stats, grad3
 
-
-def scale_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad *= scale (a one-element tensor) in place, skipped on the device when scale == 1."""
+def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    """grad *= grad_out in place (pending is always None here: the forward applied 1 / count);
+    one launch that reads nothing but the scalar when grad_out == 1."""
+    if pending is not None:
+        grad_out = grad_out * pending
     numel = grad.numel()
     if numel == 0:
         return grad
     # grad comes from empty_like: dense, so its numel elements fill one contiguous span.
     block = 4096
-    grid = (min(triton.cdiv(numel, block), _scale_grid_cap(grad.device)),)
+    grid = (min(triton.cdiv(numel, block), 8 * _sm_count(grad.device)),)
     with _device_guard(grad):
         _scale_grad_kernel[grid](
-            grad, scale, numel, BLOCK=block, COMPUTE=_compute_dtype(grad.dtype), maxnreg=_max_registers(4)
+            grad, grad_out, numel, BLOCK=block, COMPUTE=_compute_dtype(grad.dtype), maxnreg=_max_registers(4)
         )
     return grad
-
-
-def check_targets(target: torch.Tensor, K: int, hp: Hyper) -> torch.Tensor:
-    """Device-side check of the (R,) targets without a host sync; returns the kept-target count.
-
-    4 launches (zeros, the check kernel, ==, the assert) instead of ~12 for the same check and count
-    in torch ops. A bad target fails the device-side assert, which surfaces at the next sync.
-    """
-    if torch.compiler.is_compiling():
-        return check_targets_torch(target, K, hp)
-    counts = torch.zeros(2, dtype=torch.int32, device=target.device)
-    n = target.numel()
-    if n:
-        block = 4096
-        with _device_guard(target):
-            _check_targets_kernel[(triton.cdiv(n, block),)](
-                target, counts, n, target.stride(0), K, hp.drainage_idx, hp.ignore_index, BLOCK=block,
-                maxnreg=_max_registers(4),
-            )
-    torch._assert_async(counts[0] == 0, TARGET_MESSAGE)
-    return counts[1]
 
 
 @torch.library.custom_op("drainage_fast::triton_forward", mutates_args=())
@@ -234,7 +272,7 @@ def _forward_op(
     x3: torch.Tensor, target: torch.Tensor, log_alpha: float, log_beta: float,
     drainage_idx: int, ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(x3, target, Hyper(log_alpha, log_beta, drainage_idx, ignore_index))
+    return _forward_rows(x3, target, Hyper(log_alpha, log_beta, drainage_idx, ignore_index))
 
 
 @_forward_op.register_fake
