@@ -1,7 +1,7 @@
 """The training loop of a large run: ScaleTrainer(cfg, options, ctx, run_dir, log, spec).fit().
 
-A step: batch -> device input (bf16 / fp16 / fp32, channels_last on CUDA) -> forward under bf16 autocast
-(CUDA) through DDP -> loss (the fused Drainage loss for drainage configs; + l1_delta * sum|theta|) ->
+A step: batch -> device input (bf16 / fp16 / fp32, channels_last on CUDA) -> forward (fp32; bf16 autocast
+with amp=true on CUDA) through DDP -> loss (the fused Drainage loss for drainage configs; + l1_delta * sum|theta|) ->
 backward (DDP averages gradients: with equal per-rank batches the loss is the global-batch mean) ->
 clip the global gradient norm -> step. The learning rate steps once per epoch.
 
