@@ -29,7 +29,8 @@ detach_focal_weight (default true). True replicates the official code: every foc
 is a constant in the backward pass (`torch.autograd.Variable(logpt.data.exp())` and
 `(1 - logpt.data.exp()) ** gamma` in FocalLoss, NormalizedFocalLoss and NormalizedNegativeFocalLoss of
 https://github.com/ZKI-PH-ImageAnalysis/Drainage/blob/3359c4bbcd4ef5869ddd95dff2cd78fb7af89467/loss.py
-lines 153, 176-179 and 198-201; the same code as HanxunH/Active-Passive-Losses and Virusdoll/Active-Negative-Loss loss.py), so
+lines 153, 176-179 and 198-201; the same code as HanxunH/Active-Passive-Losses and
+Virusdoll/Active-Negative-Loss loss.py), so
 d FL_k / d z = -(1 - p_k)^gamma d log p_k / d z. False differentiates the weight too (the gradient of the
 formula as written: d FL_k / d z = -[(1 - p_k)^gamma - gamma (1 - p_k)^(gamma - 1) p_k log p_k]
 d log p_k / d z). Values are the same; gradients differ (up to ~11% in norm at C = 10).

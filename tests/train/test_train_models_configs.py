@@ -168,8 +168,9 @@ OFFICIAL_CLOTHING1M = {
     "loss": {"name": "alpha_dl", "alpha": 0.01, "delta": 0, "drainage_idx": 14, "pass_model_to_loss": True},
     "dataset": {"name": "clothing1m", "data_path": "Clothing1M/", "num_classes": 14, "num_classes_model": 15,
                 "train_batchsize": 32, "test_batchsize": 1024, "num_workers": 8},
-    "optim": {"total_epoch": 15, "optimizer": "sgd", "learning_rate": 0.0001, "momentum": 0.9, "weight_decay": 1e-3,
-              "nesterov": False, "grad_bound": 5.0, "scheduler": "steplr", "step_size": 10, "gamma": 0.1},
+    "optim": {"total_epoch": 15, "optimizer": "sgd", "learning_rate": 0.0001, "momentum": 0.9,
+              "weight_decay": 1e-3, "nesterov": False, "grad_bound": 5.0, "scheduler": "steplr",
+              "step_size": 10, "gamma": 0.1},
 }
 PAPER_PRESETS = [n for n in CONFIGS if json.loads((CONFIG_DIR / f"{n}.json").read_text())
                  .get("description", "").startswith("The Drainage authors'")]
@@ -190,10 +191,11 @@ def test_authors_json_trains_clothing1m_like_the_official_code(tmp_path):
     path = tmp_path / "clothing1m_alpha_dl.json"
     path.write_text(json.dumps(OFFICIAL_CLOTHING1M))
     theirs, ours = load_config(str(path)), load_config("clothing1m_drainage")
-    for field in ("model", "pretrained", "amp", "loss", "loss_params", "l1_delta", "lr", "weight_decay", "epochs",
-                  "batch_size", "scheduler", "step_size", "gamma", "grad_clip"):
+    for field in ("model", "pretrained", "amp", "loss", "loss_params", "l1_delta", "lr", "weight_decay",
+                  "epochs", "batch_size", "scheduler", "step_size", "gamma", "grad_clip"):
         assert getattr(theirs, field) == getattr(ours, field), field
-    assert all(load_config(n).pretrained == "IMAGENET1K_V2" for n in PAPER_PRESETS if n.startswith("clothing1m"))
+    clothing = [n for n in PAPER_PRESETS if n.startswith("clothing1m")]
+    assert all(load_config(n).pretrained == "IMAGENET1K_V2" for n in clothing)
 
 
 def test_authors_json_keeps_webvision_from_scratch():
