@@ -24,9 +24,20 @@ Losses compute in float32 whatever the autocast dtype (Drainage: the fused kerne
     ANL-CE-ER anl_ce + lamb * (log C + sum_c pbar_c log pbar_c), pbar = batch-mean class distribution
     Drainage  log(1 + alpha (p_d + p_J) / p_t + beta p_J / p_d)   via drainage_fast.fused_drainage_loss
 
-The focal weight (1 - p)^gamma is differentiated like every other term (the authors' FL/NFL code detaches
-it; values agree, gradients differ). The L1 parameter penalty delta * sum|theta| of ANL and the Drainage
-paper is not part of any loss here: the trainer adds it for every loss when delta > 0 (l1_penalty).
+The focal family (FL, NFL, NNFL and the combinations nfl_mae, nfl_rce, anl_fl) takes
+detach_focal_weight (default true). True replicates the official code: every focal weight (1 - p_k)^gamma
+is a constant in the backward pass (`torch.autograd.Variable(logpt.data.exp())` and
+`(1 - logpt.data.exp()) ** gamma` in FocalLoss, NormalizedFocalLoss and NormalizedNegativeFocalLoss of
+https://github.com/ZKI-PH-ImageAnalysis/Drainage/blob/3359c4bbcd4ef5869ddd95dff2cd78fb7af89467/loss.py
+lines 153, 176-179 and 198-201; the same code as HanxunH/Active-Passive-Losses and
+Virusdoll/Active-Negative-Loss loss.py), so
+d FL_k / d z = -(1 - p_k)^gamma d log p_k / d z. False differentiates the weight too (the gradient of the
+formula as written: d FL_k / d z = -[(1 - p_k)^gamma - gamma (1 - p_k)^(gamma - 1) p_k log p_k]
+d log p_k / d z). Values are the same; gradients differ (up to ~11% in norm at C = 10).
+Float64 logits are computed in float64 (for float64 checks); every other dtype in float32.
+
+The L1 parameter penalty delta * sum|theta| of ANL and the Drainage paper is not part of any loss here:
+the trainer adds it for every loss when delta > 0 (l1_penalty).
 """
 
 from __future__ import annotations
@@ -43,10 +54,16 @@ from .run_dirs import UserError
 
 RCE_LOG_FLOOR = -math.log(1e-4)  # -log of the clamped zero entries of the one-hot target
 PROB_FLOOR = 1e-7                 # the clamp every implementation applies before log / pow
+DETACH = "detach_focal_weight"    # the focal family's switch (module docstring)
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64; every other dtype computes in float32."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _probs(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().softmax(dim=1)
+    return _upcast(logits).softmax(dim=1)
 
 
 def _target_prob(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -59,13 +76,15 @@ class CrossEntropy(nn.Module):
 
 
 class FocalLoss(nn.Module):
-    def __init__(self, gamma: float = 0.5):
+    """FL; detach_focal_weight: see the module docstring (true: the official gradient)."""
+
+    def __init__(self, gamma: float = 0.5, detach_focal_weight: bool = True):
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.detach_focal_weight = gamma, detach_focal_weight
 
     def forward(self, logits, target):
-        logp_t = _target_prob(F.log_softmax(logits.float(), dim=1), target)
-        return (-(1 - logp_t.exp()) ** self.gamma * logp_t).mean()
+        logp_t = _target_prob(F.log_softmax(_upcast(logits), dim=1), target)
+        return _focal_terms(logp_t, self.gamma, self.detach_focal_weight).mean()
 
 
 class MeanAbsoluteError(nn.Module):
@@ -96,18 +115,22 @@ class NormalizedCrossEntropy(nn.Module):
         return (_target_prob(logp, target) / logp.sum(1)).mean()
 
 
-def _focal_terms(logp: torch.Tensor, gamma: float) -> torch.Tensor:
-    """FL_k = -(1 - p_k)^gamma log p_k for every class k: (N, C)."""
-    return -(1 - logp.exp()) ** gamma * logp
+def _focal_terms(logp: torch.Tensor, gamma: float, detach_weight: bool) -> torch.Tensor:
+    """FL_k = -(1 - p_k)^gamma log p_k elementwise; detach_weight: (1 - p_k)^gamma is a constant for
+    autograd, as in the official code (`logpt.data.exp()`, Drainage loss.py lines 153, 176, 198)."""
+    weight = (1 - logp.exp()) ** gamma
+    return -(weight.detach() if detach_weight else weight) * logp
 
 
 class NormalizedFocalLoss(nn.Module):
-    def __init__(self, gamma: float = 0.5):
+    """NFL; detach_focal_weight: see the module docstring (true: the official gradient)."""
+
+    def __init__(self, gamma: float = 0.5, detach_focal_weight: bool = True):
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.detach_focal_weight = gamma, detach_focal_weight
 
     def forward(self, logits, target):
-        fl = _focal_terms(F.log_softmax(logits.float(), dim=1), self.gamma)
+        fl = _focal_terms(F.log_softmax(_upcast(logits), dim=1), self.gamma, self.detach_focal_weight)
         return (_target_prob(fl, target) / fl.sum(1)).mean()
 
 
@@ -151,14 +174,18 @@ class NormalizedNegativeCrossEntropy(nn.Module):
 
 
 class NormalizedNegativeFocalLoss(nn.Module):
-    def __init__(self, num_classes: int, gamma: float = 0.5, min_prob: float = PROB_FLOOR):
+    """NNFL; detach_focal_weight: see the module docstring (true: the official gradient)."""
+
+    def __init__(self, num_classes: int, gamma: float = 0.5, min_prob: float = PROB_FLOOR,
+                 detach_focal_weight: bool = True):
         super().__init__()
         self.num_classes, self.gamma, self.log_min = num_classes, gamma, math.log(min_prob)
         self.A = -((1 - min_prob) ** gamma) * self.log_min  # FL at p = min_prob: the largest FL_k
+        self.detach_focal_weight = detach_focal_weight
 
     def forward(self, logits, target):
-        logp = F.log_softmax(logits.float(), dim=1).clamp(min=self.log_min)
-        fl = _focal_terms(logp, self.gamma)
+        logp = F.log_softmax(_upcast(logits), dim=1).clamp(min=self.log_min)
+        fl = _focal_terms(logp, self.gamma, self.detach_focal_weight)
         nnfl = 1 - (self.A - _target_prob(fl, target)) / (self.num_classes * self.A - fl.sum(1))
         return nnfl.mean()
 
@@ -214,7 +241,7 @@ def _nce(C, **kw):
 
 
 def _nfl(C, **kw):
-    return NormalizedFocalLoss(**_pick(kw, "gamma"))
+    return NormalizedFocalLoss(**_pick(kw, "gamma", DETACH))
 
 
 def _mae(C, **kw):
@@ -242,7 +269,7 @@ def _nnce(C, **kw):
 
 
 def _nnfl(C, **kw):
-    return NormalizedNegativeFocalLoss(C, **_pick(kw, "gamma", "min_prob"))
+    return NormalizedNegativeFocalLoss(C, **_pick(kw, "gamma", "min_prob", DETACH))
 
 
 def _anl_ce_er(C, alpha=1.0, beta=1.0, lamb=1.0, min_prob=PROB_FLOOR):
@@ -254,28 +281,29 @@ def _anl_ce_er(C, alpha=1.0, beta=1.0, lamb=1.0, min_prob=PROB_FLOOR):
 # typo in a config fails loudly instead of silently training with a default.
 LOSSES = {
     "ce": (lambda C: CrossEntropy(), ()),
-    "fl": (lambda C, gamma=0.5: FocalLoss(gamma), ("gamma",)),
+    "fl": (lambda C, gamma=0.5, detach_focal_weight=True: FocalLoss(gamma, detach_focal_weight),
+           ("gamma", DETACH)),
     "mae": (_mae, ()),
     "gce": (lambda C, q=0.7: GeneralizedCrossEntropy(q), ("q",)),
     "sce": (lambda C, alpha=0.1, beta=1.0: Weighted(CrossEntropy(), ReverseCrossEntropy(), alpha, beta),
             ("alpha", "beta")),
     "rce": (_rce, ()),
     "nce": (_nce, ()),
-    "nfl": (_nfl, ("gamma",)),
+    "nfl": (_nfl, ("gamma", DETACH)),
     "agce": (_agce, ("a", "q")),
     "aul": (_aul, ("a", "q")),
     "ael": (_ael, ("a",)),
     "nnce": (_nnce, ("min_prob",)),
-    "nnfl": (_nnfl, ("gamma", "min_prob")),
+    "nnfl": (_nnfl, ("gamma", "min_prob", DETACH)),
     "nce_mae": (_apl(_nce, _mae), ("alpha", "beta")),
     "nce_rce": (_apl(_nce, _rce), ("alpha", "beta")),
-    "nfl_mae": (_apl(_nfl, _mae), ("alpha", "beta", "gamma")),
-    "nfl_rce": (_apl(_nfl, _rce), ("alpha", "beta", "gamma")),
+    "nfl_mae": (_apl(_nfl, _mae), ("alpha", "beta", "gamma", DETACH)),
+    "nfl_rce": (_apl(_nfl, _rce), ("alpha", "beta", "gamma", DETACH)),
     "nce_agce": (_apl(_nce, _agce), ("alpha", "beta", "a", "q")),
     "nce_aul": (_apl(_nce, _aul), ("alpha", "beta", "a", "q")),
     "nce_ael": (_apl(_nce, _ael), ("alpha", "beta", "a")),
     "anl_ce": (_apl(_nce, _nnce), ("alpha", "beta", "min_prob")),
-    "anl_fl": (_apl(_nfl, _nnfl), ("alpha", "beta", "gamma", "min_prob")),
+    "anl_fl": (_apl(_nfl, _nnfl), ("alpha", "beta", "gamma", "min_prob", DETACH)),
     "anl_ce_er": (_anl_ce_er, ("alpha", "beta", "lamb", "min_prob")),
     "drainage": (lambda C, alpha=1.0, beta=None, backend="auto": Drainage(alpha, beta, backend),
                  ("alpha", "beta", "backend")),
@@ -294,7 +322,7 @@ def build_loss(name: str, num_classes: int, **params) -> nn.Module:
     """The loss `name` for `num_classes` classes, called as loss(logits (N, K), target (N,)) -> scalar.
 
     Raises UserError (a ValueError) for an unknown name, a parameter the loss does not take, or a
-    parameter value that is not a number (backend: a word; beta: also null).
+    parameter value that is not a number (backend: a word; beta: also null; detach_focal_weight: a bool).
     """
     name = canonical_loss_name(name)
     builder, accepted = LOSSES[name]
@@ -303,9 +331,14 @@ def build_loss(name: str, num_classes: int, **params) -> nn.Module:
         raise UserError(f"loss {name!r} takes parameters {list(accepted)}, got unknown {unknown}")
     for key, value in params.items():
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (isinstance(value, str) if key == "backend" else number or (key == "beta" and value is None)):
-            raise UserError(f"loss_params.{key}={value!r}: {name} takes a "
-                            f"{'backend name' if key == 'backend' else 'number'} for {key}")
+        if key == "backend":
+            ok, kind = isinstance(value, str), "a backend name"
+        elif key == DETACH:
+            ok, kind = isinstance(value, bool), "true or false"
+        else:
+            ok, kind = number or (key == "beta" and value is None), "a number"
+        if not ok:
+            raise UserError(f"loss_params.{key}={value!r}: {name} takes {kind} for {key}")
     return builder(num_classes, **params)
 
 

@@ -1,8 +1,9 @@
 """The training loop: Trainer(cfg, data, model, loss, run_dir).fit(), per-epoch atomic checkpoints and an
 exact resume, evaluation by argmax over the C class logits, and drainage-probability (p_d) statistics.
 
-A batch step: augment (CPU-seeded) -> forward under bf16 autocast (CUDA) -> loss (+ l1_delta * sum|theta|)
--> backward -> clip the global gradient norm -> step. The learning-rate schedule steps once per epoch.
+A batch step: augment (CPU-seeded) -> forward (fp32; bf16 autocast with amp=true on CUDA) -> loss
+(+ l1_delta * sum|theta|) -> backward -> clip the global gradient norm -> step. The learning-rate schedule
+steps once per epoch.
 Resuming restores model, optimizer, scheduler, every RNG and the metric history, so 2 epochs + resume
 + 1 epoch gives the same weights as 3 epochs straight (tested bit for bit on the CPU). best.pt holds the
 weights of the best evaluated epoch (atomic, like last.pt).

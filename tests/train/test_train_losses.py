@@ -193,3 +193,111 @@ def test_l1_penalty_is_sum_of_absolute_parameters():
         model.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
         model.bias.copy_(torch.tensor([-0.25, 0.75]))
     assert l1_penalty(model).item() == pytest.approx(8.5)
+
+
+# ---- the focal family's gradient: the official code's (focal weight detached) and the differentiated one
+# Official: ZKI-PH-ImageAnalysis/Drainage loss.py (commit 3359c4b) FocalLoss line 153, NormalizedFocalLoss
+# lines 176-179, NormalizedNegativeFocalLoss lines 198-201: every weight (1 - p_k)^gamma is computed from
+# `logpt.data`, a constant for autograd. Below, that gradient written out by hand in numpy float64
+# (d log p_k / d z_j = delta_kj - p_j), independent of train/losses.py.
+FOCAL_C = 10
+
+
+def official_focal_gradient(name, z, t, gamma, min_prob=1e-7):
+    """d mean_i loss_i / d z (N, C) with every focal weight held constant, as the official code."""
+    N, C = z.shape
+    p = softmax(z)
+    rows = np.arange(N)
+    onehot = np.eye(C)[t]
+    if name == "fl":  # -w_t log p_t -> w_t (p - e_t)
+        w_t = (1 - p[rows, t]) ** gamma
+        return w_t[:, None] * (p - onehot) / N
+    if name == "nfl":  # u / v, u = -w_t log p_t, v = -sum_k w_k log p_k
+        logp, w = np.log(p), (1 - p) ** gamma
+        u, v = -(w * logp)[rows, t], -(w * logp).sum(1)
+        du = w[rows, t][:, None] * (p - onehot)
+        dv = w.sum(1, keepdims=True) * p - w        # sum_k w_k (p_j - delta_kj)
+        return (du * v[:, None] - u[:, None] * dv) / v[:, None] ** 2 / N
+    if name == "nnfl":  # 1 - (A - FL_t) / (C A - sum FL_k), log p clamped at log(min_prob)
+        logp = np.log(p)
+        live = logp >= np.log(min_prob)              # the clamp passes the gradient only here
+        lc = np.maximum(logp, np.log(min_prob))
+        w = (1 - np.exp(lc)) ** gamma
+        A = -((1 - min_prob) ** gamma) * np.log(min_prob)
+        fl = -w * lc
+        u, v = A - fl[rows, t], C * A - fl.sum(1)
+        dlc = live[:, :, None] * (np.eye(C)[None] - p[:, None, :])   # d lc_k / d z_j: (N, k, j)
+        du = w[rows, t][:, None] * dlc[rows, t]
+        dv = (w[:, :, None] * dlc).sum(1)
+        return -(du * v[:, None] - u[:, None] * dv) / v[:, None] ** 2 / N
+    raise KeyError(name)
+
+
+def numeric_gradient(name, z, t, gamma, eps=1e-5):
+    """Central differences of the numpy formula (the focal weight differentiated): O(eps^2) error."""
+    grad = np.zeros_like(z)
+    for i, j in np.ndindex(*z.shape):
+        hi, lo = z.copy(), z.copy()
+        hi[i, j] += eps
+        lo[i, j] -= eps
+        up, down = formula(name, hi, t, gamma=gamma).mean(), formula(name, lo, t, gamma=gamma).mean()
+        grad[i, j] = (up - down) / (2 * eps)
+    return grad
+
+
+def loss_gradient(name, z, t, **hp):
+    z = z.clone().requires_grad_()
+    build_loss(name, z.shape[1], **hp)(z, t).backward()
+    return z.grad.numpy()
+
+
+# float64 autograd against the hand-written float64 gradient: both round ~100 operations of relative error
+# 2^-53 = 1.1e-16 per entry, so they agree to ~1e-14 of the gradient's scale; 1e-11 leaves a wide margin
+# and still fails on any formula error (the detached and differentiated gradients differ by ~1e-2).
+EXACT = dict(rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["fl", "nfl", "nnfl"])
+@pytest.mark.parametrize("scale", [1.0, 20.0])  # 20: some p_k < 1e-7, so NNFL's clamp is active
+def test_focal_gradient_is_the_official_detached_one_by_default(name, scale):
+    z, t = random_batch(C=FOCAL_C, N=24, scale=scale, seed=3)
+    expected = official_focal_gradient(name, z.numpy(), t.numpy(), gamma=0.5)
+    np.testing.assert_allclose(loss_gradient(name, z, t, gamma=0.5), expected, **EXACT)
+    explicit = loss_gradient(name, z, t, gamma=0.5, detach_focal_weight=True)
+    np.testing.assert_allclose(explicit, expected, **EXACT)
+
+
+@pytest.mark.parametrize("name", ["fl", "nfl", "nnfl"])
+def test_focal_gradient_differentiates_the_weight_on_request(name):
+    z, t = random_batch(C=FOCAL_C, N=6, scale=1.0, seed=4)
+    got = loss_gradient(name, z, t, gamma=0.5, detach_focal_weight=False)
+    # central differences with eps 1e-5: truncation ~eps^2 * f''' ~ 1e-10, rounding ~1e-16 / eps = 1e-11
+    np.testing.assert_allclose(got, numeric_gradient(name, z.numpy(), t.numpy(), 0.5), rtol=1e-6, atol=1e-8)
+    official = official_focal_gradient(name, z.numpy(), t.numpy(), gamma=0.5)
+    assert np.linalg.norm(got - official) > 0.05 * np.linalg.norm(official)  # the switch matters at C = 10
+
+
+@pytest.mark.parametrize("name, parts", [("anl_fl", ("nfl", "nnfl")), ("nfl_rce", ("nfl", "rce")),
+                                         ("nfl_mae", ("nfl", "mae"))])
+def test_focal_combinations_pass_the_switch_to_their_focal_parts(name, parts):
+    z, t = random_batch(C=FOCAL_C, N=24, scale=3.0, seed=5)
+    alpha, beta = 5.0, 2.0
+
+    def part_gradient(part, detach):
+        if part in ("rce", "mae"):  # no focal weight: its own autograd gradient
+            return loss_gradient(part, z, t)
+        if detach:
+            return official_focal_gradient(part, z.numpy(), t.numpy(), gamma=0.5)
+        return loss_gradient(part, z, t, gamma=0.5, detach_focal_weight=False)
+
+    for detach in (None, True, False):  # None: the default, the official gradient
+        hp = {"gamma": 0.5} if detach is None else {"gamma": 0.5, "detach_focal_weight": detach}
+        expected = sum(w * part_gradient(part, detach is not False) for w, part in zip((alpha, beta), parts))
+        np.testing.assert_allclose(loss_gradient(name, z, t, alpha=alpha, beta=beta, **hp), expected, **EXACT)
+
+
+def test_detach_focal_weight_takes_a_boolean_and_only_in_the_focal_family():
+    with pytest.raises(ValueError, match="detach_focal_weight=1: nfl takes true or false"):
+        build_loss("nfl", 10, detach_focal_weight=1)
+    with pytest.raises(ValueError, match="unknown \\['detach_focal_weight'\\]"):
+        build_loss("nce", 10, detach_focal_weight=True)

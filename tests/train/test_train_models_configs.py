@@ -158,3 +158,56 @@ def test_overrides_and_validation():
 def test_config_files_have_only_known_keys():
     for path in Path(CONFIG_DIR).glob("*.json"):
         assert set(json.loads(path.read_text())) <= set(Config.__dataclass_fields__), path.name
+
+
+# The official code (https://github.com/ZKI-PH-ImageAnalysis/Drainage, commit 3359c4b): trainer.py trains
+# without autocast (fp32); utils.py get_model builds resnet50(weights=ResNet50_Weights.IMAGENET1K_V2) for
+# every dataset but WebVision; loss.py detaches the focal weight. Its config/clothing1m_alpha_dl.json:
+OFFICIAL_CLOTHING1M = {
+    "model": {"name": "resnet50"},
+    "loss": {"name": "alpha_dl", "alpha": 0.01, "delta": 0, "drainage_idx": 14, "pass_model_to_loss": True},
+    "dataset": {"name": "clothing1m", "data_path": "Clothing1M/", "num_classes": 14, "num_classes_model": 15,
+                "train_batchsize": 32, "test_batchsize": 1024, "num_workers": 8},
+    "optim": {"total_epoch": 15, "optimizer": "sgd", "learning_rate": 0.0001, "momentum": 0.9,
+              "weight_decay": 1e-3, "nesterov": False, "grad_bound": 5.0, "scheduler": "steplr",
+              "step_size": 10, "gamma": 0.1},
+}
+PAPER_PRESETS = [n for n in CONFIGS if json.loads((CONFIG_DIR / f"{n}.json").read_text())
+                 .get("description", "").startswith("The Drainage authors'")]
+
+
+def test_paper_presets_train_in_fp32_and_bf16_is_opt_in():
+    assert len(PAPER_PRESETS) == 8 + 7 + 7 + 4  # cifar10, cifar100, webvision, clothing1m
+    assert Config().amp is False
+    for name in PAPER_PRESETS:
+        assert load_config(name).amp is False, name
+        assert load_config(name, ["amp=true"]).amp is True, name
+
+
+def test_authors_json_trains_clothing1m_like_the_official_code(tmp_path):
+    flat = from_authors_json(OFFICIAL_CLOTHING1M)
+    assert (flat["pretrained"], flat["amp"], flat["model"], flat["dataset"]) == (
+        "IMAGENET1K_V2", False, "resnet50", "clothing1m")
+    path = tmp_path / "clothing1m_alpha_dl.json"
+    path.write_text(json.dumps(OFFICIAL_CLOTHING1M))
+    theirs, ours = load_config(str(path)), load_config("clothing1m_drainage")
+    for field in ("model", "pretrained", "amp", "loss", "loss_params", "l1_delta", "lr", "weight_decay",
+                  "epochs", "batch_size", "scheduler", "step_size", "gamma", "grad_clip"):
+        assert getattr(theirs, field) == getattr(ours, field), field
+    clothing = [n for n in PAPER_PRESETS if n.startswith("clothing1m")]
+    assert all(load_config(n).pretrained == "IMAGENET1K_V2" for n in clothing)
+
+
+def test_authors_json_keeps_webvision_from_scratch():
+    webvision = {**OFFICIAL_CLOTHING1M, "dataset": {"name": "webvision", "train_batchsize": 512}}
+    assert "pretrained" not in from_authors_json(webvision)
+    assert all(load_config(n).pretrained is None for n in PAPER_PRESETS if n.startswith("webvision"))
+
+
+def test_authors_presets_detach_the_focal_weight():
+    for name in PAPER_PRESETS:
+        cfg = load_config(name)
+        if cfg.loss in ("fl", "nfl", "nnfl", "anl_fl", "nfl_rce", "nfl_mae"):
+            assert cfg.loss_params["detach_focal_weight"] is True, name
+    assert load_config("cifar10_anl_fl", ["loss_params.detach_focal_weight=false"]).loss_params[
+        "detach_focal_weight"] is False

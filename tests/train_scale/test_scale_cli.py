@@ -36,6 +36,32 @@ def test_clothing1m_run_resamples_balanced_epochs_and_reports_test_at_the_select
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["selected_on"] == "clothing1m_val" and "clothing1m_test_top1" in summary["best"]
     assert f"done: selected epoch {summary['best']['epoch']} on clothing1m_val" in log
+    reported = summary["reported"]  # the official metric: test top-1 after the last epoch, then at best val
+    assert (reported["split"], reported["last_epoch"], reported["top1_last_epoch"]) == (
+        "clothing1m_test", 2, history[-1]["clothing1m_test_top1"])
+    assert (reported["best_val_epoch"], reported["top1_best_val_epoch"]) == (
+        summary["best"]["epoch"], summary["best"]["clothing1m_test_top1"])
+    assert f"result: clothing1m_test top-1 {reported['top1_last_epoch']:.2%} at the last epoch 2" in log
+
+
+def test_reported_result_is_the_last_epoch_with_the_best_validation_epoch_beside():
+    from types import SimpleNamespace
+
+    from train.scale.loop import ScaleTrainer
+
+    history = [{"epoch": 1, "clothing1m_val_top1": 0.5, "clothing1m_test_top1": 0.4},
+               {"epoch": 2, "clothing1m_val_top1": 0.7, "clothing1m_test_top1": 0.6},
+               {"epoch": 3},  # not evaluated (eval_freq)
+               {"epoch": 4, "clothing1m_val_top1": 0.6, "clothing1m_test_top1": 0.65}]
+    spec = SimpleNamespace(select="clothing1m_val", report="clothing1m_test")
+    best = {"epoch": 2, "clothing1m_val_top1": 0.7, "clothing1m_test_top1": 0.6}
+    reported = ScaleTrainer.reported(SimpleNamespace(spec=spec, history=history, best=best))
+    assert reported == {"split": "clothing1m_test", "last_epoch": 4, "top1_last_epoch": 0.65,
+                        "selected_on": "clothing1m_val", "best_val_epoch": 2, "top1_best_val_epoch": 0.6}
+    webvision = SimpleNamespace(select="webvision_val", report=None)  # no test split: the selection split
+    row = {"epoch": 1, "webvision_val_top1": 0.3}
+    reported = ScaleTrainer.reported(SimpleNamespace(spec=webvision, history=[row], best=row))
+    assert reported["top1_last_epoch"] == 0.3
 
 
 def parse(*argv):

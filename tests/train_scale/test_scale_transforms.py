@@ -114,3 +114,95 @@ def test_eval_transform_matches_dali_eval_pipeline(webvision_tree):
         ours = (T.EvalTransform(32, 36)(Image.open(path).convert("RGB")) - mean) / std
         assert int(np.array(labels[k])[0]) == images.labels[k]
         assert np.abs(np.array(out[k]) - ours).mean() < 0.1  # resampling filters differ slightly
+
+
+# ---- Clothing1M as the official code (ZKI-PH-ImageAnalysis/Drainage, commit 3359c4b, dataset.py
+# Clothing1MDatasetLoader.loadData): train Resize((256, 256)) + CenterCrop(224) + Cutout(112), no random crop
+# or flip; val and test Resize((256, 256)) + CenterCrop(224). torchvision's CenterCrop starts at
+# int(round((256 - 224) / 2)) = 16 on both axes.
+OFFICIAL_RESIZE, OFFICIAL_CROP, OFFICIAL_CUTOUT, OFFICIAL_CORNER = 256, 224, 112, 16
+
+
+def ramp_image(width=512, height=128) -> Image.Image:
+    """Red encodes the column (x / 2), green the row (2 y): after the 256 x 256 resize (x halved, y doubled)
+    both read as the resized image's column / row, so a crop's position can be read off its pixels."""
+    x, y = np.meshgrid(np.arange(width), np.arange(height))
+    pixels = np.stack([x / 2, 2 * y, np.full_like(x, 100)], -1)
+    return Image.fromarray(np.rint(pixels).astype(np.uint8))
+
+
+def test_clothing1m_train_transform_is_the_official_square_resize_and_centre_crop():
+    t = T.CentreCropTrainTransform(crop=OFFICIAL_CROP, resize=OFFICIAL_RESIZE)
+    out = t(ramp_image(), np.random.default_rng(0))
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    # resized column c holds red ~ c (a 2:1 box: mean of x/2 at x = 2c, 2c + 1 -> c + 0.25); row r holds green
+    # ~ r - 0.5 (bilinear 1:2 upsampling of 2y at y = (r + 0.5) / 2 - 0.5); +-1 for uint8 rounding and edges
+    columns, rows = np.arange(224) + OFFICIAL_CORNER, np.arange(224) + OFFICIAL_CORNER
+    assert np.abs(out[112, :, 0].astype(float) - (columns + 0.25)).max() <= 1
+    assert np.abs(out[1:-1, 112, 1].astype(float) - (rows[1:-1] - 0.5)).max() <= 1
+    # no random crop or flip: any generator gives the same image
+    assert np.array_equal(out, t(ramp_image(), np.random.default_rng(1)))
+
+
+def test_clothing1m_cutout_is_the_official_clipped_square_and_the_only_randomness():
+    plain = T.CentreCropTrainTransform(OFFICIAL_CROP, OFFICIAL_RESIZE)(ramp_image(), np.random.default_rng(0))
+    for seed in range(20):
+        out = T.CentreCropTrainTransform(OFFICIAL_CROP, OFFICIAL_RESIZE, OFFICIAL_CUTOUT)(
+            ramp_image(), np.random.default_rng(seed))
+        # the official Cutout: centre (y, x) uniform over the 224 x 224 image, rows clip(y - 56, 0, 224) to
+        # clip(y + 56, 0, 224), the same for columns
+        y, x = np.random.default_rng(seed).integers(0, OFFICIAL_CROP, size=2)
+        mask = np.zeros((224, 224), bool)
+        mask[max(y - 56, 0):min(y + 56, 224), max(x - 56, 0):min(x + 56, 224)] = True
+        assert (out[mask] == T.mean_colour_uint8()).all() and np.array_equal(out[~mask], plain[~mask])
+
+
+def test_clothing1m_eval_transform_is_the_official_square_resize_and_centre_crop():
+    image = ramp_image()
+    out = T.EvalTransform(OFFICIAL_CROP, OFFICIAL_RESIZE, square=True)(image)
+    assert out.shape == (224, 224, 3)
+    assert np.array_equal(out, T.CentreCropTrainTransform(OFFICIAL_CROP, OFFICIAL_RESIZE)(image, None))
+    # not the shorter-side resize (WebVision's): that keeps the 4:1 aspect and crops the middle columns
+    assert not np.array_equal(out, T.EvalTransform(OFFICIAL_CROP, OFFICIAL_RESIZE)(image))
+
+
+def test_clothing1m_runs_get_the_official_transforms(clothing_tree):
+    import torch
+
+    from train.config import load_config
+    from train.scale.data import build_loaders
+    from train.scale.distributed import DistContext
+    from train.scale.lists import build_dataset
+    from train.scale.options import ScaleOptions
+
+    spec = build_dataset("clothing1m", clothing_tree[0])
+    ctx = DistContext(0, 1, 0, 1, torch.device("cpu"))
+    options = ScaleOptions(loader="torch", workers=0, crop=OFFICIAL_CROP, resize=OFFICIAL_RESIZE)
+    loaders = build_loaders(spec, load_config("clothing1m_drainage"), options, ctx)
+    assert loaders.train.dataset.transform == T.CentreCropTrainTransform(224, 256, cutout=112)
+    assert {name: loader.dataset.transform for name, loader in loaders.evals.items()} == {
+        "clothing1m_val": T.EvalTransform(224, 256, square=True),
+        "clothing1m_test": T.EvalTransform(224, 256, square=True)}
+    assert spec.select == "clothing1m_val" and spec.report == "clothing1m_test"
+
+
+@needs_dali
+def test_clothing1m_dali_pipelines_match_the_torch_transforms(clothing_tree):
+    from train.scale.dali_pipeline import PipelineSpec, _eval_pipeline, _train_pipeline
+    from train.scale.lists import clothing1m
+
+    images = clothing1m(clothing_tree[0], "test").subset(np.arange(8))
+    spec = PipelineSpec(crop=32, resize=36, decode_device="cpu", device_id=None, threads=1,
+                        square_resize=True)
+    mean, std = np.array(T.IMAGENET_MEAN) * 255, np.array(T.IMAGENET_STD) * 255
+    files, labels = images.absolute_paths(), list(range(8))  # label k: file k
+    for graph, kw in ((_eval_pipeline, {}), (_train_pipeline, {"shuffle_seed": 3})):
+        pipe = graph(files=files, labels=labels, shard_id=0, num_shards=1, spec=spec, batch_size=8,
+                     num_threads=1, device_id=None, seed=0, **kw)
+        pipe.build()
+        out, ids = pipe.run()
+        for k in range(8):
+            path = files[int(np.array(ids[k])[0])]
+            ours = (T.EvalTransform(32, 36, square=True)(Image.open(path).convert("RGB")) - mean) / std
+            assert np.array(out[k]).shape == (32, 32, 3)
+            assert np.abs(np.array(out[k]) - ours).mean() < 0.1, graph.__name__  # resampling filters differ

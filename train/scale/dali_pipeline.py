@@ -55,7 +55,9 @@ OUTPUTS = ["images", "labels"]
 @dataclass(frozen=True)
 class PipelineSpec:
     """What every pipeline of a run shares. decode_device: "cpu" or "mixed"; device_id: the local
-    CUDA device, or None for a CPU-only pipeline."""
+    CUDA device, or None for a CPU-only pipeline. square_resize: the official Clothing1M recipe
+    (train/scale/transforms.py): every image resized to resize x resize then centre-cropped, in training
+    too (no random crop, no flip)."""
 
     crop: int
     resize: int
@@ -65,6 +67,7 @@ class PipelineSpec:
     fp16: bool = False
     color_jitter: bool = False
     cutout: int = 0
+    square_resize: bool = False
 
     def __post_init__(self):
         if self.decode_device not in ("cpu", "mixed"):
@@ -80,22 +83,35 @@ def _normalise(images, spec: PipelineSpec, **crop_mirror):
         mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD], **crop_mirror)
 
 
+def _square_resize(images, spec: PipelineSpec):
+    """Both sides to spec.resize (aspect not kept), as torchvision's Resize((resize, resize))."""
+    return fn.resize(images, resize_x=spec.resize, resize_y=spec.resize, interp_type=types.INTERP_LINEAR,
+                     antialias=True)
+
+
 @pipeline_def
 def _train_pipeline(files: list[str], labels: list[int], shard_id: int, num_shards: int, shuffle_seed: int,
                     spec: PipelineSpec):
     jpegs, label = fn.readers.file(
         files=files, labels=labels, shard_id=shard_id, num_shards=num_shards, shuffle_after_epoch=True,
         shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, name=READER)
-    images = fn.decoders.image_random_crop(
-        jpegs, device=spec.decode_device, output_type=types.RGB, random_area=list(CROP_AREA),
-        random_aspect_ratio=list(CROP_ASPECT), num_attempts=CROP_ATTEMPTS)
-    images = fn.resize(images, resize_x=spec.crop, resize_y=spec.crop, interp_type=types.INTERP_LINEAR,
-                       antialias=True)
-    if spec.color_jitter:
-        images = fn.color_twist(
-            images, brightness=fn.random.uniform(range=JITTER_SCALE), contrast=fn.random.uniform(range=JITTER_SCALE),
-            saturation=fn.random.uniform(range=JITTER_SCALE), hue=fn.random.uniform(range=JITTER_HUE_DEGREES))
-    images = _normalise(images, spec, mirror=fn.random.coin_flip(probability=0.5))
+    if spec.square_resize:
+        images = fn.decoders.image(jpegs, device=spec.decode_device, output_type=types.RGB)
+        images = _square_resize(images, spec)
+        images = _normalise(images, spec, crop=(spec.crop, spec.crop))  # centred crop, no mirror
+    else:
+        images = fn.decoders.image_random_crop(
+            jpegs, device=spec.decode_device, output_type=types.RGB, random_area=list(CROP_AREA),
+            random_aspect_ratio=list(CROP_ASPECT), num_attempts=CROP_ATTEMPTS)
+        images = fn.resize(images, resize_x=spec.crop, resize_y=spec.crop, interp_type=types.INTERP_LINEAR,
+                           antialias=True)
+        if spec.color_jitter:
+            images = fn.color_twist(
+                images, brightness=fn.random.uniform(range=JITTER_SCALE),
+                contrast=fn.random.uniform(range=JITTER_SCALE),
+                saturation=fn.random.uniform(range=JITTER_SCALE),
+                hue=fn.random.uniform(range=JITTER_HUE_DEGREES))
+        images = _normalise(images, spec, mirror=fn.random.coin_flip(probability=0.5))
     if spec.cutout:
         half = spec.cutout / 2  # anchor = centre - half, centre uniform over the crop
         anchor = fn.random.uniform(range=[-half, spec.crop - half], shape=2)
@@ -108,7 +124,11 @@ def _eval_pipeline(files: list[str], labels: list[int], shard_id: int, num_shard
     jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                    stick_to_shard=True, pad_last_batch=True, name=READER)
     images = fn.decoders.image(jpegs, device=spec.decode_device, output_type=types.RGB)
-    images = fn.resize(images, resize_shorter=spec.resize, interp_type=types.INTERP_LINEAR, antialias=True)
+    if spec.square_resize:
+        images = _square_resize(images, spec)
+    else:
+        images = fn.resize(images, resize_shorter=spec.resize, interp_type=types.INTERP_LINEAR,
+                           antialias=True)
     images = _normalise(images, spec, crop=(spec.crop, spec.crop))
     return images, label.gpu() if spec.decode_device == "mixed" else label
 

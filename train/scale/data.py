@@ -21,7 +21,7 @@ from ..run_dirs import UserError
 from .distributed import DistContext, agree
 from .lists import LAYOUTS, DatasetSpec, build_dataset, class_balanced_subset, ilsvrc12_val
 from .options import ScaleOptions
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, CentreCropTrainTransform, EvalTransform, TrainTransform
 from .validate import check_list, describe, drop_bad
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -127,7 +127,8 @@ class Loaders:
 def build_loaders(spec: DatasetSpec, cfg, options: ScaleOptions, ctx: DistContext) -> Loaders:
     kind = resolve_loader(options)
     batch, eval_batch = cfg.batch_size // ctx.world_size, cfg.eval_batch_size // ctx.world_size
-    color_jitter, cutout = cfg.dataset == "webvision", (options.crop // 2 if cfg.dataset == "clothing1m" else 0)
+    clothing1m = cfg.dataset == "clothing1m"  # the official code's fixed crops (train/scale/transforms.py)
+    color_jitter, cutout = cfg.dataset == "webvision", (options.crop // 2 if clothing1m else 0)
     workers = options.workers if options.workers is not None else default_workers(ctx)
     dtype = resolve_input_dtype(options, cfg, ctx.device)
     channels_last = cfg.channels_last and ctx.device.type == "cuda"
@@ -138,7 +139,8 @@ def build_loaders(spec: DatasetSpec, cfg, options: ScaleOptions, ctx: DistContex
             "mixed" if ctx.device.type == "cuda" else "cpu")
         device_id = ctx.device.index if ctx.device.type == "cuda" else None
         pipe = PipelineSpec(options.crop, options.resize, decode, device_id, max(1, workers),
-                            fp16=dtype != torch.float32, color_jitter=color_jitter, cutout=cutout)
+                            fp16=dtype != torch.float32, color_jitter=color_jitter, cutout=cutout,
+                            square_resize=clothing1m)
         train = DaliTrainLoader(spec.train, batch, pipe, cfg.seed, ctx.rank, ctx.world_size)
         evals = {name: DaliEvalLoader(images, eval_batch, pipe, ctx.rank, ctx.world_size)
                  for name, images in spec.evals.items()}
@@ -146,10 +148,12 @@ def build_loaders(spec: DatasetSpec, cfg, options: ScaleOptions, ctx: DistContex
         from .torch_loader import TorchEvalLoader, TorchTrainLoader
 
         pin = ctx.device.type == "cuda"
-        train = TorchTrainLoader(spec.train, TrainTransform(options.crop, color_jitter, cutout), cfg.batch_size,
-                                 cfg.seed, ctx.rank, ctx.world_size, workers, pin)
-        evals = {name: TorchEvalLoader(images, EvalTransform(options.crop, options.resize), eval_batch, ctx.rank,
-                                       ctx.world_size, workers, pin)
+        transform = (CentreCropTrainTransform(options.crop, options.resize, cutout) if clothing1m
+                     else TrainTransform(options.crop, color_jitter, cutout))
+        train = TorchTrainLoader(spec.train, transform, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size,
+                                 workers, pin)
+        evals = {name: TorchEvalLoader(images, EvalTransform(options.crop, options.resize, square=clothing1m),
+                                       eval_batch, ctx.rank, ctx.world_size, workers, pin)
                  for name, images in spec.evals.items()}
     return Loaders(kind, train, evals, dtype, channels_last, ctx.device, normalise=kind == "torch")
 

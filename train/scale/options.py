@@ -55,6 +55,7 @@ class ScaleOptions:
                                        # rank's share of the cores (at most 16)
     crop: int = 224
     resize: int = 256                  # evaluation: shorter side resized to this, then centre crop
+                                       # (Clothing1M: both sides, in training too, as the official code)
     input_dtype: str = "auto"          # auto (bf16 with CUDA + amp, else fp32) | fp32 | fp16 | bf16
     sync_bn: bool = False
     balanced_samples: int = 0          # Clothing1M: class-balanced draw of this many per epoch; 0: all
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "share of the cores, at most 16")
     p.add_argument("--crop", type=int, metavar="PX", help="training / evaluation crop size (default 224)")
     p.add_argument("--resize", type=int, metavar="PX",
-                   help="evaluation: shorter side resized to this before the centre crop (default 256)")
+                   help="evaluation: shorter side resized to this before the centre crop (default 256); "
+                        "Clothing1M: both sides, in training and evaluation, as the official code")
     p.add_argument("--input_dtype", choices=INPUT_DTYPES,
                    help="dtype of the model input; auto: bf16 on CUDA with amp, else fp32 (fp16 / bf16 need CUDA "
                         "with amp)")

@@ -4,9 +4,13 @@ DataLoader path; train/scale/dali_pipeline.py builds the same recipe from DALI o
     training     random-resized-crop (area 8-100%, aspect 3/4-4/3, 10 tries, then a centre crop) to
                  crop x crop + horizontal flip; WebVision adds the authors' colour jitter
                  (ColorJitter(0.4, 0.4, 0.4, 0.2): brightness, contrast, saturation x U[0.6, 1.4],
-                 hue +-0.2 turn = +-72 degrees); Clothing1M adds Cutout (one crop/2 square, centre
-                 uniform over the image, may stick out of it)
+                 hue +-0.2 turn = +-72 degrees)
     evaluation   resize the shorter side to `resize` (256), centre crop `crop` (224)
+
+Clothing1M follows the official code instead (https://github.com/ZKI-PH-ImageAnalysis/Drainage, commit
+3359c4b, dataset.py Clothing1MDatasetLoader.loadData): training Resize((256, 256)) (both sides, the aspect
+ratio is not kept) + CenterCrop(224) + Cutout(112) (one crop/2 square, centre uniform over the image,
+clipped to it; no random crop, no flip); evaluation (val and test) Resize((256, 256)) + CenterCrop(224).
 
 The colour jitter follows DALI's fn.color_twist, which both paths use: one linear map in YIQ space
 (hue = rotation of the I/Q plane, saturation = its scale, brightness and contrast = scale of all three
@@ -97,6 +101,35 @@ def mean_colour_uint8() -> np.ndarray:
     return np.rint(np.asarray(IMAGENET_MEAN) * 255).astype(np.uint8)
 
 
+def _cutout(out: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
+    top, left, bottom, right = cutout_box(out.shape[0], side, rng)
+    out = out.copy()
+    out[top:bottom, left:right] = mean_colour_uint8()
+    return out
+
+
+def square_resize_centre_crop(image: Image.Image, resize: int, crop: int) -> np.ndarray:
+    """PIL image -> (crop, crop, 3) uint8: torchvision's Resize((resize, resize)) (bilinear, as PIL
+    resamples) then CenterCrop(crop), whose top-left corner is int(round((resize - crop) / 2))."""
+    resized = image.resize((resize, resize), Image.BILINEAR)
+    corner = int(round((resize - crop) / 2))
+    return np.asarray(resized.crop((corner, corner, corner + crop, corner + crop)))
+
+
+@dataclass(frozen=True)
+class CentreCropTrainTransform:
+    """PIL image -> (crop, crop, 3) uint8: the official Clothing1M training transform (module docstring):
+    resize x resize, centre crop, [cutout]; the generator draws only the cutout."""
+
+    crop: int
+    resize: int
+    cutout: int = 0   # side of the Cutout square in pixels; 0 = off
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        out = square_resize_centre_crop(image, self.resize, self.crop)
+        return np.ascontiguousarray(_cutout(out, self.cutout, rng) if self.cutout else out)
+
+
 @dataclass(frozen=True)
 class TrainTransform:
     """PIL image -> (crop, crop, 3) uint8: random-resized-crop, [colour jitter], flip, [cutout]."""
@@ -113,20 +146,22 @@ class TrainTransform:
         if rng.random() < 0.5:
             out = out[:, ::-1]
         if self.cutout:
-            top_, left_, bottom, right = cutout_box(self.crop, self.cutout, rng)
-            out = out.copy()
-            out[top_:bottom, left_:right] = mean_colour_uint8()
+            out = _cutout(out, self.cutout, rng)
         return np.ascontiguousarray(out)
 
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """PIL image -> (crop, crop, 3) uint8: shorter side resized to `resize`, centre crop."""
+    """PIL image -> (crop, crop, 3) uint8: shorter side resized to `resize` (square: both sides, the
+    official Clothing1M evaluation), centre crop."""
 
     crop: int
     resize: int
+    square: bool = False
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        if self.square:
+            return square_resize_centre_crop(image, self.resize, self.crop)
         scale = self.resize / min(image.width, image.height)
         w, h = max(self.resize, round(image.width * scale)), max(self.resize, round(image.height * scale))
         resized = image.resize((w, h), Image.BILINEAR)
