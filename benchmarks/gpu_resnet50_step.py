@@ -4,8 +4,9 @@
 
 Step: train/resnet.py ResNet-50 with 1001 outputs (1000 classes + the drainage node), the fused Drainage
 loss (alpha 0.1), SGD nesterov, gradient-norm clip 5.0, bf16 autocast, channels_last, batch 256, 224 px:
-the WebVision recipe's step at ImageNet scale. Anchors (training_anchors.md §1.6): about 2,470 img/s on
-one A100 (NVIDIA's PyTorch RN50, AMP, real data); goal >= 3,000 img/s on one H100.
+the WebVision recipe's step at ImageNet scale. Anchor: about 2,470 img/s on one A100 (NVIDIA's PyTorch
+RN50 v1.5, AMP, real data; the performance tables of github.com/NVIDIA/DeepLearningExamples,
+PyTorch/Classification/ConvNets/resnet50v1.5/README.md); goal >= 3,000 img/s on one H100.
 
 Measurements, each independent (one failing is recorded, the others still run):
   synthetic_eager     a fixed random batch on the GPU, eager

@@ -5,7 +5,7 @@ Convention everywhere in this module: a score is an *outlier* score, higher = mo
 "in-distribution" (ID) set, unknown ones the "out-of-distribution" (OOD) set.
 
 FPR@95TPR has two conventions in the literature and both are reported, each named for its positive
-class (../shared/DESIGN.md §6):
+class (docs/design.md, "Open-set and cleaning metrics"):
   FPR@95TPR[unknown-positive]  OpenOOD v1.5 / pytorch-ood: the fraction of known samples flagged as
                                unknown at the threshold that flags 95% of the unknown ones.
   FPR@95TPR[known-positive]    the classic ODIN / Hendrycks one: the fraction of unknown samples

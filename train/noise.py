@@ -1,6 +1,6 @@
 """Label-noise generators. Each returns (noisy labels, NoiseRecord); the record is saved beside the run.
 
-Conventions (DESIGN.md section 5, training_anchors.md section 3):
+Conventions (docs/design.md, "Datasets and noise"; https://github.com/Virusdoll/Active-Negative-Loss):
 
 - asym: exactly floor(eta * n_i) samples of each source class i are flipped to its partner class
   (MNIST / digits 7->1, 2->7, 5<->6, 3->8; CIFAR-10 9->1, 2->0, 3<->5, 4->7; CIFAR-100 k -> next class

@@ -10,9 +10,9 @@ from .native import LOAD_ERROR, backward, scale_  # noqa: F401
 
 NAME = "cpp"
 # Writing the gradient in the forward, while the row is in L1 and its exponentials are at hand,
-# measured 1.4-1.9x faster than recomputing it in the backward: fp32 (4096, 1001) mean, fwd + bwd
-# on 2 threads, 12.5 ms against 23.4 (benchmarks/results/cpu_cpp_vs_reference.md) and 4.7 against
-# 6.5 in a quieter run.
+# measured 1.5x faster than recomputing it in the backward (min times; 1.07x in the medians, with other
+# jobs on the machine): fp32 (4096, 1001) mean, fwd + bwd on 2 threads, 4.857 ms against 7.076
+# (medians 6.957 against 7.460), benchmarks/results/cpu_cpp_vs_reference.md.
 FUSED_GRAD = True
 
 

@@ -113,7 +113,7 @@ def test_config_loads_and_builds_its_model_and_loss(name, monkeypatch):
 
 
 def test_paper_hyper_parameters_survive():
-    """DESIGN.md section 5."""
+    """The presets table of docs/design.md, "Datasets and noise"."""
     c10, c100 = load_config("cifar10_drainage"), load_config("cifar100_drainage")
     wv, cl = load_config("webvision_drainage"), load_config("clothing1m_drainage")
     assert (c10.model, c10.loss_params, c10.l1_delta, c10.lr, c10.epochs, c10.batch_size) == \

@@ -1,5 +1,5 @@
-"""Noise generators: exact per-class counts, the DESIGN.md flip maps, the transition counts in the record,
-reproducibility from the seed, and the realised rate of instance-dependent noise."""
+"""Noise generators: exact per-class counts, the flip maps of docs/design.md, the transition counts in the
+record, reproducibility from the seed, and the realised rate of instance-dependent noise."""
 
 import json
 import math
@@ -10,7 +10,8 @@ import torch
 
 from train.noise import apply_noise, asymmetric_transition, instance_dependent, transition_counts
 
-# DESIGN.md section 5, written out again here (not imported) so a wrong map in train/noise.py fails
+# docs/design.md, "Datasets and noise", written out again here (not imported) so a wrong map in
+# train/noise.py fails
 MNIST_MAP = {7: 1, 2: 7, 5: 6, 6: 5, 3: 8}
 CIFAR10_MAP = {9: 1, 2: 0, 3: 5, 5: 3, 4: 7}
 

@@ -1,4 +1,5 @@
-"""Image lists of the large real-noise datasets, parsed from their distributed formats (DESIGN.md §5).
+"""Image lists of the large real-noise datasets, parsed from their distributed formats
+(docs/design.md, "Datasets and noise").
 
     mini-WebVision   info/train_filelist_google.txt ("google/qNNNN/x.jpg label"): keep label < 50 over
                      the whole file (the list is not sorted by label); info/val_filelist.txt, images

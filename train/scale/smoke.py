@@ -1,5 +1,5 @@
-"""Generated JPEG trees in the real on-disk layouts (DESIGN.md §5), for the smoke job, the tests and the
-loader benchmark:
+"""Generated JPEG trees in the real on-disk layouts (docs/design.md, "Datasets and noise"), for the smoke
+job, the tests and the loader benchmark:
 
     mini-WebVision   <root>/google/qNNNN/*.jpg, <root>/val_images_256/*.jpg,
                      <root>/info/{train_filelist_google.txt, val_filelist.txt, synsets.txt}

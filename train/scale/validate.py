@@ -14,7 +14,7 @@ list and level in the user's cache folder (default_cache_dir) together with each
 modification time: a later run stats every file and decodes again only those whose size or time
 changed, so a file damaged or deleted since the last check is found again (a verdict keyed by the
 list alone said "fine" for it, and the run died mid-epoch). Measured cost on 2 CPU cores, 2 threads:
-see README "Large-scale training" (list validation).
+see docs/scale.md (list validation).
 """
 
 from __future__ import annotations
