@@ -1,14 +1,38 @@
-"""Backend "cuda": the CUDA C++ kernels of csrc/cuda (see native.py for the ops, _ext.py for the build)."""
+"""Backend "cuda": the CUDA C++ kernels of csrc/cuda (see native.py for the ops, _ext.py for the build).
+
+forward / backward / forward_with_grad are the shared ops of native.py. The mean / sum path of the
+backend contract (notes/backend_contract.md) is CUDA-only: forward_reduced is two launches (the
+forward kernel with the device-side target check and per-block partials, then a one-block finalize)
+and scale_ one launch, with no host sync.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
-from .native import backward, forward, forward_with_grad, scale_  # noqa: F401
+from .._inputs import Hyper
+from .native import backward, forward, forward_with_grad  # noqa: F401
 
 NAME = "cuda"
 FUSED_GRAD = True  # forward_with_grad: 1 read + 1 write of the logits for mean / sum
+
+
+def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool, with_grad: bool):
+    """-> (out, inv_count, grad, pending): out the sum of the row losses or their mean over the kept
+    rows (0-dim, loss dtype; nan for a mean with no kept row), inv_count (1,) = 1 / count for a mean
+    (else None), grad the gradient of the SUM of the row losses when with_grad (else None), pending
+    the factor the backward still owes grad: inv_count for a mean, None for a sum. Targets are
+    checked by a device-side assert; nothing waits for the GPU."""
+    out, inv_count, grad = torch.ops.drainage_fast.forward_reduced.default(x3, target, mean, with_grad, *hp)
+    return out, inv_count, grad, inv_count
+
+
+def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None = None) -> torch.Tensor:
+    """grad *= grad_out * pending (None: 1) in place, the factor in the loss dtype; one launch, which
+    returns at once on the device when the factor is exactly 1."""
+    torch.ops.drainage_fast.scale_by_.default(grad, grad_out, pending)
+    return grad
 
 
 def availability(device: torch.device | None = None) -> tuple[bool, str]:
