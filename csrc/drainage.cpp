@@ -10,6 +10,13 @@
 //   forward_with_grad -> loss, stats and the gradient of the summed loss times scale (a one-element
 //     tensor of the loss dtype: 1 / count for a mean; none: 1) in one pass over the logits.
 //   scale_ multiplies a gradient by a one-element tensor in place; nothing happens when it is 1.
+//   forward_reduced (CUDA only; the contract's mean / sum path, notes in cuda/drainage_cuda.cu) ->
+//     out (0-dim loss dtype: the sum of the row losses, or their mean over the kept rows, nan when
+//     none is kept), inv_count ((1,), 1 / count, only when mean) and, when with_grad, the gradient of
+//     the SUM of the row losses (not scaled by 1 / count), like empty_like(x3); no row terms. Targets
+//     are checked on the device (a device-side assert), without a host sync.
+//   scale_by_ (CUDA only): grad *= grad_out * pending (pending None: 1), the factor in the loss
+//     dtype; one launch that returns at once when the factor is exactly 1.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -33,4 +40,8 @@ TORCH_LIBRARY(drainage_fast, m) {
       "forward_with_grad(Tensor x3, Tensor target, Tensor? scale, float log_alpha, float log_beta, "
       "int drainage_idx, int ignore_index) -> (Tensor loss, Tensor stats, Tensor grad)");
   m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");
+  m.def(
+      "forward_reduced(Tensor x3, Tensor target, bool mean, bool with_grad, float log_alpha, "
+      "float log_beta, int drainage_idx, int ignore_index) -> (Tensor out, Tensor? inv_count, Tensor? grad)");
+  m.def("scale_by_(Tensor(a!) grad, Tensor grad_out, Tensor? pending) -> ()");
 }

@@ -64,7 +64,10 @@ def test_cuda_kernels_compile_for_sm90_and_sm80_without_spills():
     """nvcc compiles csrc/cuda/drainage_cuda.cu, kernels and torch binding, for both targets.
 
     Every template instance the launcher's switch can pick is compiled (the switch is what
-    instantiates them): threads-per-row cases x 4 dtypes, forward and backward, and the scale kernel.
+    instantiates them): threads-per-row cases x 4 dtypes, forward and backward; the scale kernel per
+    gradient dtype and the finalize kernel per loss dtype (fp32, fp64). No instance may spill or use a
+    stack frame (the device-side assert of the finalize kernel included), and config_for can return
+    no threads-per-row case that the switch does not name.
     """
     rows, stderr = kernel_resources.compile_cuda()
     print(kernel_resources.table(rows))
@@ -72,11 +75,15 @@ def test_cuda_kernels_compile_for_sm90_and_sm80_without_spills():
     source = (kernel_resources.ROOT / "csrc/cuda/drainage_cuda.cu").read_text()
     launch = source[source.index("void launch(") :]
     launch = launch[: launch.index("\n}\n")]
-    rows_per_group = len(re.findall(r"case \d+:", launch)) + ("default:" in launch)
+    cases = {int(c) for c in re.findall(r"case (\d+):", launch)}
+    assert cases == {4, 8, 16, 32} and "default:" in launch, launch  # config_for's TPR values, and 0
+    rows_per_group = len(cases) + 1
     for arch in ("sm_90", "sm_80"):
         names = [row["kernel"] for row in rows if row["arch"] == arch]
         assert sum("drainage_fwd_kernel" in n for n in names) == 4 * rows_per_group, names
         assert sum("drainage_bwd_kernel" in n for n in names) == 4 * rows_per_group, names
-        assert sum("scale_kernel" in n for n in names) == 4, names
+        assert sum("drainage_scale_kernel" in n for n in names) == 4, names
+        assert sum("drainage_finalize_kernel" in n for n in names) == 2, names
+        assert len(names) == 8 * rows_per_group + 6, names  # nothing else, nothing uncounted
     found = kernel_resources.problems(rows)
     assert not found, "\n".join(found)

@@ -1,12 +1,25 @@
 // CUDA kernels of the drainage loss, with the contract of the Triton kernels: fp32 math (fp64 for
 // fp64 logits), int64 offsets, any row stride, no host synchronisation (the mean's count and the
-// upstream scale are read on the device), deterministic (no atomics; fixed reduction trees).
+// upstream scale are read on the device), deterministic (no float atomics; fixed reduction trees).
 //
-// Rows are handled by groups of TPR threads. Short rows: several rows per block (TPR in 4..32, one
-// warp or less per row, reduced with shuffles). Long rows: one block per row (TPR = 0 below), reduced
-// in two levels, shuffles within each warp and then across the warps through shared memory. Rows of
-// unit stride are read in 16-byte vectors; with an odd K a row starts anywhere, so the elements
-// before its first 16-byte boundary (the head) and after its last one (the tail) are read singly.
+// Layouts (config_for):
+//   * short rows, K <= kWarpRowMaxK: TPR = 4, 8, 16 or 32 lanes per row (the smallest with
+//     TPR * kElemsPerLane >= K), 256 threads, 256 / TPR rows per block: one warp per row from
+//     K = 513, several rows per warp below. A row is reduced with shuffles inside its lane group;
+//     the butterfly leaves (m, s) in every lane, and the group's lanes evaluate the row terms
+//     together: one warp instruction stream per 32 / TPR rows (a single lane computing them would
+//     issue the same warp instructions, plus the shuffles to broadcast the result).
+//   * long rows: one block per row (TPR = 0 below), reduced in two levels, shuffles within each
+//     warp, then warp 0 merges the per-warp partials, evaluates the row terms once and hands them
+//     to the block through shared memory.
+// Rows of unit stride are read in 16-byte vectors; with an odd K a row starts anywhere, so the
+// elements before its first 16-byte boundary (the head) and after its last one (the tail) are read
+// singly.
+//
+// Reduced forward (forward_reduced, the mean / sum path): the forward kernel writes one partial per
+// block (its rows' loss sum in fp64, kept rows, bad targets), a one-block finalize kernel sums them
+// in a fixed order, asserts on the device that no target was bad, and writes the loss and 1 / count.
+// The backward is one scale kernel (scale_by_) that returns at once when its factor is exactly 1.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -18,15 +31,27 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "../drainage_common.h"
+
+// The device-side assert's message: _inputs.TARGET_MESSAGE (a literal: device code cannot take the
+// address of a host array).
+#define DRAINAGE_TARGET_MESSAGE \
+  "drainage_fast: every target must be in [0, K) and != drainage_idx, or == ignore_index"
 
 namespace drainage::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kBlock = 256;  // threads per block for short rows
-constexpr int kPacksPerLane = 4;  // 16-byte loads per thread and row, before rows get more threads
+constexpr int kBlock = 256;  // threads per block for short rows (and the scale kernel)
+// Short-row blocks: at least 2 resident per SM, so ptxas may use 65536 / (2 * 256) = 128 registers a
+// thread (a bound of 1024 threads, or of 256 threads x 4 blocks, would cap them at 64).
+constexpr int kShortMinBlocks = 2;
+constexpr int64_t kWarpRowMaxK = 2048;  // longest rows given to one warp (or less); longer: a block
+constexpr int64_t kElemsPerLane = 32;  // short rows: lanes per row so that each reads <= 32 (<= 64 at 2048)
+constexpr int kPacksPerLane = 4;  // long rows: 16-byte loads per thread and row, before more threads
+constexpr int kFinalizeThreads = 256;
 
 // exp2 is the native instruction: exp(x) = exp2(x * log2 e), as in the Triton kernels.
 __device__ __forceinline__ float fast_exp(float x) { return exp2f(x * 1.4426950408889634f); }
@@ -154,48 +179,79 @@ __device__ __forceinline__ void write_row(const scalar_t* x, scalar_t* g, int64_
 }
 
 // scale * the gradient of one element given the row terms: the one expression of both the fused
-// forward and the backward, so that both give the same bits. `kept` is a select, so ignored rows
-// with inf or nan logits still give exactly 0.
+// forward and the backward. The order of the operations is part of the contract (backend_contract
+// "bits"): g = exp(z - shift) * c first, then g * scale, two separate multiplies (nvcc never contracts
+// two multiplies), so that the fused gradient (scale 1: g * 1 == g) followed by scale_by_'s g * s has
+// the bits of a recompute with grad_rows = s. `kept` is a select, so ignored rows with inf or nan
+// logits still give exactly 0. exp_sub, as the Triton kernels: exp(0) where z == shift, also for +inf.
 template <typename T>
 __device__ __forceinline__ T grad_element(int64_t k, T z, int64_t t, int64_t d, const RowTerms<T>& terms,
                                           bool kept, T scale) {
-  const T g = k == t ? terms.g_t : (k == d ? terms.g_d : fast_exp(z - terms.shift) * terms.c);
+  const T g = k == t ? terms.g_t : (k == d ? terms.g_d : exp_sub(z, terms.shift) * terms.c);
   return kept ? g * scale : T(0);
 }
+
+// One partial per block of the reduced forward: its rows' loss sum and counts.
+struct BlockPartial {
+  double loss;  // fp64 for every logits dtype: a handful of adds per thread, no rounding drift
+  int32_t kept, bad;  // rows with target != ignore_index; among them, bad targets
+};
+static_assert(sizeof(BlockPartial) == 16, "BlockPartial is read as 16-byte records");
 
 struct ForwardArgs {
   const void* x;
   TargetView target;
-  void* loss;  // (R,) T
-  void* stats;  // (kRowTerms, R) T
+  void* loss;  // (R,) T; null: not written (forward_reduced)
+  void* stats;  // (kRowTerms, R) T; null: not written (forward_reduced)
   void* grad;  // null: no gradient (plain forward)
   const void* scale;  // one T, the gradient's factor (1 / count for a mean); null: 1
+  BlockPartial* partials;  // gridDim.x records (forward_reduced); null: none
   RowLayout rows, g_rows;
   int64_t drainage_idx, ignore_index;
   double log_alpha, log_beta;
 };
 
-// Launch bounds: a block-per-row kernel may get up to max_threads(sizeof(scalar_t)) threads, so it
-// must fit in 65536 / that many registers per thread (64 at 1024); without the bound ptxas is free
-// to take more and such a launch fails. fp64's row math spilled 20 bytes at 64 registers, so fp64
-// blocks stop at 512 threads. The second bound (1 block per SM at least) lets ptxas use that room:
-// with the first alone it still stopped at 64 registers and spilled 8-28 bytes (nvcc 13.0, sm_90).
+// Launch bounds. A block-per-row kernel (TPR = 0) may get up to max_threads(sizeof(scalar_t))
+// threads, so it must fit in 65536 / that many registers per thread (64 at 1024); without the bound
+// ptxas is free to take more and such a launch fails. fp64's row math spilled 20 bytes at 64
+// registers, so fp64 blocks stop at 512 threads (128 registers). The second bound (1 block per SM at
+// least) lets ptxas use that room: with the first alone it still stopped at 64 registers and spilled
+// 8-28 bytes (nvcc 13.0, sm_90). Short-row kernels (TPR > 0) always run kBlock = 256 threads with at
+// least kShortMinBlocks = 2 blocks per SM: 65536 / 512 = 128 registers, not 64.
 constexpr int max_threads(int64_t elem_size) { return elem_size == 8 ? 512 : 1024; }
 
 template <typename scalar_t, int TPR>
-__global__ void __launch_bounds__(max_threads(sizeof(scalar_t)), 1) drainage_fwd_kernel(ForwardArgs a) {
+constexpr int bound_threads() {
+  return TPR > 0 ? kBlock : max_threads(sizeof(scalar_t));
+}
+
+template <int TPR>
+constexpr int bound_blocks() {
+  return TPR > 0 ? kShortMinBlocks : 1;
+}
+
+template <typename scalar_t, int TPR>
+__global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<TPR>())
+    drainage_fwd_kernel(ForwardArgs a) {
   using T = at::opmath_type<scalar_t>;
-  __shared__ MaxSum<T> partials[kWarp];
+  static_assert(TPR == 0 || (TPR >= 4 && TPR <= kWarp && kBlock % (TPR > 0 ? TPR : 1) == 0), "lanes per row");
+  __shared__ MaxSum<T> warp_sums[kWarp];  // block-per-row: one (m, s) per warp
+  __shared__ RowTerms<T> block_terms;  // block-per-row: warp 0's row terms for the whole block
   const int lanes = TPR > 0 ? TPR : blockDim.x;
   const int lane = threadIdx.x % lanes, rows_per_block = blockDim.x / lanes;
+  const int warp = threadIdx.x / kWarp, warp_lane = threadIdx.x % kWarp;
   const int64_t R = a.rows.R, K = a.rows.K, d = a.drainage_idx;
   const auto* X = static_cast<const scalar_t*>(a.x);
   T* loss = static_cast<T*>(a.loss);
   T* stats = static_cast<T*>(a.stats);
+  // This thread's share of the block partial (lane 0 of each row group owns its rows).
+  double loss_sum = 0.0;
+  int kept_rows = 0, bad_rows = 0;
 
-  // Grid-stride over row groups; the loop condition is the same for the whole block.
+  // Grid-stride over row groups; the loop condition is the same for the whole block, so every
+  // thread reaches every __syncthreads below the same number of times.
   for (int64_t base = int64_t(blockIdx.x) * rows_per_block; base < R; base += int64_t(gridDim.x) * rows_per_block) {
-    const int64_t r = base + threadIdx.x / lanes;
+    const int64_t r = base + threadIdx.x / lanes;  // TPR = 0: the same row in the whole block
     const bool row_ok = r < R;
     const int64_t t = row_ok ? a.target[r] : a.ignore_index;
     const TargetCheck check = check_target(t, K, d, a.ignore_index);
@@ -208,19 +264,51 @@ __global__ void __launch_bounds__(max_threads(sizeof(scalar_t)), 1) drainage_fwd
         if (k != t && k != d) add(acc, static_cast<T>(v));
       });
     }
-    acc = row_reduce<TPR>(acc, partials);  // every thread of the block takes part
 
-    RowTerms<T> terms = skipped_row<T>(check.bad);
-    if (compute) {
-      const T z_t = static_cast<T>(x[t * a.rows.stride_k]), z_d = static_cast<T>(x[d * a.rows.stride_k]);
-      terms = row_terms(z_t, z_d, acc.m, acc.s, T(a.log_alpha), T(a.log_beta));
+    RowTerms<T> terms;
+    if constexpr (TPR > 0) {
+      // Every lane of the warp takes part (no early exit above): full-mask shuffles are safe.
+      acc = warp_reduce(acc, TPR);
+      terms = skipped_row<T>(check.bad);
+      if (compute) {
+        const T z_t = static_cast<T>(x[t * a.rows.stride_k]), z_d = static_cast<T>(x[d * a.rows.stride_k]);
+        terms = row_terms(z_t, z_d, acc.m, acc.s, T(a.log_alpha), T(a.log_beta));
+      }
+    } else {
+      acc = warp_reduce(acc, kWarp);
+      if (warp_lane == 0) warp_sums[warp] = acc;
+      __syncthreads();  // (1) the per-warp sums are in shared memory
+      if (warp == 0) {
+        // The row terms once per row, by warp 0 (compute is uniform across the block).
+        const bool has = warp_lane < static_cast<int>(blockDim.x / kWarp);
+        const MaxSum<T> v = warp_reduce(has ? warp_sums[warp_lane] : MaxSum<T>{neg_inf<T>(), T(0)}, kWarp);
+        RowTerms<T> w = skipped_row<T>(check.bad);
+        if (compute) {
+          const T z_t = static_cast<T>(x[t * a.rows.stride_k]), z_d = static_cast<T>(x[d * a.rows.stride_k]);
+          w = row_terms(z_t, z_d, v.m, v.s, T(a.log_alpha), T(a.log_beta));
+        }
+        if (warp_lane == 0) block_terms = w;
+      }
+      // (2) block_terms is written, and warp 0 has read warp_sums: the next row may overwrite them.
+      // block_terms itself is written again only after the next row's barrier (1), which no thread
+      // passes before it has read this copy.
+      __syncthreads();
+      terms = block_terms;
     }
+
     if (row_ok && lane == 0) {
-      loss[r] = terms.loss;
-      stats[r] = terms.shift;
-      stats[R + r] = terms.c;
-      stats[2 * R + r] = terms.g_t;
-      stats[3 * R + r] = terms.g_d;
+      if (loss != nullptr) loss[r] = terms.loss;
+      if (stats != nullptr) {
+        stats[r] = terms.shift;
+        stats[R + r] = terms.c;
+        stats[2 * R + r] = terms.g_t;
+        stats[3 * R + r] = terms.g_d;
+      }
+      if (check.kept) {
+        loss_sum += static_cast<double>(terms.loss);
+        ++kept_rows;
+      }
+      bad_rows += check.bad ? 1 : 0;
     }
     if (a.grad != nullptr && row_ok) {
       // The row was just read: this second read mostly hits L1 / L2, so DRAM sees one read and
@@ -231,6 +319,78 @@ __global__ void __launch_bounds__(max_threads(sizeof(scalar_t)), 1) drainage_fwd
         return grad_element(k, z, t, d, terms, check.kept, scale);
       });
     }
+  }
+
+  if (a.partials != nullptr) {  // uniform: the barrier below is reached by the whole block
+    // Fixed tree: shuffles down within each warp, then thread 0 adds the warps in order.
+    __shared__ double warp_loss[kWarp];
+    __shared__ int warp_kept[kWarp], warp_bad[kWarp];
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      loss_sum += __shfl_down_sync(0xffffffffu, loss_sum, offset);
+      kept_rows += __shfl_down_sync(0xffffffffu, kept_rows, offset);
+      bad_rows += __shfl_down_sync(0xffffffffu, bad_rows, offset);
+    }
+    if (warp_lane == 0) {
+      warp_loss[warp] = loss_sum;
+      warp_kept[warp] = kept_rows;
+      warp_bad[warp] = bad_rows;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      BlockPartial p = {0.0, 0, 0};
+      for (int w = 0; w < static_cast<int>(blockDim.x / kWarp); ++w) {
+        p.loss += warp_loss[w];
+        p.kept += warp_kept[w];
+        p.bad += warp_bad[w];
+      }
+      a.partials[blockIdx.x] = p;
+    }
+  }
+}
+
+// The reduced forward's second launch: one block sums the n partials in a fixed order (a strided
+// sequential pass per thread, then a fixed tree), asserts that no target was bad (the device-side
+// target check: no host sync), and writes out = sum (or sum / count for a mean) and
+// inv_count = 1 / count (mean only; inv_count null otherwise). count = 0: a mean is 0 / 0 = nan and
+// 1 / count = inf, as the contract asks.
+template <typename T>
+__global__ void __launch_bounds__(kFinalizeThreads) drainage_finalize_kernel(const BlockPartial* partials,
+                                                                              int64_t n, T* out, T* inv_count,
+                                                                              bool mean) {
+  __shared__ double warp_loss[kFinalizeThreads / kWarp];
+  __shared__ long long warp_kept[kFinalizeThreads / kWarp], warp_bad[kFinalizeThreads / kWarp];
+  double loss_sum = 0.0;
+  long long kept = 0, bad = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kFinalizeThreads) {
+    const BlockPartial p = partials[i];
+    loss_sum += p.loss;
+    kept += p.kept;
+    bad += p.bad;
+  }
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    loss_sum += __shfl_down_sync(0xffffffffu, loss_sum, offset);
+    kept += __shfl_down_sync(0xffffffffu, kept, offset);
+    bad += __shfl_down_sync(0xffffffffu, bad, offset);
+  }
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) {
+    warp_loss[warp] = loss_sum;
+    warp_kept[warp] = kept;
+    warp_bad[warp] = bad;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    loss_sum = 0.0;
+    kept = bad = 0;
+    for (int w = 0; w < kFinalizeThreads / kWarp; ++w) {
+      loss_sum += warp_loss[w];
+      kept += warp_kept[w];
+      bad += warp_bad[w];
+    }
+    CUDA_KERNEL_ASSERT_MSG(bad == 0, DRAINAGE_TARGET_MESSAGE);
+    const T total = static_cast<T>(loss_sum), count = static_cast<T>(kept);
+    *out = mean ? total / count : total;
+    if (inv_count != nullptr) *inv_count = T(1) / count;
   }
 }
 
@@ -246,7 +406,8 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, int TPR>
-__global__ void __launch_bounds__(max_threads(sizeof(scalar_t)), 1) drainage_bwd_kernel(BackwardArgs a) {
+__global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<TPR>())
+    drainage_bwd_kernel(BackwardArgs a) {
   using T = at::opmath_type<scalar_t>;
   const int lanes = TPR > 0 ? TPR : blockDim.x;
   const int lane = threadIdx.x % lanes, rows_per_block = blockDim.x / lanes;
@@ -269,13 +430,54 @@ __global__ void __launch_bounds__(max_threads(sizeof(scalar_t)), 1) drainage_bwd
   }
 }
 
+// A one-element factor of any float dtype, read on the device (no host-side conversion launch).
+enum ScalarKind : int { kKindFloat = 0, kKindDouble = 1, kKindHalf = 2, kKindBFloat16 = 3 };
+
+int scalar_kind(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kKindFloat;
+    case at::kDouble: return kKindDouble;
+    case at::kHalf: return kKindHalf;
+    case at::kBFloat16: return kKindBFloat16;
+    default: TORCH_CHECK(false, "drainage_fast: a scale factor must be a float tensor, got ", t.scalar_type());
+  }
+  return kKindFloat;
+}
+
+template <typename T>
+__device__ __forceinline__ T load_factor(const void* p, int kind) {
+  switch (kind) {
+    case kKindFloat: return static_cast<T>(*static_cast<const float*>(p));
+    case kKindDouble: return static_cast<T>(*static_cast<const double*>(p));
+    case kKindHalf: return static_cast<T>(static_cast<float>(*static_cast<const at::Half*>(p)));
+    default: return static_cast<T>(static_cast<float>(*static_cast<const at::BFloat16*>(p)));
+  }
+}
+
+// g *= s in place, s = grad_out * pending (pending null: 1) in the compute type T (the loss dtype);
+// each element becomes scalar_t(T(g) * s). Returns at once when s == 1 (loss.backward() of a sum):
+// decided on the device, no host sync. g is dense from its data pointer on (empty_like of a dense
+// tensor): 16-byte vectors when that pointer is 16-byte aligned (always, from the caching allocator).
 template <typename scalar_t>
-__global__ void scale_kernel(scalar_t* g, const at::opmath_type<scalar_t>* scale, int64_t numel) {
+__global__ void __launch_bounds__(kBlock) drainage_scale_kernel(scalar_t* g, int64_t numel, const void* grad_out,
+                                                              int grad_out_kind, const void* pending,
+                                                              int pending_kind) {
   using T = at::opmath_type<scalar_t>;
-  const T s = *scale;
-  if (s == T(1)) return;  // the common case (loss.backward()): decided on the device, no host sync
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x)
-    g[i] = static_cast<scalar_t>(static_cast<T>(g[i]) * s);
+  constexpr int V = 16 / sizeof(scalar_t);
+  T s = load_factor<T>(grad_out, grad_out_kind);
+  if (pending != nullptr) s = s * load_factor<T>(pending, pending_kind);
+  if (s == T(1)) return;
+  const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, step = int64_t(gridDim.x) * blockDim.x;
+  const bool vectors = reinterpret_cast<uintptr_t>(g) % 16 == 0;
+  const int64_t n_packs = vectors ? numel / V : 0;
+  auto* packs = reinterpret_cast<Pack<scalar_t>*>(g);
+  for (int64_t i = start; i < n_packs; i += step) {
+    Pack<scalar_t> p = packs[i];
+#pragma unroll
+    for (int j = 0; j < V; ++j) p.v[j] = static_cast<scalar_t>(static_cast<T>(p.v[j]) * s);
+    packs[i] = p;
+  }
+  for (int64_t i = n_packs * V + start; i < numel; i += step) g[i] = static_cast<scalar_t>(static_cast<T>(g[i]) * s);
 }
 
 struct Config {
@@ -285,21 +487,33 @@ struct Config {
 };
 
 int sm_count(const at::Tensor& t) {
+  // Cached per device: the attribute query is host time on every call otherwise.
+  static std::atomic<int> cache[64];
+  const int device = t.device().index();
+  if (device >= 0 && device < 64) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
   int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, t.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cache[device].store(count, std::memory_order_relaxed);
   return count;
 }
 
-// Enough threads per row that each loads about kPacksPerLane 16-byte vectors.
+// Short rows (K <= kWarpRowMaxK): the fewest lanes per row (4..32) that read at most kElemsPerLane
+// elements each, 32 lanes (one warp) from K = 513 on: 64, 32, 16 or 8 rows per 256-thread block.
+// Long rows: one block per row, enough threads that each loads about kPacksPerLane 16-byte vectors.
+// The row terms of a row do not depend on the grid (only on its lanes), so forward, forward_with_grad
+// and forward_reduced give the same per-row bits.
 Config config_for(int64_t R, int64_t K, int64_t elem_size, int sms) {
-  const int64_t per_lane = kPacksPerLane * (16 / elem_size);
-  int tpr = 4;
-  while (tpr < kWarp && int64_t(tpr) * per_lane < K) tpr *= 2;
   const int64_t max_blocks = int64_t(sms) * 32;  // the grid-stride loops cover the rest
-  if (int64_t(tpr) * per_lane >= K) {
+  if (K <= kWarpRowMaxK) {
+    int tpr = 4;
+    while (tpr < kWarp && int64_t(tpr) * kElemsPerLane < K) tpr *= 2;
     const int rows_per_block = kBlock / tpr;
     return {tpr, kBlock, std::min((R + rows_per_block - 1) / rows_per_block, max_blocks)};
   }
+  const int64_t per_lane = kPacksPerLane * (16 / elem_size);
   int threads = 2 * kWarp;
   while (threads < max_threads(elem_size) && int64_t(threads) * per_lane < K) threads *= 2;
   return {0, threads, std::min(R, max_blocks)};
@@ -334,62 +548,108 @@ void launch(const Config& c, const Args& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// forward and forward_with_grad (grad defined; scale: the gradient's factor, none for 1).
+void check_device(const at::Tensor& x3) {
+  TORCH_CHECK(x3.is_cuda(), "drainage_fast: the CUDA kernels need CUDA tensors, got ", x3.device());
+}
+
+void check_forward_inputs(const at::Tensor& x3, const at::Tensor& target, int64_t drainage_idx) {
+  check_device(x3);
+  check_rows(x3, target);
+  check_drainage_idx(drainage_idx, x3.size(2));
+}
+
+// The forward kernel for forward, forward_with_grad and forward_reduced: loss / stats / grad /
+// scale / partials as in ForwardArgs (an undefined tensor or a null pointer: not written / 1).
 void run_forward(const at::Tensor& x3, const at::Tensor& target, double log_alpha, double log_beta,
                  int64_t drainage_idx, int64_t ignore_index, const at::Tensor& loss, const at::Tensor& stats,
-                 const at::Tensor& grad, const std::optional<at::Tensor>& scale) {
+                 const at::Tensor& grad, const void* scale, BlockPartial* partials, const Config& config) {
   const RowLayout rows = layout_of(x3);
   if (rows.R == 0) return;
-  ForwardArgs args{x3.data_ptr(), target_view(target), loss.data_ptr(), stats.data_ptr(),
+  ForwardArgs args{x3.data_ptr(),
+                   target_view(target),
+                   loss.defined() ? loss.data_ptr() : nullptr,
+                   stats.defined() ? stats.data_ptr() : nullptr,
                    grad.defined() ? grad.data_ptr() : nullptr,
-                   scale.has_value() ? scale->const_data_ptr() : nullptr,
-                   rows, grad.defined() ? layout_of(grad) : rows, drainage_idx, ignore_index,
-                   log_alpha, log_beta};
-  const Config config = config_for(rows.R, rows.K, x3.element_size(), sm_count(x3));
+                   scale,
+                   partials,
+                   rows,
+                   grad.defined() ? layout_of(grad) : rows,
+                   drainage_idx,
+                   ignore_index,
+                   log_alpha,
+                   log_beta};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_cuda", [&] {
     launch<ForwardKernel, scalar_t>(config, args);
   });
 }
 
-void check_device(const at::Tensor& x3) {
-  TORCH_CHECK(x3.is_cuda(), "drainage_fast: the CUDA kernels need CUDA tensors, got ", x3.device());
+Config config_of(const at::Tensor& x3) {
+  const RowLayout rows = layout_of(x3);
+  return config_for(rows.R, rows.K, x3.element_size(), sm_count(x3));
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x3, const at::Tensor& target,
                                                 double log_alpha, double log_beta, int64_t drainage_idx,
                                                 int64_t ignore_index) {
-  check_device(x3);
-  check_rows(x3, target);
-  check_drainage_idx(drainage_idx, x3.size(2));
+  check_forward_inputs(x3, target, drainage_idx);
   const c10::cuda::CUDAGuard guard(x3.device());
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
-  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, at::Tensor(), std::nullopt);
+  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, at::Tensor(), nullptr,
+              nullptr, config_of(x3));
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cuda(
     const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& scale,
     double log_alpha, double log_beta, int64_t drainage_idx, int64_t ignore_index) {
-  check_device(x3);
-  check_rows(x3, target);
-  check_drainage_idx(drainage_idx, x3.size(2));
+  check_forward_inputs(x3, target, drainage_idx);
   check_scale(x3, scale);
   const c10::cuda::CUDAGuard guard(x3.device());
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
   at::Tensor grad = at::empty_like(x3);  // keeps a dense input's layout (e.g. channels_last)
-  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad, scale);
+  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad,
+              scale.has_value() ? scale->const_data_ptr() : nullptr, nullptr, config_of(x3));
   return {loss, stats, grad};
+}
+
+// The mean / sum forward in two launches and no host sync: the forward kernel (per-block partials,
+// the gradient of the summed loss when with_grad, no per-row output) and the one-block finalize
+// (the target assert, out, inv_count). out: 0-dim loss dtype; inv_count: (1,) when mean.
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> forward_reduced_cuda(
+    const at::Tensor& x3, const at::Tensor& target, bool mean, bool with_grad, double log_alpha,
+    double log_beta, int64_t drainage_idx, int64_t ignore_index) {
+  check_forward_inputs(x3, target, drainage_idx);
+  const c10::cuda::CUDAGuard guard(x3.device());
+  const auto opts = x3.options().dtype(loss_type(x3));
+  at::Tensor out = at::empty({}, opts);
+  std::optional<at::Tensor> inv_count, grad;
+  if (mean) inv_count = at::empty({1}, opts);
+  if (with_grad) grad = at::empty_like(x3);  // keeps a dense input's layout (e.g. channels_last)
+  const Config config = config_of(x3);
+  const int64_t n_partials = layout_of(x3).R == 0 ? 0 : config.blocks;
+  // One byte buffer of n_partials 16-byte records (the allocator aligns it to far more than 16).
+  at::Tensor work = at::empty({std::max<int64_t>(n_partials, 1) * int64_t(sizeof(BlockPartial))},
+                              x3.options().dtype(at::kByte));
+  auto* partials = reinterpret_cast<BlockPartial*>(work.data_ptr());
+  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, at::Tensor(), at::Tensor(),
+              grad.has_value() ? *grad : at::Tensor(), nullptr, partials, config);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "drainage_finalize_cuda", [&] {
+    drainage_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
+        partials, n_partials, out.data_ptr<scalar_t>(),
+        inv_count.has_value() ? inv_count->data_ptr<scalar_t>() : nullptr, mean);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, inv_count, grad};
 }
 
 at::Tensor backward_cuda(const at::Tensor& x3, const at::Tensor& target, const at::Tensor& stats,
                          const at::Tensor& grad_rows, int64_t drainage_idx, int64_t ignore_index) {
-  check_device(x3);
-  check_rows(x3, target);
-  check_drainage_idx(drainage_idx, x3.size(2));
+  check_forward_inputs(x3, target, drainage_idx);
   check_stats(x3, stats, grad_rows);
   const c10::cuda::CUDAGuard guard(x3.device());
   at::Tensor grad = at::empty_like(x3);
@@ -406,28 +666,39 @@ at::Tensor backward_cuda(const at::Tensor& x3, const at::Tensor& target, const a
   return grad;
 }
 
-// grad *= scale in place. grad comes from empty_like: dense, its numel elements fill one span.
-void scale_cuda(const at::Tensor& grad, const at::Tensor& scale) {
+void check_factor(const at::Tensor& grad, const at::Tensor& factor, const char* name) {
+  TORCH_CHECK(factor.numel() == 1 && factor.device() == grad.device() && at::isFloatingType(factor.scalar_type()),
+              "drainage_fast: ", name, " must be a one-element float tensor on ", grad.device(), ", got ",
+              factor.numel(), " elements of ", factor.scalar_type(), " on ", factor.device());
+}
+
+// grad *= grad_out * pending in place (one launch; the kernel skips the pass when the factor is 1).
+// grad comes from empty_like: dense, its numel elements fill one span from its data pointer.
+void scale_by_cuda(const at::Tensor& grad, const at::Tensor& grad_out, const std::optional<at::Tensor>& pending) {
   check_device(grad);
-  TORCH_CHECK(scale.numel() == 1 && scale.device() == grad.device(),
-              "drainage_fast: scale must be a one-element tensor on ", grad.device());
+  check_factor(grad, grad_out, "grad_out");
+  if (pending.has_value()) check_factor(grad, *pending, "pending");
   TORCH_CHECK(grad.is_non_overlapping_and_dense(), "drainage_fast: scale_ needs a dense gradient");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble ||
+                  grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16,
+              "drainage_fast: the gradient must be float16, bfloat16, float32 or float64, got ", grad.scalar_type());
   const int64_t numel = grad.numel();
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = kBlock;
-  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, int64_t(sm_count(grad)) * 8);
+  const int64_t blocks = std::min<int64_t>((numel + kBlock - 1) / kBlock, int64_t(sm_count(grad)) * 8);
+  const void* pending_ptr = pending.has_value() ? pending->const_data_ptr() : nullptr;
+  const int pending_kind = pending.has_value() ? scalar_kind(*pending) : kKindFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "drainage_scale_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
-    const at::Tensor s = scale.scalar_type() == c10::CppTypeToScalarType<T>::value
-                             ? scale
-                             : scale.to(c10::CppTypeToScalarType<T>::value);
-    scale_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), s.const_data_ptr<T>(), numel);
+    drainage_scale_kernel<scalar_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), numel, grad_out.const_data_ptr(), scalar_kind(grad_out), pending_ptr,
+        pending_kind);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
+
+// The first op's form: grad *= scale (a one-element tensor of any float dtype).
+void scale_cuda(const at::Tensor& grad, const at::Tensor& scale) { scale_by_cuda(grad, scale, std::nullopt); }
 
 }  // namespace
 }  // namespace drainage::cuda
@@ -437,4 +708,6 @@ TORCH_LIBRARY_IMPL(drainage_fast, CUDA, m) {
   m.impl("backward", &drainage::cuda::backward_cuda);
   m.impl("forward_with_grad", &drainage::cuda::forward_with_grad_cuda);
   m.impl("scale_", &drainage::cuda::scale_cuda);
+  m.impl("forward_reduced", &drainage::cuda::forward_reduced_cuda);
+  m.impl("scale_by_", &drainage::cuda::scale_by_cuda);
 }

@@ -41,6 +41,17 @@ def _register_python_parts() -> None:
     def _(grad, scale):
         return None
 
+    # CUDA-only ops (csrc/cuda): the mean / sum path of the backend contract.
+    @torch.library.register_fake("drainage_fast::forward_reduced")
+    def _(x3, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index):
+        out = x3.new_empty((), dtype=loss_dtype(x3))
+        inv_count = x3.new_empty((1,), dtype=loss_dtype(x3)) if mean else None
+        return out, inv_count, torch.empty_like(x3) if with_grad else None
+
+    @torch.library.register_fake("drainage_fast::scale_by_")
+    def _(grad, grad_out, pending):
+        return None
+
 
 if LOAD_ERROR is None:
     _register_python_parts()
