@@ -128,13 +128,67 @@ def _resource_usage(cubin: bytes, cuobjdump: str) -> dict:
     return {"registers": regs, "spill_bytes": stack + local, "shared_bytes": shared}
 
 
-def _sass_instructions(cubin: bytes, cuobjdump: str) -> int:
-    """Static SASS instruction count of the kernel (cuobjdump -sass; one /*addr*/ line each)."""
+def _sass(cubin: bytes, cuobjdump: str) -> list[tuple[int, str]]:
+    """(address, instruction) of each SASS instruction (cuobjdump -sass)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=False)
-    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", out.stdout, flags=re.M))
+    return [
+        (int(m.group(1), 16), m.group(2))
+        for m in re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+([^;]+);", out.stdout, flags=re.M)
+    ]
+
+
+def per_iteration_instructions(sass: list[tuple[int, str]], K: int) -> float | None:
+    """Instructions one thread executes per iteration of the kernel's outermost loop (the grid-stride
+    loop over row blocks), counting each inner loop over the row's columns K times.
+
+    Loops are found from backward branches. The compiler unrolls a column loop u times (u = its
+    global loads or stores) and adds a remainder loop (one load or store) for K % u columns.
+    """
+    loops = []
+    for address, text in sass:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < address:
+            start = int(m.group(1), 16)
+            body = [t for a, t in sass if start <= a <= address]
+            u = max(sum("LDG" in t for t in body), sum("STG" in t for t in body), 1)
+            loops.append((start, address, len(body), u))
+    if not loops:
+        return None
+    outer = max(loops, key=lambda loop: loop[1] - loop[0])
+    inner = sorted(loop for loop in loops if loop is not outer and outer[0] <= loop[0] and loop[1] <= outer[1])
+    executed = outer[2] - sum(loop[2] for loop in inner)
+    i = 0
+    while i < len(inner):
+        _, _, body, u = inner[i]
+        if u > 1 and i + 1 < len(inner) and inner[i + 1][3] == 1:  # unrolled loop + remainder
+            executed += body * (K // u) + inner[i + 1][2] * (K % u)
+            i += 2
+        else:
+            executed += body * -(-K // u)
+            i += 1
+    return executed
+
+
+def _instruction_counts(kernel: str, kwargs: dict, label: str, sass: list[tuple[int, str]]) -> dict:
+    """Static SASS count; for the forward and backward, warp instructions per logit element."""
+    counts = {"sass_instructions": len(sass)}
+    m = re.search(r"K=(\d+)", label)
+    if kernel in ("_drainage_fwd_kernel", "_drainage_bwd_kernel") and m:
+        K = int(m.group(1))
+        rows, block_k = kwargs["BLOCK_ROWS"], kwargs["BLOCK_K"]
+        warps = kwargs.get("num_warps", 4)
+        if kernel == "_drainage_bwd_kernel":  # one tile per program, no loop
+            per_iteration, elements = len(sass), rows * min(K, block_k)
+        elif kwargs.get("LAYOUT") == 2:  # streamed rows: the column tiles are the loop
+            return counts
+        else:
+            per_iteration, elements = per_iteration_instructions(sass, K), rows * K
+        if per_iteration:
+            counts["instructions_per_element"] = round(per_iteration * warps / elements, 2)
+    return counts
 
 
 def compile_triton(arch: int) -> list[dict]:
@@ -183,7 +237,10 @@ def compile_triton(arch: int) -> list[dict]:
     cuobjdump = str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
     rows, seen = [], {}
     try:
+        only = os.environ.get("KERNEL_VARIANTS")  # a substring: compile only those (development)
         for label, issue in _triton_variants(launch):
+            if only and only not in label:
+                continue
             del launched[:]
             try:
                 issue()
@@ -205,7 +262,7 @@ def compile_triton(arch: int) -> list[dict]:
                     "num_warps": kwargs.get("num_warps", 4),
                     "compile_s": round(seconds, 2),
                     **_resource_usage(kernel.asm["cubin"], cuobjdump),
-                    "sass_instructions": _sass_instructions(kernel.asm["cubin"], cuobjdump),
+                    **_instruction_counts(name, kwargs, label, _sass(kernel.asm["cubin"], cuobjdump)),
                     "asserts": "__assertfail" in kernel.asm["ptx"],
                 }
                 seen[key] = row
@@ -343,21 +400,6 @@ def problems(rows: list[dict]) -> list[str]:
     return out
 
 
-def instructions_per_element(row: dict) -> float | None:
-    """Static SASS instructions x warps / elements of one program's row block, for the kernels that
-    hold a whole row block in one step (COLUMNS and TILE forwards, the backward): a regression
-    measure that needs no GPU. It counts the code once (loops over columns are unrolled; the
-    reduction epilogue and the last program's finalize are counted, so it is an upper bound)."""
-    config = row.get("config", {})
-    if "sass_instructions" not in row or "BLOCK_K" not in config:
-        return None
-    if row["kernel"] == "_drainage_fwd_kernel" and config.get("LAYOUT") not in ("0", "1"):
-        return None
-    m = re.search(r"K=(\d+)", row["variants"][0])
-    K = min(int(m.group(1)), int(config["BLOCK_K"])) if m else int(config["BLOCK_K"])
-    return row["sass_instructions"] * row["num_warps"] / (int(config["BLOCK_ROWS"]) * K)
-
-
 LAYOUT_NAMES = {"0": "columns", "1": "tile", "2": "stream"}
 
 
@@ -381,7 +423,7 @@ def table(rows: list[dict]) -> str:
         flags += [{"1": "sum", "2": "mean"}[config["REDUCE"]]] if config.get("REDUCE", "0") != "0" else []
         variants = row.get("variants", [])
         shown = "; ".join(variants[:2]) + (f" (+{len(variants) - 2})" if len(variants) > 2 else "")
-        per_element = instructions_per_element(row)
+        per_element = row.get("instructions_per_element")
         lines.append(
             f"| {row['arch']} | {row['kernel']} | {(shape + ' ' + ' '.join(flags)).strip()} "
             f"| {row.get('num_warps', '')} "

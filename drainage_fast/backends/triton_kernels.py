@@ -152,29 +152,27 @@ def _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k):
 
 
 @triton.jit
-def _load_column(X_ptr, x_row, row_ok, k: tl.constexpr, K, stride_k, COMPUTE: tl.constexpr):
-    """Column k of a block of rows ([ROWS]), -inf past the row's end (k >= K)."""
-    return tl.load(X_ptr + x_row + k * stride_k, mask=_column_mask(row_ok, k, K), other=float("-inf")).to(COMPUTE)
+def _load_column(X_ptr, x_row, row_ok, k, stride_k, COMPUTE: tl.constexpr):
+    """Column k < K of a block of rows ([ROWS])."""
+    return tl.load(X_ptr + x_row + k * stride_k, mask=row_ok, other=float("-inf")).to(COMPUTE)
 
 
 @triton.jit
-def _column_mask(row_ok, k: tl.constexpr, K):
-    # A [ROWS] comparison: the interpreter rejects a mask built from a scalar k < K.
-    return row_ok & (tl.full(row_ok.shape, k, tl.int32) < K)
-
-
-@triton.jit
-def _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, stride_k, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
+def _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, stride_k, COMPUTE: tl.constexpr):
     """(max, sum of exp) over J of rows held one per thread: two passes over the columns (the
-    second reads the row again from L1), one exponential per element."""
+    second reads the row again from L1), one exponential per element.
+
+    The column loops are not unrolled: unrolled, the compiler keeps every column's address (or
+    value) live from one pass to the next, 254 registers for strided (NCHW) rows.
+    """
     m = tl.full(t.shape, float("-inf"), COMPUTE)
-    for k in tl.static_range(BLOCK_K):
-        x = _load_column(X_ptr, x_row, row_ok, k, K, stride_k, COMPUTE)
+    for k in range(0, K):
+        x = _load_column(X_ptr, x_row, row_ok, k, stride_k, COMPUTE)
         m = tl.maximum(m, tl.where((t != k) & (d != k), x, NEG_INF))
     shift = tl.where(m == NEG_INF, 0.0, m)
     s = tl.zeros(t.shape, COMPUTE)
-    for k in tl.static_range(BLOCK_K):
-        x = _load_column(X_ptr, x_row, row_ok, k, K, stride_k, COMPUTE)
+    for k in range(0, K):
+        x = _load_column(X_ptr, x_row, row_ok, k, stride_k, COMPUTE)
         s += tl.where((t != k) & (d != k), _exp_sub(x, shift), 0.0)
     return m, s
 
@@ -225,7 +223,7 @@ def _drainage_fwd_kernel(
         z_d = tl.load(X_ptr + x_row + d * x_stride_k, mask=row_ok, other=0.0).to(COMPUTE)
 
         if LAYOUT == 0:  # COLUMNS: one row per thread, no row math repeated across threads
-            m, s = _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, x_stride_k, BLOCK_K, COMPUTE)
+            m, s = _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, x_stride_k, COMPUTE)
         else:
             m = tl.full([BLOCK_ROWS], float("-inf"), COMPUTE)
             s = tl.zeros([BLOCK_ROWS], COMPUTE)
@@ -259,10 +257,10 @@ def _drainage_fwd_kernel(
             g_row = _row_start(rows, S, g_stride_n, g_stride_s)
             if LAYOUT == 0:
                 # Third pass over the columns (L1 again), one exponential per element.
-                for k in tl.static_range(BLOCK_K):
-                    x = _load_column(X_ptr, x_row, row_ok, k, K, x_stride_k, COMPUTE)
+                for k in range(0, K):
+                    x = _load_column(X_ptr, x_row, row_ok, k, x_stride_k, COMPUTE)
                     g = _grad_tile(_exp_sub(x, shift), k, t, d, c, g_t, g_d, kept, scale)
-                    tl.store(G_ptr + g_row + k * g_stride_k, g.to(G_ptr.dtype.element_ty), mask=_column_mask(row_ok, k, K))
+                    tl.store(G_ptr + g_row + k * g_stride_k, g.to(G_ptr.dtype.element_ty), mask=row_ok)
             elif LAYOUT == 1:
                 g = _grad_tile(
                     e, cols[None, :], t[:, None], d, c[:, None], g_t[:, None], g_d[:, None], kept[:, None], scale

@@ -33,7 +33,8 @@ FUSED_GRAD = True  # forward_reduced(with_grad=True): 1 read + 1 write of the lo
 #   TILE (K <= MAX_TILE_K): a [rows, BLOCK_K] tile in registers. Up to 1024 columns a program is one
 #     warp, so the row math runs once per warp and row (Triton lays a tile's threads, then its warps,
 #     along K, and every thread that shares a row repeats its row math); longer rows take 1024
-#     columns per warp. Up to ROWS_PER_TILE rows keep enough bytes in flight for short rows.
+#     columns per warp. Up to ROWS_PER_TILE rows keep enough bytes in flight for short rows. A
+#     1x8192 tile (8 warps, at most 128 registers) spilled 8 bytes: 4096 is the largest.
 #   STREAM (longer rows): LOOP_BLOCK_K-wide tiles with an online log-sum-exp, then a second read for
 #     the gradient. The grid is one program per SM, so the rows in flight (132 x 256 KB at K = 128k
 #     bf16 on an H100) stay in L2 for that second read.
@@ -41,7 +42,7 @@ FUSED_GRAD = True  # forward_reduced(with_grad=True): 1 read + 1 write of the lo
 # fp64 values take two registers, so fp64 tiles hold half as many elements per thread.
 COLUMNS, TILE, STREAM = 0, 1, 2
 COLUMNS_MAX_K = 32
-MAX_TILE_K = 8192
+MAX_TILE_K = 4096
 LOOP_BLOCK_K = 4096
 BWD_BLOCK_K = 4096
 ELEMS_PER_THREAD = 32
@@ -66,12 +67,13 @@ def _max_registers(num_warps: int) -> int:
     return min(255, 65536 // (2 * 32 * num_warps))
 
 
+@functools.lru_cache(maxsize=None)  # host time: called on every launch
 def _forward_config(K: int, dtype: torch.dtype) -> _Config:
     wide = dtype == torch.float64
     per_thread = ELEMS_PER_THREAD // (2 if wide else 1)
     block_k = triton.next_power_of_2(K)
     if block_k <= COLUMNS_MAX_K:
-        return _Config(32 * 4, block_k, COLUMNS, 4)
+        return _Config(32 * 4, COLUMNS_MAX_K, COLUMNS, 4)  # the column loops run to K: one kernel
     # fp64 halves the tiles: a 1x8192 fp64 forward took 248 registers, its loop with 8 warps spilled.
     if block_k <= MAX_TILE_K // (2 if wide else 1):
         num_warps = max(1, block_k // (32 * per_thread))
@@ -80,6 +82,7 @@ def _forward_config(K: int, dtype: torch.dtype) -> _Config:
     return _Config(1, LOOP_BLOCK_K // (2 if wide else 1), STREAM, 4)
 
 
+@functools.lru_cache(maxsize=None)
 def _backward_config(K: int, dtype: torch.dtype) -> _Config:
     """The backward is elementwise (no row math): [rows, block_k] tiles of 4 warps."""
     wide = dtype == torch.float64
@@ -118,8 +121,11 @@ def _hi_lo(value: float) -> tuple[float, float]:
 
 
 def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current CUDA device, which need not be the tensor's. Entering a device
+    # context costs microseconds of host time: only when the devices differ.
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def availability(device: torch.device | None = None) -> tuple[bool, str]:
@@ -145,7 +151,8 @@ def _workspace(device: torch.device) -> torch.Tensor:
     The forward's last program sets them back to zero, so one allocation (one fill) serves every
     later call on the stream; a stream has one call in flight at a time, so calls never share one.
     """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # The raw stream handle: no Stream object is built on every call.
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
     if key not in _WORKSPACES:
         _WORKSPACES[key] = torch.zeros(2, dtype=torch.int32, device=device)
