@@ -6,6 +6,7 @@ reproduces a job.
     parse_grid(["lr=0.03,0.1", "drainage:loss_params.alpha=0.5,1"]) -> [(None, "lr", [0.03, 0.1]), ...]
     grid_points("drainage", axes) -> [{"lr": 0.03, "loss_params.alpha": 0.5}, ...]
     config_for("digits", "gce", ["seed=2"]) -> Config    digits_gce.json, else digits.json with loss=gce
+    plan_runs("digits", losses, noises, seeds, grid=...)  loss x grid point x noise x seed, checked configs
     best_points(agg, "loss", "last_eval_acc_mean")       each loss's grid point with the highest mean
     reproducing_command("sweep", args, FLAGS)            "python -m train sweep --dataset digits ..."
     job_dir(args.runs_dir, "sweep-digits")               the folder of the command's run folders
@@ -19,11 +20,12 @@ import itertools
 import json
 import shlex
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import CONFIG_DIR, json_or_word
+from .config import CONFIG_DIR, Config, json_or_word
 from .run_dirs import UserError, claim_run_dir, timestamp
 
 
@@ -91,6 +93,46 @@ def config_for(dataset: str, loss: str, overrides: list[str]):
     name = base_config_name(dataset, loss)
     reset = [] if name == f"{dataset}_{loss}" else [f"dataset={dataset}", f"loss={loss}", "loss_params={}"]
     return load_config(name, reset + list(overrides))
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a noisy-label job (sweep, clean): a loss at a grid point, a noise setting and a seed."""
+
+    loss: str
+    point: dict
+    noise: tuple[str, float]
+    seed: int
+    cfg: Config
+
+    @property
+    def labels(self) -> dict:
+        """loss, params (the grid point's tag), noise ("TYPE:RATE") and seed, as report rows name them."""
+        kind, rate = self.noise
+        return {"loss": self.loss, "params": point_tag(self.point), "noise": f"{kind}:{rate:g}",
+                "seed": self.seed}
+
+    @property
+    def folder(self) -> Path:
+        """Where the run goes under runs_dir (its stem: s<seed>, s<seed>-2, ...)."""
+        kind, rate = self.noise
+        return Path(f"{self.loss}[{point_tag(self.point)}]" if self.point else self.loss) / f"{kind}{rate:g}"
+
+
+def plan_runs(dataset: str, losses: list[str], noises: list[tuple[str, float]], seeds: list[int], *,
+              tuning: bool = False, grid: list[str] = (), overrides: list[str] = ()) -> list[PlannedRun]:
+    """Every loss x grid point x noise x seed as a validated config (a UserError for any mistake)."""
+    axes = parse_grid(list(grid))
+    plan = []
+    for loss in losses:
+        for point in grid_points(loss, axes):
+            for kind, rate in noises:
+                for seed in seeds:
+                    cfg = config_for(dataset, loss, [
+                        f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}", f"tuning={tuning}",
+                        "checkpoint=false", *overrides, *point_overrides(point)])
+                    plan.append(PlannedRun(loss, point, (kind, rate), seed, cfg))
+    return plan
 
 
 def best_points(agg: list[dict], group: str, metric: str,

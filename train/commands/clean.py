@@ -26,17 +26,7 @@ import numpy as np
 from drainage_fast.openset import cleaning_metrics, precision_curve
 
 from ..cli import SHARED_FLAGS, positive_int
-from ..grid import (
-    best_points,
-    config_for,
-    grid_points,
-    job_dir,
-    parse_grid,
-    parse_noise,
-    point_overrides,
-    point_tag,
-    reproducing_command,
-)
+from ..grid import PlannedRun, best_points, job_dir, parse_noise, plan_runs, point_tag, reproducing_command
 from ..report import pd_histograms, precision_panel, pyplot, save_figure, write_csv
 from ..run_dirs import UserError
 
@@ -114,29 +104,15 @@ def plot_run(scores: dict, suspicion: dict, path: Path, title: str) -> None:
     save_figure(fig, title, path)
 
 
-def plan_runs(args) -> list[tuple[dict, object]]:
-    """[(labels, config)] for every loss x grid point x noise setting x seed, validated (a UserError for any
-    mistake)."""
-    noises = [parse_noise(n) for n in args.noise]
-    axes = parse_grid(args.grid)
-    return [({"loss": loss, "params": point_tag(point), "noise": f"{kind}:{rate:g}", "seed": seed},
-             config_for(args.dataset, loss, [f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}",
-                                             "checkpoint=false", f"tuning={args.tuning}", *args.set,
-                                             *point_overrides(point)]))
-            for loss in args.losses for point in grid_points(loss, axes) for kind, rate in noises
-            for seed in args.seeds]
-
-
-def train_runs(plan: list[tuple[dict, object]], runs_dir: Path) -> list[tuple[dict, Path]]:
+def train_runs(plan: list[PlannedRun], runs_dir: Path) -> list[tuple[dict, Path]]:
     """Trains every planned run under runs_dir/<loss>[<params>]/<noise>/s<seed>, reusing a finished run of
     the same config (experiment.reuse_or_claim); [(labels, run_dir)]."""
     from ..experiment import reuse_or_claim, run_experiment
 
     done = []
-    for labels, cfg in plan:
-        folder = f"{labels['loss']}[{labels['params']}]" if labels["params"] else labels["loss"]
-        noise = labels["noise"].replace(":", "")
-        run_dir, reused, notes = reuse_or_claim(runs_dir / folder / noise, f"s{labels['seed']}", cfg)
+    for run in plan:
+        labels, cfg = run.labels, run.cfg
+        run_dir, reused, notes = reuse_or_claim(runs_dir / run.folder, f"s{run.seed}", cfg)
         for note in notes:
             print(note, flush=True)
         if not reused:
@@ -258,8 +234,9 @@ def main(args) -> int:
         # only the report goes there
         runs_dir = None if args.out else job_dir(args.runs_dir, f"clean-{args.dataset}")
     else:
-        plan = plan_runs(args)
-        check_plan([cfg for _, cfg in plan])  # device, backend, dataset files: before the first folder
+        plan = plan_runs(args.dataset, args.losses, [parse_noise(n) for n in args.noise], args.seeds,
+                         tuning=args.tuning, grid=args.grid, overrides=args.set)
+        check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
         runs_dir = job_dir(args.runs_dir, f"clean-{args.dataset}")
         runs = train_runs(plan, runs_dir)
     out = Path(args.out) if args.out else runs_dir / "cleaning"

@@ -19,22 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..cli import SHARED_FLAGS, positive_int
-from ..config import Config
-from ..grid import (
-    best_points,
-    config_for,
-    grid_points,
-    job_dir,
-    parse_grid,
-    parse_noise,
-    point_overrides,
-    point_tag,
-    reproducing_command,
-)
+from ..grid import PlannedRun, best_points, job_dir, parse_noise, plan_runs, point_tag, reproducing_command
 from ..run_dirs import UserError
 
 FLAGS = SHARED_FLAGS
@@ -54,37 +42,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(seeds=[1, 2, 3])
     # gone: --seeds was a count from --seed_start; the commands recorded in benchmarks/results/ still say so
     p.add_argument("--seed_start", type=int, default=None, help=argparse.SUPPRESS)
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    loss: str
-    point: dict
-    noise: tuple[str, float]
-    seed: int
-    cfg: Config
-
-    @property
-    def folder(self) -> Path:
-        """Where the run goes under runs_dir (its stem: s<seed>, s<seed>-2, ...)."""
-        kind, rate = self.noise
-        return Path(f"{self.loss}[{point_tag(self.point)}]" if self.point else self.loss) / f"{kind}{rate:g}"
-
-
-def plan_sweep(dataset: str, losses: list[str], noises: list[tuple[str, float]], seeds: list[int], *,
-               tuning: bool = False, grid: list[str] = (), overrides: list[str] = ()) -> list[PlannedRun]:
-    """Every loss x grid point x noise x seed as a validated config (a UserError for any mistake)."""
-    axes = parse_grid(list(grid))
-    plan = []
-    for loss in losses:
-        for point in grid_points(loss, axes):
-            for kind, rate in noises:
-                for seed in seeds:
-                    cfg = config_for(dataset, loss, [
-                        f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}", f"tuning={tuning}",
-                        "checkpoint=false", *overrides, *point_overrides(point)])
-                    plan.append(PlannedRun(loss, point, (kind, rate), seed, cfg))
-    return plan
 
 
 def _run_one(job: tuple) -> dict:
@@ -211,7 +168,7 @@ def main(args) -> int:
         first = args.seed_start
         raise UserError(f"--seed_start {first}: gone; --seeds lists the seeds themselves, e.g. --seeds "
                         f"{first}-{first + 4} for five seeds from {first}")
-    plan = plan_sweep(args.dataset, args.losses, [parse_noise(n) for n in args.noise], args.seeds,
+    plan = plan_runs(args.dataset, args.losses, [parse_noise(n) for n in args.noise], args.seeds,
                       tuning=args.tuning, grid=args.grid, overrides=args.set)
     check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
     runs_dir = job_dir(args.runs_dir, f"sweep-{args.dataset}")
