@@ -88,3 +88,16 @@ def test_clean_command_trains_ranks_and_reranks_finished_runs(tmp_path):
     with open(tmp_path / "b_runs.csv", newline="") as f:
         again = list(csv.DictReader(f))
     assert [r["AUROC"] for r in again] == [r["AUROC"] for r in rows]
+
+
+def test_clean_takes_a_list_of_noise_settings_as_sweep_does(tmp_path):
+    runs = tmp_path / "runs"
+    assert main(["clean", "--losses", "ce", "--noise", "asym:0.2", "sym:0.4", "--set", "epochs=1",
+                 "batch_size=256", "--runs_dir", str(runs), "--out", str(tmp_path / "a")]) == 0
+    assert (runs / "ce" / "asym0.2" / "s1" / "cleaning.json").exists()
+    assert (runs / "ce" / "sym0.4" / "s1" / "cleaning.json").exists()
+    with open(tmp_path / "a_runs.csv", newline="") as f:
+        assert [r["noise"] for r in csv.DictReader(f)] == ["asym:0.2", "sym:0.4"]
+    text = (tmp_path / "a.md").read_text()
+    assert "| CE, asym:0.2 / self-confidence |" in text and "| CE, sym:0.4 / self-confidence |" in text
+    assert "--noise asym:0.2 sym:0.4" in text
