@@ -14,6 +14,7 @@ A library of modules and subpackages, and thin commands that only consume it (do
     grid.best_points / reproducing_command                     the best grid point, the reproducing command
     trainer.Trainer, trainer.class_predictions                  (p_d, precision@k: drainage_fast.openset)
     openset/                                                    open-set splits, data and runs
+    cleaning.rank_run(run_dir, ks)                              training samples ranked by a suspicion score
     report/                                                     tables, figures, report.pyplot()
     scale/                                                      the large-scale loop (train.imagenet_scale)
     checkpoint.atomic_save / load_checkpoint / read_checkpoint / capture_rng_state / restore_rng_state

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from train.cli import build_parser
-from train.commands.osr import metrics_table, paired_table, plot_osr
+from train.commands.osr import metrics_table, paired_table
 from train.commands.sweep import METRICS, write_report
 from train.config import load_config, preset_names
 from train.data import build_data
@@ -22,6 +22,7 @@ from train.losses import build_loss, num_outputs
 from train.models import build_model
 from train.openset.runs import aggregate_scores
 from train.report import aggregate, pct, plot_grid, plot_sweep
+from train.report.openset import plot_osr
 from train.trainer import BEST, Trainer, class_predictions
 
 

@@ -19,7 +19,6 @@ through train/openset/runs.py with unknown_train="relabel", so every run folder 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ from ..cli import SHARED_FLAGS
 from ..grid import job_dir, reproducing_command
 from ..openset.runs import METHODS, aggregate_scores, best_method_points, plan_open_set, run_plan, score_rows
 from ..openset.splits import SPLIT_DIR, load_split
-from ..report import aggregate, pct, pyplot, save_figure, write_csv
+from ..report import aggregate, pct, write_csv
+from ..report.openset import plot_demo
 
 FLAGS = tuple(flag for flag in SHARED_FLAGS if flag != "noise")  # the relabelling is the noise
 
@@ -64,53 +64,6 @@ def run_row(run: dict) -> dict:
     for score in ("p_d", "msp", "energy"):
         row[f"auroc_{score}"] = run["scores"][score]["AUROC"] if score in run["scores"] else np.nan
     return row
-
-
-def read_dump(run_dir: str | Path) -> dict[str, np.ndarray]:
-    with open(Path(run_dir) / "scores.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
-
-
-def drained_per_class(run_dir: str | Path, num_classes: int = 10) -> np.ndarray:
-    """(num_classes,) fraction of the evaluated images of each true class that the drainage node takes."""
-    dump = read_dump(run_dir)
-    labels, drained = dump["label"].astype(int), dump["drained"].astype(int)
-    return np.array([drained[labels == c].mean() for c in range(num_classes)])
-
-
-def plot_demo(runs: list[dict], path: Path, title: str) -> None:
-    """Drained fraction per true class (Drainage), p_d of 0-6 vs 7/8/9, CE's MSP of 0-6 vs 7/8/9."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    drainage = [r for r in runs if r["method"] == "drainage"]
-    split = runs[0]["eval_split"]
-    if drainage:
-        per_class = np.array([drained_per_class(r["run_dir"]) for r in drainage])
-        colors = ["tab:green"] * 7 + ["tab:red"] * 3
-        axes[0].bar(range(10), 100 * per_class.mean(0), yerr=100 * per_class.std(0), color=colors, capsize=3)
-        axes[0].set(xticks=range(10), xlabel=f"true class of the {split} image", ylim=(0, 100),
-                    ylabel="drained (%): argmax is the drainage node",
-                    title=f"Drainage: {split} images drained per class\n(red: 7/8/9, relabelled in training; "
-                          f"mean ± std over {len(drainage)} runs)")
-        axes[0].grid(axis="y", alpha=0.3)
-    for ax, method, score, name in ((axes[1], "drainage", "p_d", "p_d (drainage probability)"),
-                                    (axes[2], "ce", "msp", "1 - max softmax (MSP outlier score)")):
-        mine = [r for r in runs if r["method"] == method]
-        if not mine:
-            ax.axis("off")
-            continue
-        dumps = [read_dump(r["run_dir"]) for r in mine]
-        values = np.concatenate([d[score].astype(float) for d in dumps])
-        unknown = np.concatenate([d["set"] == "unknown" for d in dumps])
-        bins = np.linspace(0, 1, 41)
-        ax.hist(values[~unknown], bins, alpha=0.6, color="tab:green", density=True, label=f"{split} 0-6")
-        ax.hist(values[unknown], bins, alpha=0.6, color="tab:red", density=True, label=f"{split} 7/8/9")
-        auroc = np.mean([r["scores"][score]["AUROC"] for r in mine])
-        ax.set(xlabel=name, ylabel="density", yscale="log",
-               title=f"{METHODS[method].label}: AUROC {100 * auroc:.1f}% ({len(mine)} runs pooled)")
-        ax.legend()
-    save_figure(fig, title, path)
 
 
 def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:

@@ -38,7 +38,8 @@ from ..openset.runs import (
     setting_label,
 )
 from ..openset.splits import SPLIT_DIR, load_split, save_split, seeded_split
-from ..report import mean_std, pct, pyplot
+from ..report import mean_std, pct
+from ..report.openset import plot_osr
 
 FLAGS = tuple(flag for flag in SHARED_FLAGS if flag != "noise")  # open-set runs train on clean labels
 
@@ -116,39 +117,6 @@ def paired_table(rows: list[dict], metric: str = "AUROC") -> str:
     for label, d in diffs.items():
         lines.append(f"| {label} | {pct(*mean_std(d), signed=True)} | {sum(x > 0 for x in d)} / {len(d)} |")
     return "\n".join(lines)
-
-
-def plot_osr(agg: list[dict], rows: list[dict], path: Path, title: str) -> None:
-    """Horizontal bars (mean +- std) of AUROC and OSCR per method / score; dots: the single runs. With a
-    grid, only each method's own score (the one it is tuned by), so a tuning figure stays readable."""
-    from ..report import bar_value_axis, error_bars
-
-    plt = pyplot()
-    if any(a["params"] for a in agg):
-        agg = [a for a in agg if a["score"] == METHODS[a["method"]].primary_score]
-    labels = [a["setting"] for a in agg]
-    height = 1.2 + 0.38 * len(agg)
-    fig, axes = plt.subplots(1, 2, figsize=(13, height), sharey=True)
-    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
-    y = np.arange(len(agg))
-    for ax, metric in zip(axes, ("AUROC", "OSCR")):
-        means = [100 * a[f"{metric}_mean"] for a in agg]
-        ax.barh(y, means, xerr=error_bars([100 * a[f"{metric}_std"] for a in agg]), capsize=3,
-                color=[colors[a["method"]] for a in agg], alpha=0.75)
-        for i, a in enumerate(agg):
-            runs = [100 * r[metric] for r in rows if (r["method"], r["params"], r["score"]) ==
-                    (a["method"], a["params"], a["score"])]
-            ax.plot(runs, [i] * len(runs), "k.", ms=4)
-            ax.text(99.7, i, f"{means[i]:.1f}", va="center", ha="right", fontsize=8)  # right of every dot
-        ax.set_xlabel(f"{metric} (%), {agg[0]['eval_split']} set; dots: single splits")
-        bar_value_axis(ax, min(100 * min(r[metric] for r in rows), min(means)), "x")
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(y, labels, fontsize=9)
-    axes[0].invert_yaxis()
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # keep the title clear of the panels
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_report(runs: list[dict], splits: list, out: Path, title: str, command: str) -> str:

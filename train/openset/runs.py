@@ -20,11 +20,13 @@ scores.csv: one row per evaluated image, so any metric can be recomputed:
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -286,3 +288,17 @@ def best_method_points(agg: list[dict]) -> dict[str, tuple[str, float]]:
     """method -> (params, mean AUROC of its primary score): each method's best grid point (--tuning)."""
     return best_points(agg, "method", "AUROC_mean",
                        keep=lambda a: a["score"] == METHODS[a["method"]].primary_score)
+
+
+def read_scores_csv(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """A run folder's scores.csv (module docstring) as column -> (N,) array of strings."""
+    with open(Path(run_dir) / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+def drained_per_class(run_dir: str | Path, num_classes: int = 10) -> np.ndarray:
+    """(num_classes,) fraction of the evaluated images of each true class that the drainage node takes."""
+    dump = read_scores_csv(run_dir)
+    labels, drained = dump["label"].astype(int), dump["drained"].astype(int)
+    return np.array([drained[labels == c].mean() for c in range(num_classes)])

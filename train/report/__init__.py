@@ -1,5 +1,6 @@
 """Tables and figures of the commands' reports (train/commands/): tables.py (aggregation, percent
-cells, markdown, CSV) and figures.py (pyplot() and the shared figures and panels)."""
+cells, markdown, CSV) and figures.py (pyplot() and the shared figures and panels), re-exported here;
+openset.py (`train osr`, `train demo789`) and cleaning.py (`train clean`) are imported by name."""
 
 from .figures import (
     bar_value_axis,

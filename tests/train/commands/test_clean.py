@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from drainage_fast.openset import precision_curve
+from train.cleaning import rank_run
 from train.cli import main
-from train.commands.clean import rank_run
 
 # 20 training samples, 5 flipped (positions 0-4). p_d ranks them 0.9 (flipped), 0.85 (clean, position 5),
 # 0.8, 0.7, 0.6 (flipped), then the clean 0.00-0.13 and the flipped 0.2 among them.
