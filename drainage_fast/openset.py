@@ -21,6 +21,11 @@ import torch
 SCORES = ("p_d", "msp", "max_logit", "energy")
 
 
+def drainage_probability(logits: torch.Tensor, drainage_idx: int = -1) -> torch.Tensor:
+    """(N, K) logits -> (N,) float32 p_d: the drainage output's share of the softmax over all K outputs."""
+    return logits.detach().float().softmax(dim=1)[:, drainage_idx]
+
+
 def open_set_scores(logits: torch.Tensor, drainage_idx: int | None = -1) -> dict[str, torch.Tensor]:
     """Outlier scores (N,) from (N, K) logits; higher = more likely unknown.
 
@@ -43,12 +48,14 @@ def open_set_scores(logits: torch.Tensor, drainage_idx: int | None = -1) -> dict
         "energy": -classes.logsumexp(dim=1),
     }
     if drainage_idx is not None:
-        out = {"p_d": logits.softmax(dim=1)[:, d], **out}
+        out = {"p_d": drainage_probability(logits, d), **out}
     return out
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 def _fpr_at_tpr(positive: np.ndarray, negative: np.ndarray, tpr_level: float) -> float:
@@ -86,7 +93,8 @@ def open_set_metrics(outlier_known, outlier_unknown, *, correct=None) -> dict[st
 
     known, unknown = _np(outlier_known), _np(outlier_unknown)
     if len(known) == 0 or len(unknown) == 0:
-        raise ValueError(f"open_set_metrics needs known and unknown samples, got {len(known)} and {len(unknown)}")
+        raise ValueError(f"open_set_metrics needs known and unknown samples, got {len(known)} and "
+                         f"{len(unknown)}")
     is_unknown = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
     scores = np.r_[known, unknown]
     out = {
@@ -102,6 +110,23 @@ def open_set_metrics(outlier_known, outlier_unknown, *, correct=None) -> dict[st
     return out
 
 
+def precision_curve(score, positives) -> np.ndarray:
+    """(N,) precision@k for k = 1..N: the fraction of positives among the k highest scores. The ranking
+    is stable (ties keep sample order), so it is reproducible."""
+    hits = _np(positives).astype(bool)[np.argsort(-_np(score), kind="stable")]
+    return np.cumsum(hits) / np.arange(1, len(hits) + 1)
+
+
+def precision_at_k(score, positives, k: int | None = None) -> float:
+    """precision_curve at k; k defaults to the number of positives (then precision = recall). nan when
+    k is 0 (no positive); a k outside [0, N] is a ValueError."""
+    n = len(_np(score))
+    k = int(_np(positives).sum()) if k is None else k
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
+    return float(precision_curve(score, positives)[k - 1]) if k else float("nan")
+
+
 def cleaning_metrics(score, is_flipped, ks=(10, 50, 100)) -> dict[str, float]:
     """How well a per-sample score (higher = more suspect, e.g. p_d) finds mislabeled samples.
 
@@ -112,14 +137,13 @@ def cleaning_metrics(score, is_flipped, ks=(10, 50, 100)) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
     score, flipped = _np(score), _np(is_flipped).astype(bool)
-    order = np.argsort(-score, kind="stable")
+    curve = precision_curve(score, flipped)
     out = {}
     for k in ks:
         if not 0 < k <= len(score):
             raise ValueError(f"k must be in [1, {len(score)}], got {k}")
-        hits = flipped[order[:k]].sum()
-        out[f"precision@{k}"] = float(hits / k)
-        out[f"recall@{k}"] = float(hits / max(flipped.sum(), 1))
+        out[f"precision@{k}"] = float(curve[k - 1])
+        out[f"recall@{k}"] = float(curve[k - 1] * k / max(flipped.sum(), 1))
     if 0 < flipped.sum() < len(flipped):
         out["AUROC"] = float(roc_auc_score(flipped, score))
     return out

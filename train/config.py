@@ -93,8 +93,8 @@ class Config:
         from .data import DATASETS, HUMAN_NOISE_ALIASES, LARGE_SCALE
         from .losses import build_loss, canonical_loss_name
         from .models import canonical_model_name
+        from .models.resnet import RESNET50_WEIGHTS
         from .noise import NOISE_TYPES, has_asymmetric_map
-        from .resnet import RESNET50_WEIGHTS
 
         self.loss = canonical_loss_name(self.loss)
         self.model = canonical_model_name(self.model)

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from drainage_fast.openset import drainage_probability, precision_at_k
+
 from .checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from .data import NoisyDataset, prepare_batch
 from .logs import MetricsLog
-from .losses import l1_penalty
+from .losses import l1_penalty, num_outputs
 from .run_dirs import UserError
 
 CHECKPOINT, BEST = "last.pt", "best.pt"
@@ -53,24 +55,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def drainage_probability(logits: torch.Tensor) -> torch.Tensor:
-    """(N, C + 1) -> (N,): p_d, the drainage node's share of the K-way softmax (the last output)."""
-    return logits.float().softmax(dim=1)[:, -1]
-
-
 def class_predictions(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N, K) -> (N,): argmax over the C class logits (the drainage node never is a prediction)."""
     return logits[:, :num_classes].argmax(dim=1)
-
-
-def precision_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int | None = None) -> float:
-    """Fraction of positives among the k highest scores; k defaults to the number of positives
-    (then precision = recall). nan when there is no positive."""
-    k = int(positives.sum()) if k is None else k
-    if k == 0:
-        return math.nan
-    top = scores.double().argsort(descending=True, stable=True)[:k]
-    return positives[top].double().mean().item()
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
@@ -138,7 +125,7 @@ class Trainer:
         for chunk in raw_x.split(self.cfg.eval_batch_size):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out.append(self.model(self._inputs(chunk, augment=False)).float())
-        return torch.cat(out) if out else torch.empty(0, self.C)
+        return torch.cat(out) if out else torch.empty(0, num_outputs(self.cfg.loss, self.C))
 
     # ---------------------------------------------------------------- one epoch
     def train_epoch(self) -> dict:
@@ -217,7 +204,8 @@ class Trainer:
         }, self.run_dir / CHECKPOINT)
 
     def save_best(self) -> None:
-        atomic_save({"epoch": self.epoch, "eval_acc": self.best["eval_acc"], "eval_split": self.data.eval_split,
+        atomic_save({"epoch": self.epoch, "eval_acc": self.best["eval_acc"],
+                     "eval_split": self.data.eval_split,
                      "model": self.raw_model.state_dict(), "config": asdict(self.cfg)}, self.run_dir / BEST)
 
     def load_state(self, state: dict) -> None:
@@ -238,7 +226,8 @@ class Trainer:
             # CosineAnnealingLR steps recursively from the current lr, so setting it here puts every later
             # epoch on the new curve
             for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-                group["lr"] = eta_min + (base - eta_min) * (1 + math.cos(math.pi * self.epoch / self.cfg.epochs)) / 2
+                factor = (1 + math.cos(math.pi * self.epoch / self.cfg.epochs)) / 2
+                group["lr"] = eta_min + (base - eta_min) * factor
 
     def _progress_bar(self, **kwargs):
         from tqdm import tqdm
@@ -255,7 +244,8 @@ class Trainer:
         cfg = self.cfg
         if state is not None:
             self.load_state(state)
-            self.log.info(f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} of {cfg.epochs}")
+            self.log.info(f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} of "
+                          f"{cfg.epochs}")
         metrics = MetricsLog(self.run_dir, tb=cfg.tb, history=self.history)
         last = min(cfg.epochs, stop_after or cfg.epochs)
         bar = self._progress_bar(total=cfg.epochs, initial=self.epoch, desc=f"{cfg.loss} on {cfg.dataset}",

@@ -21,7 +21,7 @@ from ..run_dirs import UserError
 from .augment import prepare_batch
 from .cifar import load_cifar
 from .cifarn import load_human_labels
-from .core import NoisyDataset, RawDataset, tuning_split
+from .core import NoisyDataset, RawDataset, as_long, tuning_split
 from .digits import load_digits_dataset
 from .mnist import load_mnist
 from .svhn import load_svhn
@@ -30,7 +30,7 @@ DATASETS = ("digits", "mnist", "cifar10", "cifar100", "cifar10n", "cifar100n", "
 LARGE_SCALE = ("webvision", "clothing1m")
 HUMAN_NOISE_ALIASES = {"cifar10n": "cifar10", "cifar100n": "cifar100"}
 
-__all__ = ["DATASETS", "NoisyDataset", "RawDataset", "build_data", "load_labelled", "load_raw",
+__all__ = ["DATASETS", "NoisyDataset", "RawDataset", "as_long", "build_data", "load_labelled", "load_raw",
            "noise_type_of", "prepare_batch", "tuning_split"]
 
 
@@ -46,7 +46,8 @@ def load_raw(name: str, root: str = "data", download: bool = True) -> RawDataset
     if name == "svhn":
         return load_svhn(root, download)
     if name in LARGE_SCALE:
-        raise UserError(f"dataset={name}: {name} is trained with train/imagenet_scale.py (DALI + torchrun DDP), "
+        raise UserError(f"dataset={name}: {name} is trained with train/imagenet_scale.py (DALI + torchrun "
+                        f"DDP), "
                         "not `train run`")
     raise UserError(f"dataset={name}: unknown dataset; choose from {DATASETS}")
 
@@ -82,9 +83,6 @@ def build_data(cfg) -> NoisyDataset:
     else:
         train_idx = np.arange(len(raw.train_y))
         eval_x, eval_y, split = raw.test_x, raw.test_y, "test"
-    def as_long(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).long()
-
     return NoisyDataset(
         name=raw.name, num_classes=raw.num_classes,
         train_x=raw.train_x[torch.from_numpy(train_idx)], train_y=as_long(noisy[train_idx]),

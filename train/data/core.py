@@ -13,6 +13,11 @@ TUNING_TRAIN_FRACTION = 0.8
 TUNING_SPLIT_SEED = 42  # the authors' split seed: the same 80/20 partition for every run seed
 
 
+def as_long(a: np.ndarray) -> torch.Tensor:
+    """A numpy array of labels or indices as an int64 tensor (a copy when `a` is not contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).long()
+
+
 @dataclass
 class RawDataset:
     """A dataset as stored on disk: images (N, C, H, W) as raw pixels, clean int64 labels."""

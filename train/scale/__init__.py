@@ -1,6 +1,7 @@
-"""Large-scale training (mini-WebVision + ILSVRC12 val, Clothing1M): the pieces behind
-train/imagenet_scale.py.
+"""Large-scale training (mini-WebVision + ILSVRC12 val, Clothing1M): the command (__main__.py, run as
+`python -m train.imagenet_scale`, see train/imagenet_scale.py) and the pieces behind it.
 
+    __main__.py       the command: flags -> checks -> lists -> run folder -> training loop
     start.py          before the first step: --resume and its overrides, checks against the machine,
                       the run folder's claim, the log before the folder exists
     lists.py          the datasets' list formats -> ImageList (paths + labels); class-balanced draws

@@ -1,0 +1,181 @@
+"""`python -m train sweep`: losses x noise settings x seeds (x a hyper-parameter grid) -> mean +- std.
+
+    python -m train sweep --dataset digits --losses drainage ce gce sce nce_rce anl_ce \\
+        --noise asym:0.2 asym:0.4 instance:0.4 --seeds 1-5 --out benchmarks/results/digits_robust_losses
+
+Each loss starts from the preset <dataset>_<loss>.json when there is one, else <dataset>.json with the
+loss swapped in. --grid adds hyper-parameter axes, for all losses (lr=0.03,0.1) or one (drainage:
+loss_params.alpha=0.5,1,2); with --tuning the runs evaluate on the clean validation split, never the test
+set, and the table marks each loss's best setting by mean last-epoch validation accuracy.
+Writes <out>.md, <out>.csv (aggregated), <out>_runs.csv (one row per run) and <out>.png. Run folders
+go under --runs_dir (default: a new runs/sweep-<dataset>-<time>), one per run at
+<loss>[<grid point>]/<noise>/s<seed>. Rerunning a sweep on the same --runs_dir reuses a finished run only
+when its config.json equals the requested config; any other run (stale, unfinished, running in a
+parallel sweep) is left alone and the run goes to a fresh s<seed>-2, -3, ... folder beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..cli import SHARED_FLAGS, positive_int
+from ..grid import PlannedRun, best_points, job_dir, parse_noise, plan_runs, point_tag, reproducing_command
+from ..run_dirs import UserError
+
+FLAGS = SHARED_FLAGS
+
+METRICS = ["best_eval_acc", "last_eval_acc", "eval_drained_frac", "precision_at_k_pd",
+           "precision_at_k_self_conf", "memorized_frac", "pd_clean", "pd_flipped", "realised_noise_rate",
+           "train_time_s"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
+    p.add_argument("--losses", nargs="+", default=["drainage", "ce"],
+                   help="losses to compare (default: drainage ce)")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs in parallel processes (one CPU thread each)")
+    p.add_argument("--title", default=None, help="report title (default: dataset and evaluation split)")
+    p.set_defaults(seeds=[1, 2, 3])
+    # gone: --seeds was a count from --seed_start; the commands recorded in benchmarks/results/ still say so
+    p.add_argument("--seed_start", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _run_one(job: tuple) -> dict:
+    """Worker for --jobs > 1: one run in a fresh process, one CPU thread (tiny models run faster so)."""
+    import torch
+
+    from ..experiment import run_experiment
+
+    cfg, run_dir, threads = job
+    if threads:
+        torch.set_num_threads(threads)
+    return run_experiment(cfg, run_dir, quiet=True, progress=False).summary
+
+
+def run_sweep(plan: list[PlannedRun], runs_dir: Path, jobs: int = 1) -> list[dict]:
+    """Runs (or reuses, see the module docstring) every planned run, `jobs` at a time; returns one row per
+    run: loss, params, noise, seed and METRICS, in plan order."""
+    from ..experiment import reuse_or_claim
+
+    jobs_to_run, summaries = {}, {}
+    for i, run in enumerate(plan):
+        run_dir, reused, notes = reuse_or_claim(runs_dir / run.folder, f"s{run.seed}", run.cfg)
+        for note in notes:
+            print(note, flush=True)
+        if reused:
+            print(f"{run_dir}: reused (finished, same config)", flush=True)
+            summaries[i] = json.loads((run_dir / "summary.json").read_text())
+        else:
+            jobs_to_run[i] = (run.cfg, run_dir, 1 if jobs > 1 else 0)
+    print(f"{len(plan)} runs: {len(summaries)} reused, {len(jobs_to_run)} to run ({jobs} at a time)",
+          flush=True)
+    start = time.perf_counter()
+    if jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, job): i for i, job in jobs_to_run.items()}
+            for n, future in enumerate(futures, 1):
+                summaries[futures[future]] = future.result()
+                _progress(n, len(jobs_to_run), plan[futures[future]], summaries[futures[future]], start)
+    else:
+        for n, (i, job) in enumerate(jobs_to_run.items(), 1):
+            summaries[i] = _run_one(job)
+            _progress(n, len(jobs_to_run), plan[i], summaries[i], start)
+    return [{"loss": run.loss, "params": point_tag(run.point), "noise": f"{run.noise[0]}:{run.noise[1]:g}",
+             "seed": run.seed, "eval_split": summaries[i]["eval_split"],
+             **{m: summaries[i].get(m) for m in METRICS}}
+            for i, run in enumerate(plan)]
+
+
+def _progress(n: int, total: int, run: PlannedRun, summary: dict, start: float) -> None:
+    kind, rate = run.noise
+    print(f"[{n}/{total}] {run.loss:>9} {point_tag(run.point):<30} {kind}:{rate:g} seed {run.seed}: best "
+          f"{summary['best_eval_acc']:.4f} last {summary['last_eval_acc']:.4f} "
+          f"({time.perf_counter() - start:.0f}s)",
+          flush=True)
+
+
+def write_report(rows: list[dict], out: Path, title: str, command: str = "") -> str:
+    from ..report import aggregate, loss_label, markdown_grid, plot_grid, plot_sweep, write_csv
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(rows, ["loss", "params", "noise", "eval_split"], METRICS)
+    write_csv(out.with_name(out.name + "_runs.csv"), rows)
+    write_csv(out.with_suffix(".csv"), agg)
+    for a in agg:
+        a["setting"] = loss_label(a["loss"]) + (f" [{a['params']}]" if a["params"] else "")
+    split = rows[0]["eval_split"]
+    seeds = sorted({r["seed"] for r in rows})
+    over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one run per setting (seed {seeds[0]})"
+    text = [f"# {title}", "", (f"Clean {split} accuracy (%), {over}; the best mean "
+            f"of each column in bold. 'Last' = after the final epoch; 'best' = the maximum over evaluated "
+            f"epochs "
+            f"(selected on the {split} set itself, as the papers report it, so optimistic)."), "",
+            f"## Last epoch ({split})", "", markdown_grid(agg, "setting", "noise", "last_eval_acc"), "",
+            f"## Best epoch ({split})", "", markdown_grid(agg, "setting", "noise", "best_eval_acc"), ""]
+    drain = [a for a in agg if a["loss"] == "drainage"]
+    if drain:
+        text += ["## Drainage diagnostics (last epoch)", "",
+                 ("Drained = share of the evaluation images whose argmax over all K outputs is the drainage "
+                  "node. Precision@k = share of flipped labels among the k training samples with the highest "
+                  "score, k = number of flipped labels; p_d scores Drainage, 1 - p(given label) scores the "
+                  "same model (self-confidence, the usual baseline)."), "",
+                 ("| setting | noise | drained (%) | precision@k p_d (%) | precision@k self-conf. (%) | "
+                 "mean p_d clean | mean p_d flipped |"), "|---|---|---:|---:|---:|---:|---:|"]
+        text += [f"| {a['setting']} | {a['noise']} | {_cell(a, 'eval_drained_frac')} | "
+                 f"{_cell(a, 'precision_at_k_pd')} | {_cell(a, 'precision_at_k_self_conf')} | "
+                 f"{a['pd_clean_mean']:.3f} | {a['pd_flipped_mean']:.3f} |" for a in drain]
+        text.append("")
+    selected = best_points(agg, "loss", "last_eval_acc_mean") if any(a["params"] for a in agg) else {}
+    if selected:
+        text += [f"## Selected: highest mean last-epoch {split} accuracy over all noise settings" + (
+            "" if split == "val" else " (on the test set: for reading only, never for choosing)"), ""]
+        text += [f"- {loss_label(loss)}: `{params or 'preset'}` (mean {100 * score:.2f}%)"
+                 for loss, (params, score) in selected.items()]
+        text.append("")
+    if command:
+        text += ["## Reproduce", "", f"    {command}", ""]
+    (out.with_suffix(".md")).write_text("\n".join(text))
+    if selected:
+        plot_grid(agg, out.with_suffix(".png"), title, {loss: p for loss, (p, _) in selected.items()})
+    else:
+        plot_sweep(agg, out.with_suffix(".png"), title)
+    return "\n".join(text)
+
+
+def _cell(agg: dict, metric: str) -> str:
+    from ..report import pct
+
+    return pct(agg[f"{metric}_mean"], agg[f"{metric}_std"], digits=1)
+
+
+def command_line(args) -> str:
+    """The sweep as a command (for the report: how to reproduce it)."""
+    return reproducing_command("sweep", args, ["dataset", "losses", "noise", "seeds", "tuning", "grid",
+                                               "set"])
+
+
+def main(args) -> int:
+    from ..experiment import check_plan
+
+    if args.seed_start is not None:
+        first = args.seed_start
+        raise UserError(f"--seed_start {first}: gone; --seeds lists the seeds themselves, e.g. --seeds "
+                        f"{first}-{first + 4} for five seeds from {first}")
+    plan = plan_runs(args.dataset, args.losses, [parse_noise(n) for n in args.noise], args.seeds,
+                      tuning=args.tuning, grid=args.grid, overrides=args.set)
+    check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
+    runs_dir = job_dir(args.runs_dir, f"sweep-{args.dataset}")
+    out = Path(args.out) if args.out else runs_dir / "sweep"
+    rows = run_sweep(plan, runs_dir, jobs=args.jobs)
+    title = args.title or (f"{args.dataset}: robust losses under label noise "
+                           f"({'validation split, tuning' if args.tuning else 'test set'})")
+    print(write_report(rows, out, title, command_line(args)))
+    print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; runs in {runs_dir}")
+    return 0

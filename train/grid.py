@@ -1,0 +1,176 @@
+"""What the multi-run commands (sweep, clean, osr, demo789, the default job) share: the --noise and --grid
+syntax, the preset a (dataset, loss) starts from, the best grid point, and the command line that
+reproduces a job.
+
+    parse_noise("asym:0.4") -> ("asym", 0.4)              a rate is required (only "none" goes without)
+    parse_grid(["lr=0.03,0.1", "drainage:loss_params.alpha=0.5,1"]) -> [(None, "lr", [0.03, 0.1]), ...]
+    grid_points("drainage", axes) -> [{"lr": 0.03, "loss_params.alpha": 0.5}, ...]
+    config_for("digits", "gce", ["seed=2"]) -> Config    digits_gce.json, else digits.json with loss=gce
+    plan_runs("digits", losses, noises, seeds, grid=...)  loss x grid point x noise x seed, checked configs
+    best_points(agg, "loss", "last_eval_acc_mean")       each loss's grid point with the highest mean
+    reproducing_command("sweep", args, FLAGS)            "python -m train sweep --dataset digits ..."
+    job_dir(args.runs_dir, "sweep-digits")               the folder of the command's run folders
+
+Every mistake in these arguments is a UserError naming the argument and what it takes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import CONFIG_DIR, Config, json_or_word
+from .run_dirs import UserError, claim_run_dir, timestamp
+
+
+def parse_noise(item: str) -> tuple[str, float]:
+    """"TYPE:RATE" -> (type, rate); "none" alone is clean labels. A noise type without its rate is refused:
+    `asym` alone once ran silently at rate 0."""
+    from .noise import NOISE_TYPES
+
+    kind, sep, rate = item.partition(":")
+    if kind not in NOISE_TYPES:
+        raise UserError(f"--noise {item}: the noise type must be one of {NOISE_TYPES}, e.g. asym:0.4")
+    if kind == "none" and not sep:
+        return kind, 0.0
+    try:
+        value = float(rate)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise UserError(f"--noise {item}: a noise setting is TYPE:RATE with a rate in [0, 1], e.g. "
+                        f"{kind}:0.4")
+    return kind, value
+
+
+def parse_grid(items: list[str]) -> list[tuple[str | None, str, list]]:
+    """["drainage:loss_params.alpha=0.5,1", "lr=0.1"] -> [("drainage", "loss_params.alpha", [0.5, 1]), ...]
+    Values are JSON where they read as JSON (numbers, true, null, [...]), else words; each run's config
+    then reads them by the key's declared type."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        owner, _, key = key.rpartition(":")
+        if not sep or not key or not values or "" in values.split(","):
+            raise UserError(f"--grid {item}: an axis is [LOSS:]KEY=V1,V2,..., e.g. lr=0.03,0.1 or "
+                            "drainage:loss_params.alpha=0.5,1")
+        axes.append((owner or None, key, [json_or_word(v) for v in values.split(",")]))
+    return axes
+
+
+def grid_points(loss: str, axes) -> list[dict]:
+    """Every combination of the axes that apply to `loss` (one empty point when none do)."""
+    mine = [(key, values) for owner, key, values in axes if owner in (None, loss)]
+    return [dict(zip([k for k, _ in mine], combo)) for combo in itertools.product(*[v for _, v in mine])]
+
+
+def point_tag(point: dict) -> str:
+    return ",".join(f"{k.replace('loss_params.', '')}={v}" for k, v in point.items())
+
+
+def point_overrides(point: dict) -> list[str]:
+    """A grid point as key=value overrides (JSON values: a word stays one word)."""
+    return [f"{k}={json.dumps(v)}" for k, v in point.items()]
+
+
+def base_config_name(dataset: str, loss: str) -> str | None:
+    for name in (f"{dataset}_{loss}", dataset):
+        if (CONFIG_DIR / f"{name}.json").exists():
+            return name
+    return None
+
+
+def config_for(dataset: str, loss: str, overrides: list[str]):
+    """<dataset>_<loss>.json, else <dataset>.json with `loss` and no loss parameters, then overrides."""
+    from .config import load_config
+
+    name = base_config_name(dataset, loss)
+    reset = [] if name == f"{dataset}_{loss}" else [f"dataset={dataset}", f"loss={loss}", "loss_params={}"]
+    return load_config(name, reset + list(overrides))
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a noisy-label job (sweep, clean): a loss at a grid point, a noise setting and a seed."""
+
+    loss: str
+    point: dict
+    noise: tuple[str, float]
+    seed: int
+    cfg: Config
+
+    @property
+    def labels(self) -> dict:
+        """loss, params (the grid point's tag), noise ("TYPE:RATE") and seed, as report rows name them."""
+        kind, rate = self.noise
+        return {"loss": self.loss, "params": point_tag(self.point), "noise": f"{kind}:{rate:g}",
+                "seed": self.seed}
+
+    @property
+    def folder(self) -> Path:
+        """Where the run goes under runs_dir (its stem: s<seed>, s<seed>-2, ...)."""
+        kind, rate = self.noise
+        return Path(f"{self.loss}[{point_tag(self.point)}]" if self.point else self.loss) / f"{kind}{rate:g}"
+
+
+def plan_runs(dataset: str, losses: list[str], noises: list[tuple[str, float]], seeds: list[int], *,
+              tuning: bool = False, grid: list[str] = (), overrides: list[str] = ()) -> list[PlannedRun]:
+    """Every loss x grid point x noise x seed as a validated config (a UserError for any mistake)."""
+    axes = parse_grid(list(grid))
+    plan = []
+    for loss in losses:
+        for point in grid_points(loss, axes):
+            for kind, rate in noises:
+                for seed in seeds:
+                    cfg = config_for(dataset, loss, [
+                        f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}", f"tuning={tuning}",
+                        "checkpoint=false", *overrides, *point_overrides(point)])
+                    plan.append(PlannedRun(loss, point, (kind, rate), seed, cfg))
+    return plan
+
+
+def best_points(agg: list[dict], group: str, metric: str,
+                keep: Callable[[dict], bool] = lambda row: True) -> dict[str, tuple[str, float]]:
+    """group value (a loss, a method) -> (grid point tag, score): the "params" whose kept aggregated rows
+    have the highest mean `metric` (over the noise settings, for a sweep); the first such point on a tie."""
+    chosen = {}
+    for name in dict.fromkeys(a[group] for a in agg):
+        scores: dict[str, list[float]] = {}
+        for a in agg:
+            if a[group] == name and keep(a):
+                scores.setdefault(a["params"], []).append(a[metric])
+        if scores:
+            best = max(scores, key=lambda params: np.mean(scores[params]))
+            chosen[name] = (best, float(np.mean(scores[best])))
+    return chosen
+
+
+def reproducing_command(command: str, args, flags: Sequence[str]) -> str:
+    """`python -m train <command>` with the given flags as `args` holds them: a list as its items, True as
+    the bare flag; None, False and [] left out. Each word is shell-quoted where it needs to be."""
+    words = ["python", "-m", "train", command]
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
+            continue
+        words.append(f"--{flag}")
+        if value is not True:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            words += [f"{v:g}" if isinstance(v, float) else str(v) for v in items]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def job_dir(given: str | None, stem: str, parent: str | Path = "runs") -> Path:
+    """The folder a multi-run command puts its run folders in. A given one (--runs_dir) is shared on
+    purpose: a rerun reuses its finished runs, and every run claims a folder of its own inside it. Without
+    one, parent/<stem>-<time> is claimed (-2, -3, ... for a command started in the same second)."""
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        return Path(given)
+    return claim_run_dir(parent, f"{stem}-{timestamp()}", unique=True)

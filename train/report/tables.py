@@ -1,0 +1,80 @@
+"""Tables: loss labels, mean +- std aggregation over seeds, percent cells, markdown grids and the CSV
+writer every command and run folder uses.
+
+One run has no spread: its std is nan, and tables print its value alone (no "± 0.00").
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+LOSS_LABELS = {"drainage": "Drainage", "ce": "CE", "gce": "GCE", "sce": "SCE", "nce_rce": "NCE+RCE",
+               "anl_ce": "ANL-CE", "nce_agce": "NCE+AGCE", "anl_fl": "ANL-FL", "anl_ce_er": "ANL-CE-ER"}
+
+
+def loss_label(name: str) -> str:
+    return LOSS_LABELS.get(name, name.upper().replace("_", "+"))
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1, as APL's statistics.stdev); nan-aware. The std of a
+    single value is nan (undefined for ddof = 1), not 0."""
+    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))],
+                   dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+def aggregate(rows: list[dict], keys: list[str], metrics: list[str]) -> list[dict]:
+    """One row per distinct `keys` value (in first-seen order) with <metric>_mean, <metric>_std, n."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for key, members in groups.items():
+        agg = dict(zip(keys, key), n=len(members))
+        for m in metrics:
+            agg[f"{m}_mean"], agg[f"{m}_std"] = mean_std(r.get(m) for r in members)
+        out.append(agg)
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pct(mean: float, std: float | None = None, digits: int = 2, signed: bool = False) -> str:
+    """100 * mean as text, "n/a" for nan; with " ± 100 * std" when std is a spread (not None, not the nan
+    of a single run)."""
+    if math.isnan(mean):
+        return "n/a"
+    text = f"{100 * mean:{'+' if signed else ''}.{digits}f}"
+    return text if std is None or math.isnan(std) else f"{text} ± {100 * std:.{digits}f}"
+
+
+def markdown_grid(agg: list[dict], row_key: str, col_key: str, metric: str, bold_max: bool = True) -> str:
+    """A markdown table: one row per row_key value, one column per col_key value, cells metric mean +- std
+    in percent; the best mean of each column in bold."""
+    rows = list(dict.fromkeys(a[row_key] for a in agg))
+    cols = list(dict.fromkeys(a[col_key] for a in agg))
+    cell = {(a[row_key], a[col_key]): a for a in agg}
+    best = {c: max((cell[r, c][f"{metric}_mean"] for r in rows if (r, c) in cell), default=math.nan)
+            for c in cols}
+    lines = [f"| {row_key} | " + " | ".join(map(str, cols)) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            a = cell.get((r, c))
+            text = pct(a[f"{metric}_mean"], a[f"{metric}_std"]) if a else ""
+            cells.append(f"**{text}**" if a and bold_max and a[f"{metric}_mean"] == best[c] else text)
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
