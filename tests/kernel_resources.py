@@ -14,7 +14,7 @@ would compile:
 Registers and stack bytes (spills) are read from each cubin with the cuobjdump Triton ships, and
 from ptxas's report for CUDA C++.
 
-    python tests/kernel_resources.py            # the register table, sm_90 and sm_80 (markdown)
+    python tests/kernel_resources.py [rows.json]   # the register table, sm_90 and sm_80 (markdown)
 
 tests/test_kernel_resources.py fails on any compile error and any spill.
 """
@@ -140,12 +140,12 @@ def _sass(cubin: bytes, cuobjdump: str) -> list[tuple[int, str]]:
     ]
 
 
-def per_iteration_instructions(sass: list[tuple[int, str]], K: int) -> float | None:
-    """Instructions one thread executes per iteration of the kernel's outermost loop (the grid-stride
-    loop over row blocks), counting each inner loop over the row's columns K times.
+def loop_structure(sass: list[tuple[int, str]]) -> dict | None:
+    """The outermost loop of a kernel (the grid-stride loop over row blocks) and the loops inside it,
+    found from backward branches: {"outer": instructions, "inner": [[instructions, u], ...]}.
 
-    Loops are found from backward branches. The compiler unrolls a column loop u times (u = its
-    global loads or stores) and adds a remainder loop (one load or store) for K % u columns.
+    The compiler unrolls a column loop u times (u = its global loads or stores, at least 1) and adds
+    a remainder loop (one load or store) for K % u columns.
     """
     loops = []
     for address, text in sass:
@@ -159,12 +159,18 @@ def per_iteration_instructions(sass: list[tuple[int, str]], K: int) -> float | N
         return None
     outer = max(loops, key=lambda loop: loop[1] - loop[0])
     inner = sorted(loop for loop in loops if loop is not outer and outer[0] <= loop[0] and loop[1] <= outer[1])
-    executed = outer[2] - sum(loop[2] for loop in inner)
+    return {"outer": outer[2], "inner": [[body, u] for _, _, body, u in inner]}
+
+
+def per_iteration_instructions(loops: dict, K: int) -> int:
+    """Instructions one thread executes per outer iteration, each column loop run over K columns."""
+    inner = loops["inner"]
+    executed = loops["outer"] - sum(body for body, _ in inner)
     i = 0
     while i < len(inner):
-        _, _, body, u = inner[i]
-        if u > 1 and i + 1 < len(inner) and inner[i + 1][3] == 1:  # unrolled loop + remainder
-            executed += body * (K // u) + inner[i + 1][2] * (K % u)
+        body, u = inner[i]
+        if u > 1 and i + 1 < len(inner) and inner[i + 1][1] == 1:  # unrolled loop + its remainder
+            executed += body * (K // u) + inner[i + 1][0] * (K % u)
             i += 2
         else:
             executed += body * -(-K // u)
@@ -172,23 +178,27 @@ def per_iteration_instructions(sass: list[tuple[int, str]], K: int) -> float | N
     return executed
 
 
-def _instruction_counts(kernel: str, kwargs: dict, label: str, sass: list[tuple[int, str]]) -> dict:
-    """Static SASS count; for the forward and backward, warp instructions per logit element."""
-    counts = {"sass_instructions": len(sass)}
-    m = re.search(r"K=(\d+)", label)
-    if kernel in ("_drainage_fwd_kernel", "_drainage_bwd_kernel") and m:
-        K = int(m.group(1))
-        rows, block_k = kwargs["BLOCK_ROWS"], kwargs["BLOCK_K"]
-        warps = kwargs.get("num_warps", 4)
-        if kernel == "_drainage_bwd_kernel":  # one tile per program, no loop
-            per_iteration, elements = len(sass), rows * min(K, block_k)
-        elif kwargs.get("LAYOUT") == 2:  # streamed rows: the column tiles are the loop
-            return counts
-        else:
-            per_iteration, elements = per_iteration_instructions(sass, K), rows * K
-        if per_iteration:
-            counts["instructions_per_element"] = round(per_iteration * warps / elements, 2)
-    return counts
+def instructions_per_element(row: dict, K: int) -> float | None:
+    """Warp instructions per logit element of a forward (tile or columns layout) or backward kernel
+    at row length K: instructions per iteration x warps / elements per iteration."""
+    config = row.get("config", {})
+    if row.get("kernel") not in ("_drainage_fwd_kernel", "_drainage_bwd_kernel") or "BLOCK_K" not in config:
+        return None
+    rows, block_k, warps = int(config["BLOCK_ROWS"]), int(config["BLOCK_K"]), row["num_warps"]
+    if row["kernel"] == "_drainage_bwd_kernel":  # one tile per program, no loop
+        return row["sass_instructions"] * warps / (rows * min(K, block_k))
+    if config.get("LAYOUT") == "2" or not row.get("loops"):  # streamed rows: no per-row iteration
+        return None
+    return per_iteration_instructions(row["loops"], K) * warps / (rows * K)
+
+
+def largest_k(row: dict) -> int | None:
+    ks = [int(m.group(1)) for v in row.get("variants", []) if (m := re.search(r"K=(\d+)", v))]
+    return max(ks) if ks else None
+
+
+def _instruction_counts(sass: list[tuple[int, str]]) -> dict:
+    return {"sass_instructions": len(sass), "loops": loop_structure(sass)}
 
 
 def compile_triton(arch: int) -> list[dict]:
@@ -262,7 +272,7 @@ def compile_triton(arch: int) -> list[dict]:
                     "num_warps": kwargs.get("num_warps", 4),
                     "compile_s": round(seconds, 2),
                     **_resource_usage(kernel.asm["cubin"], cuobjdump),
-                    **_instruction_counts(name, kwargs, label, _sass(kernel.asm["cubin"], cuobjdump)),
+                    **_instruction_counts(_sass(kernel.asm["cubin"], cuobjdump)),
                     "asserts": "__assertfail" in kernel.asm["ptx"],
                 }
                 seen[key] = row
@@ -406,7 +416,7 @@ LAYOUT_NAMES = {"0": "columns", "1": "tile", "2": "stream"}
 def table(rows: list[dict]) -> str:
     """Markdown: one line per compiled kernel."""
     lines = [
-        "| arch | kernel | config | warps | registers | spill bytes | SASS | instr/elem | variants |",
+        "| arch | kernel | config | warps | registers | spill bytes | SASS | instr/elem at max K | variants |",
         "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:
@@ -423,7 +433,8 @@ def table(rows: list[dict]) -> str:
         flags += [{"1": "sum", "2": "mean"}[config["REDUCE"]]] if config.get("REDUCE", "0") != "0" else []
         variants = row.get("variants", [])
         shown = "; ".join(variants[:2]) + (f" (+{len(variants) - 2})" if len(variants) > 2 else "")
-        per_element = row.get("instructions_per_element")
+        K = largest_k(row)
+        per_element = instructions_per_element(row, K) if K else None
         lines.append(
             f"| {row['arch']} | {row['kernel']} | {(shape + ' ' + ' '.join(flags)).strip()} "
             f"| {row.get('num_warps', '')} "
@@ -435,6 +446,8 @@ def table(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     triton_rows = all_triton_rows()
+    if len(sys.argv) > 1:  # also the raw rows, as JSON
+        Path(sys.argv[1]).write_text(json.dumps(triton_rows, indent=1) + "\n")
     print("## Triton\n\n" + table(triton_rows))
     cuda_rows = compile_cuda()[0] if nvcc_path() else []
     print("\n## CUDA C++ (nvcc)\n\n" + table(cuda_rows))

@@ -114,6 +114,7 @@ def _compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=64)  # host time: one numpy conversion per distinct alpha / beta
 def _hi_lo(value: float) -> tuple[float, float]:
     """value = hi + lo with hi exact in fp32 (Triton passes Python floats as fp32)."""
     hi = float(np.float32(value))
@@ -149,7 +150,9 @@ def _workspace(device: torch.device) -> torch.Tensor:
     """Two int32 zeros per (device, stream): the kept count and the last-program ticket.
 
     The forward's last program sets them back to zero, so one allocation (one fill) serves every
-    later call on the stream; a stream has one call in flight at a time, so calls never share one.
+    later call on the stream: the calls on one stream run one after the other, so they never share
+    it. (Two host threads issuing losses on the same stream at once would interleave their
+    launches; torch's own multi-GPU paths give each device its own stream.)
     """
     # The raw stream handle: no Stream object is built on every call.
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
@@ -176,7 +179,7 @@ def _launch_forward(x3, target, hp: Hyper, *, rows=None, grad3=None, reduce=0, w
     R = N * S
     cfg = _forward_config(K, x3.dtype)
     grid = _grid(cfg, R, x3.device)
-    partials = torch.empty(grid if reduce else 0, dtype=loss_dtype(x3), device=x3.device)
+    partials = torch.empty(grid, dtype=loss_dtype(x3), device=x3.device) if reduce else None
     loss, stats = rows if rows is not None else (None, None)
     with _device_guard(x3):
         _drainage_fwd_kernel[(grid,)](
