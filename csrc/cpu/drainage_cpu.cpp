@@ -379,9 +379,9 @@ void fill_row(scalar_t* g, int64_t K, int64_t stride_k, scalar_t value) {
   for (int64_t k = 0; k < K; ++k) g[k * stride_k] = value;
 }
 
-// Rows per parallel task: enough work (~32k elements, a row counting ~32 for its row math) that a
-// task outweighs the cost of starting it.
-int64_t grain_rows(int64_t K) { return std::max<int64_t>(kLanes, 32768 / (K + 32)); }
+// Rows per parallel task: ~64k elements' work (a row counting ~32 more for its row math, ~20 us),
+// so that a task outweighs the cost of starting and joining a thread; (512, 51) stays on one.
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(kLanes, 65536 / (K + 32)); }
 
 // Rows per group in the fused forward, whose exponentials wait in a buffer for the row terms:
 // 16 (the lanes), fewer when 16 rows would not fit in ~64 KB.
