@@ -164,25 +164,36 @@ const T* load_row(const scalar_t* x, int64_t K, int64_t stride_k, T* buffer) {
 
 const vint kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
+// The two halves of a vector (memcpy of a register: the compiler emits a lane extract).
+template <typename Half, typename Whole>
+inline void halves(const Whole& v, Half& lo, Half& hi) {
+  static_assert(2 * sizeof(Half) == sizeof(Whole));
+  __builtin_memcpy(&lo, &v, sizeof(Half));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+}
+
+using vfloat8 = float __attribute__((vector_size(32)));
+using vfloat4 = float __attribute__((vector_size(16)));
+
 // Lanes summed in a fixed order: halves, then halves of halves...
 inline float sum_lanes(vfloat v) {
-  using v8 = float __attribute__((vector_size(32)));
-  using v4 = float __attribute__((vector_size(16)));
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  vfloat8 a0, a1;
+  halves(v, a0, a1);
+  const vfloat8 a = a0 + a1;
+  vfloat4 b0, b1;
+  halves(a, b0, b1);
+  const vfloat4 b = b0 + b1;
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// The largest lane (a max of non-NaN values: the order does not matter).
+// The largest lane (a max of non-NaN values).
 inline float max_lanes(vfloat v) {
-  using v8 = float __attribute__((vector_size(32)));
-  using v4 = float __attribute__((vector_size(16)));
-  const v8 a0 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const v8 a1 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v8 a = a1 > a0 ? a1 : a0;
-  const v4 b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  const v4 b = b1 > b0 ? b1 : b0;
+  vfloat8 a0, a1;
+  halves(v, a0, a1);
+  const vfloat8 a = a1 > a0 ? a1 : a0;
+  vfloat4 b0, b1;
+  halves(a, b0, b1);
+  const vfloat4 b = b1 > b0 ? b1 : b0;
   const float c0 = b[1] > b[0] ? b[1] : b[0], c1 = b[3] > b[2] ? b[3] : b[2];
   return c1 > c0 ? c1 : c0;
 }
