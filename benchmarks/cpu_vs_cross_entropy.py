@@ -268,8 +268,9 @@ def summary(rows) -> str:
             f"before {by[(4096, 1001, 'F.cross_entropy')] / by[(4096, 1001, 'cpp (before)')]:.2f}x."
         )
     lines.append(
-        "- `cpp` − `cpp op` is the Python layer's share of the step (argument checks, the kept count, "
-        "autograd, the loss's sum and division): "
+        "- `cpp` − `cpp op` is what the step costs beyond the kernels (the Python layer: argument checks, "
+        "the kept count, autograd, the loss's sum and division; and, for large outputs, the allocator "
+        "and first touch of the gradient kept for the backward): "
         + ", ".join(f"{s}: {fmt_us(by[(*s, 'cpp')] - by[(*s, 'cpp op')])} µs" for s in shapes)
         + "."
     )
