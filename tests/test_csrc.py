@@ -190,3 +190,81 @@ def test_a_stale_build_lock_is_cleared(tmp_path):
     _ext._clear_stale_lock(stale)
     _ext._clear_stale_lock(fresh)  # may belong to a build running right now in another process
     assert not (stale / "lock").exists() and (fresh / "lock").exists()
+
+
+# The CPU kernel (csrc/cpu) runs a row's math in one lane of a group of rows and its loops over
+# 16-value chunks, with a partial last chunk and the chunks that hold t or d masked: rows of every
+# length around those edges, targets at both ends of the row, rows at every alignment.
+needs_cpu_kernel = pytest.mark.skipif(
+    not backends.availability("cpp", torch.device("cpu"))[0], reason="backend 'cpp' unavailable"
+)
+EDGE_K = [2, 3, 15, 16, 17, 33, 1001, 4099]
+
+
+def _edge_rows(K, N=37, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N + 1, K, generator=gen) * 5).to(dtype)[1:]  # rows start at every alignment
+    d = 0 if K % 2 else K - 1
+    t = torch.randint(0, K - 1, (N,), generator=gen)
+    t = t + (t >= d).long()
+    t[0], t[1], t[2] = (1, K - 1, -100) if d == 0 else (0, K - 2, -100)
+    return x, t, d
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("K", EDGE_K)
+def test_cpu_chunk_edges_match_float64(K):
+    from support import assert_grad_close, assert_loss_close
+
+    x, t, d = _edge_rows(K)
+    alpha, beta = 0.1, 0.7
+    ref_x = x.double().requires_grad_()
+    ref = fused_drainage_loss(ref_x, t, alpha=alpha, beta=beta, drainage_idx=d, reduction="none",
+                              backend="reference")
+    upstream = torch.rand(x.shape[0], dtype=torch.float64) + 0.5
+    ref.backward(upstream)
+    for reduction in ("none", "mean"):
+        xc = x.clone().requires_grad_()
+        loss = fused_drainage_loss(xc, t, alpha=alpha, beta=beta, drainage_idx=d, reduction=reduction,
+                                   backend="cpp")
+        if reduction == "none":
+            assert_loss_close(loss, ref.detach(), x, alpha, beta)
+            loss.backward(upstream.float())
+            assert_grad_close(xc.grad, ref_x.grad, x, alpha, beta)
+        else:
+            loss.backward()
+            kept = (t != -100).sum()
+            mean_grad = ref_x.grad / upstream[:, None] / kept
+            mean_grad[t == -100] = 0
+            assert_grad_close(xc.grad, mean_grad, x, alpha, beta)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("K", EDGE_K)
+def test_cpu_rows_do_not_depend_on_their_group_or_the_thread_count(K, dtype):
+    """Each row's loss, row terms and gradient are the same bits whether it is computed alone, in a
+    batch on 1 thread or on 2, fused or recomputed."""
+    x, t, d = _edge_rows(K, dtype=dtype)
+    x3 = x.unsqueeze(1)
+    ltype = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor([0.25], dtype=ltype)
+    hp = (-2.3, -0.35, d, -100)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(torch.ops.drainage_fast.forward_with_grad(x3, t, scale, *hp))
+    finally:
+        torch.set_num_threads(threads)
+    loss, stats, grad = runs[0]
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    recomputed = torch.ops.drainage_fast.backward(x3, t, stats, scale.expand(t.numel()), d, -100)
+    assert torch.equal(grad, recomputed)
+    for r in range(0, x.shape[0], 5):
+        one = torch.ops.drainage_fast.forward_with_grad(x3[r : r + 1].clone(), t[r : r + 1], scale, *hp)
+        assert torch.equal(one[0], loss[r : r + 1])
+        assert torch.equal(one[1], stats[:, r : r + 1])
+        assert torch.equal(one[2], grad[r : r + 1])

@@ -1,11 +1,19 @@
-// CPU kernels of the drainage loss: rows in parallel (at::parallel_for), the loops over a row
-// vectorised (`omp simd` + fast_exp.h; the flags are in drainage_fast/_ext.py).
+// CPU kernels of the drainage loss: rows in parallel (at::parallel_for); inside a task, rows in
+// groups whose per-row math (row_math.h: a dozen exp / log / log1p a row) runs across the group's
+// rows in vector lanes, and whose loops over a row run on 16-float vectors (fast_exp.h).
 //
-// A row is first made a contiguous run of compute-type values T: float32 rows of unit stride are
-// used in place, anything else (half types, strided rows) is converted into a per-task buffer.
-// The forward takes two passes over it: a max over J (the read from memory) and a sum of
-// exponentials over J (from L1). J is the index ranges [0, lo), (lo, hi), (hi, K) with
-// lo, hi = min, max(t, d), so no loop tests an element's index.
+// The loops read a float32 row of unit stride in place (anything else is first converted into a
+// per-task buffer) in chunks of 16: whole chunks with plain loads, the last partial one with a
+// masked load that fills -inf (exp(-inf - shift) = 0 exactly); only the chunks that hold t or d
+// compare indices to leave them out of J. The forward takes two passes over a row (J's max, then
+// the exponentials, kept in a 64-byte aligned buffer when the forward writes the gradient); the
+// row terms of a group of up to 16 rows follow, in one call of vector exp / log / log1p (SLEEF,
+// within 1 ulp) per term for the whole group, then the group's gradient rows, stored on 64-byte
+// boundaries. Measured (issue 11): the scalar row math was most of a row's time for K <= ~100.
+//
+// Every per-row value comes from the same lane-wise operations whatever group or task the row
+// falls in (no lane reads another, and a row's chunks start at its first value), so the results
+// do not depend on the thread count. float64 rows keep the scalar libm path of row_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,7 +23,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#include <sleef.h>  // shipped with torch; its functions are exported by libtorch_cpu
+#endif
 
 #include "../drainage_common.h"
 #include "fast_exp.h"
@@ -23,84 +39,116 @@
 namespace drainage::cpu {
 namespace {
 
-// Rows per parallel task: ~16k elements, so short rows are not split into tiny tasks.
-int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, 16384 / K); }
+// ---------------------------------------------------------------------------------------------
+// Accurate exp / log / log1p on 16 lanes for the row math (within 1 ulp, as libm's): SLEEF's
+// vector functions where the target has AVX, else libm lane by lane.
 
-// The reductions are `omp simd` loops: the pragma lets the compiler keep one partial result per
-// vector lane (it may not reorder a float sum on its own). The order is fixed at compile time, so
-// the results are deterministic.
-template <typename T>
-T max_of(const T* z, int64_t begin, int64_t end, T m) {
-#pragma omp simd reduction(max : m)
-  for (int64_t k = begin; k < end; ++k) m = z[k] > m ? z[k] : m;
-  return m;  // may skip a NaN: the sum of exponentials carries it into lse_J
+#if defined(__AVX512F__)
+inline vfloat vexp_acc(vfloat x) { return (vfloat)Sleef_expf16_u10((__m512)x); }
+inline vfloat vlog_acc(vfloat x) { return (vfloat)Sleef_logf16_u10((__m512)x); }
+inline vfloat vlog1p_acc(vfloat x) { return (vfloat)Sleef_log1pf16_u10((__m512)x); }
+#elif defined(__AVX__)
+using half_vfloat = float __attribute__((vector_size(32)));
+template <typename F>
+inline vfloat by_halves(vfloat x, F f) {
+  half_vfloat lo, hi;
+  __builtin_memcpy(&lo, &x, sizeof(lo));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(lo), sizeof(hi));
+  lo = (half_vfloat)f((__m256)lo);
+  hi = (half_vfloat)f((__m256)hi);
+  vfloat out;
+  __builtin_memcpy(&out, &lo, sizeof(lo));
+  __builtin_memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
+  return out;
+}
+inline vfloat vexp_acc(vfloat x) { return by_halves(x, [](__m256 v) { return Sleef_expf8_u10(v); }); }
+inline vfloat vlog_acc(vfloat x) { return by_halves(x, [](__m256 v) { return Sleef_logf8_u10(v); }); }
+inline vfloat vlog1p_acc(vfloat x) { return by_halves(x, [](__m256 v) { return Sleef_log1pf8_u10(v); }); }
+#else
+template <typename F>
+inline vfloat lane_by_lane(vfloat x, F f) {
+  for (int i = 0; i < kLanes; ++i) x[i] = f(x[i]);
+  return x;
+}
+inline vfloat vexp_acc(vfloat x) { return lane_by_lane(x, [](float v) { return exp_acc(v); }); }
+inline vfloat vlog_acc(vfloat x) { return lane_by_lane(x, [](float v) { return log_acc(v); }); }
+inline vfloat vlog1p_acc(vfloat x) { return lane_by_lane(x, [](float v) { return log1p_acc(v); }); }
+#endif
+
+// row_math.h's helpers on lanes: the same expressions, with selects for the branches.
+inline vfloat vlogaddexp(vfloat x, vfloat y) {
+  const vfloat ninf = vsplat(neg_inf<float>());
+  const vint nan = (x != x) | (y != y);
+  const vint x_gt = x > y;
+  const vfloat hi = x_gt ? x : y, lo = x_gt ? y : x;
+  const vfloat v = hi + vlog1p_acc(vexp_acc(lo - hi));
+  const vfloat v2 = hi == ninf ? hi : v;
+  return nan ? x + y : v2;
 }
 
-// sum over [begin, end) of exp(z_k - shift); with `e`, each term is also stored in e[k].
+inline vfloat vsub(vfloat x, vfloat y) { return x == y ? vsplat(0.0f) : x - y; }
+
+inline vfloat vmax_nan(vfloat x, vfloat y) {
+  const vint nan = (x != x) | (y != y);
+  return nan ? x + y : (x > y ? x : y);
+}
+
+// Inputs and outputs of the row math for one group of rows, one lane a row.
 template <typename T>
-T sum_exp(const T* z, int64_t begin, int64_t end, T shift, T* e) {
-  T s = 0;
-  if (e == nullptr) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = begin; k < end; ++k) s += fast_exp(z[k] - shift);
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = begin; k < end; ++k) {
-      e[k] = fast_exp(z[k] - shift);
-      s += e[k];
-    }
+struct RowLanes {
+  alignas(64) T z_t[kLanes], z_d[kLanes], m[kLanes], s[kLanes];
+  alignas(64) T loss[kLanes], shift[kLanes], c[kLanes], g_t[kLanes], g_d[kLanes];
+
+  // Harmless values (every term finite) for lanes without a row.
+  void clear(int i) {
+    z_t[i] = T(0), z_d[i] = T(0), m[i] = T(0), s[i] = T(1);
   }
-  return s;
+  RowTerms<T> terms(int i) const { return {loss[i], shift[i], c[i], g_t[i], g_d[i]}; }
+};
+
+// row_terms (row_math.h) of 16 rows at once.
+void row_terms_lanes(RowLanes<float>& q, float log_alpha, float log_beta) {
+  const vfloat z_t = vload(q.z_t), z_d = vload(q.z_d), m = vload(q.m), s = vload(q.s);
+  const vfloat zero = vsplat(0.0f), ninf = vsplat(neg_inf<float>()), inf = -ninf;
+  const vint J_empty = s == zero;
+  const vfloat shift = m == ninf ? zero : m;
+  const vfloat log_s = J_empty ? zero : vlog_acc(s);
+  const vfloat lse_J = J_empty ? ninf : shift + log_s;
+  const vfloat L = vlogaddexp(z_d, lse_J);
+  const vfloat a = (log_alpha + L) - z_t;
+  const vfloat b = (log_beta + lse_J) - z_d;
+  const vfloat mx = vmax_nan(vmax_nan(a, b), zero);
+  const vfloat da = vsub(a, mx), db = vsub(b, mx);
+  const vfloat ea = vexp_acc(da), eb = vexp_acc(db), e0 = vexp_acc(-mx);
+  const vfloat log_z = vlog1p_acc(a == mx ? e0 + eb : (b == mx ? e0 + ea : ea + eb));
+  const vint undefined = (a == inf) & (b == inf);
+  const vfloat nan = vsplat(quiet_nan<float>());
+  const vfloat log_pa = undefined ? nan : da - log_z;
+  const vfloat log_pb = undefined ? nan : db - log_z;
+  const vfloat c = J_empty ? zero : vexp_acc(vlogaddexp(log_pa + vsub(m, L), log_pb - log_s));
+  vstore(q.loss, mx + log_z);
+  vstore(q.shift, shift);
+  vstore(q.c, c);
+  vstore(q.g_t, -vexp_acc(log_pa));
+  vstore(q.g_d, vexp_acc(log_pa + vsub(z_d, L)) - vexp_acc(log_pb));
 }
 
-// sum_exp over J for a row whose max is +inf, where exp(inf - inf) would be nan: the terms equal to
-// the shift count 1 (the reference's loss is then inf, its gradient nan). Rare, so a scalar loop.
-template <typename T>
-T sum_exp_slow(const T* z, int64_t K, int64_t t, int64_t d, T shift, T* e) {
-  T s = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (k == t || k == d) continue;
-    const T v = z[k] == shift ? T(1) : fast_exp(z[k] - shift);
-    if (e != nullptr) e[k] = v;
-    s += v;
+// float64: row_math.h itself, row by row (libm; gradcheck and exactness, not speed).
+void row_terms_lanes(RowLanes<double>& q, double log_alpha, double log_beta) {
+  for (int i = 0; i < kLanes; ++i) {
+    const RowTerms<double> t = row_terms(q.z_t[i], q.z_d[i], q.m[i], q.s[i], log_alpha, log_beta);
+    q.loss[i] = t.loss, q.shift[i] = t.shift, q.c[i] = t.c, q.g_t[i] = t.g_t, q.g_d[i] = t.g_d;
   }
-  return s;
 }
 
-// J's max m and s = sum over J of exp(z_j - shift), J = [0, K) \ {t, d}, shift = m (0 when every
-// z_j is -inf or J is empty). With `e`, e[j] = exp(z_j - shift) for j in J: the gradient's factors.
-template <typename T>
-T max_sum_J(const T* z, int64_t K, int64_t t, int64_t d, T* e, T& m) {
-  const int64_t lo = std::min(t, d), hi = std::max(t, d);
-  m = max_of(z, hi + 1, K, max_of(z, lo + 1, hi, max_of(z, int64_t{0}, lo, neg_inf<T>())));
-  if (m == -neg_inf<T>()) return sum_exp_slow(z, K, t, d, m, e);
-  const T shift = m == neg_inf<T>() ? T(0) : m;  // all -inf: exp(-inf - 0) = 0, not nan
-  return sum_exp(z, 0, lo, shift, e) + sum_exp(z, lo + 1, hi, shift, e) + sum_exp(z, hi + 1, K, shift, e);
-}
+// ---------------------------------------------------------------------------------------------
+// Loops over one row of K compute-type values: whole 16-value chunks, the last partial chunk by a
+// masked load padded with -inf (exp(-inf - shift) = 0 exactly). J is selected by comparing the
+// chunk's indices with t and d, so one loop covers the row.
 
-// g = scale * dl/dz of a row whose g[j] already holds exp(z_j - shift) for j in J: the gradient
-// in the forward costs no second exponential.
-template <typename T>
-void grad_from_exp(int64_t K, int64_t t, int64_t d, const RowTerms<T>& terms, T scale, T* g) {
-  const T factor = terms.c * scale;
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) g[k] *= factor;
-  g[t] = terms.g_t * scale;
-  g[d] = terms.g_d * scale;
-}
+int64_t padded(int64_t K) { return (K + kLanes - 1) / kLanes * kLanes; }
 
-// The same values from the logits and the stored row terms (the recompute backward): the same
-// expression as the forward's, exp(z_j - shift) * (c * scale), so both give the same bits.
-template <typename T>
-void grad_from_logits(const T* z, int64_t K, int64_t t, int64_t d, const RowTerms<T>& terms, T scale, T* g) {
-  const T factor = terms.c * scale;
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) g[k] = fast_exp(z[k] - terms.shift) * factor;
-  g[t] = terms.g_t * scale;
-  g[d] = terms.g_d * scale;
-}
-
-// One row of the logits as contiguous compute-type values: in place when it already is one.
+// The row as contiguous compute-type values: in place when it already is one, else converted.
 template <typename scalar_t, typename T>
 const T* load_row(const scalar_t* x, int64_t K, int64_t stride_k, T* buffer) {
   if constexpr (std::is_same_v<scalar_t, T>) {
@@ -114,25 +162,251 @@ const T* load_row(const scalar_t* x, int64_t K, int64_t stride_k, T* buffer) {
   return buffer;
 }
 
-// Where a row's gradient is computed: in the output when that is a contiguous row of T, else in
-// the buffer, which store_row then converts and scatters.
-template <typename scalar_t, typename T>
-T* grad_slot(scalar_t* g, int64_t stride_k, T* buffer) {
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    if (stride_k == 1) return g;
-  }
-  return buffer;
+const vint kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// The two halves of a vector (memcpy of a register: the compiler emits a lane extract).
+template <typename Half, typename Whole>
+inline void halves(const Whole& v, Half& lo, Half& hi) {
+  static_assert(2 * sizeof(Half) == sizeof(Whole));
+  __builtin_memcpy(&lo, &v, sizeof(Half));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
 }
 
-template <typename scalar_t, typename T>
-void store_row(const T* values, scalar_t* g, int64_t K, int64_t stride_k) {
-  if (static_cast<const void*>(values) == static_cast<const void*>(g)) return;
-  for (int64_t k = 0; k < K; ++k) g[k * stride_k] = static_cast<scalar_t>(values[k]);
+using vfloat8 = float __attribute__((vector_size(32)));
+using vfloat4 = float __attribute__((vector_size(16)));
+
+// Lanes summed in a fixed order: halves, then halves of halves...
+inline float sum_lanes(vfloat v) {
+  vfloat8 a0, a1;
+  halves(v, a0, a1);
+  const vfloat8 a = a0 + a1;
+  vfloat4 b0, b1;
+  halves(a, b0, b1);
+  const vfloat4 b = b0 + b1;
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
+
+// The largest lane (a max of non-NaN values).
+inline float max_lanes(vfloat v) {
+  vfloat8 a0, a1;
+  halves(v, a0, a1);
+  const vfloat8 a = a1 > a0 ? a1 : a0;
+  vfloat4 b0, b1;
+  halves(a, b0, b1);
+  const vfloat4 b = b1 > b0 ? b1 : b0;
+  const float c0 = b[1] > b[0] ? b[1] : b[0], c1 = b[3] > b[2] ? b[3] : b[2];
+  return c1 > c0 ? c1 : c0;
+}
+
+// v[i] = p[i] for i < n, -inf past n (n < 16); never reads past p + n.
+inline vfloat vload_tail(const float* p, int64_t n) {
+#if defined(__AVX512F__)
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  return (vfloat)_mm512_mask_loadu_ps(_mm512_set1_ps(neg_inf<float>()), mask, p);
+#elif defined(__AVX2__)
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lo_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+  const __m256i hi_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8), lanes);
+  const __m256 ninf = _mm256_set1_ps(neg_inf<float>());
+  const __m256 lo = _mm256_blendv_ps(ninf, _mm256_maskload_ps(p, lo_mask), _mm256_castsi256_ps(lo_mask));
+  const __m256 hi = _mm256_blendv_ps(ninf, _mm256_maskload_ps(p + 8, hi_mask), _mm256_castsi256_ps(hi_mask));
+  vfloat v;
+  __builtin_memcpy(&v, &lo, sizeof(lo));
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+#else
+  vfloat v = vsplat(neg_inf<float>());
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+// p[i] = v[i] for i < n (n < 16); never writes past p + n.
+inline void vstore_tail(float* p, vfloat v, int64_t n) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+#else
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+#endif
+}
+
+// Every lane in J: the chunks that hold neither t nor d.
+struct AllLanes {};
+inline vfloat select(AllLanes, vfloat a, vfloat) { return a; }
+inline vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
+
+// Calls f(k, v, in_J) for the chunks of the row: v = z[k, k + 16) (-inf past K), in_J the lanes
+// of J (AllLanes, or an index mask in the chunks that hold t or d).
+template <typename F>
+inline void for_chunks(const float* z, int64_t K, int64_t t, int64_t d, F f) {
+  const int64_t full = K / kLanes * kLanes;
+  const vint vt = vint{} + static_cast<int32_t>(t), vd = vint{} + static_cast<int32_t>(d);
+  auto chunk = [&](int64_t k, vfloat v) {
+    if (static_cast<uint64_t>(t - k) >= kLanes && static_cast<uint64_t>(d - k) >= kLanes) {
+      f(k, v, AllLanes{});
+    } else {
+      const vint idx = kIota + static_cast<int32_t>(k);
+      f(k, v, (idx != vt) & (idx != vd));
+    }
+  };
+  for (int64_t k = 0; k < full; k += kLanes) chunk(k, vload(z + k));
+  if (full < K) chunk(full, vload_tail(z + full, K - full));
+}
+
+// a > b ? a : b, lane by lane (b where either is NaN): one instruction with AVX-512.
+inline vfloat vmax(vfloat a, vfloat b) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+// J's max m (skipping NaN: the sum of exponentials carries it into lse_J).
+inline float max_J(const float* z, int64_t K, int64_t t, int64_t d) {
+  vfloat acc = vsplat(neg_inf<float>());
+  for_chunks(z, K, t, d, [&](int64_t, vfloat v, auto in_J) { acc = select(in_J, vmax(v, acc), acc); });
+  return max_lanes(acc);
+}
+
+inline double max_J(const double* z, int64_t K, int64_t t, int64_t d) {
+  double m = neg_inf<double>();
+  for (int64_t k = 0; k < K; ++k) {
+    if (k != t && k != d) m = z[k] > m ? z[k] : m;
+  }
+  return m;
+}
+
+// s = sum over J of exp(z_j - shift); with `e`, e[k] = exp(z_k - shift) for every k in [0, Kp).
+template <bool kStore>
+float sum_exp_J(const float* z, int64_t K, int64_t t, int64_t d, float shift, float* e) {
+  vfloat acc = vsplat(0.0f);
+  const vfloat sh = vsplat(shift), zero = vsplat(0.0f);
+  for_chunks(z, K, t, d, [&](int64_t k, vfloat v, auto in_J) {
+    const vfloat ev = fast_exp(v - sh);
+    if constexpr (kStore) vstore(e + k, ev);
+    acc += select(in_J, ev, zero);
+  });
+  return sum_lanes(acc);
+}
+
+template <bool kStore>
+double sum_exp_J(const double* z, int64_t K, int64_t t, int64_t d, double shift, double* e) {
+  double s = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double v = fast_exp(z[k] - shift);
+    if constexpr (kStore) e[k] = v;
+    if (k != t && k != d) s += v;
+  }
+  return s;
+}
+
+// The sum over J for a row whose max is +inf, where exp(inf - inf) would be nan: the terms equal to
+// the shift count 1 (the reference's loss is then inf, its gradient nan). Rare: a scalar loop.
+template <typename T>
+T sum_exp_slow(const T* z, int64_t K, int64_t t, int64_t d, T shift, T* e) {
+  T s = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (k == t || k == d) continue;
+    const T v = z[k] == shift ? T(1) : fast_exp(z[k] - shift);
+    if (e != nullptr) e[k] = v;
+    s += v;
+  }
+  return s;
+}
+
+// e[0, Kp) = exp(z - shift), the gradient's factors for a row of the recompute backward.
+inline void exp_row(const float* z, int64_t K, float shift, float* e) {
+  const vfloat sh = vsplat(shift);
+  for_chunks(z, K, -1, -1, [&](int64_t k, vfloat v, auto) { vstore(e + k, fast_exp(v - sh)); });
+}
+
+inline void exp_row(const double* z, int64_t K, double shift, double* e) {
+  for (int64_t k = 0; k < K; ++k) e[k] = fast_exp(z[k] - shift);
+}
+
+// Calls f(k, n) over [0, K) in pieces that make the stores to out + k 64-byte aligned (a split
+// store costs about two): a head of n < 16, whole chunks of n = 16, a tail of n < 16.
+template <typename F>
+inline void for_aligned(const float* out, int64_t K, F f) {
+  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) & 63) / sizeof(float);
+  const int64_t head = std::min<int64_t>((kLanes - misalign) % kLanes, K);
+  if (head > 0) f(0, head);
+  int64_t k = head;
+  for (; k + kLanes <= K; k += kLanes) f(k, kLanes);
+  if (k < K) f(k, K - k);
+}
+
+inline void vstore_n(float* p, vfloat v, int64_t n) {
+  if (n == kLanes) {
+    vstore(p, v);
+  } else {
+    vstore_tail(p, v, n);
+  }
+}
+
+// g = scale * dl/dz of a row from e[j] = exp(z_j - shift): g_j = e_j * (c * scale) for j in J,
+// and the targets' own terms. e holds K + 16 values (past K: anything).
+template <typename scalar_t, typename T>
+void store_grad_row(const T* e, int64_t K, int64_t t, int64_t d, const RowTerms<T>& terms, T scale, scalar_t* g,
+                    int64_t stride_k) {
+  const T factor = terms.c * scale;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stride_k == 1) {
+      for_aligned(g, K, [&](int64_t k, int64_t n) { vstore_n(g + k, vload(e + k) * factor, n); });
+      g[t] = terms.g_t * scale;
+      g[d] = terms.g_d * scale;
+      return;
+    }
+  }
+  if (stride_k == 1) {
+    for (int64_t k = 0; k < K; ++k) g[k] = static_cast<scalar_t>(e[k] * factor);
+  } else {
+    for (int64_t k = 0; k < K; ++k) g[k * stride_k] = static_cast<scalar_t>(e[k] * factor);
+  }
+  g[t * stride_k] = static_cast<scalar_t>(terms.g_t * scale);
+  g[d * stride_k] = static_cast<scalar_t>(terms.g_d * scale);
+}
+
+// The recompute backward's row when logits and gradient are unit-stride float32 rows: in one pass,
+// g = exp(z - shift) * (c * scale), the same lane operations as sum_exp_J then store_grad_row in
+// the fused forward (each lane's value depends on its own input only), so the same bits.
+inline void grad_row_direct(const float* z, int64_t K, int64_t t, int64_t d, const RowTerms<float>& terms,
+                            float scale, float* g) {
+  const float factor = terms.c * scale;
+  const vfloat sh = vsplat(terms.shift);
+  for_aligned(g, K, [&](int64_t k, int64_t n) {
+    const vfloat v = n == kLanes ? vload(z + k) : vload_tail(z + k, n);
+    vstore_n(g + k, fast_exp(v - sh) * factor, n);
+  });
+  g[t] = terms.g_t * scale;
+  g[d] = terms.g_d * scale;
+}
+
+// A 64-byte aligned scratch array of n values, and 16 more.
+template <typename T>
+struct Scratch {
+  std::vector<T> storage;
+  T* data;
+  explicit Scratch(int64_t n) : storage(n + 2 * kLanes) {
+    const auto address = reinterpret_cast<uintptr_t>(storage.data());
+    data = storage.data() + ((64 - address % 64) % 64) / sizeof(T);
+  }
+};
 
 template <typename scalar_t>
 void fill_row(scalar_t* g, int64_t K, int64_t stride_k, scalar_t value) {
   for (int64_t k = 0; k < K; ++k) g[k * stride_k] = value;
+}
+
+// Rows per parallel task: ~64k elements' work (a row counting ~32 more for its row math, ~20 us),
+// so that a task outweighs the cost of starting and joining a thread; (512, 51) stays on one.
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(kLanes, 65536 / (K + 32)); }
+
+// Rows per group in the fused forward, whose exponentials wait in a buffer for the row terms:
+// 16 (the lanes), fewer when 16 rows would not fit in ~64 KB.
+int64_t group_rows(int64_t Kp, bool write_grad) {
+  return write_grad ? std::clamp<int64_t>(16384 / Kp, 1, kLanes) : kLanes;
 }
 
 // forward, and forward_with_grad when `grad` is defined: then grad = grad_scale * d(sum loss)/dx.
@@ -149,35 +423,56 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
   const bool write_grad = grad.defined();
   scalar_t* g = write_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   const RowLayout g_rows = write_grad ? layout_of(grad) : rows;
-  const int64_t R = rows.R, K = rows.K;
+  const int64_t R = rows.R, K = rows.K, Kp = padded(K);
+  const int64_t G = group_rows(Kp, write_grad);
+  const T la = static_cast<T>(log_alpha), lb = static_cast<T>(log_beta), scale = static_cast<T>(grad_scale);
 
   at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
-    std::vector<T> z_buffer(K), g_buffer(write_grad ? K : 0);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t t = targets[r];
-      const TargetCheck check = check_target(t, K, d, ignore_index);
-      RowTerms<T> terms = skipped_row<T>(check.bad);
-      scalar_t* g_row = write_grad ? g + g_rows.start(r) : nullptr;
-      T* e = write_grad ? grad_slot(g_row, g_rows.stride_k, g_buffer.data()) : nullptr;
-      if (check.kept && !check.bad) {
+    std::vector<T> z_buffer(K);
+    Scratch<T> e_buffer(write_grad ? G * Kp : 0);
+    RowLanes<T> q;
+    int64_t ts[kLanes];
+    TargetCheck checks[kLanes];
+    for (int64_t r0 = begin; r0 < end; r0 += G) {
+      const int n = static_cast<int>(std::min(G, end - r0));
+      for (int i = 0; i < kLanes; ++i) q.clear(i);
+      for (int i = 0; i < n; ++i) {
+        const int64_t r = r0 + i, t = targets[r];
+        ts[i] = t;
+        checks[i] = check_target(t, K, d, ignore_index);
+        if (!checks[i].kept || checks[i].bad) continue;
+        T* e = write_grad ? e_buffer.data + i * Kp : nullptr;
         const T* z = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data());
-        T m;
-        const T s = max_sum_J(z, K, t, d, e, m);
-        terms = row_terms(z[t], z[d], m, s, T(log_alpha), T(log_beta));
+        q.z_t[i] = z[t];
+        q.z_d[i] = z[d];
+        const T m = max_J(z, K, t, d);
+        q.m[i] = m;
+        if (m == -neg_inf<T>()) {
+          q.s[i] = sum_exp_slow(z, K, t, d, m, e);
+        } else {
+          const T shift = m == neg_inf<T>() ? T(0) : m;  // all -inf: exp(-inf - 0) = 0, not nan
+          q.s[i] = write_grad ? sum_exp_J<true>(z, K, t, d, shift, e) : sum_exp_J<false>(z, K, t, d, shift, e);
+        }
       }
-      loss_p[r] = terms.loss;
-      stats_p[r] = terms.shift;
-      stats_p[R + r] = terms.c;
-      stats_p[2 * R + r] = terms.g_t;
-      stats_p[3 * R + r] = terms.g_d;
-      if (!write_grad) continue;
-      if (!check.kept) {
-        fill_row(g_row, K, g_rows.stride_k, scalar_t(0));  // a select: inf / nan logits give 0
-      } else if (check.bad) {
-        fill_row(g_row, K, g_rows.stride_k, static_cast<scalar_t>(quiet_nan<T>()));
-      } else {
-        grad_from_exp(K, t, d, terms, T(grad_scale), e);
-        store_row(e, g_row, K, g_rows.stride_k);
+      row_terms_lanes(q, la, lb);
+      for (int i = 0; i < n; ++i) {
+        const int64_t r = r0 + i;
+        const TargetCheck check = checks[i];
+        const RowTerms<T> terms = check.kept && !check.bad ? q.terms(i) : skipped_row<T>(check.bad);
+        loss_p[r] = terms.loss;
+        stats_p[r] = terms.shift;
+        stats_p[R + r] = terms.c;
+        stats_p[2 * R + r] = terms.g_t;
+        stats_p[3 * R + r] = terms.g_d;
+        if (!write_grad) continue;
+        scalar_t* g_row = g + g_rows.start(r);
+        if (!check.kept) {
+          fill_row(g_row, K, g_rows.stride_k, scalar_t(0));  // a select: inf / nan logits give 0
+        } else if (check.bad) {
+          fill_row(g_row, K, g_rows.stride_k, static_cast<scalar_t>(quiet_nan<T>()));
+        } else {
+          store_grad_row(e_buffer.data + i * Kp, K, ts[i], d, terms, scale, g_row, g_rows.stride_k);
+        }
       }
     }
   });
@@ -194,10 +489,11 @@ void backward_rows(const at::Tensor& x3, const at::Tensor& target, const at::Ten
   const T* dy = grad_rows.const_data_ptr<T>();
   const int64_t dy_stride = grad_rows.stride(0);  // 0 for a broadcast upstream scalar
   scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-  const int64_t R = rows.R, K = rows.K;
+  const int64_t R = rows.R, K = rows.K, Kp = padded(K);
 
   at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
-    std::vector<T> z_buffer(K), g_buffer(K);
+    std::vector<T> z_buffer(K);
+    Scratch<T> e_buffer(Kp);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = targets[r];
       const TargetCheck check = check_target(t, K, d, ignore_index);
@@ -208,10 +504,16 @@ void backward_rows(const at::Tensor& x3, const at::Tensor& target, const at::Ten
         fill_row(g_row, K, g_rows.stride_k, static_cast<scalar_t>(quiet_nan<T>()));
       } else {
         const RowTerms<T> terms = {T(0), stats_p[r], stats_p[R + r], stats_p[2 * R + r], stats_p[3 * R + r]};
+        const T scale = dy[r * dy_stride];
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (rows.stride_k == 1 && g_rows.stride_k == 1) {
+            grad_row_direct(x + rows.start(r), K, t, d, terms, scale, g_row);
+            continue;
+          }
+        }
         const T* z = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data());
-        T* out = grad_slot(g_row, g_rows.stride_k, g_buffer.data());
-        grad_from_logits(z, K, t, d, terms, dy[r * dy_stride], out);
-        store_row(out, g_row, K, g_rows.stride_k);
+        exp_row(z, K, terms.shift, e_buffer.data);
+        store_grad_row(e_buffer.data, K, t, d, terms, scale, g_row, g_rows.stride_k);
       }
     }
   });

@@ -1,0 +1,343 @@
+"""Backend "cpp" against F.cross_entropy (and the pure-PyTorch reference) on the CPU, fp32, 2 threads.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_vs_cross_entropy.py [--repeats 15] [--before-rev REV] [--out DIR]
+
+One training step of the loss on (N, K) fp32 logits that require grad, reduction "mean", forward +
+backward, at the shapes of the CPU table of issue 11. Providers, measured in turns (one sample of
+each per round, so load from other processes falls on all of them alike):
+
+  * F.cross_entropy: F.cross_entropy(x, t).backward(), the price users already pay;
+  * reference: fused_drainage_loss(..., backend="reference").backward();
+  * cpp: fused_drainage_loss(..., backend="cpp").backward(), the whole eager path (argument
+    checks, the kept count, autograd, the ops);
+  * cpp op: the ops alone, as that path calls them (forward_with_grad, then scale_ by 1): the
+    kernel's share of the step;
+  * cpp (before) and cpp op (before): the same with the kernels of --before-rev (default: the
+    commit before the vectorised kernel), built from git under the op namespace drainage_fast_before,
+    so the old and the new kernel are timed in the same process, in the same rounds.
+
+Writes cpu_vs_cross_entropy.json (every sample, the machine) and cpu_vs_cross_entropy.md
+(--report-only rewrites the .md from the .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import drainage_fast.backends.cpp as cpp_backend
+from drainage_fast import _ext, fused_drainage_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(8192, 11), (512, 51), (4096, 101), (4096, 1001), (512, 32001)]
+BEFORE_REV = "ef588fc"  # the kernels before the rows-in-lanes CPU kernel (issue 11, item 6)
+ALPHA = 0.1
+PROVIDERS = ["F.cross_entropy", "reference", "cpp", "cpp op", "cpp (before)", "cpp op (before)"]
+
+
+def build_before(rev: str) -> None:
+    """Builds csrc/ of `rev` (schemas + CPU kernels) with its op namespace renamed."""
+    sources = {}
+    for name in ("drainage.cpp", "cpu/drainage_cpu.cpp", "row_math.h", "drainage_common.h", "cpu/fast_exp.h"):
+        text = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:csrc/{name}"], check=True, capture_output=True, text=True
+        ).stdout
+        text = text.replace("TORCH_LIBRARY(drainage_fast,", "TORCH_LIBRARY(drainage_fast_before,")
+        text = text.replace("TORCH_LIBRARY_IMPL(drainage_fast,", "TORCH_LIBRARY_IMPL(drainage_fast_before,")
+        text = text.replace('m.set_python_module("drainage_fast.backends.native");', "")
+        text = text.replace("PyInit__C", "PyInit__C_before")
+        sources[name] = text
+    key = hashlib.sha256(json.dumps(sources, sort_keys=True).encode() + " ".join(_ext.cxx_flags()).encode())
+    build_dir = _ext.cache_root() / f"drainage_fast_before_{key.hexdigest()[:16]}"
+    library = build_dir / "drainage_fast_before.so"
+    if not library.is_file():
+        src = Path(tempfile.mkdtemp(prefix="drainage_before_"))
+        for name, text in sources.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_text(text)
+        from torch.utils import cpp_extension
+
+        _ext._put_ninja_on_path()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        print(f"compiling the kernels of {rev} into {build_dir}", file=sys.stderr)
+        cpp_extension.load(
+            name="drainage_fast_before",
+            sources=[str(src / "drainage.cpp"), str(src / "cpu/drainage_cpu.cpp")],
+            extra_cflags=_ext.cxx_flags(),
+            extra_ldflags=_ext.openmp_flags(),
+            build_directory=str(build_dir),
+            is_python_module=False,
+        )
+    else:
+        torch.ops.load_library(str(library))
+
+
+def before_functions() -> dict:
+    """The cpp backend's functions (backends/native.py) on the old ops."""
+    ops = torch.ops.drainage_fast_before
+
+    def forward(x3, target, hp):
+        return ops.forward.default(x3, target, *hp)
+
+    def backward(x3, target, stats, grad_rows, hp):
+        return ops.backward.default(x3, target, stats, grad_rows, hp.drainage_idx, hp.ignore_index)
+
+    def forward_with_grad(x3, target, hp, scale):
+        return ops.forward_with_grad.default(x3, target, scale, *hp)
+
+    def scale_(grad, scale):
+        ops.scale_.default(grad, scale)
+        return grad
+
+    return {"forward": forward, "backward": backward, "forward_with_grad": forward_with_grad, "scale_": scale_}
+
+
+def make_steps(N, K):
+    x = (torch.randn(N, K) * 3).requires_grad_()
+    target = torch.randint(0, K - 1, (N,))  # never the drainage output (the last one)
+    x3 = x.detach().view(N, 1, K)
+    inv_count = torch.tensor([1.0 / N])
+    one = torch.ones(())
+    hp = (float(torch.log(torch.tensor(ALPHA))), 0.0, K - 1, -100)  # log_alpha, log_beta (beta = 1), d, ignore
+    new = {name: getattr(cpp_backend, name) for name in ("forward", "backward", "forward_with_grad", "scale_")}
+    old = before_functions()
+
+    def ce():
+        F.cross_entropy(x, target).backward()
+        x.grad = None
+
+    def fused(backend):
+        def step():
+            fused_drainage_loss(x, target, alpha=ALPHA, backend=backend).backward()
+            x.grad = None
+
+        return step
+
+    def fused_before():
+        for name, f in old.items():
+            setattr(cpp_backend, name, f)
+        try:
+            fused("cpp")()
+        finally:
+            for name, f in new.items():
+                setattr(cpp_backend, name, f)
+
+    def op(ops):
+        def step():
+            grad = ops.forward_with_grad.default(x3, target, inv_count, *hp)[2]
+            ops.scale_.default(grad, one)
+
+        return step
+
+    return {
+        "F.cross_entropy": ce,
+        "reference": fused("reference"),
+        "cpp": fused("cpp"),
+        "cpp op": op(torch.ops.drainage_fast),
+        "cpp (before)": fused_before,
+        "cpp op (before)": op(torch.ops.drainage_fast_before),
+    }
+
+
+def check_same_values(N, K):
+    """The new and the old kernel agree (the float64 test matrix checks the numbers themselves)."""
+    x3 = (torch.randn(N, 1, K) * 3)
+    target = torch.randint(0, K - 1, (N,))
+    args = (x3, target, torch.tensor([1.0 / N]), -2.3, 0.0, K - 1, -100)
+    new = torch.ops.drainage_fast.forward_with_grad.default(*args)
+    old = torch.ops.drainage_fast_before.forward_with_grad.default(*args)
+    for a, b in zip(new, old):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def time_per_call(step, number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        step()
+    return (time.perf_counter() - start) / number
+
+
+def measure(N, K, repeats):
+    steps = make_steps(N, K)
+    numbers = {}
+    for name, step in steps.items():  # warm-up, and calls per sample for >= ~20 ms per sample
+        step()
+        numbers[name] = max(1, round(0.02 / time_per_call(step, 1)))
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(time_per_call(step, numbers[name]))
+    return samples
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor()
+
+
+def machine() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg_1min_at_start": os.getloadavg()[0],
+    }
+
+
+def fmt_us(ms: float) -> str:
+    return f"{ms * 1e3:.0f}"
+
+
+def table(rows) -> str:
+    by = {(r["N"], r["K"], r["provider"]): r for r in rows}
+    shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    lines = [
+        "| shape (N, K) | F.cross_entropy µs | reference µs | cpp µs | cpp op µs | cpp (before) µs "
+        "| cpp op (before) µs | cpp vs F.ce before → after | cpp op vs F.ce before → after "
+        "| cpp vs reference before → after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for N, K in shapes:
+        t = {p: by[(N, K, p)]["min_ms"] for p in PROVIDERS}
+        ce, ref = t["F.cross_entropy"], t["reference"]
+        lines.append(
+            f"| ({N}, {K}) | {fmt_us(ce)} | {fmt_us(ref)} | {fmt_us(t['cpp'])} | {fmt_us(t['cpp op'])} "
+            f"| {fmt_us(t['cpp (before)'])} | {fmt_us(t['cpp op (before)'])} "
+            f"| {ce / t['cpp (before)']:.2f}x → **{ce / t['cpp']:.2f}x** "
+            f"| {ce / t['cpp op (before)']:.2f}x → **{ce / t['cpp op']:.2f}x** "
+            f"| {ref / t['cpp (before)']:.1f}x → **{ref / t['cpp']:.1f}x** |"
+        )
+    return "\n".join(lines)
+
+
+def median_table(rows) -> str:
+    by = {(r["N"], r["K"], r["provider"]): r for r in rows}
+    shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    lines = [
+        "| shape (N, K) | " + " | ".join(f"{p} µs" for p in PROVIDERS) + " | cpp vs F.ce (median) |",
+        "|---|" + "---:|" * (len(PROVIDERS) + 1),
+    ]
+    for N, K in shapes:
+        t = {p: by[(N, K, p)]["median_ms"] for p in PROVIDERS}
+        lines.append(
+            f"| ({N}, {K}) | " + " | ".join(fmt_us(t[p]) for p in PROVIDERS)
+            + f" | {t['F.cross_entropy'] / t['cpp']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows) -> str:
+    by = {(r["N"], r["K"], r["provider"]): r["min_ms"] for r in rows}
+    shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    lines = []
+    behind = [s for s in shapes if by[(*s, "cpp")] >= by[(*s, "F.cross_entropy")]]
+    behind_op = [s for s in shapes if by[(*s, "cpp op")] >= by[(*s, "F.cross_entropy")]]
+    lines.append(
+        "- `cpp` faster than F.cross_entropy at every shape (whole eager step): "
+        + ("**met**." if not behind else f"**NOT met** at {', '.join(map(str, behind))}.")
+    )
+    lines.append(
+        "- The kernels alone (`cpp op`) faster than F.cross_entropy's whole step at every shape: "
+        + ("**met**." if not behind_op else f"**NOT met** at {', '.join(map(str, behind_op))}.")
+    )
+    if (4096, 1001) in shapes:
+        ref = by[(4096, 1001, "reference")] / by[(4096, 1001, "cpp")]
+        lines.append(
+            f"- (4096, 1001): `cpp` is {ref:.1f}x the reference (goal >= 8x: **{'met' if ref >= 8 else 'NOT met'}**); "
+            f"against F.cross_entropy {by[(4096, 1001, 'F.cross_entropy')] / by[(4096, 1001, 'cpp')]:.2f}x, "
+            f"before {by[(4096, 1001, 'F.cross_entropy')] / by[(4096, 1001, 'cpp (before)')]:.2f}x."
+        )
+    lines.append(
+        "- `cpp` − `cpp op` is what the step costs beyond the kernels (the Python layer: argument checks, "
+        "the kept count, autograd, the loss's sum and division; and, for large outputs, the allocator "
+        "and first touch of the gradient kept for the backward): "
+        + ", ".join(f"{s}: {fmt_us(by[(*s, 'cpp')] - by[(*s, 'cpp op')])} µs" for s in shapes)
+        + "."
+    )
+    return "\n".join(lines)
+
+
+def write_report(out: Path) -> None:
+    data = json.loads((out / "cpu_vs_cross_entropy.json").read_text())
+    info, rows = data["machine"], data["rows"]
+    header = (
+        "# cpp vs F.cross_entropy on the CPU: fp32, forward + backward, reduction mean, 2 threads\n\n"
+        f"Machine: {info['cpu']} (`lscpu`), {info['logical_cpus']} logical CPUs, "
+        f"torch.set_num_threads({info['threads']}), torch {info['torch']}, Python {info['python']}. "
+        f"1-minute load average {info['loadavg_1min_at_start']:.2f} at the start, "
+        f"{info['loadavg_1min_at_end']:.2f} at the end (the machine is shared). {info['repeats']} rounds, "
+        "providers in turns; each sample averages enough calls to last >= 20 ms; the tables give the "
+        "min over the rounds (the median table below). `before` = the kernels of "
+        f"`{info['before_rev']}`, built and timed in the same process. Generated by "
+        "`benchmarks/cpu_vs_cross_entropy.py`; every sample is in the .json beside this file.\n\n"
+        "Ratios are F.cross_entropy's (or the reference's) time over ours: > 1 means `cpp` is faster. "
+        "`cpp` is the whole eager step `fused_drainage_loss(x, t).backward()`; `cpp op` the kernels "
+        "alone (`torch.ops.drainage_fast.forward_with_grad` + `scale_`).\n\n"
+    )
+    body = table(rows) + "\n\n" + summary(rows) + "\n\nMedians:\n\n" + median_table(rows) + "\n"
+    (out / "cpu_vs_cross_entropy.md").write_text(header + body)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--before-rev", default=BEFORE_REV)
+    parser.add_argument("--shapes", default=None, help="e.g. 8192x11,512x51 (default: the CPU table)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
+    args = parser.parse_args()
+    if args.report_only:
+        write_report(args.out)
+        return
+    shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    assert _ext.load_cpu() is None, _ext.load_cpu()
+    build_before(args.before_rev)
+    info = {**machine(), "repeats": args.repeats, "before_rev": args.before_rev}
+    rows = []
+    for N, K in shapes:
+        check_same_values(N, K)
+        samples = measure(N, K, args.repeats)
+        for name, s in samples.items():
+            rows.append(
+                {
+                    "N": N,
+                    "K": K,
+                    "dtype": "float32",
+                    "reduction": "mean",
+                    "provider": name,
+                    "min_ms": min(s) * 1e3,
+                    "median_ms": statistics.median(s) * 1e3,
+                    "samples_ms": [v * 1e3 for v in s],
+                }
+            )
+        print(table(rows).splitlines()[-1], flush=True)
+    info["loadavg_1min_at_end"] = os.getloadavg()[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cpu_vs_cross_entropy.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    write_report(args.out)
+
+
+if __name__ == "__main__":
+    main()
