@@ -18,7 +18,13 @@ from naive_loss import naive_drainage_loss
 from drainage_fast import fused_drainage_loss
 
 STEPS = {
-    "resnet50-b256-224px-K51": {"model": "resnet50", "batch": 256, "size": 224, "outputs": 51, "gpu_only": True},
+    "resnet50-b256-224px-K51": {
+        "model": "resnet50",
+        "batch": 256,
+        "size": 224,
+        "outputs": 51,
+        "gpu_only": True,
+    },
     "cnn8-b128-32px-K11": {"model": "cnn8", "batch": 128, "size": 32, "outputs": 11, "gpu_only": False},
 }
 LOSSES = {
@@ -55,7 +61,9 @@ def test_train_step(benchmark, step_name, loss_name, device, machine):
     fmt = torch.channels_last if on_gpu else torch.contiguous_format
     model = build_model(spec["model"], spec["outputs"]).to(device, memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=device).contiguous(memory_format=fmt)
+    images = torch.randn(spec["batch"], 3, spec["size"], spec["size"], device=device).contiguous(
+        memory_format=fmt
+    )
     target = torch.randint(0, spec["outputs"] - 1, (spec["batch"],), device=device)
     loss_fn = LOSSES[loss_name]
 
@@ -71,14 +79,23 @@ def test_train_step(benchmark, step_name, loss_name, device, machine):
     for _ in range(3):
         step()
     # The loss alone, on logits of the step's shape and dtype.
-    logits = torch.randn(spec["batch"], spec["outputs"], device=device,
-                         dtype=torch.bfloat16 if on_gpu else torch.float32, requires_grad=True)
+    logits = torch.randn(
+        spec["batch"],
+        spec["outputs"],
+        device=device,
+        dtype=torch.bfloat16 if on_gpu else torch.float32,
+        requires_grad=True,
+    )
     loss_alone = _median_seconds(lambda: torch.autograd.grad(loss_fn(logits, target), logits), device, 50)
     step_time = _median_seconds(step, device, 10 if on_gpu else 3)
 
     benchmark.group = f"train-step-{step_name}"
     benchmark.extra_info.update(
-        machine, step=step_name, loss=loss_name, images_per_s=spec["batch"] / step_time,
-        loss_share=loss_alone / step_time, loss_us=loss_alone * 1e6,
+        machine,
+        step=step_name,
+        loss=loss_name,
+        images_per_s=spec["batch"] / step_time,
+        loss_share=loss_alone / step_time,
+        loss_us=loss_alone * 1e6,
     )
     benchmark.pedantic(step, rounds=10 if on_gpu else 3, warmup_rounds=1, iterations=1)

@@ -34,13 +34,23 @@ def test_loss(benchmark, provider, case, device, copy_bandwidth, machine):
     one = time.perf_counter() - t0
     rounds = int(min(200, max(5, TARGET_SECONDS / max(one, 1e-6))))
 
-    info = dict(machine, provider=provider, N=case.N, K=case.K, dtype=str(case.dtype), mode=case.mode,
-                bytes=case.bytes(), copy_GBps=copy_bandwidth)
+    info = dict(
+        machine,
+        provider=provider,
+        N=case.N,
+        K=case.K,
+        dtype=str(case.dtype),
+        mode=case.mode,
+        bytes=case.bytes(),
+        copy_GBps=copy_bandwidth,
+    )
     if device.type == "cuda":
-        info.update(device_us=measure.device_us(step, inputs, device, REPS),
-                    host_us=measure.host_us(step, inputs, device, REPS),
-                    kernels=measure.kernel_count(step, inputs, device),
-                    peak_mem_MB=measure.peak_memory_mb(step, inputs, device))
+        info.update(
+            device_us=measure.device_us(step, inputs, device, REPS),
+            host_us=measure.host_us(step, inputs, device, REPS),
+            kernels=measure.kernel_count(step, inputs, device),
+            peak_mem_MB=measure.peak_memory_mb(step, inputs, device),
+        )
     benchmark.group = case.group
     benchmark.extra_info.update(info)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2, iterations=1)

@@ -17,7 +17,9 @@ from providers import providers_for
 
 
 def pytest_addoption(parser):
-    parser.addoption("--suite", default="auto", choices=["auto", "cpu", "gpu"], help="which shapes and device")
+    parser.addoption(
+        "--suite", default="auto", choices=["auto", "cpu", "gpu"], help="which shapes and device"
+    )
     parser.addoption("--providers", default="", help="comma-separated provider names to keep (default: all)")
 
 

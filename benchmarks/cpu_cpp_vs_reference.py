@@ -43,7 +43,9 @@ def make_step(N, K, dtype, reduction, backend, fused):
     upstream = torch.rand(N) + 0.5
 
     def step():
-        loss = fused_drainage_loss(x, target, alpha=0.1, reduction=reduction, backend=backend, _fuse_grad=fused)
+        loss = fused_drainage_loss(
+            x, target, alpha=0.1, reduction=reduction, backend=backend, _fuse_grad=fused
+        )
         loss.backward(upstream if reduction == "none" else None)
         x.grad = None
 

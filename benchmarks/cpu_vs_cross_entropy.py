@@ -1,6 +1,7 @@
 """Backend "cpp" against F.cross_entropy (and the pure-PyTorch reference) on the CPU, fp32, 2 threads.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cpu_vs_cross_entropy.py [--repeats 15] [--before-rev REV] [--out DIR]
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_vs_cross_entropy.py \
+        [--repeats 15] [--before-rev REV] [--out DIR]
 
 One training step of the loss on (N, K) fp32 logits that require grad, reduction "mean", forward +
 backward, at the shapes of the CPU table of issue 11. Providers, measured in turns (one sample of
@@ -101,7 +102,12 @@ def before_functions() -> dict:
         ops.scale_.default(grad, scale)
         return grad
 
-    return {"forward": forward, "backward": backward, "forward_with_grad": forward_with_grad, "scale_": scale_}
+    return {
+        "forward": forward,
+        "backward": backward,
+        "forward_with_grad": forward_with_grad,
+        "scale_": scale_,
+    }
 
 
 def make_steps(N, K):
@@ -110,8 +116,15 @@ def make_steps(N, K):
     x3 = x.detach().view(N, 1, K)
     inv_count = torch.tensor([1.0 / N])
     one = torch.ones(())
-    hp = (float(torch.log(torch.tensor(ALPHA))), 0.0, K - 1, -100)  # log_alpha, log_beta (beta = 1), d, ignore
-    new = {name: getattr(cpp_backend, name) for name in ("forward", "backward", "forward_with_grad", "scale_")}
+    hp = (
+        float(torch.log(torch.tensor(ALPHA))),
+        0.0,
+        K - 1,
+        -100,
+    )  # log_alpha, log_beta (beta = 1), d, ignore
+    new = {
+        name: getattr(cpp_backend, name) for name in ("forward", "backward", "forward_with_grad", "scale_")
+    }
     old = before_functions()
 
     def ce():
@@ -153,7 +166,7 @@ def make_steps(N, K):
 
 def check_same_values(N, K):
     """The new and the old kernel agree (the float64 test matrix checks the numbers themselves)."""
-    x3 = (torch.randn(N, 1, K) * 3)
+    x3 = torch.randn(N, 1, K) * 3
     target = torch.randint(0, K - 1, (N,))
     args = (x3, target, torch.tensor([1.0 / N]), -2.3, 0.0, K - 1, -100)
     new = torch.ops.drainage_fast.forward_with_grad.default(*args)
@@ -240,7 +253,8 @@ def median_table(rows) -> str:
     for N, K in shapes:
         t = {p: by[(N, K, p)]["median_ms"] for p in PROVIDERS}
         lines.append(
-            f"| ({N}, {K}) | " + " | ".join(fmt_us(t[p]) for p in PROVIDERS)
+            f"| ({N}, {K}) | "
+            + " | ".join(fmt_us(t[p]) for p in PROVIDERS)
             + f" | {t['F.cross_entropy'] / t['cpp']:.2f}x |"
         )
     return "\n".join(lines)
@@ -263,7 +277,8 @@ def summary(rows) -> str:
     if (4096, 1001) in shapes:
         ref = by[(4096, 1001, "reference")] / by[(4096, 1001, "cpp")]
         lines.append(
-            f"- (4096, 1001): `cpp` is {ref:.1f}x the reference (goal >= 8x: **{'met' if ref >= 8 else 'NOT met'}**); "
+            f"- (4096, 1001): `cpp` is {ref:.1f}x the reference "
+            f"(goal >= 8x: **{'met' if ref >= 8 else 'NOT met'}**); "
             f"against F.cross_entropy {by[(4096, 1001, 'F.cross_entropy')] / by[(4096, 1001, 'cpp')]:.2f}x, "
             f"before {by[(4096, 1001, 'F.cross_entropy')] / by[(4096, 1001, 'cpp (before)')]:.2f}x."
         )
@@ -309,7 +324,9 @@ def main():
     if args.report_only:
         write_report(args.out)
         return
-    shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    shapes = (
+        SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    )
     torch.set_num_threads(2)
     torch.manual_seed(0)
     assert _ext.load_cpu() is None, _ext.load_cpu()

@@ -1,6 +1,6 @@
 """Training-loader throughput on the CPU: the DALI CPU pipeline vs the torch DataLoader path, same work.
 
-    .venv/bin/python benchmarks/dali_vs_dataloader.py            # writes benchmarks/results/dali_vs_dataloader.{json,md}
+    .venv/bin/python benchmarks/dali_vs_dataloader.py  # writes benchmarks/results/dali_vs_dataloader.*
 
 Work per image, both loaders: JPEG decode, random-resized-crop to 224 x 224 (area 8-100%, aspect 3/4-4/3),
 random horizontal flip, ImageNet normalisation, delivered as float32 (B, 3, 224, 224) batches of 64 the
@@ -65,14 +65,24 @@ def build(kind: str, images: ImageList, workers: int):
         spec = PipelineSpec(crop=CROP, resize=256, decode_device="cpu", device_id=None, threads=workers)
         loader = DaliTrainLoader(images, BATCH, spec, seed=0, rank=0, world_size=1)
     else:
-        loader = TorchTrainLoader(images, TrainTransform(CROP), BATCH, seed=0, rank=0, world_size=1, workers=workers,
-                                  pin_memory=False)
+        loader = TorchTrainLoader(
+            images,
+            TrainTransform(CROP),
+            BATCH,
+            seed=0,
+            rank=0,
+            world_size=1,
+            workers=workers,
+            pin_memory=False,
+        )
     return loader, Loaders(kind, loader, {}, torch.float32, False, cpu, normalise=kind == "torch")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=Path, default=Path("/tmp/drainage_fast_loader_bench"), help="JPEG folder (cached)")
+    p.add_argument(
+        "--images", type=Path, default=Path("/tmp/drainage_fast_loader_bench"), help="JPEG folder (cached)"
+    )
     p.add_argument("--count", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (after one warm-up)")
     p.add_argument("--workers", type=int, default=2, help="DALI threads / DataLoader workers")
@@ -95,11 +105,20 @@ def main() -> int:
     median = {kind: statistics.median(r) for kind, r in rates.items()}
     result = {
         "work": "decode + random-resized-crop 224 + flip + normalise -> float32 NCHW batch",
-        "images": args.count, "image_side_px": [300, 500], "dataset_mb": round(megabytes, 1), "batch": BATCH,
-        "workers": args.workers, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "processor": platform.processor(), "torch": torch.__version__, "loadavg_1min_start_end": load,
+        "images": args.count,
+        "image_side_px": [300, 500],
+        "dataset_mb": round(megabytes, 1),
+        "batch": BATCH,
+        "workers": args.workers,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "loadavg_1min_start_end": load,
         "dali": __import__("nvidia.dali", fromlist=["__version__"]).__version__,
-        "images_per_s": rates, "median_images_per_s": median, "dali_over_dataloader": median["dali"] / median["torch"],
+        "images_per_s": rates,
+        "median_images_per_s": median,
+        "dali_over_dataloader": median["dali"] / median["torch"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "dali_vs_dataloader.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -110,17 +129,25 @@ def main() -> int:
 
 def markdown(r: dict) -> str:
     rows = "\n".join(
-        f"| {name} | {r['median_images_per_s'][kind]:.0f} | {', '.join(f'{v:.0f}' for v in r['images_per_s'][kind])} |"
-        for kind, name in (("dali", f"DALI {r['dali']} CPU pipeline, {r['workers']} threads"),
-                           ("torch", f"torch DataLoader + PIL, {r['workers']} workers")))
-    return (f"# Training loader throughput on {r['cpu_count']} CPU cores\n\n"
-            f"{r['work']}; {r['images']} generated JPEGs of {r['image_side_px'][0]}-{r['image_side_px'][1]} px "
-            f"({r['dataset_mb']} MB), batch {r['batch']}. `benchmarks/dali_vs_dataloader.py`, torch {r['torch']}, "
-            f"{r['platform']}.\n\n"
-            f"| loader | images/s (median) | per timed epoch |\n|---|---|---|\n{rows}\n\n"
-            f"**DALI / DataLoader: {r['dali_over_dataloader']:.2f}x** (goal >= 2x). 1-minute load average "
-            f"{r['loadavg_1min_start_end'][0]:.1f} at the start and {r['loadavg_1min_start_end'][1]:.1f} at the end "
-            f"(other processes shared the machine; the loaders alternate epochs so both saw it).\n")
+        f"| {name} | {r['median_images_per_s'][kind]:.0f} "
+        f"| {', '.join(f'{v:.0f}' for v in r['images_per_s'][kind])} |"
+        for kind, name in (
+            ("dali", f"DALI {r['dali']} CPU pipeline, {r['workers']} threads"),
+            ("torch", f"torch DataLoader + PIL, {r['workers']} workers"),
+        )
+    )
+    return (
+        f"# Training loader throughput on {r['cpu_count']} CPU cores\n\n"
+        f"{r['work']}; {r['images']} generated JPEGs of {r['image_side_px'][0]}-{r['image_side_px'][1]} px "
+        f"({r['dataset_mb']} MB), batch {r['batch']}. `benchmarks/dali_vs_dataloader.py`, "
+        f"torch {r['torch']}, "
+        f"{r['platform']}.\n\n"
+        f"| loader | images/s (median) | per timed epoch |\n|---|---|---|\n{rows}\n\n"
+        f"**DALI / DataLoader: {r['dali_over_dataloader']:.2f}x** (goal >= 2x). 1-minute load average "
+        f"{r['loadavg_1min_start_end'][0]:.1f} at the start and "
+        f"{r['loadavg_1min_start_end'][1]:.1f} at the end "
+        f"(other processes shared the machine; the loaders alternate epochs so both saw it).\n"
+    )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,7 @@ def markdown(r: dict) -> str:
             "beyond its inputs."
         ),
         "",
-        "| case | dtype | provider | µs | GB/s | % of copy | graph µs | wall µs | kernels | peak MB "
-        "| note |",
+        "| case | dtype | provider | µs | GB/s | % of copy | graph µs | wall µs | kernels | peak MB | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in timings["cells"]:

@@ -1,6 +1,6 @@
 """ResNet-50 training throughput on one GPU: the model step alone (synthetic data) and fed by the loaders.
 
-    python benchmarks/gpu_resnet50_step.py        # on a GPU machine; writes benchmarks/results/gpu_resnet50_step.{json,md}
+    python benchmarks/gpu_resnet50_step.py   # on a GPU; writes benchmarks/results/gpu_resnet50_step.{json,md}
 
 Step: train/resnet.py ResNet-50 with 1001 outputs (1000 classes + the drainage node), the fused Drainage
 loss (alpha 0.1), SGD nesterov, gradient-norm clip 5.0, bf16 autocast, channels_last, batch 256, 224 px:
@@ -109,15 +109,29 @@ def fed(kind, device, images, batch, size, steps, warmup, workers) -> dict:
     if kind == "dali":
         from train.scale.dali_pipeline import DaliTrainLoader, PipelineSpec
 
-        spec = PipelineSpec(crop=size, resize=round(size * 256 / 224), decode_device="mixed",
-                            device_id=device.index or 0, threads=workers, fp16=True)
+        spec = PipelineSpec(
+            crop=size,
+            resize=round(size * 256 / 224),
+            decode_device="mixed",
+            device_id=device.index or 0,
+            threads=workers,
+            fp16=True,
+        )
         loader = DaliTrainLoader(images, batch, spec, seed=0, rank=0, world_size=1)
     else:
         from train.scale.torch_loader import TorchTrainLoader
         from train.scale.transforms import TrainTransform
 
-        loader = TorchTrainLoader(images, TrainTransform(size), batch, seed=0, rank=0, world_size=1, workers=workers,
-                                  pin_memory=True)
+        loader = TorchTrainLoader(
+            images,
+            TrainTransform(size),
+            batch,
+            seed=0,
+            rank=0,
+            world_size=1,
+            workers=workers,
+            pin_memory=True,
+        )
     feed = Loaders(kind, loader, {}, input_dtype(device), True, device, normalise=kind == "torch")
     step = Step(device, compile_model=False)
     done, wait, start, epoch = 0, 0.0, None, 0
@@ -176,6 +190,7 @@ def loss_alone_us(loss: str, device, batch: int, outputs: int, reps: int) -> flo
 def run_short(args, device) -> dict:
     results = {}
     for loss in LOSS_PARAMS:
+
         def one(loss=loss):
             step = synthetic(Step(device, False, SHORT_OUTPUTS, loss), args)
             us = loss_alone_us(loss, device, args.batch, SHORT_OUTPUTS, reps=max(args.steps, 5))
@@ -199,52 +214,86 @@ def run_all(args, device) -> dict:
         return results
     with tempfile.TemporaryDirectory() as tmp:
         images = jpeg_set(args.images, Path(tmp))
-        attempt(results, "torch_loader", lambda: fed("torch", device, images, args.batch, args.size,
-                                                      args.steps, args.warmup, args.workers))
+        attempt(
+            results,
+            "torch_loader",
+            lambda: fed(
+                "torch", device, images, args.batch, args.size, args.steps, args.warmup, args.workers
+            ),
+        )
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
             results["dali_mixed"] = {"skipped": "NVIDIA DALI is not installed"}
         else:
             if device.type == "cuda":
-                attempt(results, "dali_mixed", lambda: fed("dali", device, images, args.batch, args.size,
-                                                           args.steps, args.warmup, args.workers))
+                attempt(
+                    results,
+                    "dali_mixed",
+                    lambda: fed(
+                        "dali", device, images, args.batch, args.size, args.steps, args.warmup, args.workers
+                    ),
+                )
             else:
                 results["dali_mixed"] = {"skipped": "no GPU"}
     return results
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# ResNet-50 training step on {r['device_name']}", "",
-             (f"bf16 autocast, channels_last, batch {r['batch']}, {r['size']} px, fused Drainage loss (1000 + 1 "
-              f"outputs), SGD nesterov, clip 5.0; torch {r['torch']}, {r['steps']} timed steps after {r['warmup']}. "
-              f"`benchmarks/gpu_resnet50_step.py`."), "", "| measurement | images/s | notes |", "|---|---|---|"]
+    lines = [
+        f"# ResNet-50 training step on {r['device_name']}",
+        "",
+        (
+            f"bf16 autocast, channels_last, batch {r['batch']}, {r['size']} px, "
+            f"fused Drainage loss (1000 + 1 "
+            f"outputs), SGD nesterov, clip 5.0; torch {r['torch']}, "
+            f"{r['steps']} timed steps after {r['warmup']}. "
+            f"`benchmarks/gpu_resnet50_step.py`."
+        ),
+        "",
+        "| measurement | images/s | notes |",
+        "|---|---|---|",
+    ]
     for name, v in r["results"].items():
         if "images_per_s" in v:
-            notes = f"step {v['step_ms']:.1f} ms" if "step_ms" in v else \
-                f"data wait {v['data_wait_frac']:.0%}, {v['workers']} workers"
+            notes = (
+                f"step {v['step_ms']:.1f} ms"
+                if "step_ms" in v
+                else f"data wait {v['data_wait_frac']:.0%}, {v['workers']} workers"
+            )
             lines.append(f"| {name} | {v['images_per_s']:.0f} | {notes} |")
         else:
             lines.append(f"| {name} | - | {v.get('skipped') or v.get('error')} |")
-    lines += ["", "Anchors: A100 about 2,470 img/s (NVIDIA RN50, AMP, real data); goal >= 3,000 img/s on one H100."]
+    lines += [
+        "",
+        "Anchors: A100 about 2,470 img/s (NVIDIA RN50, AMP, real data); goal >= 3,000 img/s on one H100.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def markdown_short(r: dict) -> str:
-    lines = [f"# ResNet-50 step, fused Drainage loss vs cross-entropy, on {r['device_name']}", "",
-             (f"bf16 autocast, channels_last, batch {r['batch']}, {r['size']} px, K = {SHORT_OUTPUTS} "
-              f"outputs, eager, SGD nesterov, clip 5.0; torch {r['torch']}, {r['steps']} timed steps after "
-              f"{r['warmup']}. "
-              "Loss alone: its forward + backward on the step's (batch, K) logits, median of CUDA events. "
-              "`benchmarks/gpu_resnet50_step.py --short`."),
-             "", "| loss | images/s | step ms | loss fwd+bwd µs | loss share of the step |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# ResNet-50 step, fused Drainage loss vs cross-entropy, on {r['device_name']}",
+        "",
+        (
+            f"bf16 autocast, channels_last, batch {r['batch']}, {r['size']} px, K = {SHORT_OUTPUTS} "
+            f"outputs, eager, SGD nesterov, clip 5.0; torch {r['torch']}, {r['steps']} timed steps after "
+            f"{r['warmup']}. "
+            "Loss alone: its forward + backward on the step's (batch, K) logits, median of CUDA events. "
+            "`benchmarks/gpu_resnet50_step.py --short`."
+        ),
+        "",
+        "| loss | images/s | step ms | loss fwd+bwd µs | loss share of the step |",
+        "|---|---|---|---|---|",
+    ]
     for name, v in r["results"].items():
         if "error" in v:
             lines.append(f"| {name} | - | - | - | {v['error']} |")
         else:
-            lines.append(f"| {name} | {v['images_per_s']:.0f} | {v['step_ms']:.1f} | {v['loss_us']:.0f} | "
-                         f"{v['loss_share']:.2%} |")
+            lines.append(
+                f"| {name} | {v['images_per_s']:.0f} | {v['step_ms']:.1f} | {v['loss_us']:.0f} | "
+                f"{v['loss_share']:.2%} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -257,10 +306,15 @@ def main() -> int:
     p.add_argument("--images", type=int, default=2048, help="generated JPEGs for the loader measurements")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--allow-cpu", action="store_true", help="run on the CPU (a functional check, not a measurement)")
+    p.add_argument(
+        "--allow-cpu", action="store_true", help="run on the CPU (a functional check, not a measurement)"
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--short", action="store_true",
-                   help=f"only the eager synthetic step, K = {SHORT_OUTPUTS}, Drainage vs cross-entropy")
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help=f"only the eager synthetic step, K = {SHORT_OUTPUTS}, Drainage vs cross-entropy",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("no CUDA GPU: nothing to measure (pass --allow-cpu for a functional check)", file=sys.stderr)
@@ -269,9 +323,16 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     report = {
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
-        "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "batch": args.batch, "size": args.size, "steps": args.steps, "warmup": args.warmup,
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "CPU",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "batch": args.batch,
+        "size": args.size,
+        "steps": args.steps,
+        "warmup": args.warmup,
         "results": run_short(args, device) if args.short else run_all(args, device),
     }
     stem = "gpu_resnet50_short" if args.short else "gpu_resnet50_step"

@@ -22,7 +22,9 @@ ALPHA = 0.1  # the paper's CIFAR-100 / WebVision value; any alpha costs the same
 
 def _fused(backend: str, fused_grad: bool = True):
     def loss(x, t, reduction):
-        return fused_drainage_loss(x, t, alpha=ALPHA, reduction=reduction, backend=backend, _fuse_grad=fused_grad)
+        return fused_drainage_loss(
+            x, t, alpha=ALPHA, reduction=reduction, backend=backend, _fuse_grad=fused_grad
+        )
 
     return loss
 
@@ -102,13 +104,16 @@ def make_step(loss: Callable, mode: str) -> Callable:
     """One unit of work: the forward (no autograd graph), or forward + backward through autograd.grad
     (no accumulation into .grad, so each call does the same work)."""
     if mode == "fwd":
+
         def step(x, t, up):
             with torch.no_grad():
                 return loss(x, t, "mean")
     elif mode == "fwd+bwd":
+
         def step(x, t, up):
             return torch.autograd.grad(loss(x, t, "mean"), x)
     elif mode == "fwd+bwd-none":
+
         def step(x, t, up):
             return torch.autograd.grad(loss(x, t, "none"), x, grad_outputs=up)
     else:

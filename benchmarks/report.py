@@ -34,11 +34,15 @@ def load(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def step_table(rows: list[dict]) -> list[str]:
-    lines = ["| training step | loss | median ms | images/s | loss fwd+bwd µs | loss share of the step |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| training step | loss | median ms | images/s | loss fwd+bwd µs | loss share of the step |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["step"], r["loss"])):
-        lines.append(f"| {r['step']} | {r['loss']} | {r['median_ms']:.1f} | {r['images_per_s']:.0f} | "
-                     f"{r['loss_us']:.0f} | {100 * r['loss_share']:.2f}% |")
+        lines.append(
+            f"| {r['step']} | {r['loss']} | {r['median_ms']:.1f} | {r['images_per_s']:.0f} | "
+            f"{r['loss_us']:.0f} | {100 * r['loss_share']:.2f}% |"
+        )
     return lines
 
 
@@ -57,7 +61,8 @@ def summary_table(rows: list[dict]) -> list[str]:
     present = [b for b in BASELINES if any(b in p for p in by_shape.values())]
     lines = [
         "| N × K | fastest drainage_fast | median µs | GB/s | % of copy | "
-        + " | ".join(f"× vs {b}" for b in present) + " | peak MB (ours / naive) |",
+        + " | ".join(f"× vs {b}" for b in present)
+        + " | peak MB (ours / naive) |",
         "|---" * (5 + len(present) + 1) + "|",
     ]
     for (N, K), providers in sorted(by_shape.items()):
@@ -66,12 +71,14 @@ def summary_table(rows: list[dict]) -> list[str]:
             continue
         best = min(ours, key=lambda r: r["median_us"])
         ratios = [
-            fmt(providers[b]["median_us"] / best["median_us"], ".2f") if b in providers else "–" for b in present
+            fmt(providers[b]["median_us"] / best["median_us"], ".2f") if b in providers else "–"
+            for b in present
         ]
         naive_mem = providers.get("naive", {}).get("peak_mem_MB")
         lines.append(
             f"| {N} × {K} | {best['provider']} | {best['median_us']:.1f} | {best['GBps']:.1f} | "
-            f"{100 * best['GBps'] / best['copy_GBps']:.0f}% | " + " | ".join(ratios)
+            f"{100 * best['GBps'] / best['copy_GBps']:.0f}% | "
+            + " | ".join(ratios)
             + f" | {fmt(best.get('peak_mem_MB'))} / {fmt(naive_mem)} |"
         )
     return lines
@@ -85,7 +92,8 @@ def raw_table(rows: list[dict]) -> list[str]:
     for r in sorted(rows, key=lambda r: (r["N"] * r["K"], r["K"], r["median_us"])):
         lines.append(
             f"| {r['N']} × {r['K']} | {r['provider']} | {r['median_us']:.1f} | {r['GBps']:.1f} | "
-            f"{100 * r['GBps'] / r['copy_GBps']:.0f}% | {fmt(r.get('device_us'))} | {fmt(r.get('host_us'))} | "
+            f"{100 * r['GBps'] / r['copy_GBps']:.0f}% | {fmt(r.get('device_us'))} "
+            f"| {fmt(r.get('host_us'))} | "
             f"{fmt(r.get('kernels'), 'd')} | {fmt(r.get('peak_mem_MB'))} |"
         )
     return lines

@@ -51,8 +51,13 @@ def fused_drainage_loss(
             first-order only, use drainage_loss_reference for those.
     """
     hp = check_inputs(
-        logits, target, alpha=alpha, beta=beta, drainage_idx=drainage_idx,
-        reduction=reduction, ignore_index=ignore_index,
+        logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        drainage_idx=drainage_idx,
+        reduction=reduction,
+        ignore_index=ignore_index,
     )
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(logits):
         raise RuntimeError(HIGHER_ORDER_MESSAGE)  # torch.func.grad / vmap / jacrev: see the message
@@ -89,8 +94,14 @@ class DrainageLoss(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return fused_drainage_loss(
-            logits, target, alpha=self.alpha, beta=self.beta, drainage_idx=self.drainage_idx,
-            reduction=self.reduction, ignore_index=self.ignore_index, backend=self.backend,
+            logits,
+            target,
+            alpha=self.alpha,
+            beta=self.beta,
+            drainage_idx=self.drainage_idx,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

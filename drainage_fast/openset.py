@@ -41,7 +41,7 @@ def open_set_scores(logits: torch.Tensor, drainage_idx: int | None = -1) -> dict
         classes = logits
     else:
         d = drainage_idx % logits.shape[1]
-        classes = torch.cat([logits[:, :d], logits[:, d + 1:]], dim=1)
+        classes = torch.cat([logits[:, :d], logits[:, d + 1 :]], dim=1)
     out = {
         "msp": 1.0 - classes.softmax(dim=1).amax(dim=1),
         "max_logit": -classes.amax(dim=1),
@@ -93,8 +93,9 @@ def open_set_metrics(outlier_known, outlier_unknown, *, correct=None) -> dict[st
 
     known, unknown = _np(outlier_known), _np(outlier_unknown)
     if len(known) == 0 or len(unknown) == 0:
-        raise ValueError(f"open_set_metrics needs known and unknown samples, got {len(known)} and "
-                         f"{len(unknown)}")
+        raise ValueError(
+            f"open_set_metrics needs known and unknown samples, got {len(known)} and {len(unknown)}"
+        )
     is_unknown = np.r_[np.zeros(len(known)), np.ones(len(unknown))]
     scores = np.r_[known, unknown]
     out = {

@@ -79,8 +79,13 @@ def drainage_loss_reference(
         ValueError / IndexError: naming the bad argument (see check_inputs).
     """
     hp = check_inputs(
-        logits, target, alpha=alpha, beta=beta, drainage_idx=drainage_idx,
-        reduction=reduction, ignore_index=ignore_index,
+        logits,
+        target,
+        alpha=alpha,
+        beta=beta,
+        drainage_idx=drainage_idx,
+        reduction=reduction,
+        ignore_index=ignore_index,
     )
     if logits.device.type != "cpu" or torch.compiler.is_compiling():
         check_targets_torch(target, logits.shape[1], hp)  # on the device: no host sync

@@ -100,7 +100,10 @@ def _triton_variants(launch):
             )
         grad = torch.zeros(3, 5000, dtype=dtype)
         variants.append(
-            (f"{dtype_name} scale_", lambda g=grad, d=stats_dtype: launch.scale_(g, torch.ones(1, dtype=d), None))
+            (
+                f"{dtype_name} scale_",
+                lambda g=grad, d=stats_dtype: launch.scale_(g, torch.ones(1, dtype=d), None),
+            )
         )
     for index_dtype in ("int32", "int64"):
         t = torch.zeros(10, dtype=getattr(torch, index_dtype))
@@ -108,7 +111,9 @@ def _triton_variants(launch):
             variants.append(
                 (
                     f"{index_dtype} targets{' count' if count else ''}",
-                    lambda t=t, c=count: launch._launch_targets(t, 5, hp, torch.zeros(2, dtype=torch.int32), c),
+                    lambda t=t, c=count: launch._launch_targets(
+                        t, 5, hp, torch.zeros(2, dtype=torch.int32), c
+                    ),
                 )
             )
     return variants
@@ -158,7 +163,9 @@ def loop_structure(sass: list[tuple[int, str]]) -> dict | None:
     if not loops:
         return None
     outer = max(loops, key=lambda loop: loop[1] - loop[0])
-    inner = sorted(loop for loop in loops if loop is not outer and outer[0] <= loop[0] and loop[1] <= outer[1])
+    inner = sorted(
+        loop for loop in loops if loop is not outer and outer[0] <= loop[0] and loop[1] <= outer[1]
+    )
     return {"outer": outer[2], "inner": [[body, u] for _, _, body, u in inner]}
 
 
@@ -416,7 +423,8 @@ LAYOUT_NAMES = {"0": "columns", "1": "tile", "2": "stream"}
 def table(rows: list[dict]) -> str:
     """Markdown: one line per compiled kernel."""
     lines = [
-        "| arch | kernel | config | warps | registers | spill bytes | SASS | instr/elem at max K | variants |",
+        "| arch | kernel | config | warps | registers | spill bytes | SASS | instr/elem at max K "
+        "| variants |",
         "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:

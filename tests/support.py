@@ -63,8 +63,8 @@ def assert_loss_close(loss, ref, logits, alpha, beta):
 
 def assert_grad_close(grad, ref, logits, alpha, beta, roundings=1):
     """Gradient in the input dtype: `roundings` roundings to it (1, or 2 when the forward-written
-    gradient is scaled again in the backward by an upstream gradient != 1) plus the compute error, which is relative to the
-    largest entry of the row because g_d is a difference of two terms."""
+    gradient is scaled again in the backward by an upstream gradient != 1) plus the compute error,
+    which is relative to the largest entry of the row because g_d is a difference of two terms."""
     u_in = rounding_error(grad.dtype)
     u = compute_roundoff(logits.dtype)
     E = exponent_scale(logits, alpha, beta)

@@ -4,11 +4,16 @@ import math
 
 import pytest
 import torch
+from support import BACKENDS, DEVICE, random_targets
 
 import drainage_fast
-from drainage_fast import DrainageLoss, available_backends, drainage_loss_reference, fused_drainage_loss
-from drainage_fast import backends
-from support import BACKENDS, DEVICE, random_targets
+from drainage_fast import (
+    DrainageLoss,
+    available_backends,
+    backends,
+    drainage_loss_reference,
+    fused_drainage_loss,
+)
 
 LOSSES = [fused_drainage_loss, drainage_loss_reference]
 
@@ -41,11 +46,24 @@ BAD_INPUTS = [
     ({}, lambda x, t: (x, t[:, None]), ValueError, ["target", "shape", "(4, 1)"]),
     ({}, lambda x, t: (x.tolist(), t), ValueError, ["logits", "list"]),
     ({}, lambda x, t: (x, t.to("meta")), ValueError, ["target", "meta"]),
-    ({}, lambda x, t: (x, torch.where(t == 0, 7, t).index_fill(0, torch.tensor([0], device=t.device), 7)),
-     IndexError, ["target", "7", "[0, 5)"]),
-    ({}, lambda x, t: (x, t.index_fill(0, torch.tensor([1], device=t.device), -1)), IndexError, ["target", "-1"]),
-    ({}, lambda x, t: (x, t.index_fill(0, torch.tensor([2], device=t.device), 4)), IndexError,
-     ["target", "4", "drainage_idx"]),
+    (
+        {},
+        lambda x, t: (x, torch.where(t == 0, 7, t).index_fill(0, torch.tensor([0], device=t.device), 7)),
+        IndexError,
+        ["target", "7", "[0, 5)"],
+    ),
+    (
+        {},
+        lambda x, t: (x, t.index_fill(0, torch.tensor([1], device=t.device), -1)),
+        IndexError,
+        ["target", "-1"],
+    ),
+    (
+        {},
+        lambda x, t: (x, t.index_fill(0, torch.tensor([2], device=t.device), 4)),
+        IndexError,
+        ["target", "4", "drainage_idx"],
+    ),
 ]
 
 
@@ -124,7 +142,10 @@ def test_default_beta_is_one_over_alpha():
 
 def test_public_names():
     assert set(drainage_fast.__all__) == {
-        "DrainageLoss", "available_backends", "drainage_loss_reference", "fused_drainage_loss"
+        "DrainageLoss",
+        "available_backends",
+        "drainage_loss_reference",
+        "fused_drainage_loss",
     }
     assert math.isfinite(fused_drainage_loss(*good_inputs()).item())
 

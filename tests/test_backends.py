@@ -41,7 +41,9 @@ def run_both(
     (loss.sum().backward(), the plain training call).
     """
     x = base.detach().clone().requires_grad_()
-    loss = fused_drainage_loss(view(x), target, backend=backend, reduction=reduction, _fuse_grad=fuse_grad, **hp)
+    loss = fused_drainage_loss(
+        view(x), target, backend=backend, reduction=reduction, _fuse_grad=fuse_grad, **hp
+    )
     x64 = base.detach().double().requires_grad_()
     ref = drainage_loss_reference(view(x64), target, reduction=reduction, **hp)
     if upstream == "one":
@@ -78,8 +80,9 @@ def test_matches_oracle(backend, K, dtype):
 def test_drainage_idx_and_hyper_parameters(backend, drainage_idx, alpha, beta):
     logits = torch.randn(40, 11, device=DEVICE) * 2
     target = random_targets(40, 11, drainage_idx)
-    out = run_both(logits, target, backend=backend, reduction="mean", alpha=alpha, beta=beta,
-                   drainage_idx=drainage_idx)
+    out = run_both(
+        logits, target, backend=backend, reduction="mean", alpha=alpha, beta=beta, drainage_idx=drainage_idx
+    )
     check(*out, logits, alpha, beta)
 
 
@@ -223,9 +226,21 @@ INF = float("inf")
 # infinity at t, d or in J. The oracle's answers: +inf in J gives loss inf and a nan gradient;
 # -inf at t (or d) gives loss inf and the finite limit gradient; +inf at t gives a finite loss.
 INFINITY_ROWS = [
-    [], [(2, INF)], [(2, INF), (3, INF)], [(0, -INF)], [(0, INF)], [(6, -INF)], [(6, INF)],
-    [(0, -INF), (6, -INF)], [(0, INF), (2, INF)], [(0, -INF), (2, INF)], [(2, -INF), (3, -INF)],
-    [(6, INF), (2, INF)], [(0, INF), (6, INF)], [(0, -INF), (6, INF)], [(0, INF), (6, -INF)],
+    [],
+    [(2, INF)],
+    [(2, INF), (3, INF)],
+    [(0, -INF)],
+    [(0, INF)],
+    [(6, -INF)],
+    [(6, INF)],
+    [(0, -INF), (6, -INF)],
+    [(0, INF), (2, INF)],
+    [(0, -INF), (2, INF)],
+    [(2, -INF), (3, -INF)],
+    [(6, INF), (2, INF)],
+    [(0, INF), (6, INF)],
+    [(0, -INF), (6, INF)],
+    [(0, INF), (6, -INF)],
 ]
 
 
@@ -292,8 +307,9 @@ def test_rows_whose_J_is_all_negative_infinity(backend, dtype):
     loss.sum().backward()
     pair = torch.stack([x.detach()[rows, target], x.detach()[:, -1]], 1)
     pair64 = pair.double().requires_grad_()
-    ref = drainage_loss_reference(pair64, torch.zeros(N, dtype=torch.long, device=DEVICE), alpha=0.3,
-                                  reduction="none")
+    ref = drainage_loss_reference(
+        pair64, torch.zeros(N, dtype=torch.long, device=DEVICE), alpha=0.3, reduction="none"
+    )
     ref.sum().backward()
     assert x.grad[in_J].abs().sum().item() == 0.0
     grad_pair = torch.stack([x.grad[rows, target], x.grad[:, -1]], 1)
@@ -317,8 +333,9 @@ def test_nan_propagates(backend, where):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_empty_batch(backend, reduction):
     x = torch.randn(0, 5, device=DEVICE, requires_grad=True)
-    loss = fused_drainage_loss(x, torch.zeros(0, dtype=torch.long, device=DEVICE), reduction=reduction,
-                               backend=backend)
+    loss = fused_drainage_loss(
+        x, torch.zeros(0, dtype=torch.long, device=DEVICE), reduction=reduction, backend=backend
+    )
     assert loss.shape == ((0,) if reduction == "none" else ())
     if reduction == "mean":
         assert math.isnan(loss.item())
@@ -332,8 +349,10 @@ def test_gradcheck_float64(backend, shape, reduction):
     x = torch.randn(*shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
     target = random_targets(shape[0], shape[1], 0, *shape[2:])
     target.view(-1)[-1] = -100
-    fn = lambda x: fused_drainage_loss(x, target, alpha=0.3, drainage_idx=0, reduction=reduction,
-                                       backend=backend)
+
+    def fn(x):
+        return fused_drainage_loss(x, target, alpha=0.3, drainage_idx=0, reduction=reduction, backend=backend)
+
     # Default tolerances, nondet_tol=0 included: gradcheck runs the backward twice on one graph and
     # wants the same bits. The first hands out the forward-written gradient, the second recomputes.
     assert torch.autograd.gradcheck(fn, (x,))

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import BACKENDS, DEVICE, random_targets
 
 from drainage_fast import fused_drainage_loss
-from support import BACKENDS, DEVICE, random_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,11 @@ def _fresh_dynamo():
 def step(model, x, target, backend, reduction):
     logits = model(x)
     loss = fused_drainage_loss(logits, target, alpha=0.1, reduction=reduction, backend=backend)
-    return loss if reduction != "none" else (loss * torch.linspace(0.5, 1.5, len(loss), device=loss.device)).sum()
+    return (
+        loss
+        if reduction != "none"
+        else (loss * torch.linspace(0.5, 1.5, len(loss), device=loss.device)).sum()
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -94,7 +98,12 @@ def test_compiled_call_can_be_the_first_use_of_the_library(backend):
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-c", FIRST_CALL, backend, DEVICE.type], capture_output=True, text=True,
-        env=env, cwd=ROOT, timeout=600, check=False,
+        [sys.executable, "-c", FIRST_CALL, backend, DEVICE.type],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-4000:]

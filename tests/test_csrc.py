@@ -219,14 +219,16 @@ def test_cpu_chunk_edges_match_float64(K):
     x, t, d = _edge_rows(K)
     alpha, beta = 0.1, 0.7
     ref_x = x.double().requires_grad_()
-    ref = fused_drainage_loss(ref_x, t, alpha=alpha, beta=beta, drainage_idx=d, reduction="none",
-                              backend="reference")
+    ref = fused_drainage_loss(
+        ref_x, t, alpha=alpha, beta=beta, drainage_idx=d, reduction="none", backend="reference"
+    )
     upstream = torch.rand(x.shape[0], dtype=torch.float64) + 0.5
     ref.backward(upstream)
     for reduction in ("none", "mean"):
         xc = x.clone().requires_grad_()
-        loss = fused_drainage_loss(xc, t, alpha=alpha, beta=beta, drainage_idx=d, reduction=reduction,
-                                   backend="cpp")
+        loss = fused_drainage_loss(
+            xc, t, alpha=alpha, beta=beta, drainage_idx=d, reduction=reduction, backend="cpp"
+        )
         if reduction == "none":
             assert_loss_close(loss, ref.detach(), x, alpha, beta)
             loss.backward(upstream.float())

@@ -45,7 +45,12 @@ def test_the_variants_cover_every_launcher_config_and_both_targets(triton_rows):
                     key = (arch, kernel, str(config.block_rows), str(config.block_k), config.num_warps)
                     assert key in compiled, f"K={K} {dtype}: {key} was never compiled"
     kernels = {row["kernel"] for row in triton_rows if "kernel" in row}
-    assert kernels == {"_drainage_fwd_kernel", "_drainage_bwd_kernel", "_scale_grad_kernel", "_targets_kernel"}
+    assert kernels == {
+        "_drainage_fwd_kernel",
+        "_drainage_bwd_kernel",
+        "_scale_grad_kernel",
+        "_targets_kernel",
+    }
 
 
 def test_the_targets_kernel_keeps_its_device_side_assert(triton_rows):

@@ -8,11 +8,11 @@ the same launches (the interpreter runs the same launchers), so these counts are
 
 import pytest
 import torch
+from support import DEVICE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import drainage_fast._inputs
 from drainage_fast import fused_drainage_loss
-from support import DEVICE
 
 triton_launch = pytest.importorskip("drainage_fast.backends.triton_launch")
 pytestmark = pytest.mark.skipif(
@@ -22,11 +22,25 @@ pytestmark = pytest.mark.skipif(
 
 aten = torch.ops.aten
 NO_LAUNCH = {  # allocation, views and metadata: no kernel on a GPU
-    aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-    aten.as_strided.default, aten.select.int, aten.slice.Tensor, aten.permute.default,
-    aten.movedim.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
-    aten.alias.default, aten.detach.default, aten.t.default, aten.transpose.int,
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.expand.default,
+    aten.as_strided.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.permute.default,
+    aten.movedim.int,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.t.default,
+    aten.transpose.int,
     aten.lift_fresh.default,
 }
 SYNCS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
@@ -96,7 +110,9 @@ def test_a_reduced_step_is_three_launches_and_no_sync(counter, reduction, K):
     _step(x, target, reduction, upstream=upstream)  # the first call makes the stream's workspace
     _step(x, target, reduction, counter, upstream)
     assert counter.launches == [
-        "triton _targets_kernel", "triton _drainage_fwd_kernel", "triton _scale_grad_kernel"
+        "triton _targets_kernel",
+        "triton _drainage_fwd_kernel",
+        "triton _scale_grad_kernel",
     ]
     assert counter.syncs == []
 
@@ -108,7 +124,9 @@ def test_per_row_losses_are_two_launches_forward_and_one_backward(counter):
     _step(x, target, "none", upstream=upstream)
     _step(x, target, "none", counter, upstream)
     assert counter.launches == [
-        "triton _targets_kernel", "triton _drainage_fwd_kernel", "triton _drainage_bwd_kernel"
+        "triton _targets_kernel",
+        "triton _drainage_fwd_kernel",
+        "triton _drainage_bwd_kernel",
     ]
     assert counter.syncs == []
 

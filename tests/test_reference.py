@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import random_targets
 
 from drainage_fast import drainage_loss_reference
-from support import random_targets
 
 f64 = dict(dtype=torch.float64)
 
@@ -31,8 +31,9 @@ def paper_loss(logits, target, alpha, beta, d):
 def test_matches_probability_formula(K, alpha, beta, drainage_idx):
     logits = torch.randn(64, K, **f64) * 2
     target = random_targets(64, K, drainage_idx, device="cpu")
-    loss = drainage_loss_reference(logits, target, alpha=alpha, beta=beta, drainage_idx=drainage_idx,
-                                   reduction="none")
+    loss = drainage_loss_reference(
+        logits, target, alpha=alpha, beta=beta, drainage_idx=drainage_idx, reduction="none"
+    )
     expected = paper_loss(logits, target, alpha, 1 / alpha if beta is None else beta, drainage_idx % K)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
 
@@ -41,13 +42,17 @@ def test_alpha_one_beta_to_zero_is_cross_entropy_over_K():
     logits = torch.randn(50, 12, **f64) * 3
     target = random_targets(50, 12, -1, device="cpu")
     loss = drainage_loss_reference(logits, target, alpha=1.0, beta=1e-30, reduction="none")
-    torch.testing.assert_close(loss, F.cross_entropy(logits, target, reduction="none"), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        loss, F.cross_entropy(logits, target, reduction="none"), rtol=1e-12, atol=1e-14
+    )
 
 
 def test_row_gradients_sum_to_zero():
     logits = torch.randn(20, 7, **f64, requires_grad=True)
     target = random_targets(20, 7, -1, device="cpu")
-    (drainage_loss_reference(logits, target, alpha=0.3, reduction="none") * torch.rand(20, **f64)).sum().backward()
+    (
+        drainage_loss_reference(logits, target, alpha=0.3, reduction="none") * torch.rand(20, **f64)
+    ).sum().backward()
     torch.testing.assert_close(logits.grad.sum(1), torch.zeros(20, **f64), rtol=0, atol=1e-15)
 
 

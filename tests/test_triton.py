@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from support import DEVICE
 
 from drainage_fast._inputs import Hyper
-from support import DEVICE
 
 triton_launch = pytest.importorskip("drainage_fast.backends.triton_launch")
 pytestmark = pytest.mark.skipif(
@@ -45,7 +45,9 @@ def test_reduction_in_the_forward_is_the_sum_of_the_rows_and_leaves_the_workspac
     kept = (target != -100).sum().item()
     expected = loss.double().sum() / (kept if mean else 1)
     out, inv_count, grad, pending = outs[0]
-    assert abs(out.item() - expected.item()) <= R * 2**-24 * loss.double().abs().sum().item() / (kept if mean else 1)
+    assert abs(out.item() - expected.item()) <= R * 2**-24 * loss.double().abs().sum().item() / (
+        kept if mean else 1
+    )
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][2], outs[1][2])
     assert pending is None
     if mean:

@@ -45,8 +45,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 # what torch.load raises for damaged bytes: whatever its unpickler trips on (over 300 random files:
 # UnpicklingError, IndexError, UnicodeDecodeError, EOFError, struct.error, KeyError), RuntimeError for a
 # truncated zip archive
-DAMAGED_FILE_ERRORS = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, IndexError, KeyError, ValueError,
-                       struct.error)
+DAMAGED_FILE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    OSError,
+    RuntimeError,
+    IndexError,
+    KeyError,
+    ValueError,
+    struct.error,
+)
 
 
 def read_checkpoint(path: str | Path, keys: tuple[str, ...], map_location="cpu") -> dict:
@@ -60,8 +68,10 @@ def read_checkpoint(path: str | Path, keys: tuple[str, ...], map_location="cpu")
     except DAMAGED_FILE_ERRORS as exc:
         # torch's messages run to a paragraph: the first sentence names the problem
         reason = str(exc).strip().split("\n")[0].split(". ")[0] or type(exc).__name__
-        raise UserError(f"{path} cannot be read ({reason}): it is empty, truncated or not a checkpoint; "
-                        "start the run again (--overwrite)") from None
+        raise UserError(
+            f"{path} cannot be read ({reason}): it is empty, truncated or not a checkpoint; "
+            "start the run again (--overwrite)"
+        ) from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
         raise UserError(f"{path} is not a checkpoint of this trainer (no {missing})")
@@ -74,8 +84,13 @@ def capture_rng_state(generator: torch.Generator | None = None) -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -88,8 +103,9 @@ def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> 
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

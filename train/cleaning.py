@@ -40,12 +40,19 @@ def ranked_rows(scores: dict, suspicion: dict[str, np.ndarray]) -> list[dict]:
     for s, v in suspicion.items():
         ranks[s][np.argsort(-v, kind="stable")] = np.arange(1, len(v) + 1)
     flipped = scores["noisy"] != scores["clean"]
-    return [{"rank": r + 1, "index": int(scores["index"][i]), "given_label": int(scores["noisy"][i]),
-             "clean_label": int(scores["clean"][i]), "flipped": int(flipped[i]),
-             "pred": int(scores["pred"][i]),
-             **{s: float(v[i]) for s, v in suspicion.items()},
-             **{f"rank_{s}": int(ranks[s][i]) for s in suspicion if s != first}}
-            for r, i in enumerate(order)]
+    return [
+        {
+            "rank": r + 1,
+            "index": int(scores["index"][i]),
+            "given_label": int(scores["noisy"][i]),
+            "clean_label": int(scores["clean"][i]),
+            "flipped": int(flipped[i]),
+            "pred": int(scores["pred"][i]),
+            **{s: float(v[i]) for s, v in suspicion.items()},
+            **{f"rank_{s}": int(ranks[s][i]) for s in suspicion if s != first},
+        }
+        for r, i in enumerate(order)
+    ]
 
 
 def rank_run(run_dir: str | Path, ks=(10, 50, 100)) -> dict:
@@ -69,8 +76,13 @@ def rank_run(run_dir: str | Path, ks=(10, 50, 100)) -> dict:
             result["pd_flipped"] = float(suspicion["p_d"][flipped].mean())
         curves = {SCORE_LABELS[s]: precision_curve(v, flipped) for s, v in suspicion.items()}
         histogram = (scores, suspicion["p_d"]) if "p_d" in suspicion else None
-        plot_cleaning(curves, k_flipped, histogram, run_dir / "cleaning.png",
-                      f"{run_dir.name}: {k_flipped} of {n} labels flipped")
+        plot_cleaning(
+            curves,
+            k_flipped,
+            histogram,
+            run_dir / "cleaning.png",
+            f"{run_dir.name}: {k_flipped} of {n} labels flipped",
+        )
     (run_dir / "cleaning.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -103,8 +115,17 @@ def finished_runs(paths: list[str]) -> list[tuple[dict, Path]]:
             raise UserError(f"--runs {path}: not a finished run folder (no {', '.join(missing)})")
         cfg = json.loads((path / "config.json").read_text())
         noise = f"{cfg['noise_type']}:{cfg['noise_rate']:g}"
-        runs.append(({"loss": cfg["loss"], "params": point_tag(cfg["loss_params"]), "noise": noise,
-                      "seed": cfg["seed"]}, path))
+        runs.append(
+            (
+                {
+                    "loss": cfg["loss"],
+                    "params": point_tag(cfg["loss_params"]),
+                    "noise": noise,
+                    "seed": cfg["seed"],
+                },
+                path,
+            )
+        )
     return runs
 
 
@@ -113,8 +134,9 @@ def result_rows(runs: list[tuple[dict, Path]], ks) -> list[dict]:
     for labels, run_dir in runs:
         result = rank_run(run_dir, ks)
         for score, m in result["scores"].items():
-            rows.append({**labels, "score": score, "num_flipped": result["num_flipped"], **m,
-                         "run_dir": str(run_dir)})
+            rows.append(
+                {**labels, "score": score, "num_flipped": result["num_flipped"], **m, "run_dir": str(run_dir)}
+            )
     return rows
 
 
@@ -130,8 +152,11 @@ def mean_curves(runs: list[tuple[dict, Path]]) -> tuple[dict[str, np.ndarray], i
         flipped = scores["noisy"] != scores["clean"]
         k_flipped.append(int(flipped.sum()))
         for s, v in suspicion_scores(scores).items():
-            name = (loss_label(labels["loss"]) + (f" [{labels['params']}]" if labels["params"] else "")
-                    + (f", {labels['noise']}" if several else ""))
+            name = (
+                loss_label(labels["loss"])
+                + (f" [{labels['params']}]" if labels["params"] else "")
+                + (f", {labels['noise']}" if several else "")
+            )
             curves.setdefault(f"{name} / {SCORE_LABELS[s]}", []).append(precision_curve(v, flipped))
     shortest = min(len(c) for group in curves.values() for c in group)
     return {k: np.mean([c[:shortest] for c in v], axis=0) for k, v in curves.items()}, int(np.mean(k_flipped))

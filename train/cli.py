@@ -18,16 +18,26 @@ from .run_dirs import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "default": ("train.commands.default", "Drainage vs CE on digits with 40% asymmetric noise (CPU, ~12 s)"),
-    "run": ("train.commands.run",
-            "train one config (the authors' flags: --config --noise_type --noise_rate ...)"),
-    "sweep": ("train.commands.sweep",
-              "losses x noise settings x seeds -> mean +- std table (md, csv) and figure"),
-    "osr": ("train.commands.osr",
-            "open-set recognition: train on k known classes, AUROC / OSCR on the unknown ones"),
-    "clean": ("train.commands.clean",
-              "dataset cleaning: rank training samples by p_d, precision / recall at k"),
-    "demo789": ("train.commands.demo789",
-                "digits 7, 8, 9 relabelled at random to 0-6: does the drainage node take them?"),
+    "run": (
+        "train.commands.run",
+        "train one config (the authors' flags: --config --noise_type --noise_rate ...)",
+    ),
+    "sweep": (
+        "train.commands.sweep",
+        "losses x noise settings x seeds -> mean +- std table (md, csv) and figure",
+    ),
+    "osr": (
+        "train.commands.osr",
+        "open-set recognition: train on k known classes, AUROC / OSCR on the unknown ones",
+    ),
+    "clean": (
+        "train.commands.clean",
+        "dataset cleaning: rank training samples by p_d, precision / recall at k",
+    ),
+    "demo789": (
+        "train.commands.demo789",
+        "digits 7, 8, 9 relabelled at random to 0-6: does the drainage node take them?",
+    ),
 }
 
 
@@ -56,8 +66,9 @@ def seed_items(text: str) -> list[int]:
     first, sep, last = text.partition("-")
     if first.isdigit() and (last.isdigit() if sep else True) and int(first) <= int(last or first):
         return list(range(int(first), int(last or first) + 1))
-    raise argparse.ArgumentTypeError(f"expected seeds (integers >= 0) or a range FIRST-LAST such as 1-5, "
-                                     f"got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"expected seeds (integers >= 0) or a range FIRST-LAST such as 1-5, got {text!r}"
+    )
 
 
 class _SeedList(argparse.Action):
@@ -80,33 +91,57 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
     p = argparse.ArgumentParser(add_help=False)
     add = {
         "seeds": lambda: p.add_argument(
-            "--seeds", nargs="+", type=seed_items, action=_SeedList, default=[1], metavar="SEED",
+            "--seeds",
+            nargs="+",
+            type=seed_items,
+            action=_SeedList,
+            default=[1],
+            metavar="SEED",
             help="training seeds, one run per seed: a list (1 2 3) or a range FIRST-LAST (1-5 = 1 2 3 4 5) "
-            "(default: %(default)s)"),
+            "(default: %(default)s)",
+        ),
         "noise": lambda: p.add_argument(
-            "--noise", nargs="+", default=["asym:0.4"], metavar="TYPE:RATE",
+            "--noise",
+            nargs="+",
+            default=["asym:0.4"],
+            metavar="TYPE:RATE",
             help="label-noise settings, each a type with its rate (none alone: clean labels), e.g. asym:0.4 "
-            "sym:0.6 instance:0.4 human:0 none (default: %(default)s)"),
+            "sym:0.6 instance:0.4 human:0 none (default: %(default)s)",
+        ),
         "tuning": lambda: p.add_argument(
-            "--tuning", action="store_true",
+            "--tuning",
+            action="store_true",
             help="train on 80%% of the training set, evaluate on the clean other 20%% (for choosing "
-            "hyper-parameters; the test set is not touched)"),
+            "hyper-parameters; the test set is not touched)",
+        ),
         "grid": lambda: p.add_argument(
-            "--grid", nargs="+", default=[], metavar="[NAME:]KEY=V1,V2",
+            "--grid",
+            nargs="+",
+            default=[],
+            metavar="[NAME:]KEY=V1,V2",
             help="hyper-parameter axes, every combination run: for all losses / methods, or only the one "
-            "NAME names, e.g. lr=0.03,0.1 drainage:loss_params.alpha=0.5,1"),
+            "NAME names, e.g. lr=0.03,0.1 drainage:loss_params.alpha=0.5,1",
+        ),
         "set": lambda: p.add_argument(
-            "--set", nargs="+", default=[], metavar="KEY=VALUE",
+            "--set",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
             help="config overrides for every run, e.g. epochs=10 lr=0.05 loss_params.alpha=0.5; each value "
-            "is read by the key's type (booleans: true/false, yes/no, on/off, 1/0)"),
+            "is read by the key's type (booleans: true/false, yes/no, on/off, 1/0)",
+        ),
         "runs_dir": lambda: p.add_argument(
-            "--runs_dir", default=None,
+            "--runs_dir",
+            default=None,
             help="the folder the run folders go in, one per run (default: a new folder under runs/ named "
-            "after the command and the time)"),
+            "after the command and the time)",
+        ),
         "out": lambda: p.add_argument(
-            "--out", default=None,
+            "--out",
+            default=None,
             help="path prefix of the report: <out>.md, <out>.csv, <out>_runs.csv, <out>.png (default: in "
-            "the runs_dir)"),
+            "the runs_dir)",
+        ),
     }
     for flag in flags:
         add[flag]()
@@ -115,13 +150,19 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="python -m train", description="Robust-loss research harness (drainage_fast).",
-        epilog="With no command: the default job. `python -m train <command> -h` shows a command's flags.")
+        prog="python -m train",
+        description="Robust-loss research harness (drainage_fast).",
+        epilog="With no command: the default job. `python -m train <command> -h` shows a command's flags.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="command", parser_class=Parser)
     for name, (module, help_text) in COMMANDS.items():
         command_module = importlib.import_module(module)
-        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text,
-                                 parents=[shared_parser(command_module.FLAGS)])
+        command = sub.add_parser(
+            name,
+            help=help_text.replace("%", "%%"),
+            description=help_text,
+            parents=[shared_parser(command_module.FLAGS)],
+        )
         command_module.add_arguments(command)
     return parser
 

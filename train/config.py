@@ -40,51 +40,51 @@ class Config:
 
     description: str = ""
     # data and noise
-    dataset: str = "digits"          # digits | mnist | cifar10 | cifar100 | cifar10n | cifar100n
+    dataset: str = "digits"  # digits | mnist | cifar10 | cifar100 | cifar10n | cifar100n
     data_root: str = "data"
-    download: bool = True            # fetch missing dataset files (needs internet)
-    noise_type: str = "asym"         # none | sym | asym | instance | human
+    download: bool = True  # fetch missing dataset files (needs internet)
+    noise_type: str = "asym"  # none | sym | asym | instance | human
     noise_rate: float = 0.4
-    human_label: str | None = None   # CIFAR-N key or CLI name (worst, aggre, rand1..3); None: the paper's
-    tuning: bool = False             # 80/20 split of the training set, evaluate on the clean 20%
+    human_label: str | None = None  # CIFAR-N key or CLI name (worst, aggre, rand1..3); None: the paper's
+    tuning: bool = False  # 80/20 split of the training set, evaluate on the clean 20%
     # model and loss
     model: str = "digits_mlp"
-    pretrained: str | None = None    # resnet50: IMAGENET1K_V1 | IMAGENET1K_V2
+    pretrained: str | None = None  # resnet50: IMAGENET1K_V1 | IMAGENET1K_V2
     loss: str = "drainage"
     loss_params: dict = field(default_factory=dict)
-    l1_delta: float = 0.0            # adds l1_delta * sum |theta| to the loss when > 0
+    l1_delta: float = 0.0  # adds l1_delta * sum |theta| to the loss when > 0
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    scheduler: str = "cosine"        # cosine (T_max = epochs) | step (step_size, gamma per epoch) | none
+    scheduler: str = "cosine"  # cosine (T_max = epochs) | step (step_size, gamma per epoch) | none
     step_size: int = 1
     gamma: float = 0.1
     eta_min: float = 0.0
     epochs: int = 60
     batch_size: int = 128
     eval_batch_size: int = 1024
-    grad_clip: float = 5.0           # max global gradient norm; 0 disables
+    grad_clip: float = 5.0  # max global gradient norm; 0 disables
     # runtime
     seed: int = 1
-    eval_freq: int = 1               # evaluate every N epochs (and always on the first and last)
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    cpu_threads: int = 0             # torch intra-op threads for this run; 0: torch's default. Tiny models
-                                     # run fastest on 1 (measured on a busy 2-core machine: digits MLP step
-                                     # 2.4 ms on 1 thread, 26 ms on 2)
-    amp: bool = False                # bf16 autocast on CUDA (opt-in; ignored on the CPU). Off: fp32, as the
-                                     # official code trains (no autocast in its trainer.py)
-    channels_last: bool = True       # CUDA only
-    compile: bool = False            # torch.compile the model
-    deterministic: bool = False      # cuDNN deterministic kernels (slower)
-    train_stats: bool = True         # per-sample p_d / confidence on the training set at each evaluation
+    eval_freq: int = 1  # evaluate every N epochs (and always on the first and last)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cpu_threads: int = 0  # torch intra-op threads for this run; 0: torch's default. Tiny models
+    # run fastest on 1 (measured on a busy 2-core machine: digits MLP step
+    # 2.4 ms on 1 thread, 26 ms on 2)
+    amp: bool = False  # bf16 autocast on CUDA (opt-in; ignored on the CPU). Off: fp32, as the
+    # official code trains (no autocast in its trainer.py)
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # cuDNN deterministic kernels (slower)
+    train_stats: bool = True  # per-sample p_d / confidence on the training set at each evaluation
     # outputs
     out_dir: str = "runs"
-    name: str | None = None          # run folder name; default <time>-<dataset>-<loss>-<noise>-s<seed>-<hash>
-    tb: bool = False                 # TensorBoard event files in the run folder
-    checkpoint: bool = True          # atomic checkpoint after every epoch (needed by --resume)
+    name: str | None = None  # run folder name; default <time>-<dataset>-<loss>-<noise>-s<seed>-<hash>
+    tb: bool = False  # TensorBoard event files in the run folder
+    checkpoint: bool = True  # atomic checkpoint after every epoch (needed by --resume)
 
     def validate(self) -> Config:
         """Checks names and ranges; returns self. Raises UserError naming the bad field and value."""
@@ -103,15 +103,28 @@ class Config:
             ("dataset", self.dataset in DATASETS + LARGE_SCALE, f"one of {DATASETS + LARGE_SCALE}"),
             ("noise_type", self.noise_type in NOISE_TYPES, f"one of {NOISE_TYPES}"),
             ("noise_rate", 0.0 <= self.noise_rate <= 1.0, "a number in [0, 1]"),
-            ("noise_type", self.noise_type != "asym" or self.dataset in LARGE_SCALE + tuple(HUMAN_NOISE_ALIASES)
-             or has_asymmetric_map(self.dataset),
-             f"another noise type for {self.dataset}: it has no asymmetric flip map (see train/noise.py)"),
-            ("pretrained", self.pretrained in (None, *RESNET50_WEIGHTS),
-             f"null or one of {sorted(RESNET50_WEIGHTS)}"),
-            ("pretrained", not self.pretrained or self.model == "resnet50",
-             f"null for model {self.model!r} (pretrained weights exist for resnet50 only)"),
-            ("loss_params.backend", self.loss_params.get("backend", "auto") in ("auto", *backends.NAMES),
-             f"one of {('auto', *backends.NAMES)}"),
+            (
+                "noise_type",
+                self.noise_type != "asym"
+                or self.dataset in LARGE_SCALE + tuple(HUMAN_NOISE_ALIASES)
+                or has_asymmetric_map(self.dataset),
+                f"another noise type for {self.dataset}: it has no asymmetric flip map (see train/noise.py)",
+            ),
+            (
+                "pretrained",
+                self.pretrained in (None, *RESNET50_WEIGHTS),
+                f"null or one of {sorted(RESNET50_WEIGHTS)}",
+            ),
+            (
+                "pretrained",
+                not self.pretrained or self.model == "resnet50",
+                f"null for model {self.model!r} (pretrained weights exist for resnet50 only)",
+            ),
+            (
+                "loss_params.backend",
+                self.loss_params.get("backend", "auto") in ("auto", *backends.NAMES),
+                f"one of {('auto', *backends.NAMES)}",
+            ),
             ("l1_delta", self.l1_delta >= 0, "a number >= 0"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {OPTIMIZERS}"),
             ("lr", self.lr > 0, "a number > 0"),
@@ -126,15 +139,25 @@ class Config:
             ("eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1"),
             ("grad_clip", self.grad_clip >= 0, "a number >= 0 (0: no clipping)"),
             ("eval_freq", self.eval_freq >= 1, "an integer >= 1"),
-            ("device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
-             "auto, cpu, cuda or cuda:N"),
+            (
+                "device",
+                re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+                "auto, cpu, cuda or cuda:N",
+            ),
             ("cpu_threads", self.cpu_threads >= 0, "an integer >= 0 (0: torch's default)"),
-            ("name", self.name is None or re.fullmatch(r"[^/\\]+", self.name) is not None
-             and self.name not in (".", ".."), "a folder name without / (or null: a default name)"),
+            (
+                "name",
+                self.name is None
+                or re.fullmatch(r"[^/\\]+", self.name) is not None
+                and self.name not in (".", ".."),
+                "a folder name without / (or null: a default name)",
+            ),
         ]
         for key, ok, accepted in checks:
             if not ok:
-                value = self.loss_params.get("backend") if key == "loss_params.backend" else getattr(self, key)
+                value = (
+                    self.loss_params.get("backend") if key == "loss_params.backend" else getattr(self, key)
+                )
                 raise UserError(f"{key}={shown(value)}: must be {accepted}")
         return self
 
@@ -154,12 +177,20 @@ def from_authors_json(raw: dict) -> dict:
     for bookkeeping in ("pass_model_to_loss", "drainage_idx", "is_anl", "reduction"):
         loss.pop(bookkeeping, None)
     flat = {
-        "model": model["name"], "loss": loss_name, "loss_params": loss, "l1_delta": l1,
+        "model": model["name"],
+        "loss": loss_name,
+        "loss_params": loss,
+        "l1_delta": l1,
         "dataset": data["name"],
-        "batch_size": data.get("train_batchsize", 128), "eval_batch_size": data.get("test_batchsize", 1024),
-        "epochs": optim["total_epoch"], "optimizer": optim["optimizer"], "lr": optim["learning_rate"],
-        "momentum": optim.get("momentum", 0.9), "weight_decay": optim.get("weight_decay", 0.0),
-        "nesterov": optim.get("nesterov", False), "grad_clip": optim.get("grad_bound", 5.0),
+        "batch_size": data.get("train_batchsize", 128),
+        "eval_batch_size": data.get("test_batchsize", 1024),
+        "epochs": optim["total_epoch"],
+        "optimizer": optim["optimizer"],
+        "lr": optim["learning_rate"],
+        "momentum": optim.get("momentum", 0.9),
+        "weight_decay": optim.get("weight_decay", 0.0),
+        "nesterov": optim.get("nesterov", False),
+        "grad_clip": optim.get("grad_bound", 5.0),
         "scheduler": {"steplr": "step"}.get(optim["scheduler"], optim["scheduler"]),
         "amp": False,
     }
@@ -173,8 +204,16 @@ def from_authors_json(raw: dict) -> dict:
 
 
 FIELD_TYPES = typing.get_type_hints(Config)
-BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
-            "0": False}
+BOOLEANS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
 
 
 def parse_value(key: str, value):
@@ -212,8 +251,7 @@ def parse_value(key: str, value):
         parsed = json_or_word(text) if text is not None else value
         if isinstance(parsed, dict):
             return parsed
-        accepted = (f"a JSON object, e.g. {key}='{{\"alpha\": 0.5}}' (or set one entry: "
-                    f"{key}.alpha=0.5)")
+        accepted = f"a JSON object, e.g. {key}='{{\"alpha\": 0.5}}' (or set one entry: {key}.alpha=0.5)"
     else:  # str; a JSON string literal ("adam", as json.dumps writes it) is unquoted
         if text is not None:
             parsed = json_or_word(value)
@@ -238,7 +276,7 @@ def json_or_word(text: str):
 
 
 def parse_override(item: str) -> tuple[str, object]:
-    """"key=value" -> (key, value read by the key's declared type, see parse_value)."""
+    """ "key=value" -> (key, value read by the key's declared type, see parse_value)."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -296,7 +334,9 @@ def load_config(name_or_path: str | None = None, overrides=None) -> Config:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"--config {path}: not a readable JSON config ({exc})") from None
         if not isinstance(raw, dict):
-            raise UserError(f"--config {path}: a config is a JSON object, this file holds a {type(raw).__name__}")
+            raise UserError(
+                f"--config {path}: a config is a JSON object, this file holds a {type(raw).__name__}"
+            )
         values = from_authors_json(raw) if "optim" in raw else raw
         unknown = sorted(set(values) - set(FIELDS))
         if unknown:
@@ -310,8 +350,9 @@ def environment(device: torch.device | str | None = None) -> dict:
 
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
-                                  check=False).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -319,13 +360,20 @@ def environment(device: torch.device | str | None = None) -> dict:
 
     device = torch.device(device) if device is not None else None
     return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
-        "numpy": np.__version__, "drainage_fast": drainage_fast.__version__,
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "drainage_fast": drainage_fast.__version__,
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
         "device": str(device) if device else None,
-        "device_name": (torch.cuda.get_device_name(device) if device and device.type == "cuda"
-                        else platform.processor()),
-        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "argv": sys.argv,
+        "device_name": (
+            torch.cuda.get_device_name(device) if device and device.type == "cuda" else platform.processor()
+        ),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "argv": sys.argv,
     }
 
 

@@ -6,7 +6,7 @@ Run folder (runs/<name>/):
     noise.json   labels.npz       the noise record (realised rate, transition counts); the labels trained on
     train.log                    readable log (with the traceback of an error that ended the run)
     metrics.jsonl metrics.csv    one row per evaluated epoch
-    last.pt      best.pt         the atomic per-epoch checkpoint (--resume); the best evaluated epoch's weights
+    last.pt      best.pt         the atomic per-epoch checkpoint (--resume); the best epoch's weights
     scores.npz                   final per-sample training-set scores (p_d, p_given, pred, labels)
     summary.json                 best / last accuracy and the final training-set statistics (a finished run)
 
@@ -78,8 +78,10 @@ def check_runtime(cfg: Config) -> torch.device:
 
         ok, reason = backends.availability(backend, device)
         if not ok:
-            raise UserError(f"loss_params.backend={backend}: cannot run on {device} ({reason}); "
-                            "use loss_params.backend=auto")
+            raise UserError(
+                f"loss_params.backend={backend}: cannot run on {device} ({reason}); "
+                "use loss_params.backend=auto"
+            )
     if cfg.tb:
         tensorboard_writer_class()
     return device
@@ -97,14 +99,18 @@ def check_model_fits(model: nn.Module, data, cfg: Config) -> None:
         with torch.no_grad():
             shape = tuple(model(x).shape)
     except RuntimeError as exc:  # torch's shape errors
-        raise UserError(f"model={cfg.model}: cannot take the {cfg.dataset} images, of shape {tuple(x.shape[1:])} "
-                        f"({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"model={cfg.model}: cannot take the {cfg.dataset} images, of shape {tuple(x.shape[1:])} "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
     finally:
         model.train(was_training)
     expected = (len(x), num_outputs(cfg.loss, data.num_classes))
     if shape != expected:
-        raise UserError(f"model={cfg.model}: emits {shape[1:]} outputs per image, loss={cfg.loss} on "
-                        f"{cfg.dataset} needs {expected[1]}")
+        raise UserError(
+            f"model={cfg.model}: emits {shape[1:]} outputs per image, loss={cfg.loss} on "
+            f"{cfg.dataset} needs {expected[1]}"
+        )
 
 
 def check_plan(cfgs: list[Config]) -> None:
@@ -172,28 +178,47 @@ def run_session(cfg: Config, run_dir: Path, quiet: bool):
 def save_noise(run_dir: Path, data: NoisyDataset) -> None:
     data.noise.save(run_dir / "noise.json")
     # the labels trained on; index = positions in the original training set (a tuning run uses 80%)
-    np.savez(run_dir / "labels.npz", index=data.train_index.numpy(), noisy=data.train_y.numpy(),
-             clean=data.train_y_clean.numpy())
+    np.savez(
+        run_dir / "labels.npz",
+        index=data.train_index.numpy(),
+        noisy=data.train_y.numpy(),
+        clean=data.train_y_clean.numpy(),
+    )
 
 
 def summarise(trainer: Trainer, scores: dict) -> dict:
     history = trainer.history
     last = history[-1] if history else {}
     summary = {
-        "best_eval_acc": trainer.best["eval_acc"], "best_epoch": trainer.best["epoch"],
-        "last_eval_acc": last.get("eval_acc"), "eval_split": trainer.data.eval_split,
-        "epochs": trainer.epoch, "realised_noise_rate": float(trainer.data.flipped.float().mean()),
+        "best_eval_acc": trainer.best["eval_acc"],
+        "best_epoch": trainer.best["epoch"],
+        "last_eval_acc": last.get("eval_acc"),
+        "eval_split": trainer.data.eval_split,
+        "epochs": trainer.epoch,
+        "realised_noise_rate": float(trainer.data.flipped.float().mean()),
         "train_time_s": last.get("elapsed_s"),
     }
-    summary.update({k: v for k, v in last.items() if k.startswith(("pd_", "precision_at_k", "memorized",
-                                                                    "eval_drained", "train_acc_clean"))})
+    summary.update(
+        {
+            k: v
+            for k, v in last.items()
+            if k.startswith(("pd_", "precision_at_k", "memorized", "eval_drained", "train_acc_clean"))
+        }
+    )
     summary.update(trainer.training_set_stats(scores))
     return summary
 
 
-def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
-                   overwrite: bool = False, quiet: bool = False, stop_after: int | None = None,
-                   progress: bool = True) -> RunResult:
+def run_experiment(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> RunResult:
     """Trains cfg in a new run folder (claim_new_run_dir(cfg, run_dir, overwrite=...)), or with resume=True
     continues the run in run_dir from its last.pt; returns the summary and history.
 
@@ -222,19 +247,31 @@ def run_experiment(cfg: Config, run_dir: str | Path | None = None, *, resume: bo
                 from drainage_fast import backends
 
                 logger.info(f"drainage_fast backend: {backends.resolve(loss_fn.backend, device).NAME}")
-            logger.info(f"{run_dir}: {cfg.loss} on {cfg.dataset} ({len(data.train_y)} train / "
-                        f"{len(data.eval_y)} {data.eval_split}), noise {data.noise.noise_type} requested "
-                        f"{cfg.noise_rate:g} realised {data.flipped.float().mean():.3f}, {cfg.model} on {device}")
-            trainer = Trainer(cfg, data, model, loss_fn, run_dir, device, logger,
-                              show_progress=progress and not quiet)
+            logger.info(
+                f"{run_dir}: {cfg.loss} on {cfg.dataset} ({len(data.train_y)} train / "
+                f"{len(data.eval_y)} {data.eval_split}), noise {data.noise.noise_type} requested "
+                f"{cfg.noise_rate:g} realised {data.flipped.float().mean():.3f}, {cfg.model} on {device}"
+            )
+            trainer = Trainer(
+                cfg, data, model, loss_fn, run_dir, device, logger, show_progress=progress and not quiet
+            )
             history = trainer.fit(state, stop_after=stop_after)
             scores = trainer.training_set_scores()
-            np.savez(run_dir / "scores.npz", index=data.train_index.numpy(), noisy=data.train_y.numpy(),
-                     clean=data.train_y_clean.numpy(), **{k: v.numpy() for k, v in scores.items()})
+            np.savez(
+                run_dir / "scores.npz",
+                index=data.train_index.numpy(),
+                noisy=data.train_y.numpy(),
+                clean=data.train_y_clean.numpy(),
+                **{k: v.numpy() for k, v in scores.items()},
+            )
             summary = summarise(trainer, scores)
-            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")  # read by reruns
-            logger.info(f"done: best {data.eval_split} acc {summary['best_eval_acc']:.2%} (epoch "
-                        f"{summary['best_epoch']}), last {summary['last_eval_acc']:.2%}; outputs in {run_dir}")
+            atomic_write_text(
+                run_dir / "summary.json", json.dumps(summary, indent=1) + "\n"
+            )  # read by reruns
+            logger.info(
+                f"done: best {data.eval_split} acc {summary['best_eval_acc']:.2%} (epoch "
+                f"{summary['best_epoch']}), last {summary['last_eval_acc']:.2%}; outputs in {run_dir}"
+            )
             return RunResult(run_dir, summary, history)
 
 
@@ -245,8 +282,10 @@ def resume_state(run_dir: Path, cfg: Config, device: torch.device) -> dict:
     except UserError as exc:
         raise UserError(f"--resume {run_dir}: {exc}") from None
     if state["epoch"] > cfg.epochs:
-        raise UserError(f"epochs={cfg.epochs}: the run in {run_dir} has trained {state['epoch']} epochs "
-                        f"already; epochs must be >= {state['epoch']}")
+        raise UserError(
+            f"epochs={cfg.epochs}: the run in {run_dir} has trained {state['epoch']} epochs "
+            f"already; epochs must be >= {state['epoch']}"
+        )
     return state
 
 
@@ -262,9 +301,11 @@ def resume_experiment(run_dir: str | Path, overrides=(), **kwargs) -> RunResult:
     for item in overrides:
         key, _ = parse_override(item)
         if key not in RESUMABLE_KEYS:
-            raise UserError(f"--set {item}: {key} cannot change when a run resumes (only "
-                            f"{', '.join(RESUMABLE_KEYS)} can); start a new run with --config "
-                            f"{run_dir / 'config.json'} --set {item}")
+            raise UserError(
+                f"--set {item}: {key} cannot change when a run resumes (only "
+                f"{', '.join(RESUMABLE_KEYS)} can); start a new run with --config "
+                f"{run_dir / 'config.json'} --set {item}"
+            )
     cfg = load_config(str(run_dir / "config.json"), list(overrides))
     return run_experiment(cfg, run_dir, resume=True, **kwargs)
 
@@ -291,7 +332,7 @@ def _suffix(path: Path, stem: str) -> int | None:
     """1 for stem itself, n for stem-n, None for a folder that only starts like stem."""
     if path.name == stem:
         return 1
-    tail = path.name[len(stem) + 1:]
+    tail = path.name[len(stem) + 1 :]
     return int(tail) if tail.isdigit() else None
 
 
@@ -306,9 +347,9 @@ def why_not_reusable(run_dir: Path, wanted: dict) -> str | None:
         return f"unreadable ({exc})"
     if stored != wanted:
         changed = [k for k in wanted if stored.get(k) != wanted[k]] + sorted(set(stored) - set(wanted))
-        return "its config differs: " + ", ".join(f"{k} {stored.get(k)!r} (wanted {wanted.get(k)!r})"
-                                                  for k in changed[:4])
+        return "its config differs: " + ", ".join(
+            f"{k} {stored.get(k)!r} (wanted {wanted.get(k)!r})" for k in changed[:4]
+        )
     if summary.get("epochs") != wanted["epochs"]:
         return f"it stopped after epoch {summary.get('epochs')} of {wanted['epochs']}"
     return None
-

@@ -30,7 +30,7 @@ from .run_dirs import UserError, claim_run_dir, timestamp
 
 
 def parse_noise(item: str) -> tuple[str, float]:
-    """"TYPE:RATE" -> (type, rate); "none" alone is clean labels. A noise type without its rate is refused:
+    """ "TYPE:RATE" -> (type, rate); "none" alone is clean labels. A noise type without its rate is refused:
     `asym` alone once ran silently at rate 0."""
     from .noise import NOISE_TYPES
 
@@ -44,8 +44,9 @@ def parse_noise(item: str) -> tuple[str, float]:
     except ValueError:
         value = None
     if value is None or not 0.0 <= value <= 1.0:
-        raise UserError(f"--noise {item}: a noise setting is TYPE:RATE with a rate in [0, 1], e.g. "
-                        f"{kind}:0.4")
+        raise UserError(
+            f"--noise {item}: a noise setting is TYPE:RATE with a rate in [0, 1], e.g. {kind}:0.4"
+        )
     return kind, value
 
 
@@ -58,8 +59,10 @@ def parse_grid(items: list[str]) -> list[tuple[str | None, str, list]]:
         key, sep, values = item.partition("=")
         owner, _, key = key.rpartition(":")
         if not sep or not key or not values or "" in values.split(","):
-            raise UserError(f"--grid {item}: an axis is [LOSS:]KEY=V1,V2,..., e.g. lr=0.03,0.1 or "
-                            "drainage:loss_params.alpha=0.5,1")
+            raise UserError(
+                f"--grid {item}: an axis is [LOSS:]KEY=V1,V2,..., e.g. lr=0.03,0.1 or "
+                "drainage:loss_params.alpha=0.5,1"
+            )
         axes.append((owner or None, key, [json_or_word(v) for v in values.split(",")]))
     return axes
 
@@ -109,8 +112,12 @@ class PlannedRun:
     def labels(self) -> dict:
         """loss, params (the grid point's tag), noise ("TYPE:RATE") and seed, as report rows name them."""
         kind, rate = self.noise
-        return {"loss": self.loss, "params": point_tag(self.point), "noise": f"{kind}:{rate:g}",
-                "seed": self.seed}
+        return {
+            "loss": self.loss,
+            "params": point_tag(self.point),
+            "noise": f"{kind}:{rate:g}",
+            "seed": self.seed,
+        }
 
     @property
     def folder(self) -> Path:
@@ -119,8 +126,16 @@ class PlannedRun:
         return Path(f"{self.loss}[{point_tag(self.point)}]" if self.point else self.loss) / f"{kind}{rate:g}"
 
 
-def plan_runs(dataset: str, losses: list[str], noises: list[tuple[str, float]], seeds: list[int], *,
-              tuning: bool = False, grid: list[str] = (), overrides: list[str] = ()) -> list[PlannedRun]:
+def plan_runs(
+    dataset: str,
+    losses: list[str],
+    noises: list[tuple[str, float]],
+    seeds: list[int],
+    *,
+    tuning: bool = False,
+    grid: list[str] = (),
+    overrides: list[str] = (),
+) -> list[PlannedRun]:
     """Every loss x grid point x noise x seed as a validated config (a UserError for any mistake)."""
     axes = parse_grid(list(grid))
     plan = []
@@ -128,15 +143,26 @@ def plan_runs(dataset: str, losses: list[str], noises: list[tuple[str, float]], 
         for point in grid_points(loss, axes):
             for kind, rate in noises:
                 for seed in seeds:
-                    cfg = config_for(dataset, loss, [
-                        f"noise_type={kind}", f"noise_rate={rate}", f"seed={seed}", f"tuning={tuning}",
-                        "checkpoint=false", *overrides, *point_overrides(point)])
+                    cfg = config_for(
+                        dataset,
+                        loss,
+                        [
+                            f"noise_type={kind}",
+                            f"noise_rate={rate}",
+                            f"seed={seed}",
+                            f"tuning={tuning}",
+                            "checkpoint=false",
+                            *overrides,
+                            *point_overrides(point),
+                        ],
+                    )
                     plan.append(PlannedRun(loss, point, (kind, rate), seed, cfg))
     return plan
 
 
-def best_points(agg: list[dict], group: str, metric: str,
-                keep: Callable[[dict], bool] = lambda row: True) -> dict[str, tuple[str, float]]:
+def best_points(
+    agg: list[dict], group: str, metric: str, keep: Callable[[dict], bool] = lambda row: True
+) -> dict[str, tuple[str, float]]:
     """group value (a loss, a method) -> (grid point tag, score): the "params" whose kept aggregated rows
     have the highest mean `metric` (over the noise settings, for a sweep); the first such point on a tie."""
     chosen = {}

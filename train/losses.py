@@ -53,8 +53,8 @@ from drainage_fast import fused_drainage_loss
 from .run_dirs import UserError
 
 RCE_LOG_FLOOR = -math.log(1e-4)  # -log of the clamped zero entries of the one-hot target
-PROB_FLOOR = 1e-7                 # the clamp every implementation applies before log / pow
-DETACH = "detach_focal_weight"    # the focal family's switch (module docstring)
+PROB_FLOOR = 1e-7  # the clamp every implementation applies before log / pow
+DETACH = "detach_focal_weight"  # the focal family's switch (module docstring)
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -176,8 +176,13 @@ class NormalizedNegativeCrossEntropy(nn.Module):
 class NormalizedNegativeFocalLoss(nn.Module):
     """NNFL; detach_focal_weight: see the module docstring (true: the official gradient)."""
 
-    def __init__(self, num_classes: int, gamma: float = 0.5, min_prob: float = PROB_FLOOR,
-                 detach_focal_weight: bool = True):
+    def __init__(
+        self,
+        num_classes: int,
+        gamma: float = 0.5,
+        min_prob: float = PROB_FLOOR,
+        detach_focal_weight: bool = True,
+    ):
         super().__init__()
         self.num_classes, self.gamma, self.log_min = num_classes, gamma, math.log(min_prob)
         self.A = -((1 - min_prob) ** gamma) * self.log_min  # FL at p = min_prob: the largest FL_k
@@ -223,8 +228,9 @@ class Drainage(nn.Module):
         self.alpha, self.beta, self.backend = alpha, beta, backend
 
     def forward(self, logits, target):
-        return fused_drainage_loss(logits, target, alpha=self.alpha, beta=self.beta, drainage_idx=-1,
-                                   backend=self.backend)
+        return fused_drainage_loss(
+            logits, target, alpha=self.alpha, beta=self.beta, drainage_idx=-1, backend=self.backend
+        )
 
 
 def _apl(active, passive):
@@ -281,12 +287,16 @@ def _anl_ce_er(C, alpha=1.0, beta=1.0, lamb=1.0, min_prob=PROB_FLOOR):
 # typo in a config fails loudly instead of silently training with a default.
 LOSSES = {
     "ce": (lambda C: CrossEntropy(), ()),
-    "fl": (lambda C, gamma=0.5, detach_focal_weight=True: FocalLoss(gamma, detach_focal_weight),
-           ("gamma", DETACH)),
+    "fl": (
+        lambda C, gamma=0.5, detach_focal_weight=True: FocalLoss(gamma, detach_focal_weight),
+        ("gamma", DETACH),
+    ),
     "mae": (_mae, ()),
     "gce": (lambda C, q=0.7: GeneralizedCrossEntropy(q), ("q",)),
-    "sce": (lambda C, alpha=0.1, beta=1.0: Weighted(CrossEntropy(), ReverseCrossEntropy(), alpha, beta),
-            ("alpha", "beta")),
+    "sce": (
+        lambda C, alpha=0.1, beta=1.0: Weighted(CrossEntropy(), ReverseCrossEntropy(), alpha, beta),
+        ("alpha", "beta"),
+    ),
     "rce": (_rce, ()),
     "nce": (_nce, ()),
     "nfl": (_nfl, ("gamma", DETACH)),
@@ -305,8 +315,10 @@ LOSSES = {
     "anl_ce": (_apl(_nce, _nnce), ("alpha", "beta", "min_prob")),
     "anl_fl": (_apl(_nfl, _nnfl), ("alpha", "beta", "gamma", "min_prob", DETACH)),
     "anl_ce_er": (_anl_ce_er, ("alpha", "beta", "lamb", "min_prob")),
-    "drainage": (lambda C, alpha=1.0, beta=None, backend="auto": Drainage(alpha, beta, backend),
-                 ("alpha", "beta", "backend")),
+    "drainage": (
+        lambda C, alpha=1.0, beta=None, backend="auto": Drainage(alpha, beta, backend),
+        ("alpha", "beta", "backend"),
+    ),
 }
 ALIASES = {"alpha_dl": "drainage"}  # the Drainage authors' name for it
 

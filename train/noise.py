@@ -46,12 +46,12 @@ class NoiseRecord:
     """What was done to the labels: enough to audit and reproduce it."""
 
     noise_type: str
-    noise_rate: float              # requested eta (ignored for human noise)
+    noise_rate: float  # requested eta (ignored for human noise)
     seed: int
     num_samples: int
-    realised_rate: float           # fraction of labels that differ from the clean ones
-    transition_counts: list        # (C, C): [clean][noisy] sample counts
-    source: str = ""               # generator / file the labels came from
+    realised_rate: float  # fraction of labels that differ from the clean ones
+    transition_counts: list  # (C, C): [clean][noisy] sample counts
+    source: str = ""  # generator / file the labels came from
     extra: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -67,9 +67,14 @@ def transition_counts(clean: np.ndarray, noisy: np.ndarray, num_classes: int) ->
 
 def _record(noise_type, rate, seed, clean, noisy, num_classes, source, **extra) -> NoiseRecord:
     return NoiseRecord(
-        noise_type=noise_type, noise_rate=float(rate), seed=int(seed), num_samples=len(clean),
+        noise_type=noise_type,
+        noise_rate=float(rate),
+        seed=int(seed),
+        num_samples=len(clean),
         realised_rate=float((clean != noisy).mean()) if len(clean) else 0.0,
-        transition_counts=transition_counts(clean, noisy, num_classes).tolist(), source=source, extra=extra,
+        transition_counts=transition_counts(clean, noisy, num_classes).tolist(),
+        source=source,
+        extra=extra,
     )
 
 
@@ -91,8 +96,10 @@ def asymmetric_transition(dataset: str, num_classes: int, rate: float) -> np.nda
             T[k, k], T[k, k - k % 5 + (k + 1) % 5] = 1 - rate, rate
         return T
     if not has_asymmetric_map(dataset):
-        raise UserError(f"noise_type=asym: no asymmetric flip map for dataset {dataset!r}; "
-                        f"have {sorted(ASYM_FLIPS)} and cifar100")
+        raise UserError(
+            f"noise_type=asym: no asymmetric flip map for dataset {dataset!r}; "
+            f"have {sorted(ASYM_FLIPS)} and cifar100"
+        )
     for src, dst in ASYM_FLIPS[dataset].items():
         T[src, src], T[src, dst] = 1 - rate, rate
     return T
@@ -109,7 +116,7 @@ def flip_exact_counts(labels: np.ndarray, T: np.ndarray, rng: np.random.Generato
                 continue
             # the 1e-9 keeps floor(0.4 * 50) from becoming 19 through 0.4 * 50 = 19.999...
             count = math.floor(T[i, j] * len(members) + 1e-9)
-            noisy[members[start:start + count]] = j
+            noisy[members[start : start + count]] = j
             start += count
     return noisy
 
@@ -123,7 +130,12 @@ def _truncated_normal(rng: np.random.Generator, mean: float, std: float, size: i
 
 
 def instance_dependent(
-    labels: np.ndarray, images: torch.Tensor, pixel_scale: float, num_classes: int, rate: float, seed: int,
+    labels: np.ndarray,
+    images: torch.Tensor,
+    pixel_scale: float,
+    num_classes: int,
+    rate: float,
+    seed: int,
     norm_std: float = INSTANCE_NORM_STD,
 ) -> tuple[np.ndarray, NoiseRecord]:
     """Xia et al. 2020 part-dependent noise. images: (N, ...) raw pixels, divided by pixel_scale -> [0, 1]."""
@@ -146,14 +158,31 @@ def instance_dependent(
     cdf = np.cumsum(probs, axis=1)
     u = rng.uniform(0, 1, n) * cdf[:, -1]
     noisy = (cdf < u[:, None]).sum(1).astype(labels.dtype)
-    record = _record("instance", rate, seed, labels, noisy, num_classes, "Xia et al. 2020 part-dependent",
-                     norm_std=norm_std, mean_flip_rate=float(flip_rate.mean()))
+    record = _record(
+        "instance",
+        rate,
+        seed,
+        labels,
+        noisy,
+        num_classes,
+        "Xia et al. 2020 part-dependent",
+        norm_std=norm_std,
+        mean_flip_rate=float(flip_rate.mean()),
+    )
     return noisy, record
 
 
 def apply_noise(
-    noise_type: str, rate: float, labels: np.ndarray, num_classes: int, *, dataset: str, seed: int,
-    images: torch.Tensor | None = None, pixel_scale: float = 255.0, human_labels: np.ndarray | None = None,
+    noise_type: str,
+    rate: float,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    dataset: str,
+    seed: int,
+    images: torch.Tensor | None = None,
+    pixel_scale: float = 255.0,
+    human_labels: np.ndarray | None = None,
     human_source: str = "",
 ) -> tuple[np.ndarray, NoiseRecord]:
     """Noisy labels for `labels` (clean, (N,) int64) and the record of what was done.

@@ -50,8 +50,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name}: CUDA is not available on this machine; use device=cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s), "
-                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise UserError(
+            f"device={name}: this machine has {torch.cuda.device_count()} GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
@@ -64,8 +66,9 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov) or Adam, as cfg says; shared with train/scale/loop.py."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
 
 
 def build_scheduler(cfg, optimizer):
@@ -91,15 +94,33 @@ def optimisation_step(cfg, loss: torch.Tensor, model: nn.Module, optimizer: torc
 class Trainer:
     """Trains `model` on `data` with `loss_fn` as cfg says; writes checkpoints and metrics to run_dir."""
 
-    def __init__(self, cfg, data: NoisyDataset, model: nn.Module, loss_fn: nn.Module, run_dir: Path,
-                 device: torch.device, logger, show_progress: bool = True):
+    def __init__(
+        self,
+        cfg,
+        data: NoisyDataset,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        run_dir: Path,
+        device: torch.device,
+        logger,
+        show_progress: bool = True,
+    ):
         self.cfg, self.data, self.loss_fn, self.run_dir, self.device, self.log = (
-            cfg, data, loss_fn, Path(run_dir), device, logger)
+            cfg,
+            data,
+            loss_fn,
+            Path(run_dir),
+            device,
+            logger,
+        )
         self.C = data.num_classes
         self.drainage = cfg.loss == "drainage"
         self.amp = cfg.amp and device.type == "cuda"
-        self.memory_format = (torch.channels_last if cfg.channels_last and device.type == "cuda"
-                              and data.train_x.dim() == 4 else torch.contiguous_format)
+        self.memory_format = (
+            torch.channels_last
+            if cfg.channels_last and device.type == "cuda" and data.train_x.dim() == 4
+            else torch.contiguous_format
+        )
         self.raw_model = model.to(device, memory_format=self.memory_format)
         self.model = torch.compile(model) if cfg.compile else model
         self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
@@ -113,8 +134,14 @@ class Trainer:
     # ---------------------------------------------------------------- inputs and forward passes
     def _inputs(self, raw: torch.Tensor, augment: bool) -> torch.Tensor:
         d = self.data
-        x = prepare_batch(raw, pixel_scale=d.pixel_scale, mean=d.mean, std=d.std, augment=d.augment,
-                          gen=self.gen if augment else None)
+        x = prepare_batch(
+            raw,
+            pixel_scale=d.pixel_scale,
+            mean=d.mean,
+            std=d.std,
+            augment=d.augment,
+            gen=self.gen if augment else None,
+        )
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     @torch.no_grad()
@@ -136,8 +163,9 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
         batches = order.split(cfg.batch_size)
-        bar = self._progress_bar(total=len(batches), desc=f"epoch {self.epoch + 1}", unit="batch",
-                                 delay=BATCH_BAR_DELAY_S)
+        bar = self._progress_bar(
+            total=len(batches), desc=f"epoch {self.epoch + 1}", unit="batch", delay=BATCH_BAR_DELAY_S
+        )
         for idx in batches:
             bar.update(1)
             if len(idx) < 2:  # BatchNorm cannot train on one sample; happens only for N = 1 mod batch
@@ -196,17 +224,31 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        atomic_save({
-            "epoch": self.epoch, "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(self.gen),
-            "history": self.history, "best": self.best, "config": asdict(self.cfg),
-        }, self.run_dir / CHECKPOINT)
+        atomic_save(
+            {
+                "epoch": self.epoch,
+                "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(self.gen),
+                "history": self.history,
+                "best": self.best,
+                "config": asdict(self.cfg),
+            },
+            self.run_dir / CHECKPOINT,
+        )
 
     def save_best(self) -> None:
-        atomic_save({"epoch": self.epoch, "eval_acc": self.best["eval_acc"],
-                     "eval_split": self.data.eval_split,
-                     "model": self.raw_model.state_dict(), "config": asdict(self.cfg)}, self.run_dir / BEST)
+        atomic_save(
+            {
+                "epoch": self.epoch,
+                "eval_acc": self.best["eval_acc"],
+                "eval_split": self.data.eval_split,
+                "model": self.raw_model.state_dict(),
+                "config": asdict(self.cfg),
+            },
+            self.run_dir / BEST,
+        )
 
     def load_state(self, state: dict) -> None:
         """Continues from a checkpoint's state (checkpoint.read_checkpoint(run_dir / CHECKPOINT)).
@@ -244,12 +286,14 @@ class Trainer:
         cfg = self.cfg
         if state is not None:
             self.load_state(state)
-            self.log.info(f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} of "
-                          f"{cfg.epochs}")
+            self.log.info(
+                f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} of {cfg.epochs}"
+            )
         metrics = MetricsLog(self.run_dir, tb=cfg.tb, history=self.history)
         last = min(cfg.epochs, stop_after or cfg.epochs)
-        bar = self._progress_bar(total=cfg.epochs, initial=self.epoch, desc=f"{cfg.loss} on {cfg.dataset}",
-                                 unit="epoch")
+        bar = self._progress_bar(
+            total=cfg.epochs, initial=self.epoch, desc=f"{cfg.loss} on {cfg.dataset}", unit="epoch"
+        )
         start = time.perf_counter()
         try:
             while self.epoch < last:
@@ -259,8 +303,10 @@ class Trainer:
                     bar.set_postfix(acc=f"{row['eval_acc']:.3f}", loss=f"{row['train_loss']:.3f}")
                 bar.update(1)
         except KeyboardInterrupt:
-            self.log.warning(f"interrupted during epoch {self.epoch + 1}; the checkpoint holds epoch "
-                             f"{self.epoch}. Continue with: python -m train run --resume {self.run_dir}")
+            self.log.warning(
+                f"interrupted during epoch {self.epoch + 1}; the checkpoint holds epoch "
+                f"{self.epoch}. Continue with: python -m train run --resume {self.run_dir}"
+            )
             raise
         finally:
             bar.close()
@@ -281,8 +327,12 @@ class Trainer:
                 self.best = {"eval_acc": row["eval_acc"], "epoch": self.epoch}
                 if cfg.checkpoint:
                     self.save_best()
-            row.update(best_eval_acc=self.best["eval_acc"], best_epoch=self.best["epoch"],
-                       epoch_s=time.perf_counter() - t0, elapsed_s=time.perf_counter() - start)
+            row.update(
+                best_eval_acc=self.best["eval_acc"],
+                best_epoch=self.best["epoch"],
+                epoch_s=time.perf_counter() - t0,
+                elapsed_s=time.perf_counter() - start,
+            )
             self.history.append(row)
             # every evaluation goes to train.log; the console gets about ten of them per run
             every = max(1, cfg.epochs // 10)
@@ -294,9 +344,14 @@ class Trainer:
 
 
 def format_row(row: dict, epochs: int) -> str:
-    parts = [f"epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}",
-             (f"{row['eval_split']} acc {row['eval_acc']:.2%} "
-              f"(best {row['best_eval_acc']:.2%} @{row['best_epoch']})")]
+    parts = [
+        f"epoch {row['epoch']:>3}/{epochs}",
+        f"loss {row['train_loss']:.4f}",
+        (
+            f"{row['eval_split']} acc {row['eval_acc']:.2%} "
+            f"(best {row['best_eval_acc']:.2%} @{row['best_epoch']})"
+        ),
+    ]
     if "pd_clean" in row:
         parts.append(f"p_d clean {row['pd_clean']:.3f} flipped {row['pd_flipped']:.3f}")
     if "eval_drained_frac" in row:
@@ -305,5 +360,3 @@ def format_row(row: dict, epochs: int) -> str:
         parts.append(f"memorized {row['memorized_frac']:.1%}")
     parts.append(f"lr {row['lr']:.4g} | {row['epoch_s']:.2f}s")
     return " | ".join(parts)
-
-

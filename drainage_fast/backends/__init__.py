@@ -35,7 +35,12 @@ class Backend(Protocol):
         GPU the targets are checked on the device (an assert, no host sync)."""
 
     def backward(
-        self, x3: torch.Tensor, target: torch.Tensor, row_terms: torch.Tensor, grad_rows: torch.Tensor, hp: Hyper
+        self,
+        x3: torch.Tensor,
+        target: torch.Tensor,
+        row_terms: torch.Tensor,
+        grad_rows: torch.Tensor,
+        hp: Hyper,
     ) -> torch.Tensor:
         """The gradient of sum_r grad_rows[r] * loss[r]; grad_rows may have any stride, 0 too. Per
         element (exp(z - shift) * c) * grad_rows[r], in that order (see forward_reduced)."""
@@ -53,8 +58,11 @@ class Backend(Protocol):
         1): gradcheck's second backward recomputes and compares exactly.
         """
 
-    def scale_(self, grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    def scale_(
+        self, grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None
+    ) -> torch.Tensor:
         """grad *= grad_out * pending (None: 1) in place; nothing to do on the device when it is 1."""
+
 
 # name -> module, in the order "auto" tries them on a GPU: it takes triton, else cuda, else reference for CUDA
 # tensors, and cpp, else reference on the CPU (where Triton runs only in its interpreter, for tests).

@@ -179,13 +179,32 @@ def _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, stride_k, COMPUTE: tl.conste
 
 @triton.jit
 def _drainage_fwd_kernel(
-    X_ptr, T_ptr, Loss_ptr, Stats_ptr, G_ptr, WS_ptr, Part_ptr, Out_ptr,  # data, see the flags
-    n_rows, K, S,  # shapes
-    x_stride_n, x_stride_s, x_stride_k, t_stride,  # input strides
-    g_stride_n, g_stride_s, g_stride_k,  # gradient strides (WRITE_GRAD)
-    drainage_idx, ignore_index,  # hyper-parameters; log(alpha), log(beta) as fp32 hi + lo pairs
-    log_alpha_hi, log_alpha_lo, log_beta_hi, log_beta_lo,
-    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    X_ptr,
+    T_ptr,
+    Loss_ptr,
+    Stats_ptr,
+    G_ptr,
+    WS_ptr,
+    Part_ptr,
+    Out_ptr,  # data, see the flags
+    n_rows,
+    K,
+    S,  # shapes
+    x_stride_n,
+    x_stride_s,
+    x_stride_k,
+    t_stride,  # input strides
+    g_stride_n,
+    g_stride_s,
+    g_stride_k,  # gradient strides (WRITE_GRAD)
+    drainage_idx,
+    ignore_index,  # hyper-parameters; log(alpha), log(beta) as fp32 hi + lo pairs
+    log_alpha_hi,
+    log_alpha_lo,
+    log_beta_hi,
+    log_beta_lo,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     LAYOUT: tl.constexpr,  # COLUMNS, TILE or STREAM (see triton_launch.py)
     WRITE_ROWS: tl.constexpr,  # per-row loss (R,) and row terms (4, R) = [shift, c, g_t, g_d]
     WRITE_GRAD: tl.constexpr,  # the gradient of the reduced loss, while the row is at hand
@@ -263,7 +282,15 @@ def _drainage_fwd_kernel(
                     tl.store(G_ptr + g_row + k * g_stride_k, g.to(G_ptr.dtype.element_ty), mask=row_ok)
             elif LAYOUT == 1:
                 g = _grad_tile(
-                    e, cols[None, :], t[:, None], d, c[:, None], g_t[:, None], g_d[:, None], kept[:, None], scale
+                    e,
+                    cols[None, :],
+                    t[:, None],
+                    d,
+                    c[:, None],
+                    g_t[:, None],
+                    g_d[:, None],
+                    kept[:, None],
+                    scale,
                 )
                 _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k)
             else:
@@ -272,8 +299,15 @@ def _drainage_fwd_kernel(
                 for k0 in range(0, K, BLOCK_K):
                     x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
                     g = _grad_tile(
-                        _exp_sub(x, shift[:, None]), (k0 + cols)[None, :], t[:, None], d,
-                        c[:, None], g_t[:, None], g_d[:, None], kept[:, None], scale,
+                        _exp_sub(x, shift[:, None]),
+                        (k0 + cols)[None, :],
+                        t[:, None],
+                        d,
+                        c[:, None],
+                        g_t[:, None],
+                        g_d[:, None],
+                        kept[:, None],
+                        scale,
                     )
                     _store_tile(G_ptr, g, g_row, row_ok, k0 + cols, K, g_stride_k)
 
@@ -299,8 +333,9 @@ def _drainage_fwd_kernel(
 
 
 @triton.jit(debug=True)  # debug: the device-side assert is compiled in (this kernel only)
-def _targets_kernel(T_ptr, WS_ptr, n, t_stride, K, drainage_idx, ignore_index, COUNT: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _targets_kernel(
+    T_ptr, WS_ptr, n, t_stride, K, drainage_idx, ignore_index, COUNT: tl.constexpr, BLOCK: tl.constexpr
+):
     """Asserts that every target is ignore_index or in [0, K) and != drainage_idx; with COUNT adds
     the kept targets into WS_ptr[0] (an integer atomic: the sum does not depend on the order).
 
@@ -320,12 +355,27 @@ def _targets_kernel(T_ptr, WS_ptr, n, t_stride, K, drainage_idx, ignore_index, C
 
 @triton.jit
 def _drainage_bwd_kernel(
-    X_ptr, T_ptr, Stats_ptr, DY_ptr, G_ptr,  # data
-    n_rows, K, S,  # shapes
-    x_stride_n, x_stride_s, x_stride_k, t_stride, dy_stride,  # input strides (dy_stride may be 0)
-    g_stride_n, g_stride_s, g_stride_k,  # gradient strides
-    drainage_idx, ignore_index,
-    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+    X_ptr,
+    T_ptr,
+    Stats_ptr,
+    DY_ptr,
+    G_ptr,  # data
+    n_rows,
+    K,
+    S,  # shapes
+    x_stride_n,
+    x_stride_s,
+    x_stride_k,
+    t_stride,
+    dy_stride,  # input strides (dy_stride may be 0)
+    g_stride_n,
+    g_stride_s,
+    g_stride_k,  # gradient strides
+    drainage_idx,
+    ignore_index,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
     """grad[r, k] = g[r, k] * dy[r]: elementwise, a 2-D grid of (row block, column block) tiles."""
     d = tl.cast(drainage_idx, tl.int32)
@@ -344,8 +394,15 @@ def _drainage_bwd_kernel(
 
     x = _load_tile(X_ptr, _row_start(rows, S, x_stride_n, x_stride_s), row_ok, cols, K, x_stride_k, COMPUTE)
     g = _grad_tile(
-        _exp_sub(x, shift[:, None]), cols[None, :], t[:, None], d,
-        c[:, None], g_t[:, None], g_d[:, None], kept[:, None], dy[:, None],
+        _exp_sub(x, shift[:, None]),
+        cols[None, :],
+        t[:, None],
+        d,
+        c[:, None],
+        g_t[:, None],
+        g_d[:, None],
+        kept[:, None],
+        dy[:, None],
     )
     _store_tile(G_ptr, g, _row_start(rows, S, g_stride_n, g_stride_s), row_ok, cols, K, g_stride_k)
 

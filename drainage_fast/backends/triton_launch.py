@@ -167,8 +167,16 @@ def _launch_targets(target: torch.Tensor, K: int, hp: Hyper, workspace: torch.Te
     block = 4096
     with _device_guard(target):
         _targets_kernel[(triton.cdiv(n, block),)](
-            target, workspace, n, target.stride(0), K, hp.drainage_idx, hp.ignore_index,
-            COUNT=count, BLOCK=block, maxnreg=_max_registers(4),
+            target,
+            workspace,
+            n,
+            target.stride(0),
+            K,
+            hp.drainage_idx,
+            hp.ignore_index,
+            COUNT=count,
+            BLOCK=block,
+            maxnreg=_max_registers(4),
         )
 
 
@@ -183,14 +191,33 @@ def _launch_forward(x3, target, hp: Hyper, *, rows=None, grad3=None, reduce=0, w
     loss, stats = rows if rows is not None else (None, None)
     with _device_guard(x3):
         _drainage_fwd_kernel[(grid,)](
-            x3, target, loss, stats, grad3, workspace, partials, out,
-            R, K, S,
-            *x3.stride(), target.stride(0),
+            x3,
+            target,
+            loss,
+            stats,
+            grad3,
+            workspace,
+            partials,
+            out,
+            R,
+            K,
+            S,
+            *x3.stride(),
+            target.stride(0),
             *(grad3.stride() if grad3 is not None else (0, 0, 0)),
-            hp.drainage_idx, hp.ignore_index, *_hi_lo(hp.log_alpha), *_hi_lo(hp.log_beta),
-            BLOCK_ROWS=cfg.block_rows, BLOCK_K=cfg.block_k, LAYOUT=cfg.layout,
-            WRITE_ROWS=rows is not None, WRITE_GRAD=grad3 is not None, REDUCE=reduce,
-            COMPUTE=_compute_dtype(x3.dtype), num_warps=cfg.num_warps, maxnreg=_max_registers(cfg.num_warps),
+            hp.drainage_idx,
+            hp.ignore_index,
+            *_hi_lo(hp.log_alpha),
+            *_hi_lo(hp.log_beta),
+            BLOCK_ROWS=cfg.block_rows,
+            BLOCK_K=cfg.block_k,
+            LAYOUT=cfg.layout,
+            WRITE_ROWS=rows is not None,
+            WRITE_GRAD=grad3 is not None,
+            REDUCE=reduce,
+            COMPUTE=_compute_dtype(x3.dtype),
+            num_warps=cfg.num_warps,
+            maxnreg=_max_registers(cfg.num_warps),
         )
 
 
@@ -214,13 +241,25 @@ def _launch_backward(x3, target, stats, grad_rows, hp: Hyper):
     cfg = _backward_config(K, x3.dtype)
     with _device_guard(x3):
         _drainage_bwd_kernel[(triton.cdiv(R, cfg.block_rows), triton.cdiv(K, cfg.block_k))](
-            x3, target, stats, grad_rows, grad3,
-            R, K, S,
-            *x3.stride(), target.stride(0), grad_rows.stride(0),
+            x3,
+            target,
+            stats,
+            grad_rows,
+            grad3,
+            R,
+            K,
+            S,
+            *x3.stride(),
+            target.stride(0),
+            grad_rows.stride(0),
             *grad3.stride(),
-            hp.drainage_idx, hp.ignore_index,
-            BLOCK_ROWS=cfg.block_rows, BLOCK_K=cfg.block_k,
-            COMPUTE=_compute_dtype(x3.dtype), num_warps=cfg.num_warps, maxnreg=_max_registers(cfg.num_warps),
+            hp.drainage_idx,
+            hp.ignore_index,
+            BLOCK_ROWS=cfg.block_rows,
+            BLOCK_K=cfg.block_k,
+            COMPUTE=_compute_dtype(x3.dtype),
+            num_warps=cfg.num_warps,
+            maxnreg=_max_registers(cfg.num_warps),
         )
     return grad3
 
@@ -279,8 +318,12 @@ def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | N
 
 @torch.library.custom_op("drainage_fast::triton_forward", mutates_args=())
 def _forward_op(
-    x3: torch.Tensor, target: torch.Tensor, log_alpha: float, log_beta: float,
-    drainage_idx: int, ignore_index: int,
+    x3: torch.Tensor,
+    target: torch.Tensor,
+    log_alpha: float,
+    log_beta: float,
+    drainage_idx: int,
+    ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward_rows(x3, target, Hyper(log_alpha, log_beta, drainage_idx, ignore_index))
 
@@ -293,8 +336,12 @@ def _(x3, target, log_alpha, log_beta, drainage_idx, ignore_index):
 
 @torch.library.custom_op("drainage_fast::triton_backward", mutates_args=())
 def _backward_op(
-    x3: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, grad_rows: torch.Tensor,
-    drainage_idx: int, ignore_index: int,
+    x3: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    grad_rows: torch.Tensor,
+    drainage_idx: int,
+    ignore_index: int,
 ) -> torch.Tensor:
     hp = Hyper(0.0, 0.0, drainage_idx, ignore_index)  # the backward needs no alpha / beta
     return _launch_backward(x3, target, stats, grad_rows, hp)

@@ -120,12 +120,14 @@ def test_a_file_damaged_after_the_check_stops_dali_with_one_line(tmp_path):
     from train.scale.dali_pipeline import DaliTrainLoader
 
     root = tmp_path / "tree"
-    make_webvision_tree(root, train_per_class=1, extra_classes=0, val_per_class=1, size=SIZE, missing=0,
-                        corrupt=0)
+    make_webvision_tree(
+        root, train_per_class=1, extra_classes=0, val_per_class=1, size=SIZE, missing=0, corrupt=0
+    )
     val = webvision_val(root)
     corrupt_file(val.root / val.paths[1], "garbage")
     loader = DaliTrainLoader(val, 8, _spec(), 1, 0, 1)
-    with pytest.raises(DataFileError,
-                       match=r"DALI could not decode a file of the list \(.+; DALI does not say"):
+    with pytest.raises(
+        DataFileError, match=r"DALI could not decode a file of the list \(.+; DALI does not say"
+    ):
         for _ in loader.epoch(0, np.arange(len(val))):  # raised at the first prefetch or while iterating
             pass

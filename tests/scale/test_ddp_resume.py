@@ -27,9 +27,21 @@ def setup(webvision_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     config = out / "tiny.json"
     config.write_text(json.dumps(TINY_CONFIG))
-    args = ["--config", str(config), "--data_root", str(webvision_tree[0]), "--arch", "tiny_convnet",
-            "--crop", "32",
-            "--resize", "36", "--out_dir", str(out), "--quiet"]
+    args = [
+        "--config",
+        str(config),
+        "--data_root",
+        str(webvision_tree[0]),
+        "--arch",
+        "tiny_convnet",
+        "--crop",
+        "32",
+        "--resize",
+        "36",
+        "--out_dir",
+        str(out),
+        "--quiet",
+    ]
     run_module([*args, "--loader", "torch", "--workers", "0", "--name", "single"])
     return out, args
 
@@ -57,8 +69,18 @@ def test_two_gloo_processes_match_one_process(setup):
 def test_killed_run_resumes_on_another_world_size(setup):
     out, args = setup
     run_dir = out / "killed"
-    env_cmd = [sys.executable, "-m", "train.imagenet_scale", *args, "--loader", "torch", "--workers", "0",
-               "--name", "killed"]
+    env_cmd = [
+        sys.executable,
+        "-m",
+        "train.imagenet_scale",
+        *args,
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--name",
+        "killed",
+    ]
     proc = subprocess.Popen(env_cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not (run_dir / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -84,8 +106,9 @@ def test_killed_run_resumes_on_another_world_size(setup):
 @needs_dali
 def test_two_process_dali_run_counts_every_eval_image_once(setup, webvision_tree):
     out, args = setup
-    run_module([*args, "--loader", "dali", "--workers", "1", "--name", "dali_ddp", "--set", "epochs=1"],
-               torchrun=2)
+    run_module(
+        [*args, "--loader", "dali", "--workers", "1", "--name", "dali_ddp", "--set", "epochs=1"], torchrun=2
+    )
     row = torch.load(out / "dali_ddp" / "last.pt", weights_only=True)["history"][-1]
     assert row["webvision_val_n"] == webvision_tree[1]["val"] and row["ilsvrc12_val_n"] == 50
     assert 96 - 2 * 8 < row["train_images"] <= 96 and row["train_images"] % 16 == 0

@@ -16,8 +16,15 @@ TINY = ["--allow-cpu", "--batch", "2", "--size", "32", "--steps", "1", "--warmup
 
 def run_script(args, timeout=300, **env):
     command = [sys.executable, "benchmarks/gpu_resnet50_step.py", *args]
-    return subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_gpu_step_script_writes_json_and_markdown(tmp_path):

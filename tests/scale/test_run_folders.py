@@ -65,8 +65,9 @@ def test_runs_started_together_with_the_default_name_get_their_own_folders(webvi
         assert "could not be decoded, replaced by other training images" in log
     # --quiet: nothing but the result line
     assert sorted(stdout for _, stdout, _ in results) == sorted(
-        f"done: selected epoch 1 on webvision_val (top-1 {stdout.split('(top-1 ')[1]}" for _, stdout,
-        _ in results)
+        f"done: selected epoch 1 on webvision_val (top-1 {stdout.split('(top-1 ')[1]}"
+        for _, stdout, _ in results
+    )
     assert all(len(stdout.splitlines()) == 1 and stdout.startswith("done: ") for _, stdout, _ in results)
 
 
@@ -76,9 +77,12 @@ def test_default_names_of_the_same_second_get_suffixes(tmp_path, monkeypatch):
     first, second = (start.claim(cfg, ScaleOptions(), SINGLE, overwrite=False) for _ in range(2))
     assert re.fullmatch(r"20990101-000000-webvision-drainage-s1-[0-9a-f]{6}", first.name)
     assert second.name == f"{first.name}-2"
-    other = start.claim(load_config(None, ["dataset=webvision", f"out_dir={tmp_path}", "lr=0.5"]),
-                        ScaleOptions(),
-                        SINGLE, overwrite=False)
+    other = start.claim(
+        load_config(None, ["dataset=webvision", f"out_dir={tmp_path}", "lr=0.5"]),
+        ScaleOptions(),
+        SINGLE,
+        overwrite=False,
+    )
     assert other.name.startswith("20990101-000000-webvision-drainage-s1-")
     assert other.name[:-7] == first.name[:-7]
     assert other.name != first.name  # the config hash tells runs of other settings apart
@@ -103,8 +107,9 @@ def test_an_existing_name_is_refused_and_replaced_only_with_overwrite(tiny, caps
     assert status == 0 and out_text.startswith("done: ") and len(out_text.splitlines()) == 1
     assert json.loads((out / "taken" / "config.json").read_text())["epochs"] == 1
     run_files = {p.name for p in (out / "taken").iterdir()}
-    assert {"last.pt", "best.pt",
-            "summary.json"} <= run_files and not any(n.endswith(".tmp") for n in run_files)
+    assert {"last.pt", "best.pt", "summary.json"} <= run_files and not any(
+        n.endswith(".tmp") for n in run_files
+    )
     # the checkpoints load weights-only; the list checks' cache is outside the run and source folders
     assert torch.load(out / "taken" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (out / "list_checks").exists() and any(default_cache_dir().iterdir())
@@ -133,15 +138,20 @@ def test_interrupted_run_resumes_with_the_overrides_it_can_take(tiny, capsys, mo
     status, stdout, err = run_main([*args, "--name", "r"], capsys)
     run = out / "r"
     assert status == 130
-    assert f"interrupted after epoch 1; continue with: python -m train.imagenet_scale --resume {run}" \
+    assert (
+        f"interrupted after epoch 1; continue with: python -m train.imagenet_scale --resume {run}"
         in stdout + err
+    )
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.undo()
 
     status, stdout, _ = run_main(["--resume", str(run), "--set", "epochs=3", "--quiet"], capsys)
     assert status == 0 and stdout.startswith("done: ")
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2,
-                                                                                                        3]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
     assert json.loads((run / "config.json").read_text())["epochs"] == 3  # the folder says what the run did
     assert "resumed with changes: epochs 2 -> 3" in (run / "train.log").read_text()
 
@@ -181,32 +191,50 @@ def _valid_checkpoint() -> bytes:
 
 # (flags from (data tree, out_dir), what the one line must say)
 MISTAKES = {
-    "missing list file": (lambda tree, out: ["--config", "webvision_drainage", "--data_root",
-                                             str(_empty_dir(out))],
-                          ["--data_root", "list file not found", "info/train_filelist_google.txt",
-                           "a webvision root holds"]),
-    "unknown config": (lambda tree, out: ["--config", "nosuch"],
-                       ["--config nosuch: no such preset or .json file; presets: clothing1m_drainage"]),
-    "resume of a missing folder": (lambda tree, out: ["--resume", str(out / "nowhere")],
-                                   ["no such run folder"]),
-    "resume without a checkpoint": (lambda tree, out: _resume_folder(out, None),
-                                    ["no last.pt; the run stopped before its first epoch ended"]),
+    "missing list file": (
+        lambda tree, out: ["--config", "webvision_drainage", "--data_root", str(_empty_dir(out))],
+        ["--data_root", "list file not found", "info/train_filelist_google.txt", "a webvision root holds"],
+    ),
+    "unknown config": (
+        lambda tree, out: ["--config", "nosuch"],
+        ["--config nosuch: no such preset or .json file; presets: clothing1m_drainage"],
+    ),
+    "resume of a missing folder": (
+        lambda tree, out: ["--resume", str(out / "nowhere")],
+        ["no such run folder"],
+    ),
+    "resume without a checkpoint": (
+        lambda tree, out: _resume_folder(out, None),
+        ["no last.pt; the run stopped before its first epoch ended"],
+    ),
     "resume of an empty checkpoint": (lambda tree, out: _resume_folder(out, b""), ["last.pt cannot be read"]),
-    "resume of a truncated checkpoint": (lambda tree, out: _resume_folder(out, _valid_checkpoint()[:300]),
-                                         ["last.pt cannot be read"]),
-    "resume of a garbage checkpoint": (lambda tree, out: _resume_folder(out, b"not a checkpoint" * 10),
-                                       ["last.pt cannot be read"]),
-    "resume of a foreign checkpoint": (lambda tree, out: _resume_folder(out, _valid_checkpoint()),
-                                       ["is not a checkpoint of this trainer", "optimizer"]),
+    "resume of a truncated checkpoint": (
+        lambda tree, out: _resume_folder(out, _valid_checkpoint()[:300]),
+        ["last.pt cannot be read"],
+    ),
+    "resume of a garbage checkpoint": (
+        lambda tree, out: _resume_folder(out, b"not a checkpoint" * 10),
+        ["last.pt cannot be read"],
+    ),
+    "resume of a foreign checkpoint": (
+        lambda tree, out: _resume_folder(out, _valid_checkpoint()),
+        ["is not a checkpoint of this trainer", "optimizer"],
+    ),
     "global batch larger than the data": (
         lambda tree, out: tiny_run_args(tree, out, batch_size=512),
-        ["config batch_size=512 (global): there are only 97 usable training images",
-         "batch_size=N with N <= 97"]),
-    "bf16 input on the CPU": (lambda tree, out: [*tiny_run_args(tree, out), "--input_dtype", "bf16"],
-                              ["--input_dtype bf16: needs CUDA with amp=true",
-                               "accepted here: auto or fp32"]),
-    "a config value out of range": (lambda tree, out: [*tiny_run_args(tree, out), "--set", "epochs=0"],
-                                    ["epochs=0: must be an integer >= 1"]),
+        [
+            "config batch_size=512 (global): there are only 97 usable training images",
+            "batch_size=N with N <= 97",
+        ],
+    ),
+    "bf16 input on the CPU": (
+        lambda tree, out: [*tiny_run_args(tree, out), "--input_dtype", "bf16"],
+        ["--input_dtype bf16: needs CUDA with amp=true", "accepted here: auto or fp32"],
+    ),
+    "a config value out of range": (
+        lambda tree, out: [*tiny_run_args(tree, out), "--set", "epochs=0"],
+        ["epochs=0: must be an integer >= 1"],
+    ),
 }
 
 

@@ -41,8 +41,9 @@ def test_eval_batches_cover_every_index_once():
 
 
 def test_samples_are_seeded_by_epoch_and_index(webvision_tree):
-    dataset = ImageListDataset(webvision_val(webvision_tree[0]), TrainTransform(32, color_jitter=True),
-                               seed=3)
+    dataset = ImageListDataset(
+        webvision_val(webvision_tree[0]), TrainTransform(32, color_jitter=True), seed=3
+    )
     a, label, bad = dataset[(1, 4)]
     assert a.shape == (32, 32, 3) and a.dtype == torch.uint8 and label == dataset.labels[4] and bad == -1
     assert torch.equal(a, dataset[(1, 4)][0]) and not torch.equal(a, dataset[(2, 4)][0])
@@ -50,8 +51,9 @@ def test_samples_are_seeded_by_epoch_and_index(webvision_tree):
 
 def test_eval_loader_with_workers_returns_every_image(webvision_tree):
     val = webvision_val(webvision_tree[0])
-    loader = TorchEvalLoader(val, EvalTransform(32, 36), batch=16, rank=0, world_size=1, workers=2,
-                             pin_memory=False)
+    loader = TorchEvalLoader(
+        val, EvalTransform(32, 36), batch=16, rank=0, world_size=1, workers=2, pin_memory=False
+    )
     labels = torch.cat([y for _, y in loader])
     images = next(iter(loader))[0]
     assert images.shape == (16, 32, 32, 3) and labels.tolist() == val.labels.tolist()
@@ -61,32 +63,37 @@ def test_a_file_damaged_after_the_check_is_replaced_in_training_and_left_out_in_
     # The list check ran before; the files broke since. Training keeps every batch whole (DDP ranks must
     # agree on the step count and torch.compile on the shape), evaluation counts only what it decoded.
     root = tmp_path / "tree"
-    make_webvision_tree(root, train_per_class=1, extra_classes=0, val_per_class=1, size=(36, 48), missing=0,
-                        corrupt=0)
+    make_webvision_tree(
+        root, train_per_class=1, extra_classes=0, val_per_class=1, size=(36, 48), missing=0, corrupt=0
+    )
     val = webvision_val(root)
     corrupt_file(val.root / val.paths[2], "garbage")
     (val.root / val.paths[5]).unlink()
-    train = TorchTrainLoader(val, TrainTransform(32), global_batch=10, seed=0, rank=0, world_size=1,
-                             workers=0,
-                             pin_memory=False)
+    train = TorchTrainLoader(
+        val, TrainTransform(32), global_batch=10, seed=0, rank=0, world_size=1, workers=0, pin_memory=False
+    )
     batches = train.epoch(0, np.arange(len(val)))
     assert [len(labels) for _, labels in batches] == [10] * 5 and sorted(batches.bad_files) == [2, 5]
-    evaluation = TorchEvalLoader(val, EvalTransform(32, 36), batch=16, rank=0, world_size=1, workers=1,
-                                 pin_memory=False)
+    evaluation = TorchEvalLoader(
+        val, EvalTransform(32, 36), batch=16, rank=0, world_size=1, workers=1, pin_memory=False
+    )
     labels = torch.cat([y for _, y in evaluation])
-    assert labels.tolist() == np.delete(val.labels, [2, 5]).tolist() and sorted(evaluation.bad_files) == [2,
-                                                                                                          5]
+    assert labels.tolist() == np.delete(val.labels, [2, 5]).tolist() and sorted(evaluation.bad_files) == [
+        2,
+        5,
+    ]
 
 
 def test_training_stops_with_one_line_when_no_file_can_be_read(tmp_path):
     root = tmp_path / "tree"
-    make_webvision_tree(root, train_per_class=1, extra_classes=0, val_per_class=1, size=(36, 48), missing=0,
-                        corrupt=0)
+    make_webvision_tree(
+        root, train_per_class=1, extra_classes=0, val_per_class=1, size=(36, 48), missing=0, corrupt=0
+    )
     val = webvision_val(root)
     for path in val.paths:
         (val.root / path).unlink()  # the storage went away
-    train = TorchTrainLoader(val, TrainTransform(32), global_batch=10, seed=0, rank=0, world_size=1,
-                             workers=0,
-                             pin_memory=False)
+    train = TorchTrainLoader(
+        val, TrainTransform(32), global_batch=10, seed=0, rank=0, world_size=1, workers=0, pin_memory=False
+    )
     with pytest.raises(DataFileError, match="could not be decoded: is the storage under .* still readable"):
         next(iter(train.epoch(0, np.arange(len(val)))))

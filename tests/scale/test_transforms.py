@@ -105,9 +105,16 @@ def test_eval_transform_matches_dali_eval_pipeline(webvision_tree):
 
     images = webvision_val(webvision_tree[0]).subset(np.arange(8))
     spec = PipelineSpec(crop=32, resize=36, decode_device="cpu", device_id=None, threads=1)
-    pipe = _eval_pipeline(files=images.absolute_paths(), labels=images.labels.tolist(), shard_id=0,
-                          num_shards=1,
-                          spec=spec, batch_size=8, num_threads=1, device_id=None)
+    pipe = _eval_pipeline(
+        files=images.absolute_paths(),
+        labels=images.labels.tolist(),
+        shard_id=0,
+        num_shards=1,
+        spec=spec,
+        batch_size=8,
+        num_threads=1,
+        device_id=None,
+    )
     pipe.build()
     out, labels = pipe.run()
     mean, std = np.array(T.IMAGENET_MEAN) * 255, np.array(T.IMAGENET_STD) * 255
@@ -149,12 +156,13 @@ def test_clothing1m_cutout_is_the_official_clipped_square_and_the_only_randomnes
     plain = T.CentreCropTrainTransform(OFFICIAL_CROP, OFFICIAL_RESIZE)(ramp_image(), np.random.default_rng(0))
     for seed in range(20):
         out = T.CentreCropTrainTransform(OFFICIAL_CROP, OFFICIAL_RESIZE, OFFICIAL_CUTOUT)(
-            ramp_image(), np.random.default_rng(seed))
+            ramp_image(), np.random.default_rng(seed)
+        )
         # the official Cutout: centre (y, x) uniform over the 224 x 224 image, rows clip(y - 56, 0, 224) to
         # clip(y + 56, 0, 224), the same for columns
         y, x = np.random.default_rng(seed).integers(0, OFFICIAL_CROP, size=2)
         mask = np.zeros((224, 224), bool)
-        mask[max(y - 56, 0):min(y + 56, 224), max(x - 56, 0):min(x + 56, 224)] = True
+        mask[max(y - 56, 0) : min(y + 56, 224), max(x - 56, 0) : min(x + 56, 224)] = True
         assert (out[mask] == T.mean_colour_uint8()).all() and np.array_equal(out[~mask], plain[~mask])
 
 
@@ -183,7 +191,8 @@ def test_clothing1m_runs_get_the_official_transforms(clothing_tree):
     assert loaders.train.dataset.transform == T.CentreCropTrainTransform(224, 256, cutout=112)
     assert {name: loader.dataset.transform for name, loader in loaders.evals.items()} == {
         "clothing1m_val": T.EvalTransform(224, 256, square=True),
-        "clothing1m_test": T.EvalTransform(224, 256, square=True)}
+        "clothing1m_test": T.EvalTransform(224, 256, square=True),
+    }
     assert spec.select == "clothing1m_val" and spec.report == "clothing1m_test"
 
 
@@ -193,13 +202,24 @@ def test_clothing1m_dali_pipelines_match_the_torch_transforms(clothing_tree):
     from train.scale.lists import clothing1m
 
     images = clothing1m(clothing_tree[0], "test").subset(np.arange(8))
-    spec = PipelineSpec(crop=32, resize=36, decode_device="cpu", device_id=None, threads=1,
-                        square_resize=True)
+    spec = PipelineSpec(
+        crop=32, resize=36, decode_device="cpu", device_id=None, threads=1, square_resize=True
+    )
     mean, std = np.array(T.IMAGENET_MEAN) * 255, np.array(T.IMAGENET_STD) * 255
     files, labels = images.absolute_paths(), list(range(8))  # label k: file k
     for graph, kw in ((_eval_pipeline, {}), (_train_pipeline, {"shuffle_seed": 3})):
-        pipe = graph(files=files, labels=labels, shard_id=0, num_shards=1, spec=spec, batch_size=8,
-                     num_threads=1, device_id=None, seed=0, **kw)
+        pipe = graph(
+            files=files,
+            labels=labels,
+            shard_id=0,
+            num_shards=1,
+            spec=spec,
+            batch_size=8,
+            num_threads=1,
+            device_id=None,
+            seed=0,
+            **kw,
+        )
         pipe.build()
         out, ids = pipe.run()
         for k in range(8):

@@ -42,8 +42,9 @@ def test_check_is_cached_per_list_and_level(webvision_tree, tmp_path):
     images = webvision_train(webvision_tree[0])
     first = check_list(images, "decode", SINGLE, tmp_path, threads=2)
     again = check_list(images, "decode", SINGLE, tmp_path, threads=2)
-    assert not first.cached and again.cached and (again.missing, again.corrupt) == (first.missing,
-                                                                                    first.corrupt)
+    assert (
+        not first.cached and again.cached and (again.missing, again.corrupt) == (first.missing, first.corrupt)
+    )
     assert "(cached check)" in describe(again, images)
     assert not check_list(images.subset(images.labels < 10), "decode", SINGLE, tmp_path, threads=1).cached
 
@@ -52,8 +53,9 @@ def test_cached_check_sees_files_damaged_or_deleted_since(tmp_path):
     # The cache was keyed by the list alone: a file damaged after the first check stayed "fine", and
     # the next run died mid-epoch. Now a changed size or modification time sends the file to the check.
     root = tmp_path / "tree"
-    make_webvision_tree(root, train_per_class=1, extra_classes=0, val_per_class=1, size=(36, 48), missing=0,
-                        corrupt=0)
+    make_webvision_tree(
+        root, train_per_class=1, extra_classes=0, val_per_class=1, size=(36, 48), missing=0, corrupt=0
+    )
     images = webvision_train(root)
     cache = tmp_path / "cache"
     assert check_list(images, "decode", SINGLE, cache, threads=2).bad == 0

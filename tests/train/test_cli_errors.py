@@ -34,8 +34,10 @@ MISTAKES = [  # (argv, what the one line must say)
     (["osr", "--seeds", "1", "1-2"], "argument --seeds: seed 1 given twice"),
     (["demo789", "--set"], "argument --set: expected at least one argument"),
     (["default", "--set"], "argument --set: expected at least one argument"),
-    (["sweep", "--seeds", "2", "--seed_start", "101"],
-     "--seed_start 101: gone; --seeds lists the seeds themselves, e.g. --seeds 101-105"),
+    (
+        ["sweep", "--seeds", "2", "--seed_start", "101"],
+        "--seed_start 101: gone; --seeds lists the seeds themselves, e.g. --seeds 101-105",
+    ),
     (["clean", "--noise", "asym:0.4", "sym"], "--noise sym: a noise setting is TYPE:RATE"),
     (["sweep", "--noise", "asym"], "--noise asym: a noise setting is TYPE:RATE"),
     (["sweep", "--set", "epochs=abc"], "epochs=abc: epochs takes an integer"),
@@ -63,6 +65,7 @@ def test_a_mistake_from_the_shell_has_no_traceback_and_the_backend_is_checked_on
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only UserError is a user's mistake: a ValueError from a bug must not be turned into exit status 2."""
+
     def bug(*args, **kwargs):
         raise ValueError("not a user's mistake")
 
@@ -72,11 +75,32 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
 
 def test_set_values_are_read_by_their_declared_type():
-    cfg = load_config("digits", ["tuning=no", "amp=OFF", "nesterov=Yes", "compile=0", "train_stats=on",
-                                 "deterministic=False", "epochs=7", "lr=1e-2", "pretrained=null", "name=123",
-                                 "optimizer=adam", "loss_params.alpha=0.5", 'loss_params={"alpha": 2}'])
+    cfg = load_config(
+        "digits",
+        [
+            "tuning=no",
+            "amp=OFF",
+            "nesterov=Yes",
+            "compile=0",
+            "train_stats=on",
+            "deterministic=False",
+            "epochs=7",
+            "lr=1e-2",
+            "pretrained=null",
+            "name=123",
+            "optimizer=adam",
+            "loss_params.alpha=0.5",
+            'loss_params={"alpha": 2}',
+        ],
+    )
     assert (cfg.tuning, cfg.amp, cfg.nesterov, cfg.compile, cfg.train_stats, cfg.deterministic) == (
-        False, False, True, False, True, False)
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+    )
     assert (cfg.epochs, cfg.lr, cfg.pretrained, cfg.name, cfg.optimizer) == (7, 0.01, None, "123", "adam")
     assert cfg.loss_params == {"alpha": 2} and isinstance(cfg.epochs, int)
     assert load_config("digits", {"tuning": "off", "epochs": 3}).tuning is False  # dict overrides alike
@@ -95,8 +119,12 @@ def test_a_noise_setting_needs_its_rate():
 def chunked_run(tmp_path_factory):
     """A run of 3 planned epochs stopped after 2 (lr 0.1, cosine), with its checkpoint."""
     tmp = tmp_path_factory.mktemp("resume")
-    assert run_here(["run", *TINY, "epochs=3", "lr=0.1", "--out_dir", str(tmp), "--name", "r",
-                     "--run_epochs", "2"]) == 0
+    assert (
+        run_here(
+            ["run", *TINY, "epochs=3", "lr=0.1", "--out_dir", str(tmp), "--name", "r", "--run_epochs", "2"]
+        )
+        == 0
+    )
     return tmp / "r"
 
 
@@ -111,8 +139,11 @@ def test_resume_of_a_damaged_checkpoint_is_a_sentence(chunked_run, tmp_path, cap
     if damage == "foreign":
         torch.save({"weights": torch.zeros(2)}, checkpoint)
     else:
-        checkpoint.write_bytes({"truncated": checkpoint.read_bytes()[:2000], "empty": b"",
-                                "garbage": b"not a checkpoint\n"}[damage])
+        checkpoint.write_bytes(
+            {"truncated": checkpoint.read_bytes()[:2000], "empty": b"", "garbage": b"not a checkpoint\n"}[
+                damage
+            ]
+        )
     before = {p: p.read_bytes() for p in run_dir.iterdir()}
     assert run_here(["run", "--resume", str(run_dir)]) == 2
     err = capsys.readouterr().err

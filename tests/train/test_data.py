@@ -29,8 +29,12 @@ def write_cifar10(root, per_batch=12, test=20, seed=0, protocol=2):
     for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", test)]:
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         y = rng.integers(0, 10, n).tolist()
-        batch = {"batch_label": f"{name} of 5", "labels": y, "data": data,
-                 "filenames": [f"img_{i}.png" for i in range(n)]}
+        batch = {
+            "batch_label": f"{name} of 5",
+            "labels": y,
+            "data": data,
+            "filenames": [f"img_{i}.png" for i in range(n)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
         images.append(data)
         labels.append(y)
@@ -67,8 +71,11 @@ def test_cifar100_uses_fine_labels(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name, n in [("train", 30), ("test", 10)]:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": list(range(n)),
-                 "coarse_labels": [i // 5 for i in range(n)]}
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": list(range(n)),
+            "coarse_labels": [i // 5 for i in range(n)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     raw = load_raw("cifar100", str(tmp_path), download=False)
     assert raw.num_classes == 100 and (raw.train_y == np.arange(30)).all()
@@ -83,8 +90,9 @@ class _Exploit:
 def test_cifar_unpickler_refuses_code(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({"data": _Exploit(), "labels": [0]}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError,
-                       match="refusing to load posix.system|refusing to load os.system"):
+    with pytest.raises(
+        pickle.UnpicklingError, match="refusing to load posix.system|refusing to load os.system"
+    ):
         read_batch(path)
 
 
@@ -99,10 +107,12 @@ def test_mnist_idx_files(tmp_path, gz):
     raw_dir = tmp_path / "MNIST" / "raw"
     raw_dir.mkdir(parents=True)
     rng = np.random.default_rng(2)
-    arrays = {"train-images-idx3-ubyte": (rng.integers(0, 256, (9, 28, 28)), 2051),
-              "train-labels-idx1-ubyte": (rng.integers(0, 10, 9), 2049),
-              "t10k-images-idx3-ubyte": (rng.integers(0, 256, (4, 28, 28)), 2051),
-              "t10k-labels-idx1-ubyte": (rng.integers(0, 10, 4), 2049)}
+    arrays = {
+        "train-images-idx3-ubyte": (rng.integers(0, 256, (9, 28, 28)), 2051),
+        "train-labels-idx1-ubyte": (rng.integers(0, 10, 9), 2049),
+        "t10k-images-idx3-ubyte": (rng.integers(0, 256, (4, 28, 28)), 2051),
+        "t10k-labels-idx1-ubyte": (rng.integers(0, 10, 4), 2049),
+    }
     for name, (array, magic) in arrays.items():
         write_idx(raw_dir / (name + (".gz" if gz else "")), array, magic)
     raw = load_raw("mnist", str(tmp_path), download=False)
@@ -129,8 +139,14 @@ def test_missing_files_name_the_expected_path(tmp_path):
 def write_cifar10n(root, clean, worse, numpy1_names=False):
     """CIFAR-10_human.pt as released: torch.save of a dict of numpy int64 arrays."""
     path = root / "CIFAR-10_human.pt"
-    torch.save({"clean_label": np.asarray(clean, np.int64), "worse_label": np.asarray(worse, np.int64),
-                "aggre_label": np.asarray(clean, np.int64)}, path)
+    torch.save(
+        {
+            "clean_label": np.asarray(clean, np.int64),
+            "worse_label": np.asarray(worse, np.int64),
+            "aggre_label": np.asarray(clean, np.int64),
+        },
+        path,
+    )
     if numpy1_names:  # rewrite the pickle inside the zip archive as numpy 1.x wrote it
         with zipfile.ZipFile(path) as zf:
             entries = {info.filename: zf.read(info) for info in zf.infolist()}
@@ -165,9 +181,10 @@ def fake_cifar(tmp_path):
 
 
 def cfg_for(root, **kw):
-    return load_config(None, {"dataset": "cifar10", "data_root": str(root), "download": False,
-                              "model": "cnn8",
-                              "seed": 4, **kw})
+    return load_config(
+        None,
+        {"dataset": "cifar10", "data_root": str(root), "download": False, "model": "cnn8", "seed": 4, **kw},
+    )
 
 
 @pytest.mark.parametrize("noise_type", ["none", "sym", "asym", "instance", "human"])
@@ -211,7 +228,7 @@ def test_random_crop_takes_a_window_of_the_padded_image():
     out = random_crop(x, 2, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for b in range(2):
-        windows = [padded[b, :, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        windows = [padded[b, :, i : i + 6, j : j + 6] for i in range(5) for j in range(5)]
         assert any(torch.equal(out[b], w) for w in windows)
 
 

@@ -15,24 +15,34 @@ from train.grid import best_points, config_for, grid_points, parse_grid, point_o
 def test_string_grid_values_that_start_like_json_words_stay_strings():
     """scheduler=cosine,none once crashed: values starting with t, f or n were handed to json.loads."""
     axes = parse_grid(["scheduler=cosine,none", "optimizer=sgd,adam", "nesterov=true,false"])
-    assert axes == [(None, "scheduler", ["cosine", "none"]), (None, "optimizer", ["sgd", "adam"]),
-                    (None, "nesterov", [True, False])]
+    assert axes == [
+        (None, "scheduler", ["cosine", "none"]),
+        (None, "optimizer", ["sgd", "adam"]),
+        (None, "nesterov", [True, False]),
+    ]
     cfgs = [config_for("digits", "ce", point_overrides(p)) for p in grid_points("ce", axes)]
     assert [(c.scheduler, c.optimizer, c.nesterov) for c in cfgs][:3] == [
-        ("cosine", "sgd", True), ("cosine", "sgd", False), ("cosine", "adam", True)]
+        ("cosine", "sgd", True),
+        ("cosine", "sgd", False),
+        ("cosine", "adam", True),
+    ]
     assert {c.scheduler for c in cfgs} == {"cosine", "none"}
 
 
 def test_best_points_averages_over_the_noise_settings_and_keeps_the_first_on_a_tie():
-    agg = [{"loss": "ce", "params": "lr=0.1", "noise": "a", "m": 0.9},
-           {"loss": "ce", "params": "lr=0.1", "noise": "b", "m": 0.5},
-           {"loss": "ce", "params": "lr=0.3", "noise": "a", "m": 0.8},
-           {"loss": "ce", "params": "lr=0.3", "noise": "b", "m": 0.8},
-           {"loss": "gce", "params": "q=0.7", "noise": "a", "m": 0.6},
-           {"loss": "gce", "params": "q=0.9", "noise": "a", "m": 0.6}]
+    agg = [
+        {"loss": "ce", "params": "lr=0.1", "noise": "a", "m": 0.9},
+        {"loss": "ce", "params": "lr=0.1", "noise": "b", "m": 0.5},
+        {"loss": "ce", "params": "lr=0.3", "noise": "a", "m": 0.8},
+        {"loss": "ce", "params": "lr=0.3", "noise": "b", "m": 0.8},
+        {"loss": "gce", "params": "q=0.7", "noise": "a", "m": 0.6},
+        {"loss": "gce", "params": "q=0.9", "noise": "a", "m": 0.6},
+    ]
     assert best_points(agg, "loss", "m") == {"ce": ("lr=0.3", 0.8), "gce": ("q=0.7", 0.6)}
-    assert best_points(agg, "loss", "m", keep=lambda a: a["noise"] == "a") == {"ce": ("lr=0.1", 0.9),
-                                                                               "gce": ("q=0.7", 0.6)}
+    assert best_points(agg, "loss", "m", keep=lambda a: a["noise"] == "a") == {
+        "ce": ("lr=0.1", 0.9),
+        "gce": ("q=0.7", 0.6),
+    }
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -47,8 +57,11 @@ def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def test_a_shared_flag_means_the_same_in_every_command():
     commands = subparsers()
     for flag in SHARED_FLAGS:
-        given = {name: flag_actions(p)[f"--{flag}"] for name,
-                 p in commands.items() if f"--{flag}" in flag_actions(p)}
+        given = {
+            name: flag_actions(p)[f"--{flag}"]
+            for name, p in commands.items()
+            if f"--{flag}" in flag_actions(p)
+        }
         assert len(given) >= 2, flag
         kinds = {(a.nargs, a.type, type(a).__name__, a.help, a.metavar) for a in given.values()}
         assert len(kinds) == 1, (flag, kinds)
@@ -70,15 +83,63 @@ def test_each_command_keeps_its_own_defaults():
 
 
 COMMAND_LINES = [
-    ["sweep", "--dataset", "digits", "--losses", "ce", "gce", "--noise", "asym:0.4", "sym:0.6", "--seeds",
-     "1-3",
-     "--tuning", "--grid", "lr=0.03,0.1", "gce:loss_params.q=0.7", "--set", "epochs=2",
-     'loss_params={"a": 1}'],
-    ["osr", "--dataset", "mnist", "--methods", "ce", "drainage", "--known", "5", "--splits", "0", "2",
-     "--seeds", "3", "--drainage_logit", "4.5", "--unknown_train", "relabel", "--set", "epochs=1"],
+    [
+        "sweep",
+        "--dataset",
+        "digits",
+        "--losses",
+        "ce",
+        "gce",
+        "--noise",
+        "asym:0.4",
+        "sym:0.6",
+        "--seeds",
+        "1-3",
+        "--tuning",
+        "--grid",
+        "lr=0.03,0.1",
+        "gce:loss_params.q=0.7",
+        "--set",
+        "epochs=2",
+        'loss_params={"a": 1}',
+    ],
+    [
+        "osr",
+        "--dataset",
+        "mnist",
+        "--methods",
+        "ce",
+        "drainage",
+        "--known",
+        "5",
+        "--splits",
+        "0",
+        "2",
+        "--seeds",
+        "3",
+        "--drainage_logit",
+        "4.5",
+        "--unknown_train",
+        "relabel",
+        "--set",
+        "epochs=1",
+    ],
     ["osr", "--split_files", "a.json", "b.json", "--seeds", "1", "2"],
-    ["clean", "--losses", "drainage", "--noise", "asym:0.2", "--seeds", "1", "5", "--ks", "5", "10",
-     "--grid", "drainage:loss_params.alpha=0.03,1"],
+    [
+        "clean",
+        "--losses",
+        "drainage",
+        "--noise",
+        "asym:0.2",
+        "--seeds",
+        "1",
+        "5",
+        "--ks",
+        "5",
+        "10",
+        "--grid",
+        "drainage:loss_params.alpha=0.03,1",
+    ],
     ["clean", "--runs", "runs/a b", "runs/c"],
     ["demo789", "--methods", "drainage", "--seeds", "1", "2", "--tuning", "--grid", "lr=0.01,0.1"],
 ]
@@ -96,8 +157,9 @@ def test_the_reproducing_command_reads_back_as_the_same_job(argv):
     assert words[:4] == ["python", "-m", "train", argv[0]]
     again = parser.parse_args(words[3:])
     ignored = {"runs_dir", "out", "title", "jobs", "seed_start"}
-    assert {k: v for k, v in vars(again).items() if k not in ignored} == \
-        {k: v for k, v in vars(args).items() if k not in ignored}
+    assert {k: v for k, v in vars(again).items() if k not in ignored} == {
+        k: v for k, v in vars(args).items() if k not in ignored
+    }
 
 
 def test_reproducing_command_leaves_out_what_is_not_given():

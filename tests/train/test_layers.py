@@ -40,8 +40,9 @@ def test_there_is_one_module_per_command():
     from train.cli import COMMANDS as REGISTERED
 
     assert {p.stem for p in command_modules()} == {"default", "run", "sweep", "osr", "clean", "demo789"}
-    assert {module for module,
-            _ in REGISTERED.values()} == {f"train.commands.{p.stem}" for p in command_modules()}
+    assert {module for module, _ in REGISTERED.values()} == {
+        f"train.commands.{p.stem}" for p in command_modules()
+    }
 
 
 @pytest.mark.parametrize("path", command_modules(), ids=lambda p: p.stem)
@@ -62,8 +63,10 @@ def test_the_import_reader_sees_relative_and_lazy_imports(tmp_path):
 def test_the_library_never_imports_a_command():
     """Only the dispatcher (train/cli.py, by name through importlib) knows the commands."""
     library = [p for p in TRAIN.rglob("*.py") if COMMANDS not in p.parents]
-    offenders = {str(p.relative_to(REPO)): sorted(m for m in imported_modules(p)
-                                                  if m.startswith("train.commands")) for p in library}
+    offenders = {
+        str(p.relative_to(REPO)): sorted(m for m in imported_modules(p) if m.startswith("train.commands"))
+        for p in library
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -79,9 +82,17 @@ HOMES = {
     "pyplot": "train/report/figures.py",
     "as_long": "train/data/core.py",
 }
-GONE = ("_as_long", "write_rows", "select_per_loss", "select_per_method", "_pd_histograms",
-        "_precision_panel",
-        "_save_figure", "_pyplot", "tuning_grid_set_flags")
+GONE = (
+    "_as_long",
+    "write_rows",
+    "select_per_loss",
+    "select_per_method",
+    "_pd_histograms",
+    "_precision_panel",
+    "_save_figure",
+    "_pyplot",
+    "tuning_grid_set_flags",
+)
 
 
 def definitions() -> dict[str, list[str]]:
@@ -103,12 +114,22 @@ def test_only_the_grid_helper_writes_a_reproducing_command():
     """demo789 once wrote its command line by hand; every command now asks grid.reproducing_command."""
     for path in command_modules():
         tree = ast.parse(path.read_text())
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
-                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-        literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value,
-                                                                                                  str)
-                    and id(n) not in docstrings and n.value.startswith("python -m train ")]
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
+        literals = [
+            n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)
+            and id(n) not in docstrings
+            and n.value.startswith("python -m train ")
+        ]
         assert literals == [], path.name
 
 

@@ -16,17 +16,17 @@ A_NNCE = -math.log(1e-7)
 # Uniform logits over C = 3 classes: p = 1/3 everywhere; target 1. Values worked out by hand.
 UNIFORM_3 = {
     "ce": math.log(3),
-    "fl": -((2 / 3) ** 0.5) * math.log(1 / 3),                # gamma 0.5
+    "fl": -((2 / 3) ** 0.5) * math.log(1 / 3),  # gamma 0.5
     "mae": 2 / 3,
-    "gce": (1 - (1 / 3) ** 0.7) / 0.7,                        # q 0.7
-    "rce": A_RCE * 2 / 3,                                     # two off-target entries of 1/3
-    "sce": 0.1 * math.log(3) + 1.0 * A_RCE * 2 / 3,           # alpha 0.1, beta 1
-    "nce": 1 / 3,                                             # log(1/3) / (3 log(1/3))
+    "gce": (1 - (1 / 3) ** 0.7) / 0.7,  # q 0.7
+    "rce": A_RCE * 2 / 3,  # two off-target entries of 1/3
+    "sce": 0.1 * math.log(3) + 1.0 * A_RCE * 2 / 3,  # alpha 0.1, beta 1
+    "nce": 1 / 3,  # log(1/3) / (3 log(1/3))
     "nfl": 1 / 3,
-    "agce": ((1 + 1) ** 2 - (1 + 1 / 3) ** 2) / 2,            # a 1, q 2
-    "aul": ((1.5 - 1 / 3) ** 0.9 - 0.5**0.9) / 0.9,           # a 1.5, q 0.9
-    "ael": math.exp(-1 / 9),                                  # a 3
-    "nnce": 2 / 3,                                            # 1 - (A + log 1/3) / (3 (A + log 1/3))
+    "agce": ((1 + 1) ** 2 - (1 + 1 / 3) ** 2) / 2,  # a 1, q 2
+    "aul": ((1.5 - 1 / 3) ** 0.9 - 0.5**0.9) / 0.9,  # a 1.5, q 0.9
+    "ael": math.exp(-1 / 9),  # a 3
+    "nnce": 2 / 3,  # 1 - (A + log 1/3) / (3 (A + log 1/3))
     "nnfl": 2 / 3,
     "nce_mae": 1 / 3 + 2 / 3,
     "nce_rce": 1 / 3 + A_RCE * 2 / 3,
@@ -37,7 +37,7 @@ UNIFORM_3 = {
     "nce_ael": 1 / 3 + math.exp(-1 / 9),
     "anl_ce": 1 / 3 + 2 / 3,
     "anl_fl": 1 / 3 + 2 / 3,
-    "anl_ce_er": 1 / 3 + 2 / 3,   # the batch-mean prediction is uniform: the entropy term is 0
+    "anl_ce_er": 1 / 3 + 2 / 3,  # the batch-mean prediction is uniform: the entropy term is 0
     # K = 4 outputs, uniform: p_t = p_d = 1/4, p_J = 2/4 -> log(1 + alpha * 3 + beta * 2), alpha = beta = 1
     "drainage": math.log(1 + 3 + 2),
 }
@@ -65,6 +65,7 @@ def formula(name, z, t, **hp):
     p = softmax(z)
     pt = p[np.arange(len(t)), t]
     onehot = np.eye(C)[t]
+
     def fl_k(g, logp):
         return -((1 - np.exp(logp)) ** g) * logp
 
@@ -100,9 +101,20 @@ def formula(name, z, t, **hp):
     raise KeyError(name)
 
 
-SINGLE = [("ce", {}), ("mae", {}), ("gce", {"q": 0.4}), ("rce", {}), ("nce", {}), ("fl", {"gamma": 2.0}),
-          ("nfl", {"gamma": 0.5}), ("nnce", {"min_prob": 1e-7}), ("nnfl", {"gamma": 0.5, "min_prob": 1e-7}),
-          ("agce", {"a": 6.0, "q": 1.5}), ("aul", {"a": 6.3, "q": 1.5}), ("ael", {"a": 5.0})]
+SINGLE = [
+    ("ce", {}),
+    ("mae", {}),
+    ("gce", {"q": 0.4}),
+    ("rce", {}),
+    ("nce", {}),
+    ("fl", {"gamma": 2.0}),
+    ("nfl", {"gamma": 0.5}),
+    ("nnce", {"min_prob": 1e-7}),
+    ("nnfl", {"gamma": 0.5, "min_prob": 1e-7}),
+    ("agce", {"a": 6.0, "q": 1.5}),
+    ("aul", {"a": 6.3, "q": 1.5}),
+    ("ael", {"a": 5.0}),
+]
 
 
 def random_batch(C=7, N=33, scale=3.0, seed=0):
@@ -119,17 +131,20 @@ def test_single_losses_match_formula(name, hp):
     assert got == pytest.approx(formula(name, z.numpy(), t.numpy(), **hp).mean(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name, parts, hp", [
-    ("sce", ("ce", "rce"), {"alpha": 0.3, "beta": 2.0}),
-    ("nce_mae", ("nce", "mae"), {"alpha": 2.0, "beta": 0.5}),
-    ("nce_rce", ("nce", "rce"), {"alpha": 10.0, "beta": 0.1}),
-    ("nfl_rce", ("nfl", "rce"), {"alpha": 1.0, "beta": 1.0, "gamma": 0.5}),
-    ("nce_agce", ("nce", "agce"), {"alpha": 1.0, "beta": 4.0, "a": 6.0, "q": 1.5}),
-    ("nce_aul", ("nce", "aul"), {"alpha": 1.0, "beta": 4.0, "a": 6.3, "q": 1.5}),
-    ("nce_ael", ("nce", "ael"), {"alpha": 1.0, "beta": 4.0, "a": 5.0}),
-    ("anl_ce", ("nce", "nnce"), {"alpha": 5.0, "beta": 5.0}),
-    ("anl_fl", ("nfl", "nnfl"), {"alpha": 5.0, "beta": 5.0, "gamma": 0.5}),
-])
+@pytest.mark.parametrize(
+    "name, parts, hp",
+    [
+        ("sce", ("ce", "rce"), {"alpha": 0.3, "beta": 2.0}),
+        ("nce_mae", ("nce", "mae"), {"alpha": 2.0, "beta": 0.5}),
+        ("nce_rce", ("nce", "rce"), {"alpha": 10.0, "beta": 0.1}),
+        ("nfl_rce", ("nfl", "rce"), {"alpha": 1.0, "beta": 1.0, "gamma": 0.5}),
+        ("nce_agce", ("nce", "agce"), {"alpha": 1.0, "beta": 4.0, "a": 6.0, "q": 1.5}),
+        ("nce_aul", ("nce", "aul"), {"alpha": 1.0, "beta": 4.0, "a": 6.3, "q": 1.5}),
+        ("nce_ael", ("nce", "ael"), {"alpha": 1.0, "beta": 4.0, "a": 5.0}),
+        ("anl_ce", ("nce", "nnce"), {"alpha": 5.0, "beta": 5.0}),
+        ("anl_fl", ("nfl", "nnfl"), {"alpha": 5.0, "beta": 5.0, "gamma": 0.5}),
+    ],
+)
 def test_combinations_are_weighted_sums(name, parts, hp):
     z, t = random_batch(C=10, seed=1)
     zn, tn = z.numpy(), t.numpy()
@@ -145,8 +160,9 @@ def test_anl_ce_er_adds_the_batch_entropy_gap():
     p = softmax(z.numpy())
     pbar = p.sum(0) / p.sum()
     gap = math.log(5) + (pbar * np.log(pbar)).sum()
-    anl = 5.0 * formula("nce", z.numpy(), t.numpy()).mean() + 5.0 * formula("nnce", z.numpy(),
-                                                                            t.numpy()).mean()
+    anl = (
+        5.0 * formula("nce", z.numpy(), t.numpy()).mean() + 5.0 * formula("nnce", z.numpy(), t.numpy()).mean()
+    )
     got = build_loss("anl_ce_er", 5, alpha=5.0, beta=5.0, lamb=2.0)(z, t).item()
     assert gap > 1e-3  # random logits: the batch mean is not uniform, so the term is tested
     assert got == pytest.approx(anl + 2.0 * gap, rel=1e-5)
@@ -221,17 +237,17 @@ def official_focal_gradient(name, z, t, gamma, min_prob=1e-7):
         logp, w = np.log(p), (1 - p) ** gamma
         u, v = -(w * logp)[rows, t], -(w * logp).sum(1)
         du = w[rows, t][:, None] * (p - onehot)
-        dv = w.sum(1, keepdims=True) * p - w        # sum_k w_k (p_j - delta_kj)
+        dv = w.sum(1, keepdims=True) * p - w  # sum_k w_k (p_j - delta_kj)
         return (du * v[:, None] - u[:, None] * dv) / v[:, None] ** 2 / N
     if name == "nnfl":  # 1 - (A - FL_t) / (C A - sum FL_k), log p clamped at log(min_prob)
         logp = np.log(p)
-        live = logp >= np.log(min_prob)              # the clamp passes the gradient only here
+        live = logp >= np.log(min_prob)  # the clamp passes the gradient only here
         lc = np.maximum(logp, np.log(min_prob))
         w = (1 - np.exp(lc)) ** gamma
         A = -((1 - min_prob) ** gamma) * np.log(min_prob)
         fl = -w * lc
         u, v = A - fl[rows, t], C * A - fl.sum(1)
-        dlc = live[:, :, None] * (np.eye(C)[None] - p[:, None, :])   # d lc_k / d z_j: (N, k, j)
+        dlc = live[:, :, None] * (np.eye(C)[None] - p[:, None, :])  # d lc_k / d z_j: (N, k, j)
         du = w[rows, t][:, None] * dlc[rows, t]
         dv = (w[:, :, None] * dlc).sum(1)
         return -(du * v[:, None] - u[:, None] * dv) / v[:, None] ** 2 / N
@@ -282,8 +298,9 @@ def test_focal_gradient_differentiates_the_weight_on_request(name):
     assert np.linalg.norm(got - official) > 0.05 * np.linalg.norm(official)  # the switch matters at C = 10
 
 
-@pytest.mark.parametrize("name, parts", [("anl_fl", ("nfl", "nnfl")), ("nfl_rce", ("nfl", "rce")),
-                                         ("nfl_mae", ("nfl", "mae"))])
+@pytest.mark.parametrize(
+    "name, parts", [("anl_fl", ("nfl", "nnfl")), ("nfl_rce", ("nfl", "rce")), ("nfl_mae", ("nfl", "mae"))]
+)
 def test_focal_combinations_pass_the_switch_to_their_focal_parts(name, parts):
     z, t = random_batch(C=FOCAL_C, N=24, scale=3.0, seed=5)
     alpha, beta = 5.0, 2.0

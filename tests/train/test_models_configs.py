@@ -77,25 +77,47 @@ def test_pretrained_without_internet_says_what_to_do(monkeypatch):
         build_model("cnn8", 10, pretrained="IMAGENET1K_V1")
 
 
-@pytest.mark.parametrize("name, shape", [("digits_mlp", (2, 1, 8, 8)), ("digits_cnn", (2, 1, 8, 8)),
-                                         ("cnn4", (2, 1, 28, 28)), ("cnn8", (2, 3, 32, 32)),
-                                         ("resnet34", (2, 3, 32, 32)), ("toymodel8l", (2, 3, 32, 32))])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("digits_mlp", (2, 1, 8, 8)),
+        ("digits_cnn", (2, 1, 8, 8)),
+        ("cnn4", (2, 1, 28, 28)),
+        ("cnn8", (2, 3, 32, 32)),
+        ("resnet34", (2, 3, 32, 32)),
+        ("toymodel8l", (2, 3, 32, 32)),
+    ],
+)
 def test_models_emit_num_outputs(name, shape):
     assert build_model(name, 11)(torch.randn(*shape)).shape == (2, 11)
 
 
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "cifar10n": 10, "cifar100n": 100,
-               "webvision": 50, "clothing1m": 14}
+NUM_CLASSES = {
+    "digits": 10,
+    "mnist": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "cifar10n": 10,
+    "cifar100n": 100,
+    "webvision": 50,
+    "clothing1m": 14,
+}
 
 
 def test_every_authors_experiment_has_a_config():
-    authors = {f"{d}_{loss}" for d in ("cifar10", "cifar100") for loss in ("drainage", "anl_ce", "anl_fl",
-                                                                           "ce", "gce",
-                                                                          "nce_rce", "sce")}
-    authors |= {"cifar10_nce_agce", "clothing1m_drainage", "clothing1m_nce_agce", "clothing1m_nce_rce",
-                "clothing1m_sce"} | {f"webvision_{x}" for x in ("drainage", "anl_ce", "ce", "gce", "nce_agce",
-                                                                  "nce_rce", "sce")}
+    authors = {
+        f"{d}_{loss}"
+        for d in ("cifar10", "cifar100")
+        for loss in ("drainage", "anl_ce", "anl_fl", "ce", "gce", "nce_rce", "sce")
+    }
+    authors |= {
+        "cifar10_nce_agce",
+        "clothing1m_drainage",
+        "clothing1m_nce_agce",
+        "clothing1m_nce_rce",
+        "clothing1m_sce",
+    } | {f"webvision_{x}" for x in ("drainage", "anl_ce", "ce", "gce", "nce_agce", "nce_rce", "sce")}
     assert authors <= set(CONFIGS)
 
 
@@ -117,34 +139,81 @@ def test_paper_hyper_parameters_survive():
     """The presets table of docs/design.md, "Datasets and noise"."""
     c10, c100 = load_config("cifar10_drainage"), load_config("cifar100_drainage")
     wv, cl = load_config("webvision_drainage"), load_config("clothing1m_drainage")
-    assert (c10.model, c10.loss_params, c10.l1_delta, c10.lr, c10.epochs, c10.batch_size) == \
-        ("cnn8", {"alpha": 1}, 2e-4, 0.01, 120, 128)
-    assert (c100.model, c100.loss_params["alpha"], c100.l1_delta, c100.lr, c100.epochs) == ("resnet34", 0.1,
-                                                                                            1e-4, 0.01, 200)
-    assert (wv.lr, wv.nesterov, wv.scheduler, wv.gamma, wv.step_size, wv.epochs, wv.batch_size,
-            wv.l1_delta) == \
-        (0.4, True, "step", 0.97, 1, 250, 512, 1e-5)
-    assert (cl.pretrained, cl.loss_params["alpha"], cl.l1_delta, cl.lr, cl.weight_decay, cl.epochs,
-            cl.batch_size) == \
-        ("IMAGENET1K_V2", 0.01, 0, 1e-4, 1e-3, 15, 32)
+    assert (c10.model, c10.loss_params, c10.l1_delta, c10.lr, c10.epochs, c10.batch_size) == (
+        "cnn8",
+        {"alpha": 1},
+        2e-4,
+        0.01,
+        120,
+        128,
+    )
+    assert (c100.model, c100.loss_params["alpha"], c100.l1_delta, c100.lr, c100.epochs) == (
+        "resnet34",
+        0.1,
+        1e-4,
+        0.01,
+        200,
+    )
+    assert (
+        wv.lr,
+        wv.nesterov,
+        wv.scheduler,
+        wv.gamma,
+        wv.step_size,
+        wv.epochs,
+        wv.batch_size,
+        wv.l1_delta,
+    ) == (0.4, True, "step", 0.97, 1, 250, 512, 1e-5)
+    assert (
+        cl.pretrained,
+        cl.loss_params["alpha"],
+        cl.l1_delta,
+        cl.lr,
+        cl.weight_decay,
+        cl.epochs,
+        cl.batch_size,
+    ) == ("IMAGENET1K_V2", 0.01, 0, 1e-4, 1e-3, 15, 32)
     assert all(load_config(n).grad_clip == 5.0 for n in CONFIGS)
 
 
 def test_authors_json_and_name_load(tmp_path):
-    authors = {"model": {"name": "toymodel8l"},
-               "loss": {"name": "alpha_dl", "alpha": 1, "delta": 2e-4, "drainage_idx": 10,
-                        "pass_model_to_loss": True},
-               "dataset": {"name": "cifar10", "num_classes": 10, "train_batchsize": 128,
-                           "test_batchsize": 256},
-               "optim": {"total_epoch": 120, "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9,
-                         "weight_decay": 0, "grad_bound": 5.0, "scheduler": "cosine", "T_max": 120,
-                         "eta_min": 0}}
+    authors = {
+        "model": {"name": "toymodel8l"},
+        "loss": {
+            "name": "alpha_dl",
+            "alpha": 1,
+            "delta": 2e-4,
+            "drainage_idx": 10,
+            "pass_model_to_loss": True,
+        },
+        "dataset": {"name": "cifar10", "num_classes": 10, "train_batchsize": 128, "test_batchsize": 256},
+        "optim": {
+            "total_epoch": 120,
+            "optimizer": "sgd",
+            "learning_rate": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 0,
+            "grad_bound": 5.0,
+            "scheduler": "cosine",
+            "T_max": 120,
+            "eta_min": 0,
+        },
+    }
     path = tmp_path / "cifar10_alpha_dl.json"
     path.write_text(json.dumps(authors))
     ours = load_config("cifar10_alpha_dl")  # the authors' name resolves to our preset
     theirs = load_config(str(path))
-    for field in ("model", "loss", "loss_params", "l1_delta", "lr", "epochs", "batch_size", "scheduler",
-                  "grad_clip"):
+    for field in (
+        "model",
+        "loss",
+        "loss_params",
+        "l1_delta",
+        "lr",
+        "epochs",
+        "batch_size",
+        "scheduler",
+        "grad_clip",
+    ):
         assert getattr(theirs, field) == getattr(ours, field), field
     assert from_authors_json(authors)["loss_params"] == {"alpha": 1}
 
@@ -175,14 +244,35 @@ def test_config_files_have_only_known_keys():
 OFFICIAL_CLOTHING1M = {
     "model": {"name": "resnet50"},
     "loss": {"name": "alpha_dl", "alpha": 0.01, "delta": 0, "drainage_idx": 14, "pass_model_to_loss": True},
-    "dataset": {"name": "clothing1m", "data_path": "Clothing1M/", "num_classes": 14, "num_classes_model": 15,
-                "train_batchsize": 32, "test_batchsize": 1024, "num_workers": 8},
-    "optim": {"total_epoch": 15, "optimizer": "sgd", "learning_rate": 0.0001, "momentum": 0.9,
-              "weight_decay": 1e-3, "nesterov": False, "grad_bound": 5.0, "scheduler": "steplr",
-              "step_size": 10, "gamma": 0.1},
+    "dataset": {
+        "name": "clothing1m",
+        "data_path": "Clothing1M/",
+        "num_classes": 14,
+        "num_classes_model": 15,
+        "train_batchsize": 32,
+        "test_batchsize": 1024,
+        "num_workers": 8,
+    },
+    "optim": {
+        "total_epoch": 15,
+        "optimizer": "sgd",
+        "learning_rate": 0.0001,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "nesterov": False,
+        "grad_bound": 5.0,
+        "scheduler": "steplr",
+        "step_size": 10,
+        "gamma": 0.1,
+    },
 }
-PAPER_PRESETS = [n for n in CONFIGS if json.loads((CONFIG_DIR / f"{n}.json").read_text())
-                 .get("description", "").startswith("The Drainage authors'")]
+PAPER_PRESETS = [
+    n
+    for n in CONFIGS
+    if json.loads((CONFIG_DIR / f"{n}.json").read_text())
+    .get("description", "")
+    .startswith("The Drainage authors'")
+]
 
 
 def test_paper_presets_train_in_fp32_and_bf16_is_opt_in():
@@ -196,12 +286,30 @@ def test_paper_presets_train_in_fp32_and_bf16_is_opt_in():
 def test_authors_json_trains_clothing1m_like_the_official_code(tmp_path):
     flat = from_authors_json(OFFICIAL_CLOTHING1M)
     assert (flat["pretrained"], flat["amp"], flat["model"], flat["dataset"]) == (
-        "IMAGENET1K_V2", False, "resnet50", "clothing1m")
+        "IMAGENET1K_V2",
+        False,
+        "resnet50",
+        "clothing1m",
+    )
     path = tmp_path / "clothing1m_alpha_dl.json"
     path.write_text(json.dumps(OFFICIAL_CLOTHING1M))
     theirs, ours = load_config(str(path)), load_config("clothing1m_drainage")
-    for field in ("model", "pretrained", "amp", "loss", "loss_params", "l1_delta", "lr", "weight_decay",
-                  "epochs", "batch_size", "scheduler", "step_size", "gamma", "grad_clip"):
+    for field in (
+        "model",
+        "pretrained",
+        "amp",
+        "loss",
+        "loss_params",
+        "l1_delta",
+        "lr",
+        "weight_decay",
+        "epochs",
+        "batch_size",
+        "scheduler",
+        "step_size",
+        "gamma",
+        "grad_clip",
+    ):
         assert getattr(theirs, field) == getattr(ours, field), field
     clothing = [n for n in PAPER_PRESETS if n.startswith("clothing1m")]
     assert all(load_config(n).pretrained == "IMAGENET1K_V2" for n in clothing)
@@ -218,5 +326,9 @@ def test_authors_presets_detach_the_focal_weight():
         cfg = load_config(name)
         if cfg.loss in ("fl", "nfl", "nnfl", "anl_fl", "nfl_rce", "nfl_mae"):
             assert cfg.loss_params["detach_focal_weight"] is True, name
-    assert load_config("cifar10_anl_fl", ["loss_params.detach_focal_weight=false"]).loss_params[
-        "detach_focal_weight"] is False
+    assert (
+        load_config("cifar10_anl_fl", ["loss_params.detach_focal_weight=false"]).loss_params[
+            "detach_focal_weight"
+        ]
+        is False
+    )

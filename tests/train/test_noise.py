@@ -21,8 +21,9 @@ def labels_with_counts(counts):
     return rng.permutation(np.concatenate([np.full(n, c) for c, n in enumerate(counts)])).astype(np.int64)
 
 
-@pytest.mark.parametrize("dataset, flips", [("mnist", MNIST_MAP), ("digits", MNIST_MAP), ("cifar10",
-                                                                                          CIFAR10_MAP)])
+@pytest.mark.parametrize(
+    "dataset, flips", [("mnist", MNIST_MAP), ("digits", MNIST_MAP), ("cifar10", CIFAR10_MAP)]
+)
 @pytest.mark.parametrize("rate", [0.2, 0.4, 0.45])
 def test_asymmetric_flips_exact_counts_along_the_map(dataset, flips, rate):
     counts = [53, 61, 47, 50, 58, 44, 39, 72, 50, 66]  # unequal classes: floor(rate * n_i) per class
@@ -102,8 +103,16 @@ def test_instance_flip_rates_are_a_truncated_normal():
 def test_human_noise_records_the_given_labels():
     clean = np.array([0, 1, 2, 3, 0, 1])
     human = np.array([0, 2, 2, 3, 1, 1])
-    noisy, record = apply_noise("human", 0.0, clean, 4, dataset="cifar10", seed=0, human_labels=human,
-                                human_source="file[worse_label]")
+    noisy, record = apply_noise(
+        "human",
+        0.0,
+        clean,
+        4,
+        dataset="cifar10",
+        seed=0,
+        human_labels=human,
+        human_source="file[worse_label]",
+    )
     assert (noisy == human).all() and record.realised_rate == pytest.approx(2 / 6)
     assert record.transition_counts[1][2] == 1 and record.source == "file[worse_label]"
 

@@ -34,13 +34,23 @@ def test_best_pt_holds_the_weights_of_the_best_epoch(tmp_path):
     cfg = digits_config()
     result = run_experiment(cfg, tmp_path / "run", quiet=True)
     best = torch.load(tmp_path / "run" / BEST, weights_only=True)
-    assert (best["epoch"], best["eval_acc"]) == (result.summary["best_epoch"],
-                                                 result.summary["best_eval_acc"])
+    assert (best["epoch"], best["eval_acc"]) == (
+        result.summary["best_epoch"],
+        result.summary["best_eval_acc"],
+    )
     data = build_data(cfg)
     model = build_model(cfg.model, num_outputs(cfg.loss, data.num_classes))
     model.load_state_dict(best["model"])
-    trainer = Trainer(cfg, data, model, build_loss(cfg.loss, data.num_classes), tmp_path, torch.device("cpu"),
-                      logging.getLogger("test"), show_progress=False)
+    trainer = Trainer(
+        cfg,
+        data,
+        model,
+        build_loss(cfg.loss, data.num_classes),
+        tmp_path,
+        torch.device("cpu"),
+        logging.getLogger("test"),
+        show_progress=False,
+    )
     predictions = class_predictions(trainer.logits(trainer.eval_x), data.num_classes)
     assert (predictions == trainer.eval_y).float().mean().item() == best["eval_acc"]
     assert not list((tmp_path / "run").glob(".*.tmp")), "atomic writes leave no temporary file"
@@ -115,8 +125,18 @@ def test_every_option_of_every_command_has_help_and_config_lists_its_presets():
 
 
 def sweep_rows(seeds, accuracy=0.9):
-    return [{"loss": loss, "params": "", "noise": "asym:0.4", "seed": seed, "eval_split": "test",
-             **{m: accuracy + 0.01 * seed for m in METRICS}} for loss in ("drainage", "ce") for seed in seeds]
+    return [
+        {
+            "loss": loss,
+            "params": "",
+            "noise": "asym:0.4",
+            "seed": seed,
+            "eval_split": "test",
+            **{m: accuracy + 0.01 * seed for m in METRICS},
+        }
+        for loss in ("drainage", "ce")
+        for seed in seeds
+    ]
 
 
 def test_single_seed_tables_print_the_value_alone(tmp_path):
@@ -124,8 +144,18 @@ def test_single_seed_tables_print_the_value_alone(tmp_path):
     assert "91.00" in one and "±" not in one.split("## Last epoch")[1]
     assert "91.50 ± 0.71" in write_report(sweep_rows([1, 2]), tmp_path / "two", "two seeds")
     assert pct(0.5, math.nan) == "50.00" and pct(0.5, 0.01) == "50.00 ± 1.00"
-    rows = [{"method": "ce", "params": "", "split": "s0", "seed": 1, "eval_split": "test", "score": "msp",
-             "AUROC": 0.9, "OSCR": 0.8}]
+    rows = [
+        {
+            "method": "ce",
+            "params": "",
+            "split": "s0",
+            "seed": 1,
+            "eval_split": "test",
+            "score": "msp",
+            "AUROC": 0.9,
+            "OSCR": 0.8,
+        }
+    ]
     assert "±" not in metrics_table(aggregate_scores(rows))
     rows.append({**rows[0], "method": "drainage", "score": "p_d", "AUROC": 0.95})
     assert "| +5.00 |" in paired_table(rows)
@@ -153,16 +183,30 @@ def test_bar_charts_start_at_zero_or_mark_the_break(tmp_path, figures, accuracy)
         a["setting"] = a["loss"]
     plot_sweep(agg, tmp_path / "sweep.png", "sweep")
     plot_grid(agg, tmp_path / "grid.png", "grid", {"ce": ""})
-    rows = [{"method": m, "params": "", "split": f"s{s}", "seed": 1, "eval_split": "test", "score": "msp",
-             "AUROC": accuracy + 0.01 * s, "OSCR": accuracy} for m in ("ce", "drainage") for s in (0, 1)]
+    rows = [
+        {
+            "method": m,
+            "params": "",
+            "split": f"s{s}",
+            "seed": 1,
+            "eval_split": "test",
+            "score": "msp",
+            "AUROC": accuracy + 0.01 * s,
+            "OSCR": accuracy,
+        }
+        for m in ("ce", "drainage")
+        for s in (0, 1)
+    ]
     plot_osr(aggregate_scores(rows), rows, tmp_path / "osr.png", "osr")
     sweep_fig, grid_fig, osr_fig = figures
-    checks = [(ax, "y") for ax in sweep_fig.axes] + [(ax, "x") for ax in (*grid_fig.axes, *osr_fig.axes)
-                                                     if ax.patches]
+    checks = [(ax, "y") for ax in sweep_fig.axes] + [
+        (ax, "x") for ax in (*grid_fig.axes, *osr_fig.axes) if ax.patches
+    ]
     assert len(checks) == 2 + 2 + 2 and all(value_axis_ok(ax, axis) for ax, axis in checks)
     zoomed = [ax for ax, axis in checks if (ax.get_ylim() if axis == "y" else ax.get_xlim())[0] > 0]
-    assert bool(zoomed) == (accuracy > 0.5) and all("axis starts at" in ax.get_ylabel() + ax.get_xlabel()
-                                                    for ax in zoomed)
+    assert bool(zoomed) == (accuracy > 0.5) and all(
+        "axis starts at" in ax.get_ylabel() + ax.get_xlabel() for ax in zoomed
+    )
     assert np.isfinite([ax.get_ylim() for ax in sweep_fig.axes]).all()
 
 
@@ -172,7 +216,18 @@ def test_logits_of_no_images_have_the_models_K_columns(tmp_path, loss, outputs):
     cfg = digits_config(loss=loss, loss_params={})
     data = build_data(cfg)
     model = build_model(cfg.model, num_outputs(cfg.loss, data.num_classes))
-    trainer = Trainer(cfg, data, model, build_loss(cfg.loss, data.num_classes), tmp_path, torch.device("cpu"),
-                      logging.getLogger("test"), show_progress=False)
-    assert trainer.logits(trainer.eval_x[:0]).shape == (0, outputs) == (0,
-                                                                        trainer.logits(trainer.eval_x[:2]).shape[1])
+    trainer = Trainer(
+        cfg,
+        data,
+        model,
+        build_loss(cfg.loss, data.num_classes),
+        tmp_path,
+        torch.device("cpu"),
+        logging.getLogger("test"),
+        show_progress=False,
+    )
+    assert (
+        trainer.logits(trainer.eval_x[:0]).shape
+        == (0, outputs)
+        == (0, trainer.logits(trainer.eval_x[:2]).shape[1])
+    )

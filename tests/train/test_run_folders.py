@@ -34,8 +34,18 @@ def test_parallel_runs_with_one_name_one_wins(tmp_path):
 
 
 def test_parallel_sweeps_on_one_runs_dir_never_mix(tmp_path):
-    args = ["sweep", "--losses", "ce", "--seeds", "1", "--set", "epochs=2", "batch_size=256", "--runs_dir",
-            "sw"]
+    args = [
+        "sweep",
+        "--losses",
+        "ce",
+        "--seeds",
+        "1",
+        "--set",
+        "epochs=2",
+        "batch_size=256",
+        "--runs_dir",
+        "sw",
+    ]
     results = finish([start_overlapping([*args, "--out", f"report{i}"], tmp_path) for i in range(2)])
     assert [code for code, _, _ in results] == [0, 0], results
     folders = sorted((tmp_path / "sw" / "ce" / "asym0.4").iterdir())
@@ -67,9 +77,25 @@ def test_a_named_run_is_never_overwritten_without_overwrite(tmp_path, monkeypatc
 
 def test_sweep_reuses_only_a_finished_run_of_the_same_config(tmp_path, capsys):
     def sweep(epochs, out):
-        assert run_here(["sweep", "--losses", "ce", "--seeds", "1", "--set", f"epochs={epochs}",
-                         "batch_size=256",
-                         "--runs_dir", str(tmp_path / "sw"), "--out", str(tmp_path / out)]) == 0
+        assert (
+            run_here(
+                [
+                    "sweep",
+                    "--losses",
+                    "ce",
+                    "--seeds",
+                    "1",
+                    "--set",
+                    f"epochs={epochs}",
+                    "batch_size=256",
+                    "--runs_dir",
+                    str(tmp_path / "sw"),
+                    "--out",
+                    str(tmp_path / out),
+                ]
+            )
+            == 0
+        )
         return capsys.readouterr().out
 
     sweep(1, "one")
@@ -83,10 +109,14 @@ def test_sweep_reuses_only_a_finished_run_of_the_same_config(tmp_path, capsys):
 
 
 FAILED_STARTS = [  # the issue's: a bad model (unknown, or one that cannot take the images), loss, dataset, lr
-    ["run", "--set", "model=nope"], ["run", "--set", "model=cnn8"], ["run", "--set", "loss=nope"],
-    ["run", "--set", "lr=-1"], ["run", "--config", "cifar10_drainage", "--set", "data_root=nodata",
-                                "download=false"],
-    ["sweep", "--set", "model=cnn4"], ["default", "--set", "model=resnet34"], ["osr", "--set", "model=cnn8"],
+    ["run", "--set", "model=nope"],
+    ["run", "--set", "model=cnn8"],
+    ["run", "--set", "loss=nope"],
+    ["run", "--set", "lr=-1"],
+    ["run", "--config", "cifar10_drainage", "--set", "data_root=nodata", "download=false"],
+    ["sweep", "--set", "model=cnn4"],
+    ["default", "--set", "model=resnet34"],
+    ["osr", "--set", "model=cnn8"],
 ]
 
 
@@ -105,8 +135,24 @@ def test_osr_without_data_writes_nothing_and_no_split_into_the_package(tmp_path,
 
 
 def test_osr_writes_a_new_split_beside_its_results(tmp_path):
-    assert run_here(["osr", "--splits", "7", "--methods", "ce", "--set", "epochs=1", "--runs_dir",
-                     str(tmp_path / "runs"), "--out", str(tmp_path / "osr")]) == 0
+    assert (
+        run_here(
+            [
+                "osr",
+                "--splits",
+                "7",
+                "--methods",
+                "ce",
+                "--set",
+                "epochs=1",
+                "--runs_dir",
+                str(tmp_path / "runs"),
+                "--out",
+                str(tmp_path / "osr"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "runs" / "splits" / "digits_6-4_seed7.json").exists()
     assert not (SPLIT_DIR / "digits_6-4_seed7.json").exists()
 
@@ -122,11 +168,14 @@ def test_an_error_that_ends_a_run_is_in_its_train_log(tmp_path, monkeypatch):
     assert "Traceback" in log and "RuntimeError: a bug in the loop" in log
 
 
-@pytest.mark.parametrize("dataset, overrides, noise", [
-    ("svhn", ["model=cnn8", "noise_type=sym", "noise_rate=0.4"], "-sym0.4-"),
-    ("mnist", ["model=cnn4", "noise_type=asym", "noise_rate=0.2"], "-asym0.2-"),
-    ("cifar10n", ["model=cnn8", "noise_type=sym", "noise_rate=0.4"], "-human-"),
-])
+@pytest.mark.parametrize(
+    "dataset, overrides, noise",
+    [
+        ("svhn", ["model=cnn8", "noise_type=sym", "noise_rate=0.4"], "-sym0.4-"),
+        ("mnist", ["model=cnn4", "noise_type=asym", "noise_rate=0.2"], "-asym0.2-"),
+        ("cifar10n", ["model=cnn8", "noise_type=sym", "noise_rate=0.4"], "-human-"),
+    ],
+)
 def test_a_default_run_name_names_the_noise_the_run_trains_with(dataset, overrides, noise):
     """Every SVHN run was once named "human" noise (the test was dataset.endswith("n"))."""
     name = default_run_name(load_config(None, [f"dataset={dataset}", *overrides]))

@@ -21,10 +21,19 @@ from train.trainer import CHECKPOINT, Trainer, class_predictions
 # out of step, or the drainage node counted as a prediction (64-69% of these test images are drained:
 # accuracy would fall to about 0.35).
 SHORT_RUN_THRESHOLD = 0.80
-SHORT_RUN = {"loss": "drainage", "loss_params": {"alpha": 0.3}, "model": "digits_mlp", "lr": 0.03,
-             "l1_delta": 0.0,
-             "epochs": 12, "batch_size": 128, "noise_type": "asym", "noise_rate": 0.4, "seed": 1,
-             "checkpoint": False}
+SHORT_RUN = {
+    "loss": "drainage",
+    "loss_params": {"alpha": 0.3},
+    "model": "digits_mlp",
+    "lr": 0.03,
+    "l1_delta": 0.0,
+    "epochs": 12,
+    "batch_size": 128,
+    "noise_type": "asym",
+    "noise_rate": 0.4,
+    "seed": 1,
+    "checkpoint": False,
+}
 
 
 def test_short_digits_run_reaches_the_stated_accuracy(tmp_path):
@@ -35,8 +44,14 @@ def test_short_digits_run_reaches_the_stated_accuracy(tmp_path):
 
 
 def small_config(**kw):
-    base = {"epochs": 3, "seed": 3, "l1_delta": 1e-4, "eval_freq": 2, "lr": 0.05,
-            "loss_params": {"alpha": 0.5}}
+    base = {
+        "epochs": 3,
+        "seed": 3,
+        "l1_delta": 1e-4,
+        "eval_freq": 2,
+        "lr": 0.05,
+        "loss_params": {"alpha": 0.5},
+    }
     return load_config("digits", {**base, **kw})
 
 
@@ -49,6 +64,7 @@ def assert_same_training(a, b):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
     def drop(history):
         return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in history]
 
@@ -109,8 +125,17 @@ def test_same_seed_same_run_and_run_folder_contents(tmp_path):
     a = run_experiment(cfg, tmp_path / "a", quiet=True)
     b = run_experiment(cfg, tmp_path / "b", quiet=True)
     assert_same_training(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
-    for name in ("config.json", "env.json", "noise.json", "labels.npz", "train.log", "metrics.jsonl",
-                 "last.pt", "scores.npz", "summary.json"):
+    for name in (
+        "config.json",
+        "env.json",
+        "noise.json",
+        "labels.npz",
+        "train.log",
+        "metrics.jsonl",
+        "last.pt",
+        "scores.npz",
+        "summary.json",
+    ):
         assert (a.run_dir / name).exists(), name
     env = json.loads((a.run_dir / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and "git_commit" in env
@@ -120,8 +145,16 @@ def test_same_seed_same_run_and_run_folder_contents(tmp_path):
     assert noise["realised_rate"] == pytest.approx(float(np.mean(labels["noisy"] != labels["clean"])))
     assert (np.array(noise["transition_counts"]).sum(1) == np.bincount(labels["clean"])).all()
     row = a.history[-1]
-    for key in ("eval_acc", "best_eval_acc", "train_loss", "pd_clean", "pd_flipped", "eval_drained_frac",
-                "precision_at_k_pd", "memorized_frac"):
+    for key in (
+        "eval_acc",
+        "best_eval_acc",
+        "train_loss",
+        "pd_clean",
+        "pd_flipped",
+        "eval_drained_frac",
+        "precision_at_k_pd",
+        "memorized_frac",
+    ):
         assert key in row, key
     assert a.summary == b.summary | {"train_time_s": a.summary["train_time_s"]}
 
@@ -133,18 +166,36 @@ def test_tuning_run_evaluates_on_validation(tmp_path):
 
 def test_drainage_utilities():
     logits = torch.tensor([[2.0, 0.0, 5.0], [0.0, 3.0, -1.0]])  # C = 2 classes + drainage
-    assert class_predictions(logits, 2).tolist() == [0, 1]     # never the drainage node
+    assert class_predictions(logits, 2).tolist() == [0, 1]  # never the drainage node
     torch.testing.assert_close(drainage_probability(logits), logits.softmax(1)[:, 2])
     scores = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2])
     flipped = torch.tensor([True, False, False, True, False])
-    assert precision_at_k(scores, flipped) == pytest.approx(0.5)   # top-2: samples 0 and 2
+    assert precision_at_k(scores, flipped) == pytest.approx(0.5)  # top-2: samples 0 and 2
     assert precision_at_k(scores, flipped, k=3) == pytest.approx(2 / 3)
     assert np.isnan(precision_at_k(scores, torch.zeros(5, dtype=torch.bool)))
 
 
 def test_cli_run_and_resume(tmp_path, capsys):
-    args = ["run", "--config", "digits", "--noise_type", "sym", "--noise_rate", "0.3", "--seed", "2",
-            "--eval_freq", "1", "--set", "epochs=2", "--out_dir", str(tmp_path), "--name", "r", "--quiet"]
+    args = [
+        "run",
+        "--config",
+        "digits",
+        "--noise_type",
+        "sym",
+        "--noise_rate",
+        "0.3",
+        "--seed",
+        "2",
+        "--eval_freq",
+        "1",
+        "--set",
+        "epochs=2",
+        "--out_dir",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--quiet",
+    ]
     assert main(args + ["--run_epochs", "1"]) == 0
     assert main(["run", "--resume", str(tmp_path / "r"), "--quiet"]) == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
@@ -155,9 +206,28 @@ def test_cli_run_and_resume(tmp_path, capsys):
 
 def test_cli_sweep_writes_tables_and_figure(tmp_path):
     out = tmp_path / "report"
-    assert main(["sweep", "--losses", "drainage", "ce", "--noise", "asym:0.4", "instance:0.2",
-                 "--seeds", "1-2", "--set", "epochs=2", "--runs_dir", str(tmp_path / "runs"),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--losses",
+                "drainage",
+                "ce",
+                "--noise",
+                "asym:0.4",
+                "instance:0.2",
+                "--seeds",
+                "1-2",
+                "--set",
+                "epochs=2",
+                "--runs_dir",
+                str(tmp_path / "runs"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = out.with_suffix(".md").read_text()
     assert "Drainage" in text and "CE" in text and "instance:0.2" in text and "±" in text
     rows = out.with_suffix(".csv").read_text().splitlines()
@@ -189,6 +259,18 @@ def test_tensorboard_event_files(tmp_path):
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert main(["run", "--config", "digits", "--set", "lrr=1"]) == 2
     assert "unknown config key 'lrr'" in capsys.readouterr().err
-    assert main(["run", "--config", "cifar10_drainage", "--set", f"data_root={tmp_path}", "download=false",
-                 f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                "cifar10_drainage",
+                "--set",
+                f"data_root={tmp_path}",
+                "download=false",
+                f"out_dir={tmp_path / 'runs'}",
+            ]
+        )
+        == 2
+    )
     assert "cifar-10-batches-py" in capsys.readouterr().err

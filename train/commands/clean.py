@@ -33,16 +33,31 @@ FLAGS = SHARED_FLAGS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
-    p.add_argument("--losses", nargs="+", default=["drainage", "ce"],
-                   help="losses to train (default: drainage ce)")
-    p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
-                   help="finished runs to rank instead of training (any `train run` folder)")
-    p.add_argument("--ks", nargs="+", type=positive_int, default=[10, 50, 100],
-                   help="fixed k for precision / recall")
+    p.add_argument(
+        "--losses", nargs="+", default=["drainage", "ce"], help="losses to train (default: drainage ce)"
+    )
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="finished runs to rank instead of training (any `train run` folder)",
+    )
+    p.add_argument(
+        "--ks", nargs="+", type=positive_int, default=[10, 50, 100], help="fixed k for precision / recall"
+    )
 
 
-def write_report(rows: list[dict], runs: list[tuple[dict, Path]], out: Path, title: str, ks, *,
-                 select: bool = False, command: str = "") -> str:
+def write_report(
+    rows: list[dict],
+    runs: list[tuple[dict, Path]],
+    out: Path,
+    title: str,
+    ks,
+    *,
+    select: bool = False,
+    command: str = "",
+) -> str:
     """The markdown table (and, with select, each loss's best grid point), CSVs and figure."""
     from ..report import aggregate, loss_label, pct
 
@@ -53,28 +68,44 @@ def write_report(rows: list[dict], runs: list[tuple[dict, Path]], out: Path, tit
     several = len({a["noise"] for a in agg}) > 1  # noise settings: named in the rows only then
     write_csv(out.with_name(out.name + "_runs.csv"), rows)
     write_csv(out.with_suffix(".csv"), agg)
-    text = [f"# {title}", "", (
-        "Every training sample ranked by a suspicion score, most suspect first: p_d (the drainage "
-        "probability; Drainage only) or self-confidence (1 - the closed-softmax probability of the given "
-        "label, the usual baseline). k_flipped = the number of flipped labels "
-        f"({agg[0]['num_flipped_mean']:.0f} on average), where precision = recall. AUROC: the score "
-        "separating flipped from clean labels. Values in %, mean ± std over "
-        f"{agg[0]['n']} seeds."), "",
+    text = [
+        f"# {title}",
+        "",
+        (
+            "Every training sample ranked by a suspicion score, most suspect first: p_d (the drainage "
+            "probability; Drainage only) or self-confidence (1 - the closed-softmax probability of the given "
+            "label, the usual baseline). k_flipped = the number of flipped labels "
+            f"({agg[0]['num_flipped_mean']:.0f} on average), where precision = recall. AUROC: the score "
+            "separating flipped from clean labels. Values in %, mean ± std over "
+            f"{agg[0]['n']} seeds."
+        ),
+        "",
         "| model / score | precision@k_flipped | " + " | ".join(fixed) + " | AUROC |",
-        "|---|" + "---:|" * (len(metrics))]
+        "|---|" + "---:|" * (len(metrics)),
+    ]
     for a in agg:
-        name = (loss_label(a["loss"]) + (f" [{a['params']}]" if a["params"] else "")
-                + (f", {a['noise']}" if several else "") + f" / {SCORE_LABELS[a['score']]}")
+        name = (
+            loss_label(a["loss"])
+            + (f" [{a['params']}]" if a["params"] else "")
+            + (f", {a['noise']}" if several else "")
+            + f" / {SCORE_LABELS[a['score']]}"
+        )
         text.append(f"| {name} | " + " | ".join(pct(a[f"{m}_mean"], a[f"{m}_std"]) for m in metrics) + " |")
     text.append("")
     if select and any(a["params"] for a in agg):
-        text += ["## Selected: highest mean AUROC of each loss's own score (p_d for Drainage), over the "
-                 "noise settings", ""]
+        text += [
+            "## Selected: highest mean AUROC of each loss's own score (p_d for Drainage), over the "
+            "noise settings",
+            "",
+        ]
         own = {a["loss"]: "p_d" for a in agg if a["score"] == "p_d"}
-        chosen = best_points(agg, "loss", "AUROC_mean", keep=lambda a: a["score"] == own.get(a["loss"],
-                                                                                             "self_confidence"))
-        text += [f"- {loss_label(loss)}: `{params or 'preset'}` (AUROC {100 * score:.2f})"
-                 for loss, (params, score) in chosen.items()]
+        chosen = best_points(
+            agg, "loss", "AUROC_mean", keep=lambda a: a["score"] == own.get(a["loss"], "self_confidence")
+        )
+        text += [
+            f"- {loss_label(loss)}: `{params or 'preset'}` (AUROC {100 * score:.2f})"
+            for loss, (params, score) in chosen.items()
+        ]
         text.append("")
     if command:
         text += ["## Reproduce", "", f"    {command}", ""]
@@ -92,15 +123,23 @@ def plot_report(runs: list[tuple[dict, Path]], path: Path, title: str) -> None:
         scores = dict(np.load(drainage[1] / "scores.npz"))
         histogram = (scores, scores["p_drain"])
         seen = f"p_d of the training samples ({drainage[1].parent.name}, seed {drainage[0]['seed']})"
-    plot_cleaning(curves, k_flipped, histogram, path, title,
-                  curves_title="Flipped labels among the top k (mean over the seeds)", histogram_title=seen)
+    plot_cleaning(
+        curves,
+        k_flipped,
+        histogram,
+        path,
+        title,
+        curves_title="Flipped labels among the top k (mean over the seeds)",
+        histogram_title=seen,
+    )
 
 
 def command_line(args) -> str:
     if args.runs:
         return reproducing_command("clean", args, ["runs", "ks"])
-    return reproducing_command("clean", args, ["dataset", "losses", "noise", "seeds", "ks", "tuning", "grid",
-                                               "set"])
+    return reproducing_command(
+        "clean", args, ["dataset", "losses", "noise", "seeds", "ks", "tuning", "grid", "set"]
+    )
 
 
 def main(args) -> int:
@@ -111,8 +150,15 @@ def main(args) -> int:
         # only the report goes there
         runs_dir = None if args.out else job_dir(args.runs_dir, f"clean-{args.dataset}")
     else:
-        plan = plan_runs(args.dataset, args.losses, [parse_noise(n) for n in args.noise], args.seeds,
-                         tuning=args.tuning, grid=args.grid, overrides=args.set)
+        plan = plan_runs(
+            args.dataset,
+            args.losses,
+            [parse_noise(n) for n in args.noise],
+            args.seeds,
+            tuning=args.tuning,
+            grid=args.grid,
+            overrides=args.set,
+        )
         check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
         runs_dir = job_dir(args.runs_dir, f"clean-{args.dataset}")
         runs = train_runs(plan, runs_dir)
@@ -121,10 +167,15 @@ def main(args) -> int:
     if not rows:
         print(f"no flipped labels in {[str(r) for _, r in runs]}: ranked CSVs written, nothing to score")
         return 0
-    setting = ("finished runs" if args.runs else f"{', '.join(args.noise)} noise"
-               + (", tuning split" if args.tuning else ""))
+    setting = (
+        "finished runs"
+        if args.runs
+        else f"{', '.join(args.noise)} noise" + (", tuning split" if args.tuning else "")
+    )
     title = f"{args.dataset}: finding flipped labels in the training set ({setting})"
     print(write_report(rows, runs, out, title, args.ks, select=args.tuning, command=command_line(args)))
-    print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; per run: cleaning_ranked.csv, "
-          f"cleaning.json, cleaning.png in {sorted({str(r.parent) for _, r in runs})}")
+    print(
+        f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; per run: cleaning_ranked.csv, "
+        f"cleaning.json, cleaning.png in {sorted({str(r.parent) for _, r in runs})}"
+    )
     return 0

@@ -20,8 +20,13 @@ FLAGS = ("set",)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="seeds the noise and both runs (default 1)")
-    p.add_argument("--noise_rate", type=float, default=0.4, metavar="RATE",
-                   help="share of the labels of classes 2, 3, 5, 6, 7 flipped (default 0.4)")
+    p.add_argument(
+        "--noise_rate",
+        type=float,
+        default=0.4,
+        metavar="RATE",
+        help="share of the labels of classes 2, 3, 5, 6, 7 flipped (default 0.4)",
+    )
     p.add_argument("--out_dir", default="runs", help="parent of the job folder (default: runs)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     p.add_argument("--quiet", action="store_true", help="print only the table")
@@ -30,14 +35,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def results_table(summaries: dict[str, dict]) -> str:
     from ..report import loss_label, pct
 
-    lines = [("| loss | clean test acc, last epoch (%) | best epoch (%) | drained test images (%) | "
-             "flipped labels memorised (%) | precision@k, p_d (%) | precision@k, self-confidence (%) |"),
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| loss | clean test acc, last epoch (%) | best epoch (%) | drained test images (%) | "
+            "flipped labels memorised (%) | precision@k, p_d (%) | precision@k, self-confidence (%) |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for loss, s in summaries.items():
         lines.append(
             f"| {loss_label(loss)} | {pct(s['last_eval_acc'])} | {pct(s['best_eval_acc'])} | "
             f"{pct(s.get('eval_drained_frac', float('nan')))} | {pct(s['memorized_frac'])} | "
-            f"{pct(s.get('precision_at_k_pd', float('nan')))} | {pct(s['precision_at_k_self_conf'])} |")
+            f"{pct(s.get('precision_at_k_pd', float('nan')))} | {pct(s['precision_at_k_self_conf'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -47,9 +57,20 @@ def main(args) -> int:
     from ..report import plot_default_job
 
     start = time.perf_counter()
-    configs = {loss: config_for("digits", loss, ["noise_type=asym", f"noise_rate={args.noise_rate}",
-                                                 f"seed={args.seed}", f"device={args.device}", *args.set])
-               for loss in LOSSES}
+    configs = {
+        loss: config_for(
+            "digits",
+            loss,
+            [
+                "noise_type=asym",
+                f"noise_rate={args.noise_rate}",
+                f"seed={args.seed}",
+                f"device={args.device}",
+                *args.set,
+            ],
+        )
+        for loss in LOSSES
+    }
     check_plan(list(configs.values()))
     folder = job_dir(None, "default", parent=args.out_dir)
     summaries, runs = {}, {}
@@ -59,17 +80,24 @@ def main(args) -> int:
         runs[loss] = {"history": result.history, "scores": dict(np.load(result.run_dir / "scores.npz"))}
     elapsed = time.perf_counter() - start
     noise = summaries["drainage"]["realised_noise_rate"]
-    title = (f"digits, {args.noise_rate:.0%} asymmetric noise on classes 2, 3, 5, 6, 7 "
-             f"({noise:.1%} of all training labels flipped), seed {args.seed}")
+    title = (
+        f"digits, {args.noise_rate:.0%} asymmetric noise on classes 2, 3, 5, 6, 7 "
+        f"({noise:.1%} of all training labels flipped), seed {args.seed}"
+    )
     table = results_table(summaries)
-    notes = ("precision@k: share of flipped labels among the k training samples ranked most suspicious, "
-             "k = number of flipped labels; p_d ranks by the drainage probability (Drainage only), "
-             "self-confidence by 1 - p(given label) over the C class outputs. 'Best epoch' is the maximum "
-             "over epochs of the test accuracy itself (optimistic); 'last epoch' is the honest number.")
-    (folder / "results.md").write_text(f"# Default job\n\n{title}\n\n{table}\n\n{notes}\n\n"
-                                        f"Wall time: {elapsed:.1f} s.\n")
+    notes = (
+        "precision@k: share of flipped labels among the k training samples ranked most suspicious, "
+        "k = number of flipped labels; p_d ranks by the drainage probability (Drainage only), "
+        "self-confidence by 1 - p(given label) over the C class outputs. 'Best epoch' is the maximum "
+        "over epochs of the test accuracy itself (optimistic); 'last epoch' is the honest number."
+    )
+    (folder / "results.md").write_text(
+        f"# Default job\n\n{title}\n\n{table}\n\n{notes}\n\nWall time: {elapsed:.1f} s.\n"
+    )
     plot_default_job(runs, folder / "results.png", f"Drainage vs cross-entropy: {title}")
     print(f"\n{title}\n\n{table}\n\n{notes}\n")
-    print(f"{elapsed:.1f} s. Outputs: {folder}/ (results.md, results.png, drainage/ and ce/ run folders "
-          f"with config.json, env.json, noise.json, metrics.jsonl, summary.json)")
+    print(
+        f"{elapsed:.1f} s. Outputs: {folder}/ (results.md, results.png, drainage/ and ce/ run folders "
+        f"with config.json, env.json, noise.json, metrics.jsonl, summary.json)"
+    )
     return 0

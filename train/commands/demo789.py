@@ -47,20 +47,29 @@ COLUMNS = [  # (key in the run row, header)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", nargs="+", default=["drainage", "ce"], choices=list(METHODS),
-                   help="methods to train (default: drainage ce)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["drainage", "ce"],
+        choices=list(METHODS),
+        help="methods to train (default: drainage ce)",
+    )
 
 
 def run_row(run: dict) -> dict:
     """The demo's numbers of one run (nan where the method has no drainage node)."""
     train = run["training_set"]
-    row = {"method": run["method"], "params": run["params"], "seed": run["seed"],
-           "closed_set_accuracy": run["closed_set_accuracy"],
-           "drained_known": run.get("drained_known", np.nan),
-           "drained_unknown": run.get("drained_unknown", np.nan),
-           "precision_at_k_pd": train.get("precision_at_k_pd", np.nan),
-           "precision_at_k_self_conf": train["precision_at_k_self_conf"],
-           "memorized_frac": train["memorized_frac"]}
+    row = {
+        "method": run["method"],
+        "params": run["params"],
+        "seed": run["seed"],
+        "closed_set_accuracy": run["closed_set_accuracy"],
+        "drained_known": run.get("drained_known", np.nan),
+        "drained_unknown": run.get("drained_unknown", np.nan),
+        "precision_at_k_pd": train.get("precision_at_k_pd", np.nan),
+        "precision_at_k_self_conf": train["precision_at_k_self_conf"],
+        "memorized_frac": train["memorized_frac"],
+    }
     for score in ("p_d", "msp", "energy"):
         row[f"auroc_{score}"] = run["scores"][score]["AUROC"] if score in run["scores"] else np.nan
     return row
@@ -75,14 +84,22 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
     write_csv(out.with_suffix(".csv"), agg)
     split = runs[0]["eval_split"]
     headers = [h.format(split=split) for _, h in COLUMNS]
-    text = [f"# {title}", "", (
-        "Training: every digit 7, 8 and 9 relabelled uniformly at random to one of 0-6 (seeded); 7-class "
-        f"models. {split.capitalize()}: 0-6 are known, 7/8/9 are what no class output can name. Drained = "
-        "argmax over all K outputs is the drainage node; AUROC = telling 7/8/9 from 0-6 by the score "
-        "(drainage_fast.openset); precision@k on the training set: share of relabelled 7/8/9 among the k "
-        "images with the highest score, k = their number. Values in %, mean ± std over "
-        f"{agg[0]['n']} seeds (relabelling draw and training)."), "",
-        "| method | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
+    text = [
+        f"# {title}",
+        "",
+        (
+            "Training: every digit 7, 8 and 9 relabelled uniformly at random to one of 0-6 (seeded); 7-class "
+            f"models. {split.capitalize()}: 0-6 are known, 7/8/9 are what no class output can name. "
+            "Drained = "
+            "argmax over all K outputs is the drainage node; AUROC = telling 7/8/9 from 0-6 by the score "
+            "(drainage_fast.openset); precision@k on the training set: share of relabelled 7/8/9 among the k "
+            "images with the highest score, k = their number. Values in %, mean ± std over "
+            f"{agg[0]['n']} seeds (relabelling draw and training)."
+        ),
+        "",
+        "| method | " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * len(headers),
+    ]
     for a in agg:
         name = METHODS[a["method"]].label + (f" [{a['params']}]" if a["params"] else "")
         text.append(f"| {name} | " + " | ".join(pct(a[f"{k}_mean"], a[f"{k}_std"]) for k in keys) + " |")
@@ -90,10 +107,13 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
     shown = runs
     if split == "val" and any(a["params"] for a in agg):  # never choose on the test set
         chosen = best_method_points(aggregate_scores(score_rows(runs)))
-        text += [f"## Selected: highest mean {split} AUROC of each method's own score (the figure "
-                 "shows these)", ""]
-        text += [f"- {METHODS[m].label}: `{p or 'preset'}` (AUROC {100 * s:.2f})"
-                 for m, (p, s) in chosen.items()]
+        text += [
+            f"## Selected: highest mean {split} AUROC of each method's own score (the figure shows these)",
+            "",
+        ]
+        text += [
+            f"- {METHODS[m].label}: `{p or 'preset'}` (AUROC {100 * s:.2f})" for m, (p, s) in chosen.items()
+        ]
         text.append("")
         shown = [r for r in runs if r["params"] == chosen[r["method"]][0]]
     text += ["## Reproduce", "", f"    {command}", ""]
@@ -108,13 +128,22 @@ def command_line(args) -> str:
 
 def main(args) -> int:
     overrides = [*(["tuning=true"] if args.tuning else []), *args.set]
-    plan = plan_open_set("digits", args.methods, [load_split(SPLIT_FILE)], args.seeds, grid=args.grid,
-                         overrides=overrides, preset_prefix="demo789")
+    plan = plan_open_set(
+        "digits",
+        args.methods,
+        [load_split(SPLIT_FILE)],
+        args.seeds,
+        grid=args.grid,
+        overrides=overrides,
+        preset_prefix="demo789",
+    )
     runs_dir = job_dir(args.runs_dir, "demo789")
     out = Path(args.out) if args.out else runs_dir / "demo789"
     runs = run_plan(plan, runs_dir, unknown_train="relabel")
-    title = (f"digits: training 7/8/9 relabelled at random to 0-6 "
-             f"({'validation split, tuning' if args.tuning else 'test set'})")
+    title = (
+        f"digits: training 7/8/9 relabelled at random to 0-6 "
+        f"({'validation split, tuning' if args.tuning else 'test set'})"
+    )
     print(write_report(runs, out, title, command_line(args)))
     print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; runs (with scores.csv) in {runs_dir}")
     return 0

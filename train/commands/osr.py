@@ -51,23 +51,50 @@ TUNED_DRAINAGE_LOGIT = {"digits": 40.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", choices=sorted(NUM_CLASSES),
-                   help="dataset (default: digits)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                   help="open-set methods to train (default: all)")
+    p.add_argument(
+        "--dataset", default="digits", choices=sorted(NUM_CLASSES), help="dataset (default: digits)"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=list(METHODS),
+        help="open-set methods to train (default: all)",
+    )
     p.add_argument("--known", type=int, default=6, help="known classes per seeded split (default 6)")
-    p.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2, 3, 4], metavar="SEED",
-                   help="seeded splits (default 0-4), read from --split_dir when their file is there")
-    p.add_argument("--split_files", nargs="+", default=None, metavar="JSON",
-                   help="split files to use instead of --splits (e.g. a published split)")
-    p.add_argument("--split_dir", default=None,
-                   help=f"where seeded split files are read from (default: {SPLIT_DIR}) and new ones written "
-                   "(default: <runs_dir>/splits)")
-    p.add_argument("--drainage_logit", type=float, default=None,
-                   help="the constant drainage logit of drainage_const (default: tuned for digits, 40; else "
-                   "0)")
-    p.add_argument("--unknown_train", choices=["drop", "relabel"], default="drop",
-                   help="unknown-class training images: removed (OSR, default) or relabelled at random")
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        type=int,
+        default=[0, 1, 2, 3, 4],
+        metavar="SEED",
+        help="seeded splits (default 0-4), read from --split_dir when their file is there",
+    )
+    p.add_argument(
+        "--split_files",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="split files to use instead of --splits (e.g. a published split)",
+    )
+    p.add_argument(
+        "--split_dir",
+        default=None,
+        help=f"where seeded split files are read from (default: {SPLIT_DIR}) and new ones written "
+        "(default: <runs_dir>/splits)",
+    )
+    p.add_argument(
+        "--drainage_logit",
+        type=float,
+        default=None,
+        help="the constant drainage logit of drainage_const (default: tuned for digits, 40; else 0)",
+    )
+    p.add_argument(
+        "--unknown_train",
+        choices=["drop", "relabel"],
+        default="drop",
+        help="unknown-class training images: removed (OSR, default) or relabelled at random",
+    )
     p.add_argument("--title", default=None, help="report title (default: dataset, classes and splits)")
 
 
@@ -75,8 +102,10 @@ def splits_from(args) -> tuple[list, list]:
     """(the splits to run, the seeded ones without a file yet: the command saves them beside its results)."""
     if args.split_files:
         return [load_split(path) for path in args.split_files], []
-    found = [seeded_split(args.dataset, NUM_CLASSES[args.dataset], args.known, s, args.split_dir or SPLIT_DIR)
-             for s in args.splits]
+    found = [
+        seeded_split(args.dataset, NUM_CLASSES[args.dataset], args.known, s, args.split_dir or SPLIT_DIR)
+        for s in args.splits
+    ]
     return [split for split, _ in found], [split for split, on_disk in found if not on_disk]
 
 
@@ -128,9 +157,12 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
     write_csv(out.with_name(out.name + "_runs.csv"), rows)
     write_csv(out.with_suffix(".csv"), agg)
     split_eval = agg[0]["eval_split"]
-    text = [f"# {title}", "",
-            (f"Evaluated on the {split_eval} images of all classes: known-class images give closed-set "
-             f"accuracy, "
+    text = [
+        f"# {title}",
+        "",
+        (
+            f"Evaluated on the {split_eval} images of all classes: known-class images give closed-set "
+            f"accuracy, "
             "unknown-class ones must be rejected. Every score is an outlier score (higher = more likely "
             "unknown; drainage_fast.openset): p_d = drainage probability of the open softmax over all K "
             "outputs, MSP = 1 - max softmax over the C class outputs, max-logit, energy (- logsumexp of the "
@@ -139,8 +171,12 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
             "known-positive: unknown images accepted when 95% of the known are). OSCR: area under "
             "correct-classification rate vs false-positive rate. Drained = argmax over all K outputs is "
             "the drainage node. All values in %, mean ± std over "
-            f"{agg[0]['n']} runs (splits x training seeds)."), "",
-            "Splits (known / unknown classes):", ""]
+            f"{agg[0]['n']} runs (splits x training seeds)."
+        ),
+        "",
+        "Splits (known / unknown classes):",
+        "",
+    ]
     text += [f"- `{s.tag}`: known {list(s.known)}, unknown {list(s.unknown)}" for s in splits]
     text += ["", "## Mean ± std", "", metrics_table(agg), ""]
     paired = paired_table(rows)
@@ -149,10 +185,17 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
     text += ["## AUROC per split", "", per_split_table(rows), ""]
     if split_eval == "val" and any(a["params"] for a in agg):  # never choose on the test set
         chosen = best_method_points(agg)
-        text += [(f"## Selected: highest mean {split_eval} AUROC of each method's own score "
-                 f"({', '.join(f'{m}: {SCORE_LABELS[METHODS[m].primary_score]}' for m in chosen)})"), ""]
-        text += [f"- {METHODS[m].label}: `{params or 'preset'}` (AUROC {100 * score:.2f})"
-                 for m, (params, score) in chosen.items()]
+        text += [
+            (
+                f"## Selected: highest mean {split_eval} AUROC of each method's own score "
+                f"({', '.join(f'{m}: {SCORE_LABELS[METHODS[m].primary_score]}' for m in chosen)})"
+            ),
+            "",
+        ]
+        text += [
+            f"- {METHODS[m].label}: `{params or 'preset'}` (AUROC {100 * score:.2f})"
+            for m, (params, score) in chosen.items()
+        ]
         text.append("")
     text += ["## Reproduce", "", f"    {command}", ""]
     out.with_suffix(".md").write_text("\n".join(text))
@@ -162,8 +205,11 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
 
 def command_line(args) -> str:
     splits = ["split_files"] if args.split_files else ["known", "splits"]
-    return reproducing_command("osr", args, ["dataset", "methods", *splits, "seeds", "drainage_logit",
-                                             "unknown_train", "tuning", "grid", "set"])
+    return reproducing_command(
+        "osr",
+        args,
+        ["dataset", "methods", *splits, "seeds", "drainage_logit", "unknown_train", "tuning", "grid", "set"],
+    )
 
 
 def main(args) -> int:
@@ -172,8 +218,15 @@ def main(args) -> int:
     logit = args.drainage_logit
     if logit is None:
         logit = TUNED_DRAINAGE_LOGIT.get(args.dataset, 0.0)
-    plan = plan_open_set(args.dataset, args.methods, splits, args.seeds, grid=args.grid, overrides=overrides,
-                         drainage_logit=logit)
+    plan = plan_open_set(
+        args.dataset,
+        args.methods,
+        splits,
+        args.seeds,
+        grid=args.grid,
+        overrides=overrides,
+        drainage_logit=logit,
+    )
     runs_dir = job_dir(args.runs_dir, f"osr-{args.dataset}")
     for split in new_splits:
         save_split(split, Path(args.split_dir or runs_dir / "splits") / f"{split.tag}.json")
@@ -181,8 +234,10 @@ def main(args) -> int:
     runs = run_plan(plan, runs_dir, unknown_train=args.unknown_train)
     k, u = len(splits[0].known), len(splits[0].unknown)
     evaluated = "validation split, tuning" if args.tuning else "test set"
-    title = args.title or (f"{args.dataset}: open-set recognition, {k} known / {u} unknown classes, "
-                           f"{len(splits)} splits ({evaluated})")
+    title = args.title or (
+        f"{args.dataset}: open-set recognition, {k} known / {u} unknown classes, "
+        f"{len(splits)} splits ({evaluated})"
+    )
     print(write_report(runs, splits, out, title, command_line(args)))
     print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; runs (with scores.csv) in {runs_dir}")
     return 0

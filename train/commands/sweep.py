@@ -27,17 +27,28 @@ from ..run_dirs import UserError
 
 FLAGS = SHARED_FLAGS
 
-METRICS = ["best_eval_acc", "last_eval_acc", "eval_drained_frac", "precision_at_k_pd",
-           "precision_at_k_self_conf", "memorized_frac", "pd_clean", "pd_flipped", "realised_noise_rate",
-           "train_time_s"]
+METRICS = [
+    "best_eval_acc",
+    "last_eval_acc",
+    "eval_drained_frac",
+    "precision_at_k_pd",
+    "precision_at_k_self_conf",
+    "memorized_frac",
+    "pd_clean",
+    "pd_flipped",
+    "realised_noise_rate",
+    "train_time_s",
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
-    p.add_argument("--losses", nargs="+", default=["drainage", "ce"],
-                   help="losses to compare (default: drainage ce)")
-    p.add_argument("--jobs", type=positive_int, default=1,
-                   help="runs in parallel processes (one CPU thread each)")
+    p.add_argument(
+        "--losses", nargs="+", default=["drainage", "ce"], help="losses to compare (default: drainage ce)"
+    )
+    p.add_argument(
+        "--jobs", type=positive_int, default=1, help="runs in parallel processes (one CPU thread each)"
+    )
     p.add_argument("--title", default=None, help="report title (default: dataset and evaluation split)")
     p.set_defaults(seeds=[1, 2, 3])
     # gone: --seeds was a count from --seed_start; the commands recorded in benchmarks/results/ still say so
@@ -71,8 +82,9 @@ def run_sweep(plan: list[PlannedRun], runs_dir: Path, jobs: int = 1) -> list[dic
             summaries[i] = json.loads((run_dir / "summary.json").read_text())
         else:
             jobs_to_run[i] = (run.cfg, run_dir, 1 if jobs > 1 else 0)
-    print(f"{len(plan)} runs: {len(summaries)} reused, {len(jobs_to_run)} to run ({jobs} at a time)",
-          flush=True)
+    print(
+        f"{len(plan)} runs: {len(summaries)} reused, {len(jobs_to_run)} to run ({jobs} at a time)", flush=True
+    )
     start = time.perf_counter()
     if jobs > 1:
         import multiprocessing
@@ -87,18 +99,27 @@ def run_sweep(plan: list[PlannedRun], runs_dir: Path, jobs: int = 1) -> list[dic
         for n, (i, job) in enumerate(jobs_to_run.items(), 1):
             summaries[i] = _run_one(job)
             _progress(n, len(jobs_to_run), plan[i], summaries[i], start)
-    return [{"loss": run.loss, "params": point_tag(run.point), "noise": f"{run.noise[0]}:{run.noise[1]:g}",
-             "seed": run.seed, "eval_split": summaries[i]["eval_split"],
-             **{m: summaries[i].get(m) for m in METRICS}}
-            for i, run in enumerate(plan)]
+    return [
+        {
+            "loss": run.loss,
+            "params": point_tag(run.point),
+            "noise": f"{run.noise[0]}:{run.noise[1]:g}",
+            "seed": run.seed,
+            "eval_split": summaries[i]["eval_split"],
+            **{m: summaries[i].get(m) for m in METRICS},
+        }
+        for i, run in enumerate(plan)
+    ]
 
 
 def _progress(n: int, total: int, run: PlannedRun, summary: dict, start: float) -> None:
     kind, rate = run.noise
-    print(f"[{n}/{total}] {run.loss:>9} {point_tag(run.point):<30} {kind}:{rate:g} seed {run.seed}: best "
-          f"{summary['best_eval_acc']:.4f} last {summary['last_eval_acc']:.4f} "
-          f"({time.perf_counter() - start:.0f}s)",
-          flush=True)
+    print(
+        f"[{n}/{total}] {run.loss:>9} {point_tag(run.point):<30} {kind}:{rate:g} seed {run.seed}: best "
+        f"{summary['best_eval_acc']:.4f} last {summary['last_eval_acc']:.4f} "
+        f"({time.perf_counter() - start:.0f}s)",
+        flush=True,
+    )
 
 
 def write_report(rows: list[dict], out: Path, title: str, command: str = "") -> str:
@@ -113,31 +134,61 @@ def write_report(rows: list[dict], out: Path, title: str, command: str = "") -> 
     split = rows[0]["eval_split"]
     seeds = sorted({r["seed"] for r in rows})
     over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one run per setting (seed {seeds[0]})"
-    text = [f"# {title}", "", (f"Clean {split} accuracy (%), {over}; the best mean "
+    text = [
+        f"# {title}",
+        "",
+        (
+            f"Clean {split} accuracy (%), {over}; the best mean "
             f"of each column in bold. 'Last' = after the final epoch; 'best' = the maximum over evaluated "
             f"epochs "
-            f"(selected on the {split} set itself, as the papers report it, so optimistic)."), "",
-            f"## Last epoch ({split})", "", markdown_grid(agg, "setting", "noise", "last_eval_acc"), "",
-            f"## Best epoch ({split})", "", markdown_grid(agg, "setting", "noise", "best_eval_acc"), ""]
+            f"(selected on the {split} set itself, as the papers report it, so optimistic)."
+        ),
+        "",
+        f"## Last epoch ({split})",
+        "",
+        markdown_grid(agg, "setting", "noise", "last_eval_acc"),
+        "",
+        f"## Best epoch ({split})",
+        "",
+        markdown_grid(agg, "setting", "noise", "best_eval_acc"),
+        "",
+    ]
     drain = [a for a in agg if a["loss"] == "drainage"]
     if drain:
-        text += ["## Drainage diagnostics (last epoch)", "",
-                 ("Drained = share of the evaluation images whose argmax over all K outputs is the drainage "
-                  "node. Precision@k = share of flipped labels among the k training samples with the highest "
-                  "score, k = number of flipped labels; p_d scores Drainage, 1 - p(given label) scores the "
-                  "same model (self-confidence, the usual baseline)."), "",
-                 ("| setting | noise | drained (%) | precision@k p_d (%) | precision@k self-conf. (%) | "
-                 "mean p_d clean | mean p_d flipped |"), "|---|---|---:|---:|---:|---:|---:|"]
-        text += [f"| {a['setting']} | {a['noise']} | {_cell(a, 'eval_drained_frac')} | "
-                 f"{_cell(a, 'precision_at_k_pd')} | {_cell(a, 'precision_at_k_self_conf')} | "
-                 f"{a['pd_clean_mean']:.3f} | {a['pd_flipped_mean']:.3f} |" for a in drain]
+        text += [
+            "## Drainage diagnostics (last epoch)",
+            "",
+            (
+                "Drained = share of the evaluation images whose argmax over all K outputs is the drainage "
+                "node. Precision@k = share of flipped labels among the k training samples with the highest "
+                "score, k = number of flipped labels; p_d scores Drainage, 1 - p(given label) scores the "
+                "same model (self-confidence, the usual baseline)."
+            ),
+            "",
+            (
+                "| setting | noise | drained (%) | precision@k p_d (%) | precision@k self-conf. (%) | "
+                "mean p_d clean | mean p_d flipped |"
+            ),
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        text += [
+            f"| {a['setting']} | {a['noise']} | {_cell(a, 'eval_drained_frac')} | "
+            f"{_cell(a, 'precision_at_k_pd')} | {_cell(a, 'precision_at_k_self_conf')} | "
+            f"{a['pd_clean_mean']:.3f} | {a['pd_flipped_mean']:.3f} |"
+            for a in drain
+        ]
         text.append("")
     selected = best_points(agg, "loss", "last_eval_acc_mean") if any(a["params"] for a in agg) else {}
     if selected:
-        text += [f"## Selected: highest mean last-epoch {split} accuracy over all noise settings" + (
-            "" if split == "val" else " (on the test set: for reading only, never for choosing)"), ""]
-        text += [f"- {loss_label(loss)}: `{params or 'preset'}` (mean {100 * score:.2f}%)"
-                 for loss, (params, score) in selected.items()]
+        text += [
+            f"## Selected: highest mean last-epoch {split} accuracy over all noise settings"
+            + ("" if split == "val" else " (on the test set: for reading only, never for choosing)"),
+            "",
+        ]
+        text += [
+            f"- {loss_label(loss)}: `{params or 'preset'}` (mean {100 * score:.2f}%)"
+            for loss, (params, score) in selected.items()
+        ]
         text.append("")
     if command:
         text += ["## Reproduce", "", f"    {command}", ""]
@@ -157,8 +208,9 @@ def _cell(agg: dict, metric: str) -> str:
 
 def command_line(args) -> str:
     """The sweep as a command (for the report: how to reproduce it)."""
-    return reproducing_command("sweep", args, ["dataset", "losses", "noise", "seeds", "tuning", "grid",
-                                               "set"])
+    return reproducing_command(
+        "sweep", args, ["dataset", "losses", "noise", "seeds", "tuning", "grid", "set"]
+    )
 
 
 def main(args) -> int:
@@ -166,16 +218,27 @@ def main(args) -> int:
 
     if args.seed_start is not None:
         first = args.seed_start
-        raise UserError(f"--seed_start {first}: gone; --seeds lists the seeds themselves, e.g. --seeds "
-                        f"{first}-{first + 4} for five seeds from {first}")
-    plan = plan_runs(args.dataset, args.losses, [parse_noise(n) for n in args.noise], args.seeds,
-                      tuning=args.tuning, grid=args.grid, overrides=args.set)
+        raise UserError(
+            f"--seed_start {first}: gone; --seeds lists the seeds themselves, e.g. --seeds "
+            f"{first}-{first + 4} for five seeds from {first}"
+        )
+    plan = plan_runs(
+        args.dataset,
+        args.losses,
+        [parse_noise(n) for n in args.noise],
+        args.seeds,
+        tuning=args.tuning,
+        grid=args.grid,
+        overrides=args.set,
+    )
     check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
     runs_dir = job_dir(args.runs_dir, f"sweep-{args.dataset}")
     out = Path(args.out) if args.out else runs_dir / "sweep"
     rows = run_sweep(plan, runs_dir, jobs=args.jobs)
-    title = args.title or (f"{args.dataset}: robust losses under label noise "
-                           f"({'validation split, tuning' if args.tuning else 'test set'})")
+    title = args.title or (
+        f"{args.dataset}: robust losses under label noise "
+        f"({'validation split, tuning' if args.tuning else 'test set'})"
+    )
     print(write_report(rows, out, title, command_line(args)))
     print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; runs in {runs_dir}")
     return 0

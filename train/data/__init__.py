@@ -30,8 +30,18 @@ DATASETS = ("digits", "mnist", "cifar10", "cifar100", "cifar10n", "cifar100n", "
 LARGE_SCALE = ("webvision", "clothing1m")
 HUMAN_NOISE_ALIASES = {"cifar10n": "cifar10", "cifar100n": "cifar100"}
 
-__all__ = ["DATASETS", "NoisyDataset", "RawDataset", "as_long", "build_data", "load_labelled", "load_raw",
-           "noise_type_of", "prepare_batch", "tuning_split"]
+__all__ = [
+    "DATASETS",
+    "NoisyDataset",
+    "RawDataset",
+    "as_long",
+    "build_data",
+    "load_labelled",
+    "load_raw",
+    "noise_type_of",
+    "prepare_batch",
+    "tuning_split",
+]
 
 
 def load_raw(name: str, root: str = "data", download: bool = True) -> RawDataset:
@@ -46,9 +56,11 @@ def load_raw(name: str, root: str = "data", download: bool = True) -> RawDataset
     if name == "svhn":
         return load_svhn(root, download)
     if name in LARGE_SCALE:
-        raise UserError(f"dataset={name}: {name} is trained with train/imagenet_scale.py (DALI + torchrun "
-                        f"DDP), "
-                        "not `train run`")
+        raise UserError(
+            f"dataset={name}: {name} is trained with train/imagenet_scale.py (DALI + torchrun "
+            f"DDP), "
+            "not `train run`"
+        )
     raise UserError(f"dataset={name}: unknown dataset; choose from {DATASETS}")
 
 
@@ -72,8 +84,16 @@ def build_data(cfg) -> NoisyDataset:
     noise_type = noise_type_of(cfg)
     raw, human, source = load_labelled(cfg)
     noisy, record = apply_noise(
-        noise_type, cfg.noise_rate, raw.train_y, raw.num_classes, dataset=raw.name, seed=cfg.seed,
-        images=raw.train_x, pixel_scale=raw.pixel_scale, human_labels=human, human_source=source,
+        noise_type,
+        cfg.noise_rate,
+        raw.train_y,
+        raw.num_classes,
+        dataset=raw.name,
+        seed=cfg.seed,
+        images=raw.train_x,
+        pixel_scale=raw.pixel_scale,
+        human_labels=human,
+        human_source=source,
     )
     if cfg.tuning:
         train_idx, val_idx = tuning_split(len(raw.train_y))
@@ -84,9 +104,18 @@ def build_data(cfg) -> NoisyDataset:
         train_idx = np.arange(len(raw.train_y))
         eval_x, eval_y, split = raw.test_x, raw.test_y, "test"
     return NoisyDataset(
-        name=raw.name, num_classes=raw.num_classes,
-        train_x=raw.train_x[torch.from_numpy(train_idx)], train_y=as_long(noisy[train_idx]),
-        train_y_clean=as_long(raw.train_y[train_idx]), train_index=as_long(train_idx),
-        eval_x=eval_x, eval_y=as_long(eval_y), eval_split=split,
-        pixel_scale=raw.pixel_scale, mean=raw.mean, std=raw.std, augment=raw.augment, noise=record,
+        name=raw.name,
+        num_classes=raw.num_classes,
+        train_x=raw.train_x[torch.from_numpy(train_idx)],
+        train_y=as_long(noisy[train_idx]),
+        train_y_clean=as_long(raw.train_y[train_idx]),
+        train_index=as_long(train_idx),
+        eval_x=eval_x,
+        eval_y=as_long(eval_y),
+        eval_split=split,
+        pixel_scale=raw.pixel_scale,
+        mean=raw.mean,
+        std=raw.std,
+        augment=raw.augment,
+        noise=record,
     )

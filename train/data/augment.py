@@ -25,9 +25,9 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
     """(B, C, H, W) -> same shape: a random H x W window of the zero-padded image, per sample."""
     B, _, H, W = x.shape
     offsets = torch.randint(0, 2 * pad + 1, (2, B), generator=gen).to(x.device)
-    rows = offsets[0, :, None] + torch.arange(H, device=x.device)          # (B, H)
-    cols = offsets[1, :, None] + torch.arange(W, device=x.device)          # (B, W)
-    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)            # (B, H + 2p, W + 2p, C)
+    rows = offsets[0, :, None] + torch.arange(H, device=x.device)  # (B, H)
+    cols = offsets[1, :, None] + torch.arange(W, device=x.device)  # (B, W)
+    padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (B, H + 2p, W + 2p, C)
     batch = torch.arange(B, device=x.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
@@ -46,8 +46,13 @@ def random_rotation(x: torch.Tensor, degrees: float, gen: torch.Generator) -> to
 
 
 def prepare_batch(
-    raw: torch.Tensor, *, pixel_scale: float, mean: tuple[float, ...], std: tuple[float, ...],
-    augment: str = "none", gen: torch.Generator | None = None,
+    raw: torch.Tensor,
+    *,
+    pixel_scale: float,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: str = "none",
+    gen: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Raw pixels (B, C, H, W) -> float32 network input: [0, 1], augmented (when gen is given), normalised."""
     x = raw.float() / pixel_scale

@@ -18,19 +18,28 @@ from .download import ensure, extract_tar, fetch
 
 CIFAR = {
     "cifar10": {
-        "folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
         "test": ["test_batch"],
-        "label_key": "labels", "num_classes": 10, "augment": "crop_flip",
+        "label_key": "labels",
+        "num_classes": 10,
+        "augment": "crop_flip",
         "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "md5": "c58f30108f718f92721af3b95e74349a",
-        "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616),
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
     },
     "cifar100": {
-        "folder": "cifar-100-python", "train": ["train"], "test": ["test"],
-        "label_key": "fine_labels", "num_classes": 100, "augment": "crop_flip_rotate",
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "label_key": "fine_labels",
+        "num_classes": 100,
+        "augment": "crop_flip_rotate",
         "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         "md5": "eb9058c3a382ffc7106e4002c42a8d85",
-        "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762),
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
     },
 }
 
@@ -100,12 +109,25 @@ def load_cifar(name: str, root: str | Path, download: bool = True) -> RawDataset
         archive = fetch(spec["url"], root / spec["url"].rsplit("/", 1)[1], spec["md5"])
         extract_tar(archive, root)
 
-    ensure(all((folder / f).exists() for f in files), folder, files, download_all, download,
-           f"Get {spec['url']} and extract it into {root}.")
+    ensure(
+        all((folder / f).exists() for f in files),
+        folder,
+        files,
+        download_all,
+        download,
+        f"Get {spec['url']} and extract it into {root}.",
+    )
     train_x, train_y = _read_split(folder, spec["train"], spec["label_key"])
     test_x, test_y = _read_split(folder, spec["test"], spec["label_key"])
     return RawDataset(
-        name=name, num_classes=spec["num_classes"], train_x=train_x, train_y=train_y,
-        test_x=test_x, test_y=test_y, pixel_scale=255.0, mean=spec["mean"], std=spec["std"],
+        name=name,
+        num_classes=spec["num_classes"],
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        pixel_scale=255.0,
+        mean=spec["mean"],
+        std=spec["std"],
         augment=spec["augment"],
     )

@@ -28,10 +28,10 @@ class RawDataset:
     train_y: np.ndarray
     test_x: torch.Tensor
     test_y: np.ndarray
-    pixel_scale: float                 # raw value of a white pixel (255; 16 for digits)
-    mean: tuple[float, ...]            # per-channel mean / std of [0, 1] pixels, for normalisation
+    pixel_scale: float  # raw value of a white pixel (255; 16 for digits)
+    mean: tuple[float, ...]  # per-channel mean / std of [0, 1] pixels, for normalisation
     std: tuple[float, ...]
-    augment: str = "none"              # see train/data/augment.py
+    augment: str = "none"  # see train/data/augment.py
 
 
 @dataclass
@@ -42,12 +42,12 @@ class NoisyDataset:
     name: str
     num_classes: int
     train_x: torch.Tensor
-    train_y: torch.Tensor              # (N,) noisy labels: what the loss sees
-    train_y_clean: torch.Tensor        # (N,) clean labels: only for metrics (p_d on clean vs flipped)
-    train_index: torch.Tensor          # (N,) positions in the original training set
+    train_y: torch.Tensor  # (N,) noisy labels: what the loss sees
+    train_y_clean: torch.Tensor  # (N,) clean labels: only for metrics (p_d on clean vs flipped)
+    train_index: torch.Tensor  # (N,) positions in the original training set
     eval_x: torch.Tensor
-    eval_y: torch.Tensor               # clean labels
-    eval_split: str                    # "test" or "val"
+    eval_y: torch.Tensor  # clean labels
+    eval_split: str  # "test" or "val"
     pixel_scale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]

@@ -45,8 +45,9 @@ def fetch(url: str, dest: Path, md5: str | None = None) -> Path:
 
 def extract_tar(archive: Path, into: Path) -> None:
     if not hasattr(tarfile, "data_filter"):  # added in 3.10.12 / 3.11.4
-        raise RuntimeError(f"extracting {archive} safely needs Python >= 3.10.12 / 3.11.4; "
-                           "extract it by hand")
+        raise RuntimeError(
+            f"extracting {archive} safely needs Python >= 3.10.12 / 3.11.4; extract it by hand"
+        )
     with tarfile.open(archive) as tar:
         # the "data" filter refuses absolute paths, links out of the tree and device files
         tar.extractall(into, filter="data")

@@ -32,7 +32,7 @@ def read_idx(path: Path) -> np.ndarray:
     if magic not in IDX_MAGIC:
         raise UserError(f"{path}: not an MNIST idx file (magic {magic}, expected 2049 or 2051)")
     ndim = IDX_MAGIC[magic]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(shape)):
         raise UserError(f"{path}: header says {shape}, payload has {payload.size} bytes")
@@ -48,22 +48,33 @@ def _find(raw: Path, name: str) -> Path | None:
 
 def load_mnist(root: str | Path, download: bool = True) -> RawDataset:
     raw = Path(root) / "MNIST" / "raw"
+
     def download_all():
         for name, md5 in FILES.items():
             fetch(MIRROR + name + ".gz", raw / f"{name}.gz", md5)
 
     present = all(_find(raw, name) is not None for name in FILES)
-    ensure(present, raw, [f"{n}[.gz]" for n in FILES], download_all, download,
-           f"Get them from {MIRROR} (or any MNIST mirror) into {raw}.")
+    ensure(
+        present,
+        raw,
+        [f"{n}[.gz]" for n in FILES],
+        download_all,
+        download,
+        f"Get them from {MIRROR} (or any MNIST mirror) into {raw}.",
+    )
     arrays = {name: read_idx(_find(raw, name)) for name in FILES}
+
     def as_images(a):
         return torch.from_numpy(a.copy())[:, None]  # (N, 1, 28, 28)
 
     return RawDataset(
-        name="mnist", num_classes=10,
+        name="mnist",
+        num_classes=10,
         train_x=as_images(arrays["train-images-idx3-ubyte"]),
         train_y=arrays["train-labels-idx1-ubyte"].astype(np.int64),
         test_x=as_images(arrays["t10k-images-idx3-ubyte"]),
         test_y=arrays["t10k-labels-idx1-ubyte"].astype(np.int64),
-        pixel_scale=255.0, mean=(MEAN,), std=(STD,),
+        pixel_scale=255.0,
+        mean=(MEAN,),
+        std=(STD,),
     )

@@ -36,35 +36,64 @@ def paper_init(model: nn.Module) -> nn.Module:
 
 def digits_mlp(num_outputs: int, width: int = 256) -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
         nn.Linear(width, num_outputs),
     )
 
 
 def digits_cnn(num_outputs: int) -> nn.Module:
     return nn.Sequential(
-        *_conv_bn_relu(1, 32), *_conv_bn_relu(32, 64), nn.MaxPool2d(2),   # 8x8 -> 4x4
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_outputs),
+        *_conv_bn_relu(1, 32),
+        *_conv_bn_relu(32, 64),
+        nn.MaxPool2d(2),  # 8x8 -> 4x4
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_outputs),
     )
 
 
 def cnn4(num_outputs: int) -> nn.Module:
     """The paper's MNIST model: conv32-pool-conv64-pool-fc128-fc (28x28 -> 7x7)."""
-    return paper_init(nn.Sequential(
-        *_conv_bn_relu(1, 32), nn.MaxPool2d(2), *_conv_bn_relu(32, 64), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, num_outputs),
-    ))
+    return paper_init(
+        nn.Sequential(
+            *_conv_bn_relu(1, 32),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(32, 64),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 128),
+            nn.BatchNorm1d(128),
+            nn.ReLU(),
+            nn.Linear(128, num_outputs),
+        )
+    )
 
 
 def cnn8(num_outputs: int) -> nn.Module:
     """The paper's CIFAR-10 model: (conv64 x2, pool, conv128 x2, pool, conv196 x2, pool), fc256, fc."""
-    return paper_init(nn.Sequential(
-        *_conv_bn_relu(3, 64), *_conv_bn_relu(64, 64), nn.MaxPool2d(2),
-        *_conv_bn_relu(64, 128), *_conv_bn_relu(128, 128), nn.MaxPool2d(2),
-        *_conv_bn_relu(128, 196), *_conv_bn_relu(196, 196), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(196 * 4 * 4, 256), nn.BatchNorm1d(256), nn.ReLU(),
-        nn.Linear(256, num_outputs),
-    ))
+    return paper_init(
+        nn.Sequential(
+            *_conv_bn_relu(3, 64),
+            *_conv_bn_relu(64, 64),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(64, 128),
+            *_conv_bn_relu(128, 128),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(128, 196),
+            *_conv_bn_relu(196, 196),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(196 * 4 * 4, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(),
+            nn.Linear(256, num_outputs),
+        )
+    )
 
 
 MODELS = {
@@ -90,7 +119,8 @@ def build_model(name: str, num_outputs: int, pretrained: str | None = None) -> n
     name = canonical_model_name(name)
     if pretrained:
         if name != "resnet50":
-            raise UserError(f"pretrained={pretrained}: pretrained weights exist for resnet50 only, not "
-                            f"{name!r}")
+            raise UserError(
+                f"pretrained={pretrained}: pretrained weights exist for resnet50 only, not {name!r}"
+            )
         return resnet50(num_outputs, pretrained)
     return MODELS[name](num_outputs)

@@ -97,8 +97,9 @@ class ResNet(nn.Module):
     def _layer(self, block, width: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.cin != width * block.expansion:
-            downsample = nn.Sequential(_conv1x1(self.cin, width * block.expansion, stride),
-                                       nn.BatchNorm2d(width * block.expansion))
+            downsample = nn.Sequential(
+                _conv1x1(self.cin, width * block.expansion, stride), nn.BatchNorm2d(width * block.expansion)
+            )
         layers = [block(self.cin, width, stride, downsample)]
         self.cin = width * block.expansion
         layers += [block(self.cin, width) for _ in range(1, blocks)]
@@ -124,8 +125,9 @@ def resnet50(num_outputs: int, pretrained: str | None = None) -> ResNet:
     url = RESNET50_WEIGHTS[pretrained]
     model = ResNet(Bottleneck, [3, 4, 6, 3], 1000)
     try:
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True,
-                                                   weights_only=True)
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", check_hash=True, weights_only=True
+        )
     except OSError as exc:  # URLError, no network, a full disk
         cache = f"{torch.hub.get_dir()}/checkpoints/{url.rsplit('/', 1)[1]}"
         raise UserError(

@@ -31,10 +31,10 @@ NO_KNOWN_LABEL = -1
 
 @dataclass
 class OpenSetData:
-    data: NoisyDataset              # known classes 0..k-1; eval_x / eval_y: known-class evaluation images
-    known_eval_index: np.ndarray    # positions of data.eval_x in the test set (training set when tuning)
-    known_eval_label: np.ndarray    # their original class ids
-    unknown_x: torch.Tensor         # unknown-class evaluation images, raw pixels
+    data: NoisyDataset  # known classes 0..k-1; eval_x / eval_y: known-class evaluation images
+    known_eval_index: np.ndarray  # positions of data.eval_x in the test set (training set when tuning)
+    known_eval_label: np.ndarray  # their original class ids
+    unknown_x: torch.Tensor  # unknown-class evaluation images, raw pixels
     unknown_eval_index: np.ndarray
     unknown_eval_label: np.ndarray  # original class ids
     split: OpenSetSplit
@@ -48,8 +48,9 @@ def known_index(split: OpenSetSplit) -> np.ndarray:
     return to_known
 
 
-def open_set_labels(labels: np.ndarray, split: OpenSetSplit, unknown_train: str,
-                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+def open_set_labels(
+    labels: np.ndarray, split: OpenSetSplit, unknown_train: str, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(training labels, clean labels) in the known-class space 0..k-1 for every training image.
 
     Unknown-class images get NO_KNOWN_LABEL as their clean label, and as their training label when
@@ -65,29 +66,39 @@ def open_set_labels(labels: np.ndarray, split: OpenSetSplit, unknown_train: str,
     return given, clean
 
 
-def _record(labels: np.ndarray, given: np.ndarray, split: OpenSetSplit, unknown_train: str,
-            seed: int) -> NoiseRecord:
+def _record(
+    labels: np.ndarray, given: np.ndarray, split: OpenSetSplit, unknown_train: str, seed: int
+) -> NoiseRecord:
     if unknown_train == "drop":
-        return apply_noise("none", 0.0, given[given >= 0], len(split.known), dataset=split.dataset,
-                           seed=seed)[1]
+        return apply_noise(
+            "none", 0.0, given[given >= 0], len(split.known), dataset=split.dataset, seed=seed
+        )[1]
     relabelled = np.isin(labels, split.unknown)
     # rows: original classes, columns: the known labels given (column j = known class split.known[j])
-    counts = transition_counts(labels, given, split.num_classes)[:, :len(split.known)]
-    return NoiseRecord("open_set_relabel", float(relabelled.mean()), seed, len(labels),
-                       float(relabelled.mean()),
-                       counts.tolist(), f"every training image of classes {list(split.unknown)} relabelled "
-                       f"uniformly at random to one of the known classes {list(split.known)}")
+    counts = transition_counts(labels, given, split.num_classes)[:, : len(split.known)]
+    return NoiseRecord(
+        "open_set_relabel",
+        float(relabelled.mean()),
+        seed,
+        len(labels),
+        float(relabelled.mean()),
+        counts.tolist(),
+        f"every training image of classes {list(split.unknown)} relabelled "
+        f"uniformly at random to one of the known classes {list(split.known)}",
+    )
 
 
 def check_split_fits(raw: RawDataset, split: OpenSetSplit) -> None:
     """Raises UserError when split is for a dataset with another number of classes than raw."""
     if raw.num_classes != split.num_classes:
-        raise UserError(f"split {split.tag} has {split.num_classes} classes, dataset {raw.name} has "
-                        f"{raw.num_classes}")
+        raise UserError(
+            f"split {split.tag} has {split.num_classes} classes, dataset {raw.name} has {raw.num_classes}"
+        )
 
 
-def build_open_set_data(raw: RawDataset, split: OpenSetSplit, *, seed: int, tuning: bool = False,
-                        unknown_train: str = "drop") -> OpenSetData:
+def build_open_set_data(
+    raw: RawDataset, split: OpenSetSplit, *, seed: int, tuning: bool = False, unknown_train: str = "drop"
+) -> OpenSetData:
     """Cuts raw by split (see the module docstring). seed draws the relabelling (unknown_train="relabel")."""
     check_split_fits(raw, split)
     given, clean = open_set_labels(raw.train_y, split, unknown_train, seed)
@@ -101,13 +112,28 @@ def build_open_set_data(raw: RawDataset, split: OpenSetSplit, *, seed: int, tuni
     is_known = np.isin(eval_labels[eval_index], split.known)
     known_eval, unknown_eval = eval_index[is_known], eval_index[~is_known]
     data = NoisyDataset(
-        name=raw.name, num_classes=len(split.known),
-        train_x=raw.train_x[torch.from_numpy(train_index)], train_y=as_long(given[train_index]),
-        train_y_clean=as_long(clean[train_index]), train_index=as_long(train_index),
+        name=raw.name,
+        num_classes=len(split.known),
+        train_x=raw.train_x[torch.from_numpy(train_index)],
+        train_y=as_long(given[train_index]),
+        train_y_clean=as_long(clean[train_index]),
+        train_index=as_long(train_index),
         eval_x=eval_x[torch.from_numpy(known_eval)],
         eval_y=as_long(known_index(split)[eval_labels[known_eval]]),
-        eval_split=eval_split, pixel_scale=raw.pixel_scale, mean=raw.mean, std=raw.std, augment=raw.augment,
+        eval_split=eval_split,
+        pixel_scale=raw.pixel_scale,
+        mean=raw.mean,
+        std=raw.std,
+        augment=raw.augment,
         noise=_record(raw.train_y, given, split, unknown_train, seed),
     )
-    return OpenSetData(data, known_eval, eval_labels[known_eval], eval_x[torch.from_numpy(unknown_eval)],
-                       unknown_eval, eval_labels[unknown_eval], split, unknown_train)
+    return OpenSetData(
+        data,
+        known_eval,
+        eval_labels[known_eval],
+        eval_x[torch.from_numpy(unknown_eval)],
+        unknown_eval,
+        eval_labels[unknown_eval],
+        split,
+        unknown_train,
+    )

@@ -48,8 +48,8 @@ from .splits import OpenSetSplit
 @dataclass(frozen=True)
 class Method:
     loss: str
-    drainage: str | None       # None: C outputs; "constant": ConstantDrainageLogit; "learned": C + 1 outputs
-    primary_score: str         # the score the method is judged and tuned by
+    drainage: str | None  # None: C outputs; "constant": ConstantDrainageLogit; "learned": C + 1 outputs
+    primary_score: str  # the score the method is judged and tuned by
     label: str
 
 
@@ -87,8 +87,9 @@ class ConstantDrainageLogit(nn.Module):
         return torch.cat([z, self.value.to(z.dtype).expand(z.shape[0], 1)], dim=1)
 
 
-def build_method_model(method: str, model_name: str, num_known: int,
-                       drainage_logit: float = 0.0) -> nn.Module:
+def build_method_model(
+    method: str, model_name: str, num_known: int, drainage_logit: float = 0.0
+) -> nn.Module:
     m = METHODS[method]
     if m.drainage == "constant":
         return ConstantDrainageLogit(build_model(model_name, num_known), drainage_logit)
@@ -114,44 +115,64 @@ def config_for_method(method: str, dataset: str, overrides=(), preset_prefix: st
         forced["loss_params"] = {}
     cfg = load_config(preset, point_overrides(forced) + list(overrides))
     if cfg.loss != m.loss or cfg.noise_type != "none":
-        raise UserError(f"method {method} trains {m.loss} on clean labels; got loss={cfg.loss}, "
-                        f"noise_type={cfg.noise_type}")
+        raise UserError(
+            f"method {method} trains {m.loss} on clean labels; got loss={cfg.loss}, "
+            f"noise_type={cfg.noise_type}"
+        )
     return cfg
 
 
-def evaluate_open_set(known_logits: torch.Tensor, unknown_logits: torch.Tensor, osd: OpenSetData,
-                      drainage: bool) -> tuple[dict, list[dict]]:
+def evaluate_open_set(
+    known_logits: torch.Tensor, unknown_logits: torch.Tensor, osd: OpenSetData, drainage: bool
+) -> tuple[dict, list[dict]]:
     """(metrics, one dump row per image) for (N, K) eval logits of the known and unknown images."""
     C = osd.data.num_classes
     drainage_idx = -1 if drainage else None
     known_scores = open_set_scores(known_logits, drainage_idx)
     unknown_scores = open_set_scores(unknown_logits, drainage_idx)
     correct = class_predictions(known_logits, C) == osd.data.eval_y
-    metrics = {"closed_set_accuracy": correct.double().mean().item(), "num_known": len(known_logits),
-               "num_unknown": len(unknown_logits)}
+    metrics = {
+        "closed_set_accuracy": correct.double().mean().item(),
+        "num_known": len(known_logits),
+        "num_unknown": len(unknown_logits),
+    }
     if drainage:
         metrics["drained_known"] = (known_logits.argmax(1) == C).double().mean().item()
         metrics["drained_unknown"] = (unknown_logits.argmax(1) == C).double().mean().item()
-    metrics["scores"] = {s: open_set_metrics(known_scores[s], unknown_scores[s], correct=correct)
-                         for s in known_scores}
+    metrics["scores"] = {
+        s: open_set_metrics(known_scores[s], unknown_scores[s], correct=correct) for s in known_scores
+    }
     known_classes = torch.tensor(osd.split.known)
     rows = []
     for name, logits, scores, index, labels in (
-            ("known", known_logits, known_scores, osd.known_eval_index, osd.known_eval_label),
-            ("unknown", unknown_logits, unknown_scores, osd.unknown_eval_index, osd.unknown_eval_label)):
+        ("known", known_logits, known_scores, osd.known_eval_index, osd.known_eval_label),
+        ("unknown", unknown_logits, unknown_scores, osd.unknown_eval_index, osd.unknown_eval_label),
+    ):
         pred = known_classes[class_predictions(logits, C)]
         drained = logits.argmax(1) == C
         for i in range(len(logits)):
-            row = {"set": name, "index": int(index[i]), "label": int(labels[i]), "pred": int(pred[i]),
-                   "correct": int(pred[i] == labels[i]) if name == "known" else ""}
+            row = {
+                "set": name,
+                "index": int(index[i]),
+                "label": int(labels[i]),
+                "pred": int(pred[i]),
+                "correct": int(pred[i] == labels[i]) if name == "known" else "",
+            }
             if drainage:
                 row["drained"] = int(drained[i])
             rows.append(row | {s: float(v[i]) for s, v in scores.items()})  # repr: exact round trip
     return metrics, rows
 
 
-def run_open_set(cfg: Config, method: str, osd: OpenSetData, run_dir: str | Path, *,
-                 drainage_logit: float = 0.0, quiet: bool = True) -> dict:
+def run_open_set(
+    cfg: Config,
+    method: str,
+    osd: OpenSetData,
+    run_dir: str | Path,
+    *,
+    drainage_logit: float = 0.0,
+    quiet: bool = True,
+) -> dict:
     """Trains `method` on osd's known classes, scores the evaluation images, writes the run folder
     (module docstring; run_dir: claimed by the caller, e.g. train.run_dirs.claim_run_dir); returns
     openset_metrics.json's content."""
@@ -160,17 +181,28 @@ def run_open_set(cfg: Config, method: str, osd: OpenSetData, run_dir: str | Path
     with run_session(cfg, run_dir, quiet) as logger:
         write_run_info(run_dir, cfg, device)
         save_noise(run_dir, osd.data)
-        (run_dir / "openset.json").write_text(json.dumps({
-            "method": method, "description": m.label, "unknown_train": osd.unknown_train,
-            "drainage_logit": drainage_logit if m.drainage == "constant" else None,
-            "split": asdict(osd.split)}, indent=1) + "\n")
+        (run_dir / "openset.json").write_text(
+            json.dumps(
+                {
+                    "method": method,
+                    "description": m.label,
+                    "unknown_train": osd.unknown_train,
+                    "drainage_logit": drainage_logit if m.drainage == "constant" else None,
+                    "split": asdict(osd.split),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         C = osd.data.num_classes
         model = build_method_model(method, cfg.model, C, drainage_logit)
         loss_fn = build_loss(cfg.loss, C, **cfg.loss_params)
-        logger.info(f"{run_dir}: {m.label} on {cfg.dataset} split {osd.split.tag}: known "
-                    f"{list(osd.split.known)} ({len(osd.data.train_y)} train images), unknown "
-                    f"{list(osd.split.unknown)} (their training "
-                    f"images: {osd.unknown_train}); evaluated on {osd.data.eval_split}")
+        logger.info(
+            f"{run_dir}: {m.label} on {cfg.dataset} split {osd.split.tag}: known "
+            f"{list(osd.split.known)} ({len(osd.data.train_y)} train images), unknown "
+            f"{list(osd.split.unknown)} (their training "
+            f"images: {osd.unknown_train}); evaluated on {osd.data.eval_split}"
+        )
         trainer = Trainer(cfg, osd.data, model, loss_fn, run_dir, device, logger, show_progress=not quiet)
         trainer.fit()
         known_logits = trainer.logits(trainer.eval_x).cpu()
@@ -186,7 +218,7 @@ def run_open_set(cfg: Config, method: str, osd: OpenSetData, run_dir: str | Path
 @dataclass(frozen=True)
 class PlannedRun:
     method: str
-    point: dict                # the grid point (drainage_logit included when it is an axis)
+    point: dict  # the grid point (drainage_logit included when it is an axis)
     split: OpenSetSplit
     seed: int
     cfg: Config
@@ -196,22 +228,38 @@ class PlannedRun:
 @dataclass
 class OpenSetPlan:
     runs: list[PlannedRun]
-    raws: dict                 # (dataset, data_root) -> RawDataset, loaded once
+    raws: dict  # (dataset, data_root) -> RawDataset, loaded once
 
 
-def plan_open_set(dataset: str, methods: list[str], splits: list[OpenSetSplit], seeds: list[int], *, grid=(),
-                  overrides=(), drainage_logit: float = 0.0, preset_prefix: str = "osr") -> OpenSetPlan:
+def plan_open_set(
+    dataset: str,
+    methods: list[str],
+    splits: list[OpenSetSplit],
+    seeds: list[int],
+    *,
+    grid=(),
+    overrides=(),
+    drainage_logit: float = 0.0,
+    preset_prefix: str = "osr",
+) -> OpenSetPlan:
     """Every method x grid point x split x seed as a checked config, and the datasets they train on, loaded.
     A grid axis may be `drainage_logit` (drainage_const only); every other axis is a config key as in
     `train sweep --grid`. Raises UserError for any mistake, before anything is written."""
     axes = parse_grid(list(grid))
-    combos = [(m, point, split, seed) for m in methods for point in grid_points(m, axes)
-              for split in splits for seed in seeds]
+    combos = [
+        (m, point, split, seed)
+        for m in methods
+        for point in grid_points(m, axes)
+        for split in splits
+        for seed in seeds
+    ]
     runs, raws, fitted = [], {}, set()
     for method, point, split, seed in combos:
         if "drainage_logit" in point and METHODS[method].drainage != "constant":
-            raise UserError("--grid drainage_logit=...: the drainage_logit axis applies to drainage_const "
-                            "only: write --grid drainage_const:drainage_logit=...")
+            raise UserError(
+                "--grid drainage_logit=...: the drainage_logit axis applies to drainage_const "
+                "only: write --grid drainage_const:drainage_logit=..."
+            )
         config_point = {k: v for k, v in point.items() if k != "drainage_logit"}
         settings = ["checkpoint=false", *overrides, f"seed={seed}", *point_overrides(config_point)]
         cfg = config_for_method(method, dataset, settings, preset_prefix)
@@ -229,32 +277,53 @@ def plan_open_set(dataset: str, methods: list[str], splits: list[OpenSetSplit], 
     return OpenSetPlan(runs, raws)
 
 
-def run_plan(plan: OpenSetPlan, runs_dir: Path, *, unknown_train: str = "drop",
-             quiet: bool = True) -> list[dict]:
+def run_plan(
+    plan: OpenSetPlan, runs_dir: Path, *, unknown_train: str = "drop", quiet: bool = True
+) -> list[dict]:
     """Runs the plan one run after the other, each in a folder of its own claimed under
     runs_dir/<method>[<params>]/<split>/s<seed> (-2, -3, ... when that exists: never an earlier run's);
     one row per run: method, params, split, seed, run_dir and openset_metrics.json's content."""
     rows, start = [], time.perf_counter()
     for n, run in enumerate(plan.runs, 1):
         raw: RawDataset = plan.raws[run.cfg.dataset, run.cfg.data_root]
-        osd = build_open_set_data(raw, run.split, seed=run.cfg.seed, tuning=run.cfg.tuning,
-                                  unknown_train=unknown_train)
+        osd = build_open_set_data(
+            raw, run.split, seed=run.cfg.seed, tuning=run.cfg.tuning, unknown_train=unknown_train
+        )
         params = point_tag(run.point)
         parent = runs_dir / (f"{run.method}[{params}]" if params else run.method) / run.split.tag
         run_dir = claim_run_dir(parent, f"s{run.seed}", unique=True)
-        result = run_open_set(run.cfg, run.method, osd, run_dir, quiet=quiet,
-                              drainage_logit=run.drainage_logit)
-        rows.append({"method": run.method, "params": params, "split": run.split.tag, "seed": run.seed,
-                     "run_dir": str(run_dir), **result})
+        result = run_open_set(
+            run.cfg, run.method, osd, run_dir, quiet=quiet, drainage_logit=run.drainage_logit
+        )
+        rows.append(
+            {
+                "method": run.method,
+                "params": params,
+                "split": run.split.tag,
+                "seed": run.seed,
+                "run_dir": str(run_dir),
+                **result,
+            }
+        )
         score = METHODS[run.method].primary_score
-        print(f"[{n}/{len(plan.runs)}] {run.method:>14} {params:<28} {run.split.tag} s{run.seed}: "
-              f"{result['eval_split']} acc {result['closed_set_accuracy']:.4f}, AUROC {score} "
-              f"{result['scores'][score]['AUROC']:.4f} ({time.perf_counter() - start:.0f}s)", flush=True)
+        print(
+            f"[{n}/{len(plan.runs)}] {run.method:>14} {params:<28} {run.split.tag} s{run.seed}: "
+            f"{result['eval_split']} acc {result['closed_set_accuracy']:.4f}, AUROC {score} "
+            f"{result['scores'][score]['AUROC']:.4f} ({time.perf_counter() - start:.0f}s)",
+            flush=True,
+        )
     return rows
 
 
-METRICS = ("AUROC", "OSCR", "closed_set_accuracy", "AUPR-IN", "AUPR-OUT", "FPR@95TPR[unknown-positive]",
-           "FPR@95TPR[known-positive]")
+METRICS = (
+    "AUROC",
+    "OSCR",
+    "closed_set_accuracy",
+    "AUPR-IN",
+    "AUPR-OUT",
+    "FPR@95TPR[unknown-positive]",
+    "FPR@95TPR[known-positive]",
+)
 EXTRA_METRICS = ("drained_known", "drained_unknown")
 
 
@@ -263,11 +332,19 @@ def score_rows(runs: list[dict]) -> list[dict]:
     out = []
     for run in runs:
         for score, metrics in run["scores"].items():
-            out.append({"method": run["method"], "params": run["params"], "split": run["split"],
-                        "seed": run["seed"], "eval_split": run["eval_split"], "score": score,
-                        **{k: metrics[k] for k in METRICS},
-                        "drained_known": run.get("drained_known"),
-                        "drained_unknown": run.get("drained_unknown")})
+            out.append(
+                {
+                    "method": run["method"],
+                    "params": run["params"],
+                    "split": run["split"],
+                    "seed": run["seed"],
+                    "eval_split": run["eval_split"],
+                    "score": score,
+                    **{k: metrics[k] for k in METRICS},
+                    "drained_known": run.get("drained_known"),
+                    "drained_unknown": run.get("drained_unknown"),
+                }
+            )
     return out
 
 
@@ -286,8 +363,9 @@ def aggregate_scores(rows: list[dict]) -> list[dict]:
 
 def best_method_points(agg: list[dict]) -> dict[str, tuple[str, float]]:
     """method -> (params, mean AUROC of its primary score): each method's best grid point (--tuning)."""
-    return best_points(agg, "method", "AUROC_mean",
-                       keep=lambda a: a["score"] == METHODS[a["method"]].primary_score)
+    return best_points(
+        agg, "method", "AUROC_mean", keep=lambda a: a["score"] == METHODS[a["method"]].primary_score
+    )
 
 
 def read_scores_csv(run_dir: str | Path) -> dict[str, np.ndarray]:

@@ -32,18 +32,21 @@ class OpenSetSplit:
     num_classes: int
     known: tuple[int, ...]
     unknown: tuple[int, ...]
-    seed: int | None = None       # None: a hand-written split
-    name: str = ""                # file stem; default <dataset>_<k>-<u>_seed<s>
+    seed: int | None = None  # None: a hand-written split
+    name: str = ""  # file stem; default <dataset>_<k>-<u>_seed<s>
 
     def __post_init__(self):
         object.__setattr__(self, "known", tuple(int(c) for c in self.known))
         object.__setattr__(self, "unknown", tuple(int(c) for c in self.unknown))
         if not self.known or not self.unknown:
-            raise UserError(f"split {self.tag}: needs known and unknown classes, got {self.known} / "
-                            f"{self.unknown}")
+            raise UserError(
+                f"split {self.tag}: needs known and unknown classes, got {self.known} / {self.unknown}"
+            )
         if sorted(self.known + self.unknown) != list(range(self.num_classes)):
-            raise UserError(f"split {self.tag}: known {self.known} and unknown {self.unknown} must partition "
-                            f"the classes 0..{self.num_classes - 1}")
+            raise UserError(
+                f"split {self.tag}: known {self.known} and unknown {self.unknown} must partition "
+                f"the classes 0..{self.num_classes - 1}"
+            )
 
     @property
     def tag(self) -> str:
@@ -77,23 +80,29 @@ def load_split(path: str | Path) -> OpenSetSplit:
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-        split = OpenSetSplit(raw["dataset"], raw["num_classes"], tuple(raw["known"]), tuple(raw["unknown"]),
-                             raw.get("seed"))
+        split = OpenSetSplit(
+            raw["dataset"], raw["num_classes"], tuple(raw["known"]), tuple(raw["unknown"]), raw.get("seed")
+        )
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"split file {path}: not a readable split ({type(exc).__name__}: {exc}); it needs "
-                        "dataset, num_classes, known and unknown") from None
+        raise UserError(
+            f"split file {path}: not a readable split ({type(exc).__name__}: {exc}); it needs "
+            "dataset, num_classes, known and unknown"
+        ) from None
     if split.tag != path.stem:  # a hand-written or renamed split is named after its file
         split = replace(split, name=path.stem)
     if split.seed is not None:
         expected = make_split(split.dataset, split.num_classes, len(split.known), split.seed)
         if expected.known != split.known:
-            raise UserError(f"{path}: seed {split.seed} gives known classes {list(expected.known)}, the file "
-                            f"says {list(split.known)}; remove the seed to keep a hand-written split")
+            raise UserError(
+                f"{path}: seed {split.seed} gives known classes {list(expected.known)}, the file "
+                f"says {list(split.known)}; remove the seed to keep a hand-written split"
+            )
     return split
 
 
-def seeded_split(dataset: str, num_classes: int, num_known: int, seed: int,
-                 split_dir: str | Path = SPLIT_DIR) -> tuple[OpenSetSplit, bool]:
+def seeded_split(
+    dataset: str, num_classes: int, num_known: int, seed: int, split_dir: str | Path = SPLIT_DIR
+) -> tuple[OpenSetSplit, bool]:
     """(the seeded split, whether split_dir holds its file): read from split_dir when the file exists (and
     checked), else made. Nothing is written: the caller saves a new split (save_split) beside its results."""
     split = make_split(dataset, num_classes, num_known, seed)

@@ -15,7 +15,21 @@ from .figures import (
 )
 from .tables import LOSS_LABELS, aggregate, loss_label, markdown_grid, mean_std, pct, write_csv
 
-__all__ = ["LOSS_LABELS", "aggregate", "bar_value_axis", "error_bars", "loss_label", "markdown_grid",
-           "mean_std",
-           "pct", "pd_histograms", "plot_default_job", "plot_grid", "plot_sweep", "precision_panel", "pyplot",
-           "save_figure", "write_csv"]
+__all__ = [
+    "LOSS_LABELS",
+    "aggregate",
+    "bar_value_axis",
+    "error_bars",
+    "loss_label",
+    "markdown_grid",
+    "mean_std",
+    "pct",
+    "pd_histograms",
+    "plot_default_job",
+    "plot_grid",
+    "plot_sweep",
+    "precision_panel",
+    "pyplot",
+    "save_figure",
+    "write_csv",
+]

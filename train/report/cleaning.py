@@ -9,9 +9,16 @@ import numpy as np
 from .figures import pd_histograms, precision_panel, pyplot, save_figure
 
 
-def plot_cleaning(curves: dict[str, np.ndarray], k_flipped: int, histogram: tuple[dict, np.ndarray] | None,
-                  path: Path, title: str, *, curves_title: str | None = None,
-                  histogram_title: str | None = None) -> None:
+def plot_cleaning(
+    curves: dict[str, np.ndarray],
+    k_flipped: int,
+    histogram: tuple[dict, np.ndarray] | None,
+    path: Path,
+    title: str,
+    *,
+    curves_title: str | None = None,
+    histogram_title: str | None = None,
+) -> None:
     """Left: precision@k (label -> (N,) curve) with k = k_flipped marked; right: the p_d histograms of one
     run, histogram = (its scores.npz, its p_d), or an empty panel without one."""
     fig, axes = pyplot().subplots(1, 2, figsize=(13, 4.4))

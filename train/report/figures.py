@@ -51,8 +51,12 @@ def pyplot():
     return plt
 
 
-def plot_sweep(agg: list[dict], path: Path, title: str, metrics=(("last_eval_acc", "last epoch"),
-                                                                   ("best_eval_acc", "best epoch"))) -> None:
+def plot_sweep(
+    agg: list[dict],
+    path: Path,
+    title: str,
+    metrics=(("last_eval_acc", "last epoch"), ("best_eval_acc", "best epoch")),
+) -> None:
     """Grouped bars: one group per noise setting (agg "noise"), one bar per series (agg "setting"), mean
     +- std; one panel per metric. Drainage bars are outlined."""
     plt = pyplot()
@@ -67,20 +71,32 @@ def plot_sweep(agg: list[dict], path: Path, title: str, metrics=(("last_eval_acc
         lows = []
         for i, name in enumerate(series):
             present = [(name, s) in cell for s in settings]
-            means = np.array([100 * cell[name, s][f"{metric}_mean"] if ok else np.nan
-                              for s, ok in zip(settings, present)])
-            stds = error_bars([100 * cell[name, s][f"{metric}_std"] if ok else 0
-                               for s, ok in zip(settings, present)])
+            means = np.array(
+                [100 * cell[name, s][f"{metric}_mean"] if ok else np.nan for s, ok in zip(settings, present)]
+            )
+            stds = error_bars(
+                [100 * cell[name, s][f"{metric}_std"] if ok else 0 for s, ok in zip(settings, present)]
+            )
             lows.append(np.nanmin(means - stds))
             x = np.arange(len(settings)) + (i - (len(series) - 1) / 2) * width
             drainage = name.startswith("Drainage")
-            ax.bar(x, means, width, yerr=stds, capsize=2, label=name, color=colors(i),
-                   edgecolor="black" if drainage else "none", linewidth=1.2 if drainage else 0)
+            ax.bar(
+                x,
+                means,
+                width,
+                yerr=stds,
+                capsize=2,
+                label=name,
+                color=colors(i),
+                edgecolor="black" if drainage else "none",
+                linewidth=1.2 if drainage else 0,
+            )
         ax.set_xticks(np.arange(len(settings)), settings)
         ax.set_xlabel("label noise (type:rate)")
         ax.set_ylabel(f"clean {split} accuracy (%)")
-        ax.set_title(f"{label}, mean ± std over {agg[0]['n']} seeds" if agg[0]["n"] > 1 else
-                     f"{label}, one seed")
+        ax.set_title(
+            f"{label}, mean ± std over {agg[0]['n']} seeds" if agg[0]["n"] > 1 else f"{label}, one seed"
+        )
         bar_value_axis(ax, min(lows), "y")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -91,8 +107,9 @@ def plot_sweep(agg: list[dict], path: Path, title: str, metrics=(("last_eval_acc
     plt.close(fig)
 
 
-def plot_grid(agg: list[dict], path: Path, title: str, selected: dict[str, str],
-              metric: str = "last_eval_acc") -> None:
+def plot_grid(
+    agg: list[dict], path: Path, title: str, selected: dict[str, str], metric: str = "last_eval_acc"
+) -> None:
     """A hyper-parameter sweep: one panel per loss, one row of horizontal bars per grid point (one bar per
     noise setting, mean +- std); the selected point's label is starred."""
     plt = pyplot()
@@ -102,10 +119,15 @@ def plot_grid(agg: list[dict], path: Path, title: str, selected: dict[str, str],
     points = {loss: list(dict.fromkeys(a["params"] for a in agg if a["loss"] == loss)) for loss in losses}
     cols = 2 if len(losses) > 1 else 1
     rows = -(-len(losses) // cols)
-    heights = [max(len(points[loss]) for loss in losses[r * cols:(r + 1) * cols]) for r in range(rows)]
+    heights = [max(len(points[loss]) for loss in losses[r * cols : (r + 1) * cols]) for r in range(rows)]
     panel_heights = [0.42 * h + 1.2 for h in heights]
-    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, sum(panel_heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": panel_heights})
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(8 * cols, sum(panel_heights)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": panel_heights},
+    )
     colors = plt.get_cmap("tab10")
     lo = min(100 * a[f"{metric}_mean"] - error_bars(100 * a[f"{metric}_std"]) for a in agg)
     for ax, loss in zip(axes.flat, losses):
@@ -122,7 +144,7 @@ def plot_grid(agg: list[dict], path: Path, title: str, selected: dict[str, str],
         ax.set_xlabel(f"clean {agg[0].get('eval_split', 'val')} accuracy (%), last epoch")
         bar_value_axis(ax, lo, "x")
         ax.grid(axis="x", alpha=0.3)
-    for ax in list(axes.flat)[len(losses):]:
+    for ax in list(axes.flat)[len(losses) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8, loc="lower left")
     fig.suptitle(f"{title}\n★ = selected: highest mean over the noise settings", fontsize=11)
@@ -147,8 +169,9 @@ def plot_default_job(runs: dict[str, dict], path: Path, title: str) -> None:
         h = drain["history"]
         epochs = [r["epoch"] for r in h]
         axes[1].plot(epochs, [r["pd_clean"] for r in h], label="clean-label samples", color="tab:green", lw=2)
-        axes[1].plot(epochs, [r["pd_flipped"] for r in h], label="flipped-label samples", color="tab:red",
-                     lw=2)
+        axes[1].plot(
+            epochs, [r["pd_flipped"] for r in h], label="flipped-label samples", color="tab:red", lw=2
+        )
         axes[1].set(xlabel="epoch", ylabel="mean p_d", title="Drainage probability on the training set")
         axes[1].legend()
         axes[1].grid(alpha=0.3)
@@ -168,12 +191,15 @@ def pd_histograms(ax, scores: dict, p_d: np.ndarray) -> None:
     flipped = scores["noisy"] != scores["clean"]
     affected = np.isin(scores["clean"], np.unique(scores["clean"][flipped]))
     bins = np.linspace(0, 1, 41)
-    for mask, label, color in ((flipped, "flipped labels", "tab:red"),
-                               (~flipped & affected, "clean labels, classes with flips", "tab:orange"),
-                               (~flipped & ~affected, "clean labels, classes without flips", "tab:green")):
+    for mask, label, color in (
+        (flipped, "flipped labels", "tab:red"),
+        (~flipped & affected, "clean labels, classes with flips", "tab:orange"),
+        (~flipped & ~affected, "clean labels, classes without flips", "tab:green"),
+    ):
         if mask.any():
-            ax.hist(p_d[mask], bins, alpha=0.55, color=color, density=True,
-                    label=f"{label} (n={int(mask.sum())})")
+            ax.hist(
+                p_d[mask], bins, alpha=0.55, color=color, density=True, label=f"{label} (n={int(mask.sum())})"
+            )
     ax.set(xlabel="p_d of the training sample", ylabel="density", title="p_d: flipped vs clean labels")
     ax.legend(fontsize=8, loc="upper center")
 
@@ -183,9 +209,13 @@ def precision_panel(ax, curves: dict[str, np.ndarray], k_flipped: int) -> None:
     for label, curve in curves.items():
         ax.plot(np.arange(1, len(curve) + 1), 100 * curve, lw=2, label=label)
     ax.axvline(k_flipped, color="grey", ls="--", lw=1, label=f"k = number flipped ({k_flipped})")
-    ax.set(xlabel="k (samples inspected, most suspect first)", ylabel="precision@k (%)", ylim=(0, 102),
-           xlim=(1, min(len(next(iter(curves.values()))), 3 * k_flipped)),
-           title="Flipped labels among the top k")
+    ax.set(
+        xlabel="k (samples inspected, most suspect first)",
+        ylabel="precision@k (%)",
+        ylim=(0, 102),
+        xlim=(1, min(len(next(iter(curves.values()))), 3 * k_flipped)),
+        title="Flipped labels among the top k",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 

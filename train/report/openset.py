@@ -24,11 +24,20 @@ def plot_osr(agg: list[dict], rows: list[dict], path: Path, title: str) -> None:
     y = np.arange(len(agg))
     for ax, metric in zip(axes, ("AUROC", "OSCR")):
         means = [100 * a[f"{metric}_mean"] for a in agg]
-        ax.barh(y, means, xerr=error_bars([100 * a[f"{metric}_std"] for a in agg]), capsize=3,
-                color=[colors[a["method"]] for a in agg], alpha=0.75)
+        ax.barh(
+            y,
+            means,
+            xerr=error_bars([100 * a[f"{metric}_std"] for a in agg]),
+            capsize=3,
+            color=[colors[a["method"]] for a in agg],
+            alpha=0.75,
+        )
         for i, a in enumerate(agg):
-            runs = [100 * r[metric] for r in rows if (r["method"], r["params"], r["score"]) ==
-                    (a["method"], a["params"], a["score"])]
+            runs = [
+                100 * r[metric]
+                for r in rows
+                if (r["method"], r["params"], r["score"]) == (a["method"], a["params"], a["score"])
+            ]
             ax.plot(runs, [i] * len(runs), "k.", ms=4)
             ax.text(99.7, i, f"{means[i]:.1f}", va="center", ha="right", fontsize=8)  # right of every dot
         ax.set_xlabel(f"{metric} (%), {agg[0]['eval_split']} set; dots: single splits")
@@ -52,13 +61,19 @@ def plot_demo(runs: list[dict], path: Path, title: str) -> None:
         per_class = np.array([drained_per_class(r["run_dir"]) for r in drainage])
         colors = ["tab:green"] * 7 + ["tab:red"] * 3
         axes[0].bar(range(10), 100 * per_class.mean(0), yerr=100 * per_class.std(0), color=colors, capsize=3)
-        axes[0].set(xticks=range(10), xlabel=f"true class of the {split} image", ylim=(0, 100),
-                    ylabel="drained (%): argmax is the drainage node",
-                    title=f"Drainage: {split} images drained per class\n(red: 7/8/9, relabelled in training; "
-                          f"mean ± std over {len(drainage)} runs)")
+        axes[0].set(
+            xticks=range(10),
+            xlabel=f"true class of the {split} image",
+            ylim=(0, 100),
+            ylabel="drained (%): argmax is the drainage node",
+            title=f"Drainage: {split} images drained per class\n(red: 7/8/9, relabelled in training; "
+            f"mean ± std over {len(drainage)} runs)",
+        )
         axes[0].grid(axis="y", alpha=0.3)
-    for ax, method, score, name in ((axes[1], "drainage", "p_d", "p_d (drainage probability)"),
-                                    (axes[2], "ce", "msp", "1 - max softmax (MSP outlier score)")):
+    for ax, method, score, name in (
+        (axes[1], "drainage", "p_d", "p_d (drainage probability)"),
+        (axes[2], "ce", "msp", "1 - max softmax (MSP outlier score)"),
+    ):
         mine = [r for r in runs if r["method"] == method]
         if not mine:
             ax.axis("off")
@@ -70,7 +85,11 @@ def plot_demo(runs: list[dict], path: Path, title: str) -> None:
         ax.hist(values[~unknown], bins, alpha=0.6, color="tab:green", density=True, label=f"{split} 0-6")
         ax.hist(values[unknown], bins, alpha=0.6, color="tab:red", density=True, label=f"{split} 7/8/9")
         auroc = np.mean([r["scores"][score]["AUROC"] for r in mine])
-        ax.set(xlabel=name, ylabel="density", yscale="log",
-               title=f"{METHODS[method].label}: AUROC {100 * auroc:.1f}% ({len(mine)} runs pooled)")
+        ax.set(
+            xlabel=name,
+            ylabel="density",
+            yscale="log",
+            title=f"{METHODS[method].label}: AUROC {100 * auroc:.1f}% ({len(mine)} runs pooled)",
+        )
         ax.legend()
     save_figure(fig, title, path)

@@ -12,8 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-LOSS_LABELS = {"drainage": "Drainage", "ce": "CE", "gce": "GCE", "sce": "SCE", "nce_rce": "NCE+RCE",
-               "anl_ce": "ANL-CE", "nce_agce": "NCE+AGCE", "anl_fl": "ANL-FL", "anl_ce_er": "ANL-CE-ER"}
+LOSS_LABELS = {
+    "drainage": "Drainage",
+    "ce": "CE",
+    "gce": "GCE",
+    "sce": "SCE",
+    "nce_rce": "NCE+RCE",
+    "anl_ce": "ANL-CE",
+    "nce_agce": "NCE+AGCE",
+    "anl_fl": "ANL-FL",
+    "anl_ce_er": "ANL-CE-ER",
+}
 
 
 def loss_label(name: str) -> str:
@@ -23,8 +32,9 @@ def loss_label(name: str) -> str:
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1, as APL's statistics.stdev); nan-aware. The std of a
     single value is nan (undefined for ddof = 1), not 0."""
-    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))],
-                   dtype=float)
+    v = np.asarray(
+        [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float
+    )
     if v.size == 0:
         return math.nan, math.nan
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
@@ -67,8 +77,9 @@ def markdown_grid(agg: list[dict], row_key: str, col_key: str, metric: str, bold
     rows = list(dict.fromkeys(a[row_key] for a in agg))
     cols = list(dict.fromkeys(a[col_key] for a in agg))
     cell = {(a[row_key], a[col_key]): a for a in agg}
-    best = {c: max((cell[r, c][f"{metric}_mean"] for r in rows if (r, c) in cell), default=math.nan)
-            for c in cols}
+    best = {
+        c: max((cell[r, c][f"{metric}_mean"] for r in rows if (r, c) in cell), default=math.nan) for c in cols
+    }
     lines = [f"| {row_key} | " + " | ".join(map(str, cols)) + " |", "|---|" + "---:|" * len(cols)]
     for r in rows:
         cells = []

@@ -113,12 +113,20 @@ def train(args) -> int:
             best, reported = summary["best"], summary["reported"]
             at_best = ", ".join(f"{k[:-5]} {v:.2%}" for k, v in best.items() if k.endswith("_top1"))
             if trainer.spec.report and reported["top1_last_epoch"] is not None:  # Clothing1M: its test split
-                _result(log, f"result: {reported['split']} top-1 {reported['top1_last_epoch']:.2%} at the "
-                        f"last epoch {reported['last_epoch']} (the official metric); "
-                        f"{reported['top1_best_val_epoch']:.2%} at the best {reported['selected_on']} "
-                        f"epoch {reported['best_val_epoch']}", args.quiet)
-            _result(log, f"done: selected epoch {best['epoch']} on {trainer.spec.select} (top-1 {at_best}); "
-                         f"outputs in {run_dir}", args.quiet)
+                _result(
+                    log,
+                    f"result: {reported['split']} top-1 {reported['top1_last_epoch']:.2%} at the "
+                    f"last epoch {reported['last_epoch']} (the official metric); "
+                    f"{reported['top1_best_val_epoch']:.2%} at the best {reported['selected_on']} "
+                    f"epoch {reported['best_val_epoch']}",
+                    args.quiet,
+                )
+            _result(
+                log,
+                f"done: selected epoch {best['epoch']} on {trainer.spec.select} (top-1 {at_best}); "
+                f"outputs in {run_dir}",
+                args.quiet,
+            )
         finished = True
         return 0
     except KeyboardInterrupt:

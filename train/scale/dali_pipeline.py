@@ -79,56 +79,88 @@ class PipelineSpec:
 def _normalise(images, spec: PipelineSpec, **crop_mirror):
     """uint8 HWC -> normalised HWC float16 / float32 (HWC, so a permuted view is channels_last)."""
     return fn.crop_mirror_normalize(
-        images, dtype=types.FLOAT16 if spec.fp16 else types.FLOAT, output_layout="HWC",
-        mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD], **crop_mirror)
+        images,
+        dtype=types.FLOAT16 if spec.fp16 else types.FLOAT,
+        output_layout="HWC",
+        mean=[m * 255 for m in IMAGENET_MEAN],
+        std=[s * 255 for s in IMAGENET_STD],
+        **crop_mirror,
+    )
 
 
 def _square_resize(images, spec: PipelineSpec):
     """Both sides to spec.resize (aspect not kept), as torchvision's Resize((resize, resize))."""
-    return fn.resize(images, resize_x=spec.resize, resize_y=spec.resize, interp_type=types.INTERP_LINEAR,
-                     antialias=True)
+    return fn.resize(
+        images, resize_x=spec.resize, resize_y=spec.resize, interp_type=types.INTERP_LINEAR, antialias=True
+    )
 
 
 @pipeline_def
-def _train_pipeline(files: list[str], labels: list[int], shard_id: int, num_shards: int, shuffle_seed: int,
-                    spec: PipelineSpec):
+def _train_pipeline(
+    files: list[str], labels: list[int], shard_id: int, num_shards: int, shuffle_seed: int, spec: PipelineSpec
+):
     jpegs, label = fn.readers.file(
-        files=files, labels=labels, shard_id=shard_id, num_shards=num_shards, shuffle_after_epoch=True,
-        shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, name=READER)
+        files=files,
+        labels=labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        shuffle_after_epoch=True,
+        shuffle_after_epoch_seed=shuffle_seed,
+        pad_last_batch=True,
+        name=READER,
+    )
     if spec.square_resize:
         images = fn.decoders.image(jpegs, device=spec.decode_device, output_type=types.RGB)
         images = _square_resize(images, spec)
         images = _normalise(images, spec, crop=(spec.crop, spec.crop))  # centred crop, no mirror
     else:
         images = fn.decoders.image_random_crop(
-            jpegs, device=spec.decode_device, output_type=types.RGB, random_area=list(CROP_AREA),
-            random_aspect_ratio=list(CROP_ASPECT), num_attempts=CROP_ATTEMPTS)
-        images = fn.resize(images, resize_x=spec.crop, resize_y=spec.crop, interp_type=types.INTERP_LINEAR,
-                           antialias=True)
+            jpegs,
+            device=spec.decode_device,
+            output_type=types.RGB,
+            random_area=list(CROP_AREA),
+            random_aspect_ratio=list(CROP_ASPECT),
+            num_attempts=CROP_ATTEMPTS,
+        )
+        images = fn.resize(
+            images, resize_x=spec.crop, resize_y=spec.crop, interp_type=types.INTERP_LINEAR, antialias=True
+        )
         if spec.color_jitter:
             images = fn.color_twist(
-                images, brightness=fn.random.uniform(range=JITTER_SCALE),
+                images,
+                brightness=fn.random.uniform(range=JITTER_SCALE),
                 contrast=fn.random.uniform(range=JITTER_SCALE),
                 saturation=fn.random.uniform(range=JITTER_SCALE),
-                hue=fn.random.uniform(range=JITTER_HUE_DEGREES))
+                hue=fn.random.uniform(range=JITTER_HUE_DEGREES),
+            )
         images = _normalise(images, spec, mirror=fn.random.coin_flip(probability=0.5))
     if spec.cutout:
         half = spec.cutout / 2  # anchor = centre - half, centre uniform over the crop
         anchor = fn.random.uniform(range=[-half, spec.crop - half], shape=2)
-        images = fn.erase(images, anchor=anchor, shape=[float(spec.cutout)] * 2, axis_names="HW", fill_value=0.0)
+        images = fn.erase(
+            images, anchor=anchor, shape=[float(spec.cutout)] * 2, axis_names="HW", fill_value=0.0
+        )
     return images, label.gpu() if spec.decode_device == "mixed" else label
 
 
 @pipeline_def
 def _eval_pipeline(files: list[str], labels: list[int], shard_id: int, num_shards: int, spec: PipelineSpec):
-    jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-                                   stick_to_shard=True, pad_last_batch=True, name=READER)
+    jpegs, label = fn.readers.file(
+        files=files,
+        labels=labels,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        stick_to_shard=True,
+        pad_last_batch=True,
+        name=READER,
+    )
     images = fn.decoders.image(jpegs, device=spec.decode_device, output_type=types.RGB)
     if spec.square_resize:
         images = _square_resize(images, spec)
     else:
-        images = fn.resize(images, resize_shorter=spec.resize, interp_type=types.INTERP_LINEAR,
-                           antialias=True)
+        images = fn.resize(
+            images, resize_shorter=spec.resize, interp_type=types.INTERP_LINEAR, antialias=True
+        )
     images = _normalise(images, spec, crop=(spec.crop, spec.crop))
     return images, label.gpu() if spec.decode_device == "mixed" else label
 
@@ -147,10 +179,14 @@ def _bad_files_as_data_errors():
         if "Critical error in pipeline" not in str(exc):
             raise
         # the last line before DALI's "Current pipeline object is no longer valid." is the cause
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "no longer valid" not in line]
+        lines = [
+            line.strip() for line in str(exc).splitlines() if line.strip() and "no longer valid" not in line
+        ]
         cause = lines[-1] if lines else "no detail"
-        raise DataFileError(f"DALI could not decode a file of the list ({cause}; DALI does not say which): "
-                            f"it changed since the list check or the storage failed") from exc
+        raise DataFileError(
+            f"DALI could not decode a file of the list ({cause}; DALI does not say which): "
+            f"it changed since the list check or the storage failed"
+        ) from exc
 
 
 class _Batches:
@@ -161,8 +197,13 @@ class _Batches:
 
     def __init__(self, pipe, last_batch_policy, auto_reset: bool = False):
         with _bad_files_as_data_errors():
-            self.iterator = DALIGenericIterator([pipe], OUTPUTS, reader_name=READER, auto_reset=auto_reset,
-                                                last_batch_policy=last_batch_policy)
+            self.iterator = DALIGenericIterator(
+                [pipe],
+                OUTPUTS,
+                reader_name=READER,
+                auto_reset=auto_reset,
+                last_batch_policy=last_batch_policy,
+            )
 
     def __len__(self) -> int:
         return len(self.iterator)
@@ -177,7 +218,9 @@ class _Batches:
 class DaliTrainLoader:
     """Per-epoch DALI training batches of `batch` images for this rank."""
 
-    def __init__(self, images: ImageList, batch: int, spec: PipelineSpec, seed: int, rank: int, world_size: int):
+    def __init__(
+        self, images: ImageList, batch: int, spec: PipelineSpec, seed: int, rank: int, world_size: int
+    ):
         self.files = np.asarray(images.absolute_paths(), dtype=object)
         self.labels = images.labels
         self.batch, self.spec, self.seed, self.rank, self.world_size = batch, spec, seed, rank, world_size
@@ -187,10 +230,17 @@ class DaliTrainLoader:
         """The batches of `epoch` over the entries `indices` of the list (the whole list, or a subset)."""
         self._current = None  # release the previous epoch's pipeline (threads, buffers) first
         pipe = _train_pipeline(
-            files=self.files[indices].tolist(), labels=self.labels[indices].tolist(), shard_id=self.rank,
-            num_shards=self.world_size, shuffle_seed=derived_seed(self.seed, epoch), spec=self.spec,
-            batch_size=self.batch, num_threads=self.spec.threads, device_id=self.spec.device_id,
-            seed=derived_seed(self.seed, epoch, self.rank))
+            files=self.files[indices].tolist(),
+            labels=self.labels[indices].tolist(),
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            shuffle_seed=derived_seed(self.seed, epoch),
+            spec=self.spec,
+            batch_size=self.batch,
+            num_threads=self.spec.threads,
+            device_id=self.spec.device_id,
+            seed=derived_seed(self.seed, epoch, self.rank),
+        )
         pipe.build()
         self._current = _Batches(pipe, LastBatchPolicy.DROP)
         return self._current
@@ -200,9 +250,17 @@ class DaliEvalLoader:
     """Evaluation batches of one list: this rank's shard, every image once (the last batch may be short)."""
 
     def __init__(self, images: ImageList, batch: int, spec: PipelineSpec, rank: int, world_size: int):
-        pipe = _eval_pipeline(files=images.absolute_paths(), labels=images.labels.tolist(), shard_id=rank,
-                              num_shards=world_size, spec=spec, batch_size=batch, num_threads=spec.threads,
-                              device_id=spec.device_id, seed=0)
+        pipe = _eval_pipeline(
+            files=images.absolute_paths(),
+            labels=images.labels.tolist(),
+            shard_id=rank,
+            num_shards=world_size,
+            spec=spec,
+            batch_size=batch,
+            num_threads=spec.threads,
+            device_id=spec.device_id,
+            seed=0,
+        )
         pipe.build()
         self.batches = _Batches(pipe, LastBatchPolicy.PARTIAL, auto_reset=True)
         self.bad_files = self.batches.bad_files

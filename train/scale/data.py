@@ -28,15 +28,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def dali_installed() -> bool:
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    return (
+        importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    )
 
 
 def resolve_loader(options: ScaleOptions) -> str:
     if options.loader == "auto":
         return "dali" if dali_installed() else "torch"
     if options.loader == "dali" and not dali_installed():
-        raise UserError("--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
-                        "--loader torch or auto work without it")
+        raise UserError(
+            "--loader dali: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130); "
+            "--loader torch or auto work without it"
+        )
     return options.loader
 
 
@@ -53,26 +57,33 @@ def default_workers(ctx: DistContext) -> int:
 def _parse_lists(cfg, options: ScaleOptions, log: logging.Logger) -> DatasetSpec:
     """The dataset's lists as listed; a missing or malformed file is a UserError naming the root flag."""
     imagenet = options.imagenet_root
-    if imagenet is None and cfg.dataset == "webvision" and (Path(options.data_root) / "imagenet" / "val").is_dir():
+    if (
+        imagenet is None
+        and cfg.dataset == "webvision"
+        and (Path(options.data_root) / "imagenet" / "val").is_dir()
+    ):
         imagenet = str(Path(options.data_root) / "imagenet")
     try:
         spec = build_dataset(cfg.dataset, options.data_root, options.webvision_classes)
     except (FileNotFoundError, ValueError) as exc:
-        raise UserError(f"--data_root {options.data_root}: {exc}; a {cfg.dataset} root holds "
-                        f"{LAYOUTS[cfg.dataset]}") from None
+        raise UserError(
+            f"--data_root {options.data_root}: {exc}; a {cfg.dataset} root holds {LAYOUTS[cfg.dataset]}"
+        ) from None
     if cfg.dataset == "webvision" and imagenet is not None:
         try:
             spec.evals["ilsvrc12_val"] = ilsvrc12_val(imagenet, options.webvision_classes)
         except (FileNotFoundError, ValueError, ImportError) as exc:
-            raise UserError(f"--imagenet_root {imagenet}: {exc}; an ILSVRC12 root holds {LAYOUTS['imagenet']}") \
-                from None
+            raise UserError(
+                f"--imagenet_root {imagenet}: {exc}; an ILSVRC12 root holds {LAYOUTS['imagenet']}"
+            ) from None
     elif cfg.dataset == "webvision":
         log.info("no ILSVRC12 val found (--imagenet_root); evaluating on WebVision val only")
     return spec
 
 
-def load_lists(cfg, options: ScaleOptions, ctx: DistContext, cache_dir: Path | None, log: logging.Logger
-               ) -> DatasetSpec:
+def load_lists(
+    cfg, options: ScaleOptions, ctx: DistContext, cache_dir: Path | None, log: logging.Logger
+) -> DatasetSpec:
     """The dataset's lists with missing / corrupt files counted, reported and removed (before training).
     Every rank parses the lists; a UserError on any rank is raised on all of them before the check's
     collectives start (a root missing on one node must not leave the others waiting)."""
@@ -106,9 +117,15 @@ def check_epoch_fits_batch(spec: DatasetSpec, cfg, options: ScaleOptions) -> Non
     smaller than its batch, and the torch path would train 0 steps."""
     images = epoch_size(spec, options)
     if cfg.batch_size > images:
-        source = f"--balanced_samples {options.balanced_samples} draws" if options.balanced_samples else "there are"
-        raise UserError(f"config batch_size={cfg.batch_size} (global): {source} only {images} usable training images "
-                        f"per epoch in {spec.train.name}; accepted: --set batch_size=N with N <= {images}")
+        source = (
+            f"--balanced_samples {options.balanced_samples} draws"
+            if options.balanced_samples
+            else "there are"
+        )
+        raise UserError(
+            f"config batch_size={cfg.batch_size} (global): {source} only {images} usable training images "
+            f"per epoch in {spec.train.name}; accepted: --set batch_size=N with N <= {images}"
+        )
 
 
 @dataclass
@@ -121,7 +138,7 @@ class Loaders:
     dtype: torch.dtype
     channels_last: bool
     device: torch.device
-    normalise: bool   # the batches are uint8 (torch path) and are normalised on the device
+    normalise: bool  # the batches are uint8 (torch path) and are normalised on the device
 
 
 def build_loaders(spec: DatasetSpec, cfg, options: ScaleOptions, ctx: DistContext) -> Loaders:
@@ -135,33 +152,61 @@ def build_loaders(spec: DatasetSpec, cfg, options: ScaleOptions, ctx: DistContex
     if kind == "dali":
         from .dali_pipeline import DaliEvalLoader, DaliTrainLoader, PipelineSpec
 
-        decode = options.dali_device if options.dali_device != "auto" else (
-            "mixed" if ctx.device.type == "cuda" else "cpu")
+        decode = (
+            options.dali_device
+            if options.dali_device != "auto"
+            else ("mixed" if ctx.device.type == "cuda" else "cpu")
+        )
         device_id = ctx.device.index if ctx.device.type == "cuda" else None
-        pipe = PipelineSpec(options.crop, options.resize, decode, device_id, max(1, workers),
-                            fp16=dtype != torch.float32, color_jitter=color_jitter, cutout=cutout,
-                            square_resize=clothing1m)
+        pipe = PipelineSpec(
+            options.crop,
+            options.resize,
+            decode,
+            device_id,
+            max(1, workers),
+            fp16=dtype != torch.float32,
+            color_jitter=color_jitter,
+            cutout=cutout,
+            square_resize=clothing1m,
+        )
         train = DaliTrainLoader(spec.train, batch, pipe, cfg.seed, ctx.rank, ctx.world_size)
-        evals = {name: DaliEvalLoader(images, eval_batch, pipe, ctx.rank, ctx.world_size)
-                 for name, images in spec.evals.items()}
+        evals = {
+            name: DaliEvalLoader(images, eval_batch, pipe, ctx.rank, ctx.world_size)
+            for name, images in spec.evals.items()
+        }
     else:
         from .torch_loader import TorchEvalLoader, TorchTrainLoader
 
         pin = ctx.device.type == "cuda"
-        transform = (CentreCropTrainTransform(options.crop, options.resize, cutout) if clothing1m
-                     else TrainTransform(options.crop, color_jitter, cutout))
-        train = TorchTrainLoader(spec.train, transform, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size,
-                                 workers, pin)
-        evals = {name: TorchEvalLoader(images, EvalTransform(options.crop, options.resize, square=clothing1m),
-                                       eval_batch, ctx.rank, ctx.world_size, workers, pin)
-                 for name, images in spec.evals.items()}
+        transform = (
+            CentreCropTrainTransform(options.crop, options.resize, cutout)
+            if clothing1m
+            else TrainTransform(options.crop, color_jitter, cutout)
+        )
+        train = TorchTrainLoader(
+            spec.train, transform, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size, workers, pin
+        )
+        evals = {
+            name: TorchEvalLoader(
+                images,
+                EvalTransform(options.crop, options.resize, square=clothing1m),
+                eval_batch,
+                ctx.rank,
+                ctx.world_size,
+                workers,
+                pin,
+            )
+            for name, images in spec.evals.items()
+        }
     return Loaders(kind, train, evals, dtype, channels_last, ctx.device, normalise=kind == "torch")
 
 
 def epoch_indices(spec: DatasetSpec, options: ScaleOptions, seed: int, epoch: int) -> np.ndarray:
     """The training entries of `epoch`: all, or Clothing1M's class-balanced draw of balanced_samples."""
     if options.balanced_samples:
-        return class_balanced_subset(spec.train.labels, options.balanced_samples, spec.num_classes, seed, epoch)
+        return class_balanced_subset(
+            spec.train.labels, options.balanced_samples, spec.num_classes, seed, epoch
+        )
     return np.arange(len(spec.train))
 
 
@@ -183,4 +228,6 @@ def to_model_input(images: torch.Tensor, loaders: Loaders) -> torch.Tensor:
         mean, std = _mean_std(loaders.device)
         x = (x.float() - mean) / std
     x = x.to(loaders.dtype)
-    return x.contiguous(memory_format=torch.channels_last if loaders.channels_last else torch.contiguous_format)
+    return x.contiguous(
+        memory_format=torch.channels_last if loaders.channels_last else torch.contiguous_format
+    )

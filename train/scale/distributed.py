@@ -57,7 +57,9 @@ def uses_cuda(device: str) -> bool:
     """Whether a config's device ("auto", "cpu", "cuda", "cuda:N") runs on CUDA here; asking for CUDA on a
     machine without it is a UserError."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"config device={device!r}: CUDA is not available here; accepted: --set device=cpu or auto")
+        raise UserError(
+            f"config device={device!r}: CUDA is not available here; accepted: --set device=cpu or auto"
+        )
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 

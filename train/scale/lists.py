@@ -36,7 +36,7 @@ class ImageList:
     paths: list[str]
     labels: np.ndarray
     num_classes: int
-    notes: dict = field(default_factory=dict)   # counts found while parsing (e.g. unlabelled keys)
+    notes: dict = field(default_factory=dict)  # counts found while parsing (e.g. unlabelled keys)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -47,8 +47,14 @@ class ImageList:
     def subset(self, keep: np.ndarray) -> ImageList:
         """The entries where the boolean mask (or index array) `keep` selects."""
         index = np.flatnonzero(keep) if keep.dtype == bool else keep
-        return ImageList(self.name, self.root, [self.paths[i] for i in index], self.labels[index],
-                         self.num_classes, dict(self.notes))
+        return ImageList(
+            self.name,
+            self.root,
+            [self.paths[i] for i in index],
+            self.labels[index],
+            self.num_classes,
+            dict(self.notes),
+        )
 
 
 def _require(path: Path, what: str) -> Path:
@@ -90,7 +96,11 @@ def webvision_val(root: str | Path, num_classes: int = MINI_WEBVISION_CLASSES) -
 def webvision_synsets(root: str | Path) -> list[str] | None:
     """info/synsets.txt: line k is the wnid of WebVision class k (None when the file is absent)."""
     path = Path(root) / "info" / "synsets.txt"
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+    return (
+        [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        if path.is_file()
+        else None
+    )
 
 
 # ------------------------------------------------------------------------------------ ILSVRC12 val
@@ -102,8 +112,10 @@ def read_ilsvrc_synsets(path: str | Path) -> dict[int, str]:
         try:
             from scipy.io import loadmat
         except ImportError as exc:
-            raise ImportError(f"reading {path} needs scipy (pip install scipy), or give a text file "
-                              f"{ID_WNID_TEXT} with 'ILSVRC2012_ID wnid' lines") from exc
+            raise ImportError(
+                f"reading {path} needs scipy (pip install scipy), or give a text file "
+                f"{ID_WNID_TEXT} with 'ILSVRC2012_ID wnid' lines"
+            ) from exc
         synsets = loadmat(str(path), squeeze_me=True)["synsets"]
         return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
     table = {}
@@ -139,7 +151,9 @@ def ilsvrc12_val(root: str | Path, num_classes: int = MINI_WEBVISION_CLASSES) ->
     folders = sorted(p.name for p in val.iterdir() if p.is_dir() and p.name.startswith("n"))
     if folders:
         if len(folders) != 1000:
-            raise ValueError(f"{val} has {len(folders)} wnid folders; the sorted-index mapping needs all 1000")
+            raise ValueError(
+                f"{val} has {len(folders)} wnid folders; the sorted-index mapping needs all 1000"
+            )
         paths, labels = [], []
         for index, wnid in enumerate(folders[:num_classes]):
             files = sorted(f.name for f in (val / wnid).iterdir() if f.is_file())
@@ -163,8 +177,10 @@ def ilsvrc12_val(root: str | Path, num_classes: int = MINI_WEBVISION_CLASSES) ->
 def check_webvision_matches_ilsvrc(synsets: list[str] | None, num_classes: int) -> None:
     """WebVision class k must be the k-th sorted ILSVRC wnid, or ILSVRC accuracy is meaningless."""
     if synsets is not None and synsets[:num_classes] != sorted(synsets)[:num_classes]:
-        raise ValueError("info/synsets.txt: the first WebVision classes are not the first sorted wnids; "
-                         "ILSVRC12 labels would not match WebVision labels")
+        raise ValueError(
+            "info/synsets.txt: the first WebVision classes are not the first sorted wnids; "
+            "ILSVRC12 labels would not match WebVision labels"
+        )
 
 
 # ------------------------------------------------------------------------------------ Clothing1M
@@ -179,8 +195,9 @@ def _clothing1m_annotations(root: Path) -> Path:
     for folder in (root, root / "annotations"):
         if (folder / "noisy_label_kv.txt").is_file():
             return folder
-    raise FileNotFoundError(f"Clothing1M label files (noisy_label_kv.txt, ...) not found in {root} "
-                            f"or {root / 'annotations'}")
+    raise FileNotFoundError(
+        f"Clothing1M label files (noisy_label_kv.txt, ...) not found in {root} or {root / 'annotations'}"
+    )
 
 
 def clothing1m(root: str | Path, split: str) -> ImageList:
@@ -193,17 +210,29 @@ def clothing1m(root: str | Path, split: str) -> ImageList:
     key_file, kv_file = CLOTHING1M_SPLITS[split]
     kv_paths, kv_labels = read_path_label_file(annotations / kv_file)
     label_of = dict(zip(kv_paths, kv_labels.tolist()))
-    keys = [k.strip() for k in _require(annotations / key_file, "key list").read_text().splitlines() if k.strip()]
+    keys = [
+        k.strip() for k in _require(annotations / key_file, "key list").read_text().splitlines() if k.strip()
+    ]
     labelled = [k for k in keys if k in label_of]
     labels = np.asarray([label_of[k] for k in labelled], dtype=np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= CLOTHING1M_CLASSES):
-        raise ValueError(f"{annotations / kv_file}: labels must be in [0, {CLOTHING1M_CLASSES}), got "
-                         f"[{labels.min()}, {labels.max()}]")
-    return ImageList(f"clothing1m_{split}", root, labelled, labels, CLOTHING1M_CLASSES,
-                     {"unlabelled": len(keys) - len(labelled)})
+        raise ValueError(
+            f"{annotations / kv_file}: labels must be in [0, {CLOTHING1M_CLASSES}), got "
+            f"[{labels.min()}, {labels.max()}]"
+        )
+    return ImageList(
+        f"clothing1m_{split}",
+        root,
+        labelled,
+        labels,
+        CLOTHING1M_CLASSES,
+        {"unlabelled": len(keys) - len(labelled)},
+    )
 
 
-def class_balanced_subset(labels: np.ndarray, num_samples: int, num_classes: int, seed: int, epoch: int) -> np.ndarray:
+def class_balanced_subset(
+    labels: np.ndarray, num_samples: int, num_classes: int, seed: int, epoch: int
+) -> np.ndarray:
     """Sorted indices of a class-balanced draw (the usual Clothing1M practice, as in DivideMix): the
     list shuffled with a (seed, epoch) generator, then up to num_samples // num_classes per class.
     The same on every rank and after a resume: it depends only on (seed, epoch)."""
@@ -222,10 +251,11 @@ def class_balanced_subset(labels: np.ndarray, num_samples: int, num_classes: int
 # ------------------------------------------------------------------------------------ dataset specs
 LAYOUTS = {  # what a root must hold, for messages about a wrong one
     "webvision": "info/train_filelist_google.txt, info/val_filelist.txt and val_images_256/ (mini-WebVision)",
-    "clothing1m": "noisy_label_kv.txt, clean_label_kv.txt and {noisy_train,clean_val,clean_test}_key_list.txt, "
-                  "in the root or annotations/",
+    "clothing1m": "noisy_label_kv.txt, clean_label_kv.txt and "
+    "{noisy_train,clean_val,clean_test}_key_list.txt, "
+    "in the root or annotations/",
     "imagenet": "val/ (1000 wnid folders, or flat ILSVRC2012_val_*.JPEG with the devkit's ground truth and "
-                "meta.mat or ilsvrc2012_id_wnid.txt)",
+    "meta.mat or ilsvrc2012_id_wnid.txt)",
 }
 
 
@@ -255,6 +285,12 @@ def build_dataset(name: str, root: str | Path, num_classes: int = MINI_WEBVISION
         return DatasetSpec(name, num_classes, webvision_train(root, num_classes), evals, "webvision_val")
     if name == "clothing1m":
         evals = {f"clothing1m_{s}": clothing1m(root, s) for s in ("val", "test")}
-        return DatasetSpec(name, CLOTHING1M_CLASSES, clothing1m(root, "train"), evals, "clothing1m_val",
-                           report="clothing1m_test")
+        return DatasetSpec(
+            name,
+            CLOTHING1M_CLASSES,
+            clothing1m(root, "train"),
+            evals,
+            "clothing1m_val",
+            report="clothing1m_test",
+        )
     raise ValueError(f"dataset must be 'webvision' or 'clothing1m' for imagenet_scale, got {name!r}")

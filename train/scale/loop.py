@@ -35,8 +35,16 @@ CHECKPOINT, BEST = "last.pt", "best.pt"
 
 
 class ScaleTrainer:
-    def __init__(self, cfg, options, ctx: DistContext, run_dir: Path, log, spec: DatasetSpec,
-                 show_progress: bool = True):
+    def __init__(
+        self,
+        cfg,
+        options,
+        ctx: DistContext,
+        run_dir: Path,
+        log,
+        spec: DatasetSpec,
+        show_progress: bool = True,
+    ):
         """spec: the validated lists (train/scale/data.py load_lists)."""
         self.cfg, self.options, self.ctx, self.run_dir, self.log = cfg, options, ctx, Path(run_dir), log
         self.spec = spec
@@ -45,7 +53,12 @@ class ScaleTrainer:
         self.amp = cfg.amp and ctx.device.type == "cuda"
         model = build_scale_model(cfg, options.arch, self.C, ctx)
         self.model, self.train_model = prepare_for_training(
-            model, ctx, sync_bn=options.sync_bn, channels_last=self.loaders.channels_last, compile_model=cfg.compile)
+            model,
+            ctx,
+            sync_bn=options.sync_bn,
+            channels_last=self.loaders.channels_last,
+            compile_model=cfg.compile,
+        )
         self.loss_fn = build_loss(cfg.loss, self.C, **cfg.loss_params)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -73,8 +86,13 @@ class ScaleTrainer:
         indices = scale_data.epoch_indices(self.spec, self.options, self.cfg.seed, self.epoch)
         batches = self.loaders.train.epoch(self.epoch, indices)
         sums, seen = torch.zeros(2, dtype=torch.float64, device=self.ctx.device), 0
-        bar = tqdm(total=len(batches), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="step", leave=False,
-                   disable=not self.show_progress)
+        bar = tqdm(
+            total=len(batches),
+            desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+            unit="step",
+            leave=False,
+            disable=not self.show_progress,
+        )
         wait, start = 0.0, time.perf_counter()
         interval_start, interval_wait = start, 0.0
         fetch = time.perf_counter()
@@ -88,7 +106,10 @@ class ScaleTrainer:
                 elapsed = time.perf_counter() - interval_start
                 rate = self.options.log_interval * len(labels) * self.ctx.world_size / elapsed
                 bar.set_postfix(img_s=f"{rate:.0f}", wait=f"{interval_wait / elapsed:.0%}")
-                self.log.info(f"  step {steps}/{len(batches)} | {rate:.0f} img/s | data wait {interval_wait / elapsed:.0%}")
+                self.log.info(
+                    f"  step {steps}/{len(batches)} | {rate:.0f} img/s "
+                    f"| data wait {interval_wait / elapsed:.0%}"
+                )
                 interval_start, interval_wait = time.perf_counter(), 0.0
             fetch = time.perf_counter()
         bar.close()
@@ -98,14 +119,22 @@ class ScaleTrainer:
         seconds = time.perf_counter() - start
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        return {"lr": lr, "train_loss": loss_sum / max(seen, 1), "train_acc_noisy": correct / max(seen, 1),
-                "train_images": int(seen), "train_bad_files": int(bad), "images_per_s": seen / seconds,
-                "data_wait_frac": wait / seconds}
+        return {
+            "lr": lr,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc_noisy": correct / max(seen, 1),
+            "train_images": int(seen),
+            "train_bad_files": int(bad),
+            "images_per_s": seen / seconds,
+            "data_wait_frac": wait / seconds,
+        }
 
     def _report_bad_files(self, images, bad: list[int], what: str, examples: int = 3) -> None:
         """Names this rank's undecodable files in the log (the epoch row holds the count over all ranks)."""
         if bad:
-            names = ", ".join(images.paths[i] for i in bad[:examples]) + (" ..." if len(bad) > examples else "")
+            names = ", ".join(images.paths[i] for i in bad[:examples]) + (
+                " ..." if len(bad) > examples else ""
+            )
             self.log.warning(f"  {images.name}: {len(bad)} file(s) could not be decoded, {what}: {names}")
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -122,13 +151,22 @@ class ScaleTrainer:
                 with torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     logits = self.model(scale_data.to_model_input(images, self.loaders)).float()
                 top = logits[:, : self.C].topk(min(5, self.C), dim=1).indices
-                counts += torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(1).sum(),
-                                       (logits.argmax(1) == self.C).sum()]).double()
+                counts += torch.stack(
+                    [
+                        (top[:, 0] == y).sum(),
+                        (top == y[:, None]).any(1).sum(),
+                        (logits.argmax(1) == self.C).sum(),
+                    ]
+                ).double()
                 n += len(y)
             self._report_bad_files(self.spec.evals[name], loader.bad_files, "left out of the evaluation")
-            totals = all_reduce_sum(torch.cat([counts, counts.new_tensor([n, len(loader.bad_files)])]), self.ctx)
+            totals = all_reduce_sum(
+                torch.cat([counts, counts.new_tensor([n, len(loader.bad_files)])]), self.ctx
+            )
             top1, top5, drained, n, bad = totals.tolist()
-            row.update({f"{name}_top1": top1 / max(n, 1), f"{name}_top5": top5 / max(n, 1), f"{name}_n": int(n)})
+            row.update(
+                {f"{name}_top1": top1 / max(n, 1), f"{name}_top5": top5 / max(n, 1), f"{name}_n": int(n)}
+            )
             if bad:
                 row[f"{name}_bad_files"] = int(bad)
             if self.drainage:
@@ -139,12 +177,21 @@ class ScaleTrainer:
     def save_checkpoint(self) -> None:
         if not self.ctx.is_main:
             return
-        atomic_save({
-            "epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(), "history": self.history,
-            "best": self.best, "config": asdict(self.cfg), "options": asdict(self.options),
-            "world_size": self.ctx.world_size,
-        }, self.run_dir / CHECKPOINT)
+        atomic_save(
+            {
+                "epoch": self.epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "history": self.history,
+                "best": self.best,
+                "config": asdict(self.cfg),
+                "options": asdict(self.options),
+                "world_size": self.ctx.world_size,
+            },
+            self.run_dir / CHECKPOINT,
+        )
 
     def restore(self, state: dict) -> None:
         """Continues from a checkpoint read by train/scale/start.py read_resume_checkpoint (on the CPU:
@@ -155,8 +202,10 @@ class ScaleTrainer:
         # CPU generators only: per-device CUDA states do not carry over to another GPU count
         restore_rng_state({**state["rng"], "cuda": []})
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
-        self.log.info(f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} "
-                      f"(saved by {state['world_size']} process(es), now {self.ctx.world_size})")
+        self.log.info(
+            f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} "
+            f"(saved by {state['world_size']} process(es), now {self.ctx.world_size})"
+        )
 
     # ------------------------------------------------------------------------------------ the loop
     def fit(self, metrics, stop_after: int | None = None) -> list[dict]:
@@ -164,10 +213,12 @@ class ScaleTrainer:
         rank 0, None elsewhere."""
         cfg = self.cfg
         last = min(cfg.epochs, stop_after or cfg.epochs)
-        self.log.info(f"{cfg.dataset}: {len(self.spec.train)} training images, "
-                      + ", ".join(f"{n} {len(v)}" for n, v in self.spec.evals.items())
-                      + f" | {self.loaders.kind} loader, {self.ctx.world_size} process(es) on {self.ctx.device}, "
-                      f"global batch {cfg.batch_size}, input {str(self.loaders.dtype).replace('torch.', '')}")
+        self.log.info(
+            f"{cfg.dataset}: {len(self.spec.train)} training images, "
+            + ", ".join(f"{n} {len(v)}" for n, v in self.spec.evals.items())
+            + f" | {self.loaders.kind} loader, {self.ctx.world_size} process(es) on {self.ctx.device}, "
+            f"global batch {cfg.batch_size}, input {str(self.loaders.dtype).replace('torch.', '')}"
+        )
         while self.epoch < last:
             row = {"epoch": self.epoch + 1, **self.train_epoch()}
             self.epoch += 1
@@ -184,10 +235,15 @@ class ScaleTrainer:
     def _track_best(self, row: dict) -> None:
         key = f"{self.spec.select}_top1"
         if row[key] > self.best[key]:
-            self.best = {"epoch": row["epoch"], **{k: v for k, v in row.items() if k.endswith(("_top1", "_top5"))}}
+            self.best = {
+                "epoch": row["epoch"],
+                **{k: v for k, v in row.items() if k.endswith(("_top1", "_top5"))},
+            }
             if self.ctx.is_main:
-                atomic_save({"epoch": row["epoch"], "model": self.model.state_dict(), "config": asdict(self.cfg)},
-                            self.run_dir / BEST)
+                atomic_save(
+                    {"epoch": row["epoch"], "model": self.model.state_dict(), "config": asdict(self.cfg)},
+                    self.run_dir / BEST,
+                )
 
     def reported(self) -> dict:
         """The result: top-1 of the reported split at the last evaluated epoch (the official metric: the
@@ -197,22 +253,36 @@ class ScaleTrainer:
         key = f"{split}_top1"
         evaluated = [row for row in self.history if key in row]
         last = evaluated[-1] if evaluated else {}
-        return {"split": split, "last_epoch": last.get("epoch"), "top1_last_epoch": last.get(key),
-                "selected_on": self.spec.select, "best_val_epoch": self.best["epoch"],
-                "top1_best_val_epoch": self.best.get(key)}
+        return {
+            "split": split,
+            "last_epoch": last.get("epoch"),
+            "top1_last_epoch": last.get(key),
+            "selected_on": self.spec.select,
+            "best_val_epoch": self.best["epoch"],
+            "top1_best_val_epoch": self.best.get(key),
+        }
 
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
-        return {"dataset": self.cfg.dataset, "reported": self.reported(), "selected_on": self.spec.select,
-                "best": self.best,
-                "last": {k: v for k, v in last.items() if k.endswith(("_top1", "_top5"))}, "epochs": self.epoch,
-                "world_size": self.ctx.world_size, "loader": self.loaders.kind,
-                "mean_images_per_s": sum(r["images_per_s"] for r in self.history) / max(len(self.history), 1)}
+        return {
+            "dataset": self.cfg.dataset,
+            "reported": self.reported(),
+            "selected_on": self.spec.select,
+            "best": self.best,
+            "last": {k: v for k, v in last.items() if k.endswith(("_top1", "_top5"))},
+            "epochs": self.epoch,
+            "world_size": self.ctx.world_size,
+            "loader": self.loaders.kind,
+            "mean_images_per_s": sum(r["images_per_s"] for r in self.history) / max(len(self.history), 1),
+        }
 
 
 def format_row(row: dict, epochs: int, select: str) -> str:
-    parts = [f"epoch {row['epoch']:>3}/{epochs}", f"loss {row['train_loss']:.4f}",
-             f"train acc {row['train_acc_noisy']:.2%}"]
+    parts = [
+        f"epoch {row['epoch']:>3}/{epochs}",
+        f"loss {row['train_loss']:.4f}",
+        f"train acc {row['train_acc_noisy']:.2%}",
+    ]
     for key in sorted(k for k in row if k.endswith("_top1")):
         name = key[: -len("_top1")]
         mark = "*" if name == select else ""

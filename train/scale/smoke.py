@@ -32,7 +32,9 @@ GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 COMPLETE = ".complete"
 
 
-def synthetic_image(label: int, num_classes: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+def synthetic_image(
+    label: int, num_classes: int, width: int, height: int, rng: np.random.Generator
+) -> np.ndarray:
     """(height, width, 3) uint8: the class's hue, a random gradient, three random rectangles, noise."""
     r, g, b = colorsys.hsv_to_rgb(label / max(num_classes, 1), 0.8, 0.9)
     base = np.array([r, g, b], np.float32) * 255
@@ -47,7 +49,9 @@ def synthetic_image(label: int, num_classes: int, width: int, height: int, rng: 
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_jpeg(path: Path, label: int, num_classes: int, size: tuple[int, int], rng: np.random.Generator) -> None:
+def write_jpeg(
+    path: Path, label: int, num_classes: int, size: tuple[int, int], rng: np.random.Generator
+) -> None:
     """A synthetic JPEG (quality 90) at path; size = (min side, max side), drawn per image."""
     width, height = (int(rng.integers(size[0], size[1] + 1)) for _ in range(2))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,9 +68,18 @@ def corrupt_file(path: Path, kind: str) -> None:
         path.write_bytes(b"this is not a JPEG" * 8)
 
 
-def make_webvision_tree(root: str | Path, *, num_classes: int = 50, extra_classes: int = 3, train_per_class: int = 4,
-                        val_per_class: int = 2, size: tuple[int, int] = (48, 64), missing: int = 1,
-                        corrupt: int = 2, seed: int = 0) -> dict:
+def make_webvision_tree(
+    root: str | Path,
+    *,
+    num_classes: int = 50,
+    extra_classes: int = 3,
+    train_per_class: int = 4,
+    val_per_class: int = 2,
+    size: tuple[int, int] = (48, 64),
+    missing: int = 1,
+    corrupt: int = 2,
+    seed: int = 0,
+) -> dict:
     """A mini-WebVision tree. The train list has classes >= num_classes interleaved (as the real Google
     list does), so a filter that stops at the first larger label drops images. `missing` listed files
     are never written, `corrupt` are damaged (alternately truncated and garbage); both come from
@@ -85,27 +98,45 @@ def make_webvision_tree(root: str | Path, *, num_classes: int = 50, extra_classe
             write_jpeg(root / rel, label, num_classes, size, rng)
     for k, rel in enumerate(bad[missing:]):
         corrupt_file(root / rel, "truncated" if k % 2 == 0 else "garbage")
-    val = [(f"val{n + 1:06d}.jpg", label) for n, label in
-           enumerate(lab for lab in range(num_classes + extra_classes) for _ in range(val_per_class))]
+    val = [
+        (f"val{n + 1:06d}.jpg", label)
+        for n, label in enumerate(
+            lab for lab in range(num_classes + extra_classes) for _ in range(val_per_class)
+        )
+    ]
     for name, label in val:
         write_jpeg(root / "val_images_256" / name, label, num_classes, size, rng)
     info = root / "info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "train_filelist_google.txt").write_text("".join(f"{rel} {label}\n" for rel, label in lines))
     (info / "val_filelist.txt").write_text("".join(f"{name} {label}\n" for name, label in val))
-    (info / "synsets.txt").write_text("".join(f"{wnid} synthetic class {k}\n" for k, wnid in enumerate(SYNTHETIC_WNIDS)))
-    return {"train_listed": len(kept), "train_missing": missing, "train_corrupt": corrupt,
-            "val": num_classes * val_per_class, "num_classes": num_classes}
+    (info / "synsets.txt").write_text(
+        "".join(f"{wnid} synthetic class {k}\n" for k, wnid in enumerate(SYNTHETIC_WNIDS))
+    )
+    return {
+        "train_listed": len(kept),
+        "train_missing": missing,
+        "train_corrupt": corrupt,
+        "val": num_classes * val_per_class,
+        "num_classes": num_classes,
+    }
 
 
-def make_ilsvrc12_tree(root: str | Path, *, classes: int = 53, per_class: int = 2, size: tuple[int, int] = (48, 64),
-                       num_classes: int = 50, seed: int = 1) -> dict:
+def make_ilsvrc12_tree(
+    root: str | Path,
+    *,
+    classes: int = 53,
+    per_class: int = 2,
+    size: tuple[int, int] = (48, 64),
+    num_classes: int = 50,
+    seed: int = 1,
+) -> dict:
     """ILSVRC12 val as distributed: flat val/ILSVRC2012_val_*.JPEG, the devkit ground truth (one
     ILSVRC2012_ID per image, 1-based) and a plain-text "ID wnid" synset table whose ID order is a
     random permutation of the sorted wnids (like meta.mat's). Images are drawn for the first `classes`
     sorted classes, in shuffled file order. Returns {file name: sorted-wnid index} for the tests."""
     root, rng = Path(root), np.random.default_rng(seed)
-    id_order = rng.permutation(1000)                       # ILSVRC2012_ID k + 1 -> SYNTHETIC_WNIDS[id_order[k]]
+    id_order = rng.permutation(1000)  # ILSVRC2012_ID k + 1 -> SYNTHETIC_WNIDS[id_order[k]]
     id_of_sorted_index = {int(s): k + 1 for k, s in enumerate(id_order)}
     labels = [c for c in range(classes) for _ in range(per_class)]
     labels = [labels[i] for i in rng.permutation(len(labels))]
@@ -117,15 +148,24 @@ def make_ilsvrc12_tree(root: str | Path, *, classes: int = 53, per_class: int = 
     data = root / DEVKIT_DATA
     data.mkdir(parents=True, exist_ok=True)
     (data / GROUND_TRUTH).write_text("".join(f"{id_of_sorted_index[label]}\n" for label in labels))
-    (data / ID_WNID_TEXT).write_text("".join(f"{k + 1} {SYNTHETIC_WNIDS[s]}\n" for k, s in enumerate(id_order)))
+    (data / ID_WNID_TEXT).write_text(
+        "".join(f"{k + 1} {SYNTHETIC_WNIDS[s]}\n" for k, s in enumerate(id_order))
+    )
     return expected
 
 
 CLOTHING1M_CLASSES = 14
 
 
-def make_clothing1m_tree(root: str | Path, *, train_per_class: int = 6, clean_per_class: int = 2,
-                         size: tuple[int, int] = (48, 64), noise: float = 0.3, seed: int = 2) -> dict:
+def make_clothing1m_tree(
+    root: str | Path,
+    *,
+    train_per_class: int = 6,
+    clean_per_class: int = 2,
+    size: tuple[int, int] = (48, 64),
+    noise: float = 0.3,
+    seed: int = 2,
+) -> dict:
     """A Clothing1M tree: noisy training images (labels flipped with probability `noise`), clean val
     and test images, a few images with both a noisy and a clean label (different ones), and one
     training key that is absent from noisy_label_kv.txt. Returns expected counts."""
@@ -162,8 +202,14 @@ def make_clothing1m_tree(root: str | Path, *, train_per_class: int = 6, clean_pe
     (root / "noisy_train_key_list.txt").write_text("".join(f"{k}\n" for k in train))
     (root / "clean_val_key_list.txt").write_text("".join(f"{k}\n" for k in splits["val"]))
     (root / "clean_test_key_list.txt").write_text("".join(f"{k}\n" for k in splits["test"]))
-    return {"train": C * train_per_class, "train_unlabelled": 1, "val": C * clean_per_class,
-            "test": C * clean_per_class, "noisy_kv": noisy_kv, "clean_kv": clean_kv}
+    return {
+        "train": C * train_per_class,
+        "train_unlabelled": 1,
+        "val": C * clean_per_class,
+        "test": C * clean_per_class,
+        "noisy_kv": noisy_kv,
+        "clean_kv": clean_kv,
+    }
 
 
 def make_smoke_tree(root: str | Path, seed: int = 0) -> Path:

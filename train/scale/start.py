@@ -42,8 +42,8 @@ class Resume:
     run_dir: Path
     cfg: Config
     options: ScaleOptions
-    state: dict           # the checkpoint, read on the CPU
-    changes: list[str]    # "epochs 3 -> 5", ... for the log
+    state: dict  # the checkpoint, read on the CPU
+    changes: list[str]  # "epochs 3 -> 5", ... for the log
 
 
 def read_resume_checkpoint(run_dir: Path) -> dict:
@@ -60,9 +60,11 @@ def _resume_overrides(args: argparse.Namespace, run_dir: Path) -> tuple[dict, li
     refused = [f"--set {k}" for k in pairs if k not in RESUMABLE_CONFIG]
     refused += [f"--{k}" for k in given_options(args) if k not in RESUMABLE_OPTIONS]
     if refused:
-        raise UserError(f"--resume {run_dir}: {', '.join(refused)} cannot change in a resumed run (it would change "
-                        f"what is trained); accepted: --set {', '.join(RESUMABLE_CONFIG)} and "
-                        f"--{', --'.join(RESUMABLE_OPTIONS)}; anything else needs a new run")
+        raise UserError(
+            f"--resume {run_dir}: {', '.join(refused)} cannot change in a resumed run (it would change "
+            f"what is trained); accepted: --set {', '.join(RESUMABLE_CONFIG)} and "
+            f"--{', --'.join(RESUMABLE_OPTIONS)}; anything else needs a new run"
+        )
     return pairs, [f"--{k}" for k in given_options(args)]
 
 
@@ -70,15 +72,19 @@ def resume_run(args: argparse.Namespace) -> Resume:
     run_dir = Path(args.resume)
     given = [f"--{k}" for k in NEW_RUN_FLAGS if getattr(args, k)]
     if given:
-        raise UserError(f"--resume {run_dir}: {', '.join(given)} cannot be combined with --resume (a resumed run "
-                        f"keeps its config and folder); drop {' '.join(given)} or start a new run without --resume")
+        raise UserError(
+            f"--resume {run_dir}: {', '.join(given)} cannot be combined with --resume (a resumed run "
+            f"keeps its config and folder); drop {' '.join(given)} or start a new run without --resume"
+        )
     if not run_dir.is_dir():
         raise UserError(f"--resume {run_dir}: no such run folder")
     if not (run_dir / CONFIG_FILE).is_file():
         raise UserError(f"--resume {run_dir}: not a run folder of imagenet_scale (no {CONFIG_FILE})")
     if not (run_dir / CHECKPOINT).is_file():
-        raise UserError(f"--resume {run_dir}: no {CHECKPOINT}; the run stopped before its first epoch ended, so "
-                        f"there is nothing to continue: start it again")
+        raise UserError(
+            f"--resume {run_dir}: no {CHECKPOINT}; the run stopped before its first epoch ended, so "
+            f"there is nothing to continue: start it again"
+        )
     if args.run_epochs is not None and args.run_epochs < 1:
         raise UserError(f"--run_epochs {args.run_epochs}: must be 1 or more")
     pairs, option_flags = _resume_overrides(args, run_dir)
@@ -90,12 +96,20 @@ def resume_run(args: argparse.Namespace) -> Resume:
     state = read_resume_checkpoint(run_dir)
     if cfg.epochs != stored.epochs:
         if cfg.scheduler == "cosine":
-            raise UserError(f"--set epochs={cfg.epochs}: the cosine schedule of this run spans its {stored.epochs} "
-                            f"epochs and cannot be stretched on resume; accepted: --set epochs={stored.epochs}")
+            raise UserError(
+                f"--set epochs={cfg.epochs}: the cosine schedule of this run spans its {stored.epochs} "
+                f"epochs and cannot be stretched on resume; accepted: --set epochs={stored.epochs}"
+            )
         if cfg.epochs < state["epoch"]:
-            raise UserError(f"--set epochs={cfg.epochs}: the run has already trained {state['epoch']} epochs; "
-                            f"accepted: --set epochs=N with N >= {state['epoch']}")
-    changes = [f"{k} {getattr(stored, k)} -> {getattr(cfg, k)}" for k in pairs if getattr(stored, k) != getattr(cfg, k)]
+            raise UserError(
+                f"--set epochs={cfg.epochs}: the run has already trained {state['epoch']} epochs; "
+                f"accepted: --set epochs=N with N >= {state['epoch']}"
+            )
+    changes = [
+        f"{k} {getattr(stored, k)} -> {getattr(cfg, k)}"
+        for k in pairs
+        if getattr(stored, k) != getattr(cfg, k)
+    ]
     options = ScaleOptions.load(run_dir, given_options(args))
     return Resume(run_dir, cfg, options, state, changes + option_flags)
 
@@ -119,19 +133,27 @@ def check_runtime(cfg, options: ScaleOptions, world: int) -> None:
     cuda = uses_cuda(cfg.device)
     if options.input_dtype in ("fp16", "bf16") and not (cuda and cfg.amp):
         where = "CUDA with amp=false" if cuda else "the CPU"
-        raise UserError(f"--input_dtype {options.input_dtype}: needs CUDA with amp=true (the model computes in fp32 "
-                        f"on {where}); accepted here: auto or fp32")
+        raise UserError(
+            f"--input_dtype {options.input_dtype}: needs CUDA with amp=true (the model computes in fp32 "
+            f"on {where}); accepted here: auto or fp32"
+        )
     if options.dali_device == "mixed" and not cuda:
-        raise UserError("--dali_device mixed: decodes on a GPU, and this run uses the CPU; accepted here: auto or cpu")
+        raise UserError(
+            "--dali_device mixed: decodes on a GPU, and this run uses the CPU; accepted here: auto or cpu"
+        )
     if options.sync_bn and world > 1 and not cuda:
-        raise UserError("--sync_bn: needs CUDA (torch's SyncBatchNorm has no CPU implementation); drop it for a CPU run")
+        raise UserError(
+            "--sync_bn: needs CUDA (torch's SyncBatchNorm has no CPU implementation); drop it for a CPU run"
+        )
     resolve_loader(options)
     if cfg.tb:
         tensorboard_writer_class()
     for name, size in (("batch_size", cfg.batch_size), ("eval_batch_size", cfg.eval_batch_size)):
         if size % world:
-            raise UserError(f"config {name}={size} (global) is not divisible by the world size {world}: "
-                            f"accepted: a multiple of {world} (--set {name}=N)")
+            raise UserError(
+                f"config {name}={size} (global) is not divisible by the world size {world}: "
+                f"accepted: a multiple of {world} (--set {name}=N)"
+            )
 
 
 def refuse_taken_name(cfg, overwrite: bool) -> None:
@@ -141,8 +163,10 @@ def refuse_taken_name(cfg, overwrite: bool) -> None:
         return
     path = Path(cfg.out_dir) / cfg.name
     if path.exists() and not overwrite:
-        raise UserError(f"--name {cfg.name}: run folder {path} already exists; choose another --name, continue it "
-                        f"with --resume {path}, or replace it with --overwrite")
+        raise UserError(
+            f"--name {cfg.name}: run folder {path} already exists; choose another --name, continue it "
+            f"with --resume {path}, or replace it with --overwrite"
+        )
     if overwrite and path.is_dir() and any(path.iterdir()) and not (path / CONFIG_FILE).is_file():
         raise UserError(f"--overwrite: {path} is not a run folder (no {CONFIG_FILE}); it is not deleted")
 
@@ -159,8 +183,11 @@ def claim(cfg, options: ScaleOptions, ctx: DistContext, overwrite: bool) -> Path
     outcome = None
     if ctx.is_main:
         try:
-            path = (claim_run_dir(cfg.out_dir, cfg.name, overwrite=overwrite) if cfg.name else
-                    claim_run_dir(cfg.out_dir, default_name(cfg, options), unique=True))
+            path = (
+                claim_run_dir(cfg.out_dir, cfg.name, overwrite=overwrite)
+                if cfg.name
+                else claim_run_dir(cfg.out_dir, default_name(cfg, options), unique=True)
+            )
             outcome = ("path", str(path))
         except UserError as exc:
             outcome = ("error", str(exc))

@@ -5,7 +5,7 @@ Batches are planned globally: the epoch's order is a permutation drawn from (see
 k is entries [k*G, (k+1)*G) of it, and rank r takes the r-th slice of G / world_size. So 2 ranks with
 batch B/2 see exactly the global batches 1 rank sees with batch B, and an image's augmentation is drawn
 from a generator seeded by (seed, epoch, index), whatever the worker, rank or world size. This is what
-makes the DDP weights equal a single-process run's (tests/train_scale/test_scale_ddp_resume.py) and a resumed run
+makes the DDP weights equal a single-process run's (tests/scale/test_ddp_resume.py) and a resumed run
 equal an uninterrupted one.
 
 Workers return uint8 (H, W, 3) tensors (a quarter of float32's bytes through shared memory); the loop
@@ -86,8 +86,14 @@ class Batches:
 
     def __init__(self, dataset: ImageListDataset, batches: list, workers: int, pin_memory: bool):
         self.dataset, self.bad_files = dataset, []
-        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
-                                 collate_fn=collate, prefetch_factor=4 if workers else None)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            collate_fn=collate,
+            prefetch_factor=4 if workers else None,
+        )
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -98,35 +104,49 @@ class Batches:
             self.bad_files += bad
             if missing and self.dataset.replace:
                 path = self.dataset.paths[bad[-1]]
-                raise DataFileError(f"{path} and {MAX_REPLACEMENTS} files drawn to replace it could not be decoded: "
-                                    f"is the storage under {Path(path).parent} still readable?")
+                raise DataFileError(
+                    f"{path} and {MAX_REPLACEMENTS} files drawn to replace it could not be decoded: "
+                    f"is the storage under {Path(path).parent} still readable?"
+                )
             if images is not None:
                 yield images, labels
 
 
-def train_batches(indices: np.ndarray, epoch: int, seed: int, global_batch: int, rank: int, world_size: int
-                  ) -> list[list[tuple[int, int]]]:
+def train_batches(
+    indices: np.ndarray, epoch: int, seed: int, global_batch: int, rank: int, world_size: int
+) -> list[list[tuple[int, int]]]:
     """This rank's batches of (epoch, index): a (seed, epoch) permutation of `indices`, cut into whole
     global batches (the incomplete last one is dropped), rank r taking slice r of each."""
     if global_batch % world_size:
         raise ValueError(f"global batch {global_batch} is not divisible by the world size {world_size}")
     per_rank = global_batch // world_size
     order = indices[np.random.default_rng((seed, epoch)).permutation(len(indices))]
-    return [[(epoch, int(i)) for i in order[start + rank * per_rank: start + (rank + 1) * per_rank]]
-            for start in range(0, len(order) - global_batch + 1, global_batch)]
+    return [
+        [(epoch, int(i)) for i in order[start + rank * per_rank : start + (rank + 1) * per_rank]]
+        for start in range(0, len(order) - global_batch + 1, global_batch)
+    ]
 
 
 def eval_batches(num_samples: int, batch: int, rank: int, world_size: int) -> list[list[tuple[int, int]]]:
     """This rank's evaluation batches: every world_size-th image from `rank`, each image on one rank."""
     mine = list(range(rank, num_samples, world_size))
-    return [[(0, i) for i in mine[s: s + batch]] for s in range(0, len(mine), batch)]
+    return [[(0, i) for i in mine[s : s + batch]] for s in range(0, len(mine), batch)]
 
 
 class TorchTrainLoader:
     """Per-epoch training batches for this rank, same interface as DaliTrainLoader."""
 
-    def __init__(self, images: ImageList, transform, global_batch: int, seed: int, rank: int, world_size: int,
-                 workers: int, pin_memory: bool):
+    def __init__(
+        self,
+        images: ImageList,
+        transform,
+        global_batch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        pin_memory: bool,
+    ):
         self.dataset = ImageListDataset(images, transform, seed)
         self.global_batch, self.seed, self.rank, self.world_size = global_batch, seed, rank, world_size
         self.workers, self.pin_memory = workers, pin_memory
@@ -139,7 +159,15 @@ class TorchTrainLoader:
 class TorchEvalLoader(Batches):
     """Evaluation batches of one list for this rank (a sized iterable of (images, labels))."""
 
-    def __init__(self, images: ImageList, transform, batch: int, rank: int, world_size: int, workers: int,
-                 pin_memory: bool):
+    def __init__(
+        self,
+        images: ImageList,
+        transform,
+        batch: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        pin_memory: bool,
+    ):
         dataset = ImageListDataset(images, transform, seed=0, replace=False)
         super().__init__(dataset, eval_batches(len(dataset), batch, rank, world_size), workers, pin_memory)

@@ -34,9 +34,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_AREA = (0.08, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
-JITTER_SCALE = (0.6, 1.4)          # brightness, contrast and saturation factors (ColorJitter 0.4)
+JITTER_SCALE = (0.6, 1.4)  # brightness, contrast and saturation factors (ColorJitter 0.4)
 JITTER_HUE_DEGREES = (-72.0, 72.0)  # ColorJitter hue 0.2 of a full turn
-MID_GREY = 128.0                    # DALI's contrast centre for uint8 images
+MID_GREY = 128.0  # DALI's contrast centre for uint8 images
 
 # NTSC RGB -> YIQ; the inverse is computed, not rounded by hand
 RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -65,13 +65,18 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def color_twist_matrix(brightness: float, contrast: float, saturation: float, hue_degrees: float
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def color_twist_matrix(
+    brightness: float, contrast: float, saturation: float, hue_degrees: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(3x3 matrix M, offset (3,)) with out = M @ rgb + offset: the colour jitter as one linear map."""
     angle = math.radians(hue_degrees)
-    rotate_scale_iq = np.array([[1.0, 0.0, 0.0],
-                                [0.0, saturation * math.cos(angle), saturation * math.sin(angle)],
-                                [0.0, -saturation * math.sin(angle), saturation * math.cos(angle)]])
+    rotate_scale_iq = np.array(
+        [
+            [1.0, 0.0, 0.0],
+            [0.0, saturation * math.cos(angle), saturation * math.sin(angle)],
+            [0.0, -saturation * math.sin(angle), saturation * math.cos(angle)],
+        ]
+    )
     matrix = brightness * contrast * YIQ_TO_RGB @ rotate_scale_iq @ RGB_TO_YIQ
     offset = np.full(3, (MID_GREY - MID_GREY * contrast) * brightness)
     return matrix, offset
@@ -97,7 +102,8 @@ def cutout_box(size: int, side: int, rng: np.random.Generator) -> tuple[int, int
 
 
 def mean_colour_uint8() -> np.ndarray:
-    """The fill of a Cutout square in the uint8 image: normalises to ~0, as DALI's fill after normalisation."""
+    """The fill of a Cutout square in the uint8 image: normalises to ~0, as DALI's fill after
+    normalisation."""
     return np.rint(np.asarray(IMAGENET_MEAN) * 255).astype(np.uint8)
 
 
@@ -123,7 +129,7 @@ class CentreCropTrainTransform:
 
     crop: int
     resize: int
-    cutout: int = 0   # side of the Cutout square in pixels; 0 = off
+    cutout: int = 0  # side of the Cutout square in pixels; 0 = off
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         out = square_resize_centre_crop(image, self.resize, self.crop)
@@ -136,11 +142,13 @@ class TrainTransform:
 
     crop: int
     color_jitter: bool = False
-    cutout: int = 0   # side of the Cutout square in pixels; 0 = off
+    cutout: int = 0  # side of the Cutout square in pixels; 0 = off
 
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
         left, top, w, h = random_resized_crop_box(image.width, image.height, rng)
-        out = np.asarray(image.resize((self.crop, self.crop), Image.BILINEAR, box=(left, top, left + w, top + h)))
+        out = np.asarray(
+            image.resize((self.crop, self.crop), Image.BILINEAR, box=(left, top, left + w, top + h))
+        )
         if self.color_jitter:
             out = apply_color_twist(out, *random_color_twist(rng))
         if rng.random() < 0.5:

@@ -89,7 +89,7 @@ class CheckResult:
     missing: list[int]
     corrupt: list[int]
     seconds: float
-    rechecked: int = -1   # files opened this time; -1: no earlier verdicts (a full check)
+    rechecked: int = -1  # files opened this time; -1: no earlier verdicts (a full check)
 
     @property
     def bad(self) -> int:
@@ -100,7 +100,9 @@ class CheckResult:
         return self.rechecked == 0
 
 
-def _check_shard(paths: list[str], level: str, rank: int, world: int, threads: int, cached: dict | None) -> dict:
+def _check_shard(
+    paths: list[str], level: str, rank: int, world: int, threads: int, cached: dict | None
+) -> dict:
     """This rank's entries: stamps and verdicts, reusing a cached verdict when the stamp is unchanged."""
     mine = np.arange(rank, len(paths), world)
 
@@ -114,8 +116,13 @@ def _check_shard(paths: list[str], level: str, rank: int, world: int, threads: i
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         rows = np.asarray(list(pool.map(verdict, mine.tolist())), dtype=np.int64).reshape(-1, 4)
-    return {"index": mine, "size": rows[:, 0], "mtime_ns": rows[:, 1], "verdict": rows[:, 2].astype(np.int8),
-            "opened": int(rows[:, 3].sum())}
+    return {
+        "index": mine,
+        "size": rows[:, 0],
+        "mtime_ns": rows[:, 1],
+        "verdict": rows[:, 2].astype(np.int8),
+        "opened": int(rows[:, 3].sum()),
+    }
 
 
 def _cache_path(cache_dir: Path, images: ImageList, level: str) -> Path:
@@ -141,7 +148,9 @@ def _write_cache(path: Path, columns: dict) -> None:
         pass  # a read-only cache folder only costs the next run a full check
 
 
-def check_list(images: ImageList, level: str, ctx: DistContext, cache_dir: Path | None, threads: int) -> CheckResult:
+def check_list(
+    images: ImageList, level: str, ctx: DistContext, cache_dir: Path | None, threads: int
+) -> CheckResult:
     """Checks every file of `images` (sharded over ranks); the same CheckResult on every rank."""
     if level not in LEVELS:
         raise ValueError(f"check level must be one of {LEVELS}, got {level!r}")
@@ -151,20 +160,33 @@ def check_list(images: ImageList, level: str, ctx: DistContext, cache_dir: Path 
     cached = _read_cache(cache, len(images)) if ctx.is_main and cache else None
     cached = broadcast_object(cached, ctx)  # rank 0's verdicts on every rank: all ranks judge alike
     start = time.perf_counter()
-    parts = all_gather_objects(_check_shard(images.absolute_paths(), level, ctx.rank, ctx.world_size, threads, cached),
-                               ctx)
-    columns = {"size": np.zeros(len(images), np.int64), "mtime_ns": np.zeros(len(images), np.int64),
-               "verdict": np.zeros(len(images), np.int8)}
+    parts = all_gather_objects(
+        _check_shard(images.absolute_paths(), level, ctx.rank, ctx.world_size, threads, cached), ctx
+    )
+    columns = {
+        "size": np.zeros(len(images), np.int64),
+        "mtime_ns": np.zeros(len(images), np.int64),
+        "verdict": np.zeros(len(images), np.int8),
+    }
     for part in parts:
         for key, column in columns.items():
             column[part["index"]] = part[key]
     opened = sum(p["opened"] for p in parts)
-    if ctx.is_main and cache and (cached is None or not all(np.array_equal(columns[k], cached[k]) for k in columns)):
+    if (
+        ctx.is_main
+        and cache
+        and (cached is None or not all(np.array_equal(columns[k], cached[k]) for k in columns))
+    ):
         _write_cache(cache, columns)
     verdicts = columns["verdict"]
-    return CheckResult(images.name, len(images), np.flatnonzero(verdicts == MISSING).tolist(),
-                       np.flatnonzero(verdicts == CORRUPT).tolist(), time.perf_counter() - start,
-                       rechecked=-1 if cached is None else opened)
+    return CheckResult(
+        images.name,
+        len(images),
+        np.flatnonzero(verdicts == MISSING).tolist(),
+        np.flatnonzero(verdicts == CORRUPT).tolist(),
+        time.perf_counter() - start,
+        rechecked=-1 if cached is None else opened,
+    )
 
 
 def describe(result: CheckResult, images: ImageList, examples: int = 3) -> str:
@@ -172,15 +194,24 @@ def describe(result: CheckResult, images: ImageList, examples: int = 3) -> str:
     if result.cached:
         how = "cached check"
     elif result.rechecked > 0:
-        how = (f"{result.rechecked} new or changed file(s) checked in {result.seconds:.1f}s, "
-               f"{result.listed - result.rechecked} cached")
+        how = (
+            f"{result.rechecked} new or changed file(s) checked in {result.seconds:.1f}s, "
+            f"{result.listed - result.rechecked} cached"
+        )
     else:
         how = f"checked in {result.seconds:.1f}s"
-    line = (f"{result.name}: {result.listed} listed, {len(result.missing)} missing, {len(result.corrupt)} corrupt "
-            f"-> {result.listed - result.bad} used ({how})")
+    line = (
+        f"{result.name}: {result.listed} listed, {len(result.missing)} missing, "
+        f"{len(result.corrupt)} corrupt "
+        f"-> {result.listed - result.bad} used ({how})"
+    )
     for kind, index in (("missing", result.missing), ("corrupt", result.corrupt)):
         if index:
-            line += f"; {kind}: " + ", ".join(images.paths[i] for i in index[:examples]) + (" ..." if len(index) > examples else "")
+            line += (
+                f"; {kind}: "
+                + ", ".join(images.paths[i] for i in index[:examples])
+                + (" ..." if len(index) > examples else "")
+            )
     return line
 
 
@@ -188,8 +219,10 @@ def drop_bad(images: ImageList, result: CheckResult, max_bad_fraction: float) ->
     """The list without its missing and corrupt entries. A UserError when more than max_bad_fraction of it
     is bad: that is a wrong data root or a broken copy, not web noise."""
     if result.listed and result.bad / result.listed > max_bad_fraction:
-        raise UserError(f"--max_bad_fraction {max_bad_fraction}: exceeded, {describe(result, images)}; is the data "
-                        f"root {images.root} right? (a higher --max_bad_fraction trains on what is left)")
+        raise UserError(
+            f"--max_bad_fraction {max_bad_fraction}: exceeded, {describe(result, images)}; is the data "
+            f"root {images.root} right? (a higher --max_bad_fraction trains on what is left)"
+        )
     keep = np.ones(len(images), dtype=bool)
     keep[result.missing + result.corrupt] = False
     return images.subset(keep)

@@ -25,8 +25,15 @@ def planted_run(tmp_path, flips=True):
         noisy[:5] = (clean[:5] + 1) % 4
     p_given = np.full(n, 0.9)
     p_given[:5] = [0.1, 0.2, 0.3, 0.4, 0.5]  # self-confidence ranks the flipped five first
-    np.savez(tmp_path / "scores.npz", index=np.arange(n) + 100, noisy=noisy, clean=clean, pred=clean,
-             p_given=p_given, p_drain=np.array(FLIPPED_PD + CLEAN_PD))
+    np.savez(
+        tmp_path / "scores.npz",
+        index=np.arange(n) + 100,
+        noisy=noisy,
+        clean=clean,
+        pred=clean,
+        p_given=p_given,
+        p_drain=np.array(FLIPPED_PD + CLEAN_PD),
+    )
     return tmp_path
 
 
@@ -72,8 +79,11 @@ def test_clean_command_trains_ranks_and_reranks_finished_runs(tmp_path):
     assert main(["clean", "--set", "epochs=3", "--runs_dir", str(runs), "--out", str(tmp_path / "a")]) == 0
     with open(tmp_path / "a_runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["loss"], r["score"]) for r in rows] == [("drainage", "p_d"), ("drainage", "self_confidence"),
-                                                        ("ce", "self_confidence")]
+    assert [(r["loss"], r["score"]) for r in rows] == [
+        ("drainage", "p_d"),
+        ("drainage", "self_confidence"),
+        ("ce", "self_confidence"),
+    ]
     labels = np.load(runs / "drainage" / "asym0.4" / "s1" / "labels.npz")
     flipped = int((labels["noisy"] != labels["clean"]).sum())
     # 40% of classes 2, 3, 5, 6, 7
@@ -82,9 +92,19 @@ def test_clean_command_trains_ranks_and_reranks_finished_runs(tmp_path):
     assert float(rows[0]["precision@k_flipped"]) == pytest.approx(reported["scores"]["p_d"]["precision@268"])
     assert "| Drainage / p_d |" in (tmp_path / "a.md").read_text()
     # the same runs ranked again from their folders give the same numbers
-    assert main(["clean", "--runs", str(runs / "drainage" / "asym0.4" / "s1"),
-                 str(runs / "ce" / "asym0.4" / "s1"),
-                 "--out", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "clean",
+                "--runs",
+                str(runs / "drainage" / "asym0.4" / "s1"),
+                str(runs / "ce" / "asym0.4" / "s1"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "b_runs.csv", newline="") as f:
         again = list(csv.DictReader(f))
     assert [r["AUROC"] for r in again] == [r["AUROC"] for r in rows]
@@ -92,8 +112,26 @@ def test_clean_command_trains_ranks_and_reranks_finished_runs(tmp_path):
 
 def test_clean_takes_a_list_of_noise_settings_as_sweep_does(tmp_path):
     runs = tmp_path / "runs"
-    assert main(["clean", "--losses", "ce", "--noise", "asym:0.2", "sym:0.4", "--set", "epochs=1",
-                 "batch_size=256", "--runs_dir", str(runs), "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "clean",
+                "--losses",
+                "ce",
+                "--noise",
+                "asym:0.2",
+                "sym:0.4",
+                "--set",
+                "epochs=1",
+                "batch_size=256",
+                "--runs_dir",
+                str(runs),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     assert (runs / "ce" / "asym0.2" / "s1" / "cleaning.json").exists()
     assert (runs / "ce" / "sym0.4" / "s1" / "cleaning.json").exists()
     with open(tmp_path / "a_runs.csv", newline="") as f:

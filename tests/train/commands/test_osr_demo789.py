@@ -26,18 +26,41 @@ def recompute(rows):
     unknown = [r for r in rows if r["set"] == "unknown"]
     scores = [c for c in ("p_d", "msp", "max_logit", "energy") if c in rows[0]]
     correct = [r["correct"] == "1" for r in known]
-    out = {s: open_set_metrics([float(r[s]) for r in known], [float(r[s]) for r in unknown], correct=correct)
-           for s in scores}
-    drained = {name: np.mean([r["drained"] == "1" for r in part]) for name, part in
-               (("drained_known", known), ("drained_unknown", unknown))} if "drained" in rows[0] else {}
+    out = {
+        s: open_set_metrics([float(r[s]) for r in known], [float(r[s]) for r in unknown], correct=correct)
+        for s in scores
+    }
+    drained = (
+        {
+            name: np.mean([r["drained"] == "1" for r in part])
+            for name, part in (("drained_known", known), ("drained_unknown", unknown))
+        }
+        if "drained" in rows[0]
+        else {}
+    )
     return out, drained, np.mean(correct)
 
 
 @pytest.fixture(scope="module")
 def osr_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("osr")
-    code = main(["osr", "--splits", "3", "--methods", "ce", "drainage_const", "drainage", "--set", "epochs=4",
-                 "--runs_dir", str(tmp / "runs"), "--out", str(tmp / "report")])
+    code = main(
+        [
+            "osr",
+            "--splits",
+            "3",
+            "--methods",
+            "ce",
+            "drainage_const",
+            "drainage",
+            "--set",
+            "epochs=4",
+            "--runs_dir",
+            str(tmp / "runs"),
+            "--out",
+            str(tmp / "report"),
+        ]
+    )
     assert code == 0
     return tmp
 
@@ -94,14 +117,34 @@ def test_method_configs_force_clean_labels_and_the_papers_alpha_beta():
 
 
 def test_drainage_logit_axis_is_refused_for_ce(tmp_path):
-    code = main(["osr", "--splits", "0", "--methods", "ce", "--grid", "drainage_logit=0,1",
-                 "--runs_dir", str(tmp_path)])
+    code = main(
+        [
+            "osr",
+            "--splits",
+            "0",
+            "--methods",
+            "ce",
+            "--grid",
+            "drainage_logit=0,1",
+            "--runs_dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
 
 
 def test_demo789_reports_what_its_dumps_say(tmp_path):
-    code = main(["demo789", "--set", "epochs=4", "--runs_dir", str(tmp_path / "runs"), "--out",
-                 str(tmp_path / "demo")])
+    code = main(
+        [
+            "demo789",
+            "--set",
+            "epochs=4",
+            "--runs_dir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "demo"),
+        ]
+    )
     assert code == 0
     with open(tmp_path / "demo_runs.csv", newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
@@ -133,9 +176,26 @@ def test_osr_on_svhn_files_trains_the_cifar10_recipe(tmp_path):
     for name, n in (("train_32x32.mat", 40), ("test_32x32.mat", 20)):
         y = (np.arange(n) % 10 + 1).astype(np.uint8)[:, None]  # every class, 10 = the digit 0
         savemat(folder / name, {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": y})
-    code = main(["osr", "--dataset", "svhn", "--splits", "0", "--methods", "drainage_const",
-                 "--split_dir", str(tmp_path / "splits"), "--runs_dir", str(tmp_path / "runs"),
-                 "--set", "epochs=1", "batch_size=8", f"data_root={tmp_path / 'data'}", "download=false"])
+    code = main(
+        [
+            "osr",
+            "--dataset",
+            "svhn",
+            "--splits",
+            "0",
+            "--methods",
+            "drainage_const",
+            "--split_dir",
+            str(tmp_path / "splits"),
+            "--runs_dir",
+            str(tmp_path / "runs"),
+            "--set",
+            "epochs=1",
+            "batch_size=8",
+            f"data_root={tmp_path / 'data'}",
+            "download=false",
+        ]
+    )
     assert code == 0 and (tmp_path / "splits" / "svhn_6-4_seed0.json").exists()
     run_dir = tmp_path / "runs" / "drainage_const" / "svhn_6-4_seed0" / "s1"
     assert json.loads((run_dir / "config.json").read_text())["model"] == "cnn8"
@@ -153,8 +213,13 @@ def test_constant_drainage_run_reaches_the_stated_auroc(tmp_path):
     from train.openset.runs import plan_open_set, run_plan
     from train.openset.splits import SPLIT_DIR, load_split
 
-    plan = plan_open_set("digits", ["drainage_const"], [load_split(SPLIT_DIR / "digits_6-4_seed0.json")], [1],
-                         drainage_logit=TUNED_DRAINAGE_LOGIT["digits"])
+    plan = plan_open_set(
+        "digits",
+        ["drainage_const"],
+        [load_split(SPLIT_DIR / "digits_6-4_seed0.json")],
+        [1],
+        drainage_logit=TUNED_DRAINAGE_LOGIT["digits"],
+    )
     [run] = run_plan(plan, tmp_path)
     assert run["scores"]["p_d"]["AUROC"] >= OSR_AUROC_BAR
     assert run["drained_unknown"] > 5 * run["drained_known"]  # measured: 58% and 4% over the five splits

@@ -66,8 +66,9 @@ def test_drop_mode_keeps_only_known_classes_relabelled_in_order(digits):
     # the test set is cut into known and unknown, nothing lost
     assert len(osd.known_eval_index) + len(osd.unknown_eval_index) == len(digits.test_y)
     assert (np.array(split.known)[d.eval_y.numpy()] == digits.test_y[osd.known_eval_index]).all()
-    assert np.isin(osd.unknown_eval_label,
-                   split.unknown).all() and len(osd.unknown_x) == len(osd.unknown_eval_label)
+    assert np.isin(osd.unknown_eval_label, split.unknown).all() and len(osd.unknown_x) == len(
+        osd.unknown_eval_label
+    )
     assert torch.equal(osd.unknown_x, digits.test_x[torch.from_numpy(osd.unknown_eval_index)])
 
 
@@ -122,8 +123,9 @@ def test_constant_logit_is_a_shift_and_p_d_is_a_function_of_energy():
     with_c = torch.cat([z, torch.full((8, 1), c, dtype=torch.float64)], 1)
     with_0 = torch.cat([z - c, torch.zeros(8, 1, dtype=torch.float64)], 1)
     kw = {"alpha": 1.0, "beta": 1.0, "reduction": "none", "backend": "reference"}
-    torch.testing.assert_close(fused_drainage_loss(with_c, target, **kw), fused_drainage_loss(with_0, target,
-                                                                                              **kw))
+    torch.testing.assert_close(
+        fused_drainage_loss(with_c, target, **kw), fused_drainage_loss(with_0, target, **kw)
+    )
     s = open_set_scores(with_c)
     torch.testing.assert_close(s["p_d"], torch.sigmoid(c + s["energy"]))
 
@@ -142,14 +144,16 @@ def test_svhn_mat_files_load(tmp_path, split_name):
 
     folder = tmp_path / "svhn"
     folder.mkdir()
-    arrays = {name: svhn_arrays(n, i) for i, (name, n) in enumerate([("train_32x32.mat", 7),
-                                                                     ("test_32x32.mat", 5)])}
+    arrays = {
+        name: svhn_arrays(n, i) for i, (name, n) in enumerate([("train_32x32.mat", 7), ("test_32x32.mat", 5)])
+    }
     for name, (x, y) in arrays.items():
         savemat(folder / name, {"X": x, "y": y})
     raw = load_raw("svhn", str(tmp_path), download=False)
     x, y = arrays[split_name]
-    images, labels = (raw.train_x, raw.train_y) if split_name.startswith("train") else (raw.test_x,
-                                                                                        raw.test_y)
+    images, labels = (
+        (raw.train_x, raw.train_y) if split_name.startswith("train") else (raw.test_x, raw.test_y)
+    )
     assert images.shape == (len(y), 3, 32, 32) and images.dtype == torch.uint8
     n, c, h, w = 2, 1, 5, 30
     assert images[n, c, h, w] == x[h, w, c, n]
@@ -170,4 +174,3 @@ def test_svhn_missing_files_and_bad_labels(tmp_path):
         savemat(folder / name, {"X": x, "y": y})
     with pytest.raises(ValueError, match="labels must be 1..10"):
         load_raw("svhn", str(tmp_path), download=False)
-
