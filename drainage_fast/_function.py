@@ -64,14 +64,17 @@ class DrainageFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, hp: Hyper, reduction: str, backend_name: str, fuse_grad: bool):
+    def forward(
+        ctx, logits, target, hp: Hyper, reduction: str, backend_name: str, fuse_grad: bool, needs_grad: bool
+    ):
         backend = backends.load(backend_name)
-        x3 = as_rows(logits).view
+        x3 = as_rows(logits)
         target = target.reshape(-1)
         ctx.hp, ctx.reduction, ctx.backend, ctx.shape = hp, reduction, backend, logits.shape
         ctx.fused_grad = ctx.pending = None
         reduced = reduction != "none" and not torch.compiler.is_compiling()
-        if reduced and (fuse_grad or not logits.requires_grad):
+        # needs_grad comes from the caller: inside forward, grad mode is always off.
+        if reduced and (fuse_grad or not needs_grad):
             out, inv_count, grad3, ctx.pending = backend.forward_reduced(
                 x3, target, hp, reduction == "mean", with_grad=fuse_grad
             )
@@ -99,9 +102,9 @@ class DrainageFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.fused_grad is not None:
             grad, ctx.fused_grad = ctx.fused_grad, None
-            return ctx.backend.scale_(grad, grad_out, ctx.pending), None, None, None, None, None
+            return ctx.backend.scale_(grad, grad_out, ctx.pending), None, None, None, None, None, None
         logits, target, stats, inv_count = ctx.saved_tensors
-        x3 = as_rows(logits).view
+        x3 = as_rows(logits)
         if stats is None:
             _, stats = ctx.backend.forward(x3, target, ctx.hp)
         if ctx.reduction == "none":
@@ -110,4 +113,4 @@ class DrainageFunction(torch.autograd.Function):
             scalar = grad_out * inv_count if ctx.reduction == "mean" else grad_out
             grad_rows = scalar.reshape(1).expand(target.numel())  # stride 0: no (R,) buffer
         grad3 = ctx.backend.backward(x3, target, stats, grad_rows, ctx.hp)
-        return from_rows(grad3, ctx.shape), None, None, None, None, None
+        return from_rows(grad3, ctx.shape), None, None, None, None, None, None

@@ -127,27 +127,16 @@ def check_targets_unless_checked(target: torch.Tensor, K: int, hp: "Hyper") -> N
         check_targets_torch(target, K, hp)
 
 
-class Rows(NamedTuple):
-    """A (N, K, d1..dk) tensor seen as rows of K outputs: row r = n * S + s, S = prod(d1..dk).
-
-    `view` is a (N, S, K) view of the input (no copy unless the spatial dims cannot be
-    flattened into one stride); element (r, k) lives at n*stride_n + s*stride_s + k*stride_k.
-    """
-
-    view: torch.Tensor
-    n_rows: int
-    K: int
-    S: int
-
-
-def as_rows(x: torch.Tensor) -> Rows:
-    """(N, K, d1..dk) -> a (N, S, K) view; copies only when d1..dk cannot share one stride."""
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """A (N, K, d1..dk) tensor seen as rows of K outputs: a (N, S, K) view, S = prod(d1..dk), row
+    r = n * S + s, element (r, k) at n*stride_n + s*stride_s + k*stride_k. Copies only when d1..dk
+    cannot share one stride."""
     N, K = x.shape[0], x.shape[1]
     S = math.prod(x.shape[2:])
     # movedim is a view; reshape stays a view whenever the spatial strides are compatible,
     # which covers contiguous (NCHW) and channels_last (NHWC) layouts.
     view = x.movedim(1, -1).reshape(N, S, K) if x.dim() > 2 else x.unsqueeze(1)
-    return Rows(view, N * S, K, S)
+    return view
 
 
 def from_rows(t3: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -62,15 +62,15 @@ def fused_drainage_loss(
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(logits):
         raise RuntimeError(HIGHER_ORDER_MESSAGE)  # torch.func.grad / vmap / jacrev: see the message
     impl = backends.load(backends.resolve_name(backend, logits.device.type))
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
     fuse_grad = (
         _fuse_grad
         and impl.FUSED_GRAD
         and reduction != "none"
-        and torch.is_grad_enabled()
-        and logits.requires_grad
+        and needs_grad
         and not torch.compiler.is_compiling()  # the one-shot buffer hand-out needs eager autograd
     )
-    return DrainageFunction.apply(logits, target, hp, reduction, impl.NAME, fuse_grad)
+    return DrainageFunction.apply(logits, target, hp, reduction, impl.NAME, fuse_grad, needs_grad)
 
 
 class DrainageLoss(torch.nn.Module):

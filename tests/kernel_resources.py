@@ -112,7 +112,7 @@ def _triton_variants(launch):
                 (
                     f"{index_dtype} targets{' count' if count else ''}",
                     lambda t=t, c=count: launch._launch_targets(
-                        t, 5, hp, torch.zeros(2, dtype=torch.int32), c
+                        t, 5, hp, torch.zeros(2, dtype=torch.int32) if c else None, c
                     ),
                 )
             )

@@ -146,6 +146,7 @@ def test_public_names():
         "available_backends",
         "drainage_loss_reference",
         "fused_drainage_loss",
+        "openset",  # the open-set and cleaning metrics, an attribute of the package
     }
     assert math.isfinite(fused_drainage_loss(*good_inputs()).item())
 
@@ -183,3 +184,24 @@ def test_create_graph_for_another_term_still_works():
     torch.testing.assert_close(w.grad, 6 * w.detach())
     expected = torch.autograd.grad(drainage_loss_reference(x, random_targets(4, 5, -1)), x)[0]
     assert grad_x.shape == expected.shape
+
+
+@pytest.mark.parametrize("name", backends.NAMES)
+def test_every_backend_module_implements_the_backend_protocol(name):
+    """The contract is a typing.Protocol, not a docstring: each backend module has every member,
+    and each function takes the protocol's parameters (by name and order)."""
+    import importlib
+    import inspect
+    import typing
+
+    if name == "triton":
+        pytest.importorskip("triton")
+    module = importlib.import_module(backends._MODULES[name])
+    protocol = backends.Backend
+    hints = typing.get_type_hints(protocol)
+    for member in ("NAME", "FUSED_GRAD"):
+        assert isinstance(getattr(module, member), hints[member]), member
+    for member in ("availability", "forward", "backward", "forward_reduced", "scale_"):
+        expected = list(inspect.signature(getattr(protocol, member)).parameters)[1:]  # without self
+        got = list(inspect.signature(getattr(module, member)).parameters)
+        assert got[: len(expected)] == expected, member

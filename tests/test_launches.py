@@ -133,3 +133,15 @@ def test_per_row_losses_are_two_launches_forward_and_one_backward(counter):
 
 def test_the_workspace_is_made_once_per_device_and_stream():
     assert triton_launch._workspace(DEVICE) is triton_launch._workspace(DEVICE)
+
+
+def test_evaluation_under_no_grad_takes_the_reduced_forward(counter):
+    """Logits that require grad, but no_grad (evaluation of a model in train mode): the forward
+    with its reduction, no row terms and no gradient; still 2 launches."""
+    x = torch.randn(40, 51, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 50, (40,), device=DEVICE)
+    with torch.no_grad():
+        fused_drainage_loss(x, target, backend="triton")
+        with counter:
+            fused_drainage_loss(x, target, backend="triton")
+    assert counter.launches == ["triton _targets_kernel", "triton _drainage_fwd_kernel"]

@@ -35,15 +35,11 @@ class Backend(Protocol):
         GPU the targets are checked on the device (an assert, no host sync)."""
 
     def backward(
-        self,
-        x3: torch.Tensor,
-        target: torch.Tensor,
-        row_terms: torch.Tensor,
-        grad_rows: torch.Tensor,
-        hp: Hyper,
+        self, x3: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, grad_rows: torch.Tensor, hp: Hyper
     ) -> torch.Tensor:
-        """The gradient of sum_r grad_rows[r] * loss[r]; grad_rows may have any stride, 0 too. Per
-        element (exp(z - shift) * c) * grad_rows[r], in that order (see forward_reduced)."""
+        """The gradient of sum_r grad_rows[r] * loss[r] from the row terms `stats` of forward;
+        grad_rows may have any stride, 0 too. Per element (exp(z - shift) * c) * grad_rows[r], in
+        that order (see forward_reduced)."""
 
     def forward_reduced(
         self, x3: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool, with_grad: bool

@@ -153,7 +153,7 @@ def _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k):
 
 @triton.jit
 def _load_column(X_ptr, x_row, row_ok, k, stride_k, COMPUTE: tl.constexpr):
-    """Column k < K of a block of rows ([ROWS])."""
+    """Column k < K of a block of rows ([ROWS]); stride_k is int64 (k * stride_k may pass 2^31)."""
     return tl.load(X_ptr + x_row + k * stride_k, mask=row_ok, other=float("-inf")).to(COMPUTE)
 
 
@@ -186,7 +186,8 @@ def _drainage_fwd_kernel(
     G_ptr,
     WS_ptr,
     Part_ptr,
-    Out_ptr,  # data, see the flags
+    Out_ptr,
+    Inv_ptr,  # data, see the flags
     n_rows,
     K,
     S,  # shapes
@@ -215,7 +216,7 @@ def _drainage_fwd_kernel(
 
     With REDUCE, each program adds its rows' losses in a fixed order into Part_ptr[program]; the last
     program to finish (an integer ticket in WS_ptr[1]) adds the partials in program order into
-    Out_ptr, writes 1 / count (mean) beside it and zeroes the workspace for the next call: the
+    Out_ptr, writes 1 / count (mean) into Inv_ptr and zeroes the workspace for the next call: the
     reduction is deterministic and needs no other launch. The gradient of a mean is scaled by
     1 / count here, from the count the targets kernel wrote before this launch.
     """
@@ -223,9 +224,16 @@ def _drainage_fwd_kernel(
     # to COMPUTE either way). The lo parts restore ~48 bits for fp64 inputs; in fp32 they vanish.
     log_alpha = tl.cast(log_alpha_hi, COMPUTE) + tl.cast(log_alpha_lo, COMPUTE)
     log_beta = tl.cast(log_beta_hi, COMPUTE) + tl.cast(log_beta_lo, COMPUTE)
-    d = tl.cast(drainage_idx, tl.int32)  # in [0, K): K < 2^31 is checked on the host
+    # Column indices are compared as int32 (d < K < 2^31); addresses are int64: (K - 1) * stride_k
+    # passes 2^31 for strided rows (NCHW) with many pixels.
+    d = tl.cast(drainage_idx, tl.int32)
+    d_offset = tl.cast(drainage_idx, tl.int64) * x_stride_k
+    x_stride_k64 = tl.cast(x_stride_k, tl.int64)
+    g_stride_k64 = tl.cast(g_stride_k, tl.int64)
     if REDUCE == 2:
-        scale = 1.0 / tl.load(WS_ptr).to(COMPUTE)  # count 0: inf, and every row's gradient is 0 * inf
+        # div_rn: a correctly rounded 1 / count, the bits torch.reciprocal gives the recompute path
+        # (a plain fp32 division is approximate on a GPU). count 0: inf, every gradient 0 * inf.
+        scale = tl.math.div_rn(tl.full([], 1.0, COMPUTE), tl.load(WS_ptr).to(COMPUTE))
     else:
         scale = tl.full([], 1.0, COMPUTE)
     loss_acc = tl.zeros([BLOCK_ROWS], COMPUTE)
@@ -239,10 +247,10 @@ def _drainage_fwd_kernel(
         # Compared with the columns as int32; -1 matches no column (ignored and bad rows).
         t = tl.where(kept & ~bad, t_raw, -1).to(tl.int32)
         z_t = tl.load(X_ptr + x_row + t_raw * x_stride_k, mask=row_ok & kept & ~bad, other=0.0).to(COMPUTE)
-        z_d = tl.load(X_ptr + x_row + d * x_stride_k, mask=row_ok, other=0.0).to(COMPUTE)
+        z_d = tl.load(X_ptr + x_row + d_offset, mask=row_ok, other=0.0).to(COMPUTE)
 
         if LAYOUT == 0:  # COLUMNS: one row per thread, no row math repeated across threads
-            m, s = _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, x_stride_k, COMPUTE)
+            m, s = _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, x_stride_k64, COMPUTE)
         else:
             m = tl.full([BLOCK_ROWS], float("-inf"), COMPUTE)
             s = tl.zeros([BLOCK_ROWS], COMPUTE)
@@ -268,18 +276,19 @@ def _drainage_fwd_kernel(
         if WRITE_ROWS:
             tl.store(Loss_ptr + rows, loss.to(Loss_ptr.dtype.element_ty), mask=row_ok)
             tl.store(Stats_ptr + rows, shift, mask=row_ok)
-            tl.store(Stats_ptr + n_rows + rows, c, mask=row_ok)
-            tl.store(Stats_ptr + 2 * n_rows + rows, g_t, mask=row_ok)
-            tl.store(Stats_ptr + 3 * n_rows + rows, g_d, mask=row_ok)
+            n_rows64 = tl.cast(n_rows, tl.int64)
+            tl.store(Stats_ptr + n_rows64 + rows, c, mask=row_ok)
+            tl.store(Stats_ptr + 2 * n_rows64 + rows, g_t, mask=row_ok)
+            tl.store(Stats_ptr + 3 * n_rows64 + rows, g_d, mask=row_ok)
 
         if WRITE_GRAD:
             g_row = _row_start(rows, S, g_stride_n, g_stride_s)
             if LAYOUT == 0:
                 # Third pass over the columns (L1 again), one exponential per element.
                 for k in range(0, K):
-                    x = _load_column(X_ptr, x_row, row_ok, k, x_stride_k, COMPUTE)
+                    x = _load_column(X_ptr, x_row, row_ok, k, x_stride_k64, COMPUTE)
                     g = _grad_tile(_exp_sub(x, shift), k, t, d, c, g_t, g_d, kept, scale)
-                    tl.store(G_ptr + g_row + k * g_stride_k, g.to(G_ptr.dtype.element_ty), mask=row_ok)
+                    tl.store(G_ptr + g_row + k * g_stride_k64, g.to(G_ptr.dtype.element_ty), mask=row_ok)
             elif LAYOUT == 1:
                 g = _grad_tile(
                     e,
@@ -325,8 +334,8 @@ def _drainage_fwd_kernel(
             out = tl.sum(total)
             if REDUCE == 2:
                 count = tl.load(WS_ptr, volatile=True).to(COMPUTE)
-                out = out / count
-                tl.store(Out_ptr + 1, 1.0 / count)
+                out = tl.math.div_rn(out, count)  # correctly rounded, as torch's total / count
+                tl.store(Inv_ptr, tl.math.div_rn(tl.full([], 1.0, COMPUTE), count))
             tl.store(Out_ptr, out)
             tl.store(WS_ptr, 0)  # the workspace is zero again for the next call on this stream
             tl.store(WS_ptr + 1, 0)
@@ -343,7 +352,7 @@ def _targets_kernel(
     count while the forward writes it. A bad target stops the kernel; the error surfaces at the
     next synchronisation, as from torch._assert_async, without a host sync here.
     """
-    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 before the multiply
     in_range = offs < n
     t = tl.load(T_ptr + offs * t_stride, mask=in_range, other=ignore_index).to(tl.int64)
     kept = in_range & (t != ignore_index)
@@ -379,7 +388,7 @@ def _drainage_bwd_kernel(
 ):
     """grad[r, k] = g[r, k] * dy[r]: elementwise, a 2-D grid of (row block, column block) tiles."""
     d = tl.cast(drainage_idx, tl.int32)
-    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
 
@@ -387,9 +396,10 @@ def _drainage_bwd_kernel(
     kept = t_raw != ignore_index
     t = tl.where(kept & (t_raw >= 0) & (t_raw < K), t_raw, -1).to(tl.int32)
     shift = tl.load(Stats_ptr + rows, mask=row_ok, other=0.0).to(COMPUTE)
-    c = tl.load(Stats_ptr + n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
-    g_t = tl.load(Stats_ptr + 2 * n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
-    g_d = tl.load(Stats_ptr + 3 * n_rows + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    n_rows64 = tl.cast(n_rows, tl.int64)  # 3 * n_rows passes 2^31 above ~715M rows
+    c = tl.load(Stats_ptr + n_rows64 + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    g_t = tl.load(Stats_ptr + 2 * n_rows64 + rows, mask=row_ok, other=0.0).to(COMPUTE)
+    g_d = tl.load(Stats_ptr + 3 * n_rows64 + rows, mask=row_ok, other=0.0).to(COMPUTE)
     dy = tl.load(DY_ptr + rows * dy_stride, mask=row_ok, other=0.0).to(COMPUTE)
 
     x = _load_tile(X_ptr, _row_start(rows, S, x_stride_n, x_stride_s), row_ok, cols, K, x_stride_k, COMPUTE)

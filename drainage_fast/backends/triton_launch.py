@@ -154,6 +154,11 @@ def _workspace(device: torch.device) -> torch.Tensor:
     it. (Two host threads issuing losses on the same stream at once would interleave their
     launches; torch's own multi-GPU paths give each device its own stream.)
     """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph records the fill with its kernels: each replay starts from zeros, and no
+        # other graph or eager call shares this one (a cached tensor made during a capture would
+        # hold whatever the memory held until the first replay).
+        return torch.zeros(2, dtype=torch.int32, device=device)
     # The raw stream handle: no Stream object is built on every call.
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream)
@@ -180,14 +185,26 @@ def _launch_targets(target: torch.Tensor, K: int, hp: Hyper, workspace: torch.Te
         )
 
 
-def _launch_forward(x3, target, hp: Hyper, *, rows=None, grad3=None, reduce=0, workspace=None, out=None):
+def _launch_forward(
+    x3,
+    target,
+    hp: Hyper,
+    *,
+    rows=None,
+    grad3=None,
+    reduce=0,
+    workspace=None,
+    partials=None,
+    out=None,
+    inv=None,
+):
     """The forward kernel; rows = (loss (R,), stats (4, R)) to write, grad3 the gradient to write,
-    reduce 1 (sum) / 2 (mean) into out[0] (and 1 / count into out[1])."""
+    reduce 1 (sum) / 2 (mean) of the rows into out (0-dim) through `partials` (one per program,
+    _grid), and 1 / count into inv."""
     N, S, K = x3.shape
     R = N * S
     cfg = _forward_config(K, x3.dtype)
     grid = _grid(cfg, R, x3.device)
-    partials = torch.empty(grid, dtype=loss_dtype(x3), device=x3.device) if reduce else None
     loss, stats = rows if rows is not None else (None, None)
     with _device_guard(x3):
         _drainage_fwd_kernel[(grid,)](
@@ -199,6 +216,7 @@ def _launch_forward(x3, target, hp: Hyper, *, rows=None, grad3=None, reduce=0, w
             workspace,
             partials,
             out,
+            inv,
             R,
             K,
             S,
@@ -226,9 +244,8 @@ def _forward_rows(x3, target, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
     loss = torch.empty(R, dtype=loss_dtype(x3), device=x3.device)
     stats = torch.empty(ROW_TERMS, R, dtype=loss.dtype, device=x3.device)
     if R:
-        workspace = _workspace(x3.device)
-        _launch_targets(target, x3.shape[-1], hp, workspace, count=False)
-        _launch_forward(x3, target, hp, rows=(loss, stats), workspace=workspace)
+        _launch_targets(target, x3.shape[-1], hp, None, count=False)  # the check alone
+        _launch_forward(x3, target, hp, rows=(loss, stats))
     return loss, stats
 
 
@@ -286,16 +303,40 @@ def forward_reduced(x3, target, hp: Hyper, mean: bool, with_grad: bool):
     with its reduction) and one read of the logits. Eager mode only (see backends.Backend)."""
     R = x3.shape[0] * x3.shape[1]
     grad3 = torch.empty_like(x3) if with_grad else None
-    out = torch.empty(2 if mean else 1, dtype=loss_dtype(x3), device=x3.device)
+    dtype = loss_dtype(x3)
+    # Separate buffers: the loss is handed to the user, who may modify it in place.
+    out = torch.empty((), dtype=dtype, device=x3.device)
+    inv = torch.empty(1, dtype=dtype, device=x3.device) if mean else None
     if R == 0:
         out.fill_(float("nan") if mean else 0.0)
+        if mean:
+            inv.fill_(float("inf"))
         if with_grad:
             grad3.zero_()
-    else:
-        workspace = _workspace(x3.device)
-        _launch_targets(target, x3.shape[-1], hp, workspace, count=mean)
-        _launch_forward(x3, target, hp, grad3=grad3, reduce=2 if mean else 1, workspace=workspace, out=out)
-    return out[0], (out[1:] if mean else None), grad3, None
+        return out, inv, grad3, None
+    # Everything that can fail on the host comes before the targets kernel adds the count into the
+    # workspace: the forward's allocation here, and its compilation, which the except undoes.
+    partials = torch.empty(
+        _grid(_forward_config(x3.shape[-1], x3.dtype), R, x3.device), dtype=dtype, device=x3.device
+    )
+    workspace = _workspace(x3.device)
+    _launch_targets(target, x3.shape[-1], hp, workspace, count=mean)
+    try:
+        _launch_forward(
+            x3,
+            target,
+            hp,
+            grad3=grad3,
+            reduce=2 if mean else 1,
+            workspace=workspace,
+            partials=partials,
+            out=out,
+            inv=inv,
+        )
+    except BaseException:  # also KeyboardInterrupt: the next call must find the workspace zeroed
+        workspace.zero_()
+        raise
+    return out, inv, grad3, None
 
 
 def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
