@@ -11,11 +11,13 @@ each per round, so load from other processes falls on all of them alike):
   * reference: fused_drainage_loss(..., backend="reference").backward();
   * cpp: fused_drainage_loss(..., backend="cpp").backward(), the whole eager path (argument
     checks, the kept count, autograd, the ops);
-  * cpp op: the ops alone, as that path calls them (forward_with_grad, then scale_ by 1): the
-    kernel's share of the step;
-  * cpp (before) and cpp op (before): the same with the kernels of --before-rev (default: the
-    commit before the vectorised kernel), built from git under the op namespace drainage_fast_before,
-    so the old and the new kernel are timed in the same process, in the same rounds.
+  * cpp op: the op alone, as that path calls it (forward_reduced: the target check and count, the
+    forward with the gradient, the reduction; the backward's scale by 1 is skipped): the kernel's
+    share of the step;
+  * cpp (before): the kernels of --before-rev (default: the commit before the vectorised kernel),
+    built from git under the op namespace drainage_fast_before, behind the Python path of that
+    time (host target check, the count and the reduction in torch ops); cpp op (before): its ops
+    alone (forward_with_grad, scale_ by 1). Old and new are timed in the same process and rounds.
 
 Writes cpu_vs_cross_entropy.json (every sample, the machine) and cpu_vs_cross_entropy.md
 (--report-only rewrites the .md from the .json).
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import drainage_fast.backends.cpp as cpp_backend
-from drainage_fast import _ext, fused_drainage_loss
+from drainage_fast import _ext, _inputs, fused_drainage_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(8192, 11), (512, 51), (4096, 101), (4096, 1001), (512, 32001)]
@@ -122,10 +124,18 @@ def make_steps(N, K):
         K - 1,
         -100,
     )  # log_alpha, log_beta (beta = 1), d, ignore
-    new = {
-        name: getattr(cpp_backend, name) for name in ("forward", "backward", "forward_with_grad", "scale_")
-    }
+    new_forward_reduced = cpp_backend.forward_reduced
     old = before_functions()
+
+    def old_forward_reduced(x3, target, hp, mean, with_grad):
+        # The path as it was before the one-op forward_reduced: the host target check, the count
+        # and the reduction in torch ops, around the old kernels.
+        _inputs.check_target_values(target, x3.shape[-1], hp.drainage_idx, hp.ignore_index)
+        count = (target != hp.ignore_index).sum()
+        inv_count = torch.reciprocal(count.to(torch.float32)).reshape(1) if mean else None
+        loss, _, grad = old["forward_with_grad"](x3, target, hp, inv_count)
+        total = loss.sum()
+        return (total / count if mean else total), inv_count, grad, None
 
     def ce():
         F.cross_entropy(x, target).backward()
@@ -139,28 +149,27 @@ def make_steps(N, K):
         return step
 
     def fused_before():
-        for name, f in old.items():
-            setattr(cpp_backend, name, f)
+        cpp_backend.forward_reduced = old_forward_reduced
         try:
             fused("cpp")()
         finally:
-            for name, f in new.items():
-                setattr(cpp_backend, name, f)
+            cpp_backend.forward_reduced = new_forward_reduced
 
-    def op(ops):
-        def step():
-            grad = ops.forward_with_grad.default(x3, target, inv_count, *hp)[2]
-            ops.scale_.default(grad, one)
+    def op():
+        # the op the eager path calls (its backward scale is skipped for an upstream gradient of 1)
+        torch.ops.drainage_fast.forward_reduced.default(x3, target, True, True, *hp)
 
-        return step
+    def op_before():
+        grad = torch.ops.drainage_fast_before.forward_with_grad.default(x3, target, inv_count, *hp)[2]
+        torch.ops.drainage_fast_before.scale_.default(grad, one)
 
     return {
         "F.cross_entropy": ce,
         "reference": fused("reference"),
         "cpp": fused("cpp"),
-        "cpp op": op(torch.ops.drainage_fast),
+        "cpp op": op,
         "cpp (before)": fused_before,
-        "cpp op (before)": op(torch.ops.drainage_fast_before),
+        "cpp op (before)": op_before,
     }
 
 
@@ -307,7 +316,7 @@ def write_report(out: Path) -> None:
         "`benchmarks/cpu_vs_cross_entropy.py`; every sample is in the .json beside this file.\n\n"
         "Ratios are F.cross_entropy's (or the reference's) time over ours: > 1 means `cpp` is faster. "
         "`cpp` is the whole eager step `fused_drainage_loss(x, t).backward()`; `cpp op` the kernels "
-        "alone (`torch.ops.drainage_fast.forward_with_grad` + `scale_`).\n\n"
+        "alone (`torch.ops.drainage_fast.forward_reduced`; before: `forward_with_grad` + `scale_`).\n\n"
     )
     body = table(rows) + "\n\n" + summary(rows) + "\n\nMedians:\n\n" + median_table(rows) + "\n"
     (out / "cpu_vs_cross_entropy.md").write_text(header + body)

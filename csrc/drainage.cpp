@@ -10,11 +10,12 @@
 //   forward_with_grad -> loss, stats and the gradient of the summed loss times scale (a one-element
 //     tensor of the loss dtype: 1 / count for a mean; none: 1) in one pass over the logits.
 //   scale_ multiplies a gradient by a one-element tensor in place; nothing happens when it is 1.
-//   forward_reduced (CUDA only; the contract's mean / sum path, notes in cuda/drainage_cuda.cu) ->
-//     out (0-dim loss dtype: the sum of the row losses, or their mean over the kept rows, nan when
-//     none is kept), inv_count ((1,), 1 / count, only when mean) and, when with_grad, the gradient of
-//     the SUM of the row losses (not scaled by 1 / count), like empty_like(x3); no row terms. Targets
-//     are checked on the device (a device-side assert), without a host sync.
+//   forward_reduced (the contract's mean / sum path) -> out (0-dim loss dtype: the sum of the row
+//     losses, or their mean over the kept rows, nan when none is kept), inv_count ((1,), 1 / count,
+//     only when mean) and, when with_grad, a gradient like empty_like(x3); no row terms written.
+//     CPU: the targets are checked (IndexError) and counted first, so the gradient is that of out
+//     (1 / count applied). CUDA: checked on the device (a device-side assert, no host sync), and
+//     the gradient is that of the SUM (1 / count is left to scale_by_, notes in cuda/drainage_cuda.cu).
 //   scale_by_ (CUDA only): grad *= grad_out * pending (pending None: 1), the factor in the loss
 //     dtype; one launch that returns at once when the factor is exactly 1.
 #include <Python.h>

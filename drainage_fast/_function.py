@@ -64,6 +64,11 @@ class DrainageFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    def reduces_in_backend(reduction: str, fuse_grad: bool, needs_grad: bool) -> bool:
+        """Whether forward takes backend.forward_reduced (else forward + torch reductions)."""
+        return reduction != "none" and not torch.compiler.is_compiling() and (fuse_grad or not needs_grad)
+
+    @staticmethod
     def forward(
         ctx, logits, target, hp: Hyper, reduction: str, backend_name: str, fuse_grad: bool, needs_grad: bool
     ):
@@ -72,9 +77,8 @@ class DrainageFunction(torch.autograd.Function):
         target = target.reshape(-1)
         ctx.hp, ctx.reduction, ctx.backend, ctx.shape = hp, reduction, backend, logits.shape
         ctx.fused_grad = ctx.pending = None
-        reduced = reduction != "none" and not torch.compiler.is_compiling()
         # needs_grad comes from the caller: inside forward, grad mode is always off.
-        if reduced and (fuse_grad or not needs_grad):
+        if DrainageFunction.reduces_in_backend(reduction, fuse_grad, needs_grad):
             out, inv_count, grad3, ctx.pending = backend.forward_reduced(
                 x3, target, hp, reduction == "mean", with_grad=fuse_grad
             )

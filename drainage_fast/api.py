@@ -6,7 +6,7 @@ import torch
 
 from . import backends
 from ._function import HIGHER_ORDER_MESSAGE, DrainageFunction
-from ._inputs import check_hyper, check_inputs
+from ._inputs import check_hyper, check_inputs, check_target_values
 
 
 def fused_drainage_loss(
@@ -58,6 +58,7 @@ def fused_drainage_loss(
         drainage_idx=drainage_idx,
         reduction=reduction,
         ignore_index=ignore_index,
+        check_targets=False,
     )
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(logits):
         raise RuntimeError(HIGHER_ORDER_MESSAGE)  # torch.func.grad / vmap / jacrev: see the message
@@ -70,6 +71,9 @@ def fused_drainage_loss(
         and needs_grad
         and not torch.compiler.is_compiling()  # the one-shot buffer hand-out needs eager autograd
     )
+    if not (impl.NAME == "cpp" and DrainageFunction.reduces_in_backend(reduction, fuse_grad, needs_grad)):
+        # The cpp op of that path checks (and counts) the targets itself: a small batch pays per op.
+        check_target_values(target, logits.shape[1], hp.drainage_idx, hp.ignore_index)
     return DrainageFunction.apply(logits, target, hp, reduction, impl.NAME, fuse_grad, needs_grad)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from .. import _inputs
 from . import native
-from .native import LOAD_ERROR, backward, scale_  # noqa: F401
+from .native import LOAD_ERROR, backward  # noqa: F401
 
 NAME = "cpp"
 # Writing the gradient in the forward, while the row is in L1 and its exponentials are at hand,
@@ -31,7 +31,15 @@ def forward(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper) -> tuple[
 
 
 def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, mean: bool, with_grad: bool):
-    """See backends.Backend. On the CPU the kept count costs one pass over the targets and no wait,
-    so the pass applies 1 / count itself (the API checked the targets on the host)."""
-    count = (target != hp.ignore_index).sum() if mean else None
-    return native.forward_reduced(x3, target, hp, mean, with_grad, count)
+    """See backends.Backend: one op (csrc/cpu), which checks the targets (the API leaves this path's
+    check to it), counts them, applies 1 / count in the pass and reduces; nothing is pending."""
+    out, inv_count, grad = torch.ops.drainage_fast.forward_reduced.default(x3, target, mean, with_grad, *hp)
+    return out, inv_count, grad, None
+
+
+def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    """See backends.Backend. A CPU scalar is read for free: loss.backward() (grad_out == 1) costs
+    no op at all."""
+    if pending is None and grad_out.numel() == 1 and grad_out.item() == 1.0:
+        return grad
+    return native.scale_(grad, grad_out, pending)

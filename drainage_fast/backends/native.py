@@ -76,18 +76,6 @@ def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None):
     return torch.ops.drainage_fast.forward_with_grad.default(x3, target, scale, *hp)
 
 
-def forward_reduced(x3, target, hp: Hyper, mean: bool, with_grad: bool, count: torch.Tensor):
-    """backends.Backend.forward_reduced over the ops above, given the kept-target count: the
-    gradient of a mean is scaled by 1 / count in the pass, so nothing is pending."""
-    inv_count = torch.reciprocal(count.to(loss_dtype(x3))).reshape(1) if mean else None
-    if with_grad:
-        loss, _, grad = forward_with_grad(x3, target, hp, inv_count)
-    else:
-        (loss, _), grad = forward(x3, target, hp), None
-    total = loss.sum()
-    return (total / count if mean else total), inv_count, grad, None
-
-
 def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
     """grad *= grad_out * pending (None: 1) in place; skipped when that is 1, on the device."""
     factor = grad_out if pending is None else grad_out * pending

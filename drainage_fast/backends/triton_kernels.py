@@ -69,6 +69,16 @@ def _logaddexp(x, y):
 
 
 @triton.jit
+def _div_rn(x, y, COMPUTE: tl.constexpr):
+    """x / y correctly rounded, as torch divides: a plain fp32 division is approximate on a GPU
+    (div.full.f32); fp64 division is exact already (div_rn takes fp32 only)."""
+    if COMPUTE == tl.float64:
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
 def _row_start(rows, S, stride_n, stride_s):
     n = rows // S
     return n * stride_n + (rows - n * S) * stride_s
@@ -233,7 +243,7 @@ def _drainage_fwd_kernel(
     if REDUCE == 2:
         # div_rn: a correctly rounded 1 / count, the bits torch.reciprocal gives the recompute path
         # (a plain fp32 division is approximate on a GPU). count 0: inf, every gradient 0 * inf.
-        scale = tl.math.div_rn(tl.full([], 1.0, COMPUTE), tl.load(WS_ptr).to(COMPUTE))
+        scale = _div_rn(tl.full([], 1.0, COMPUTE), tl.load(WS_ptr).to(COMPUTE), COMPUTE)
     else:
         scale = tl.full([], 1.0, COMPUTE)
     loss_acc = tl.zeros([BLOCK_ROWS], COMPUTE)
@@ -334,8 +344,8 @@ def _drainage_fwd_kernel(
             out = tl.sum(total)
             if REDUCE == 2:
                 count = tl.load(WS_ptr, volatile=True).to(COMPUTE)
-                out = tl.math.div_rn(out, count)  # correctly rounded, as torch's total / count
-                tl.store(Inv_ptr, tl.math.div_rn(tl.full([], 1.0, COMPUTE), count))
+                out = _div_rn(out, count, COMPUTE)  # correctly rounded, as torch's total / count
+                tl.store(Inv_ptr, _div_rn(tl.full([], 1.0, COMPUTE), count, COMPUTE))
             tl.store(Out_ptr, out)
             tl.store(WS_ptr, 0)  # the workspace is zero again for the next call on this stream
             tl.store(WS_ptr + 1, 0)
