@@ -23,9 +23,9 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
+import measure  # benchmarks/measure.py: this script's folder is on sys.path
 import torch
 
 from drainage_fast import fused_drainage_loss
@@ -52,37 +52,15 @@ def make_step(N, K, dtype, reduction, backend, fused):
     return step
 
 
-def time_per_call(step, number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        step()
-    return (time.perf_counter() - start) / number
-
-
-def measure(N, K, dtype, reduction, repeats):
+def measure_case(N, K, dtype, reduction, repeats):
     providers = {name: p for name, p in PROVIDERS.items() if reduction == "mean" or p[1]}
     steps = {name: make_step(N, K, dtype, reduction, *p) for name, p in providers.items()}
-    numbers = {}
-    for name, step in steps.items():  # warm-up, and calls per sample for >= ~20 ms per sample
-        step()
-        numbers[name] = max(1, round(0.02 / time_per_call(step, 1)))
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            samples[name].append(time_per_call(step, numbers[name]))
-    return samples
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return models[0] if models else platform.processor()
+    return measure.cpu_samples(steps, repeats)
 
 
 def machine() -> dict:
     return {
-        "cpu": cpu_model(),
+        "cpu": measure.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -167,7 +145,7 @@ def main():
     for N, K in SHAPES:
         for dtype in DTYPES:
             for reduction in REDUCTIONS:
-                samples = measure(N, K, dtype, reduction, args.repeats)
+                samples = measure_case(N, K, dtype, reduction, args.repeats)
                 ref = samples["reference"]
                 for name, s in samples.items():
                     nbytes = 2 * N * K * torch.finfo(dtype).bits // 8 + 8 * N

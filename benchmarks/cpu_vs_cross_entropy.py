@@ -34,9 +34,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import measure  # benchmarks/measure.py: this script's folder is on sys.path
 import torch
 import torch.nn.functional as F
 
@@ -184,40 +184,13 @@ def check_same_values(N, K):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def time_per_call(step, number: int) -> float:
-    start = time.perf_counter()
-    for _ in range(number):
-        step()
-    return (time.perf_counter() - start) / number
-
-
-def measure(N, K, repeats):
-    steps = make_steps(N, K)
-    numbers = {}
-    for name, step in steps.items():  # warm-up, and calls per sample for >= ~20 ms per sample
-        step()
-        numbers[name] = max(1, round(0.02 / time_per_call(step, 1)))
-    samples = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            samples[name].append(time_per_call(step, numbers[name]))
-    return samples
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor()
+def measure_shape(N, K, repeats):
+    return measure.cpu_samples(make_steps(N, K), repeats)
 
 
 def machine() -> dict:
     return {
-        "cpu": cpu_model(),
+        "cpu": measure.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -344,7 +317,7 @@ def main():
     rows = []
     for N, K in shapes:
         check_same_values(N, K)
-        samples = measure(N, K, args.repeats)
+        samples = measure_shape(N, K, args.repeats)
         for name, s in samples.items():
             rows.append(
                 {

@@ -26,34 +26,18 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
+
+from benchmarks import measure
 
 
 def _fake_gpu_driver():
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
+    """Triton's JIT up to the launch, for an sm_90 target, without a GPU (the compile check's driver)."""
     from triton.runtime.jit import JITFunction
 
-    class TargetOnlyDriver:
-        def __init__(self, target):
-            self.target = target
+    from tests.kernel_resources import use_target_only_driver
 
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return self.target
-
-        def get_active_torch_device(self):
-            import torch
-
-            return torch.device("cpu")
-
-    driver.set_active(TargetOnlyDriver(GPUTarget("cuda", 90, 32)))
+    use_target_only_driver(90)
     run = JITFunction.run
 
     def bind_only(self, *args, grid, warmup, **kwargs):
@@ -62,7 +46,7 @@ def _fake_gpu_driver():
     JITFunction.run = bind_only
 
 
-def measure(N: int = 256, K: int = 51, samples: int = 30, calls: int = 200) -> dict:
+def host_time(N: int = 256, K: int = 51, samples: int = 30, calls_s: float = 0.05) -> dict:
     os.environ.pop("TRITON_INTERPRET", None)
     _fake_gpu_driver()
     import torch
@@ -96,14 +80,8 @@ def measure(N: int = 256, K: int = 51, samples: int = 30, calls: int = 200) -> d
     for step in steps.values():  # compiles the kernels (sm_90) and warms every cache
         for _ in range(20):
             step()
-    times = {name: [] for name in steps}
-    for _ in range(samples):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            times[name].append((time.perf_counter() - start) / calls * 1e6)
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    times = measure.cpu_samples(steps, samples, sample_s=calls_s)
+    medians = {name: statistics.median(t) * 1e6 for name, t in times.items()}
     names = list(steps)
     return {
         "shape": [N, K],
@@ -111,7 +89,7 @@ def measure(N: int = 256, K: int = 51, samples: int = 30, calls: int = 200) -> d
         "host_us_median": medians,
         "ratio": medians[names[0]] / medians[names[1]],
         "samples": samples,
-        "calls_per_sample": calls,
+        "seconds_per_sample": calls_s,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(),
@@ -128,7 +106,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
     parser.add_argument("--samples", type=int, default=30, help="interleaved samples per provider")
     args = parser.parse_args()
-    result = measure(samples=args.samples)
+    result = host_time(samples=args.samples)
     lines = [
         f"# Host time per eager fwd+bwd call, {tuple(result['shape'])} {result['dtype']}, no GPU",
         "",

@@ -1,4 +1,5 @@
-"""Timing and profiling of one step, shared by bench_loss.py, gpu_check.py and gpu_resnet50_step.py.
+"""Timing and profiling of one step, shared by bench_loss.py, gpu_check.py, gpu_resnet50_step.py and
+the CPU scripts (cpu_samples, cpu_model).
 
 `step(*inputs.next())` is one unit of work (providers.make_step); `inputs` is a cases.RotatingInputs
 (`.next()` cycles through the copies in `.items`). Every function takes the device: on the CPU a time
@@ -7,8 +8,11 @@ is the wall clock, and what only CUDA has (kernel count, peak memory) is None; C
 
 from __future__ import annotations
 
+import platform
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -142,3 +146,40 @@ class FixedInputs:
 
     def next(self):
         return self.items[0]
+
+
+def cpu_samples(steps: dict, repeats: int, sample_s: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each step (name -> callable), on the CPU: `repeats` samples each, taken in
+    turns (one of each per round), so that load from other processes falls on all of them alike.
+    Each sample averages enough calls to last about sample_s; the first call is a warm-up."""
+
+    def per_call(step, number: int) -> float:
+        start = time.perf_counter()
+        for _ in range(number):
+            step()
+        return (time.perf_counter() - start) / number
+
+    numbers = {}
+    for name, step in steps.items():
+        step()
+        numbers[name] = max(1, round(sample_s / per_call(step, 1)))
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            samples[name].append(per_call(step, numbers[name]))
+    return samples
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu, else /proc/cpuinfo, else platform.processor())."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return models[0] if models else platform.processor()

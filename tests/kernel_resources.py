@@ -208,19 +208,14 @@ def _instruction_counts(sass: list[tuple[int, str]]) -> dict:
     return {"sass_instructions": len(sass), "loops": loop_structure(sass)}
 
 
-def compile_triton(arch: int) -> list[dict]:
-    """Compile every Triton variant for sm_<arch>; one row per distinct compiled kernel.
-
-    Must run in a process where Triton was imported without TRITON_INTERPRET=1.
-    """
-    import triton
+def use_target_only_driver(arch: int = 90) -> None:
+    """Makes Triton's active driver a stand-in that only names the target sm_<arch>: the JIT then
+    specialises and compiles launches as for that GPU, without one, as long as nothing is launched
+    (warmup=True). Used here and by benchmarks/host_overhead.py."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
     class TargetOnlyDriver:
-        """Names the target; nothing else of a driver is used when the JIT only warms up."""
-
         def __init__(self, target):
             self.target = target
 
@@ -239,6 +234,17 @@ def compile_triton(arch: int) -> list[dict]:
             return torch.device("cpu")
 
     driver.set_active(TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+
+
+def compile_triton(arch: int) -> list[dict]:
+    """Compile every Triton variant for sm_<arch>; one row per distinct compiled kernel.
+
+    Must run in a process where Triton was imported without TRITON_INTERPRET=1.
+    """
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    use_target_only_driver(arch)
     from drainage_fast.backends import triton_launch as launch
 
     launched = []

@@ -156,6 +156,15 @@ def _grad_tile(e, cols, t, d, c, g_t, g_d, kept, scale):
 
 
 @triton.jit
+def _grad_tile_2d(e, cols, t, d, c, g_t, g_d, kept, scale):
+    """_grad_tile of a [ROWS, BLOCK_K] tile from [ROWS] row terms and [BLOCK_K] column indices;
+    scale is a scalar or a [ROWS, 1] column."""
+    return _grad_tile(
+        e, cols[None, :], t[:, None], d, c[:, None], g_t[:, None], g_d[:, None], kept[:, None], scale
+    )
+
+
+@triton.jit
 def _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k):
     ptrs = G_ptr + g_row[:, None] + cols[None, :].to(tl.int64) * g_stride_k
     tl.store(ptrs, g.to(G_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
@@ -300,34 +309,14 @@ def _drainage_fwd_kernel(
                     g = _grad_tile(_exp_sub(x, shift), k, t, d, c, g_t, g_d, kept, scale)
                     tl.store(G_ptr + g_row + k * g_stride_k64, g.to(G_ptr.dtype.element_ty), mask=row_ok)
             elif LAYOUT == 1:
-                g = _grad_tile(
-                    e,
-                    cols[None, :],
-                    t[:, None],
-                    d,
-                    c[:, None],
-                    g_t[:, None],
-                    g_d[:, None],
-                    kept[:, None],
-                    scale,
-                )
+                g = _grad_tile_2d(e, cols, t, d, c, g_t, g_d, kept, scale)
                 _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k)
             else:
                 # Second read of the row. The launcher keeps about one program per SM, so the rows
                 # in flight were just streamed and this read mostly comes from L2.
                 for k0 in range(0, K, BLOCK_K):
                     x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
-                    g = _grad_tile(
-                        _exp_sub(x, shift[:, None]),
-                        (k0 + cols)[None, :],
-                        t[:, None],
-                        d,
-                        c[:, None],
-                        g_t[:, None],
-                        g_d[:, None],
-                        kept[:, None],
-                        scale,
-                    )
+                    g = _grad_tile_2d(_exp_sub(x, shift[:, None]), k0 + cols, t, d, c, g_t, g_d, kept, scale)
                     _store_tile(G_ptr, g, g_row, row_ok, k0 + cols, K, g_stride_k)
 
     if REDUCE != 0:
@@ -413,17 +402,7 @@ def _drainage_bwd_kernel(
     dy = tl.load(DY_ptr + rows * dy_stride, mask=row_ok, other=0.0).to(COMPUTE)
 
     x = _load_tile(X_ptr, _row_start(rows, S, x_stride_n, x_stride_s), row_ok, cols, K, x_stride_k, COMPUTE)
-    g = _grad_tile(
-        _exp_sub(x, shift[:, None]),
-        cols[None, :],
-        t[:, None],
-        d,
-        c[:, None],
-        g_t[:, None],
-        g_d[:, None],
-        kept[:, None],
-        dy[:, None],
-    )
+    g = _grad_tile_2d(_exp_sub(x, shift[:, None]), cols, t, d, c, g_t, g_d, kept, dy[:, None])
     _store_tile(G_ptr, g, _row_start(rows, S, g_stride_n, g_stride_s), row_ok, cols, K, g_stride_k)
 
 
