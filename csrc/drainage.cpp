@@ -16,6 +16,8 @@
 //     CPU: the targets are checked (IndexError) and counted first, so the gradient is that of out
 //     (1 / count applied). CUDA: checked on the device (a device-side assert, no host sync), and
 //     the gradient is that of the SUM (1 / count is left to scale_by_, notes in cuda/drainage_cuda.cu).
+//   reduced_loss (CPU only): the eager mean / sum loss of the user's (N, K, d1..dk) logits and
+//     (N, d1..dk) targets, with its own C++ autograd node (cpu/autograd_cpu.cpp).
 //   scale_by_ (CUDA only): grad *= grad_out * pending (pending None: 1), the factor in the loss
 //     dtype; one launch that returns at once when the factor is exactly 1.
 #include <Python.h>
@@ -45,4 +47,7 @@ TORCH_LIBRARY(drainage_fast, m) {
       "forward_reduced(Tensor x3, Tensor target, bool mean, bool with_grad, float log_alpha, "
       "float log_beta, int drainage_idx, int ignore_index) -> (Tensor out, Tensor? inv_count, Tensor? grad)");
   m.def("scale_by_(Tensor(a!) grad, Tensor grad_out, Tensor? pending) -> ()");
+  m.def(
+      "reduced_loss(Tensor logits, Tensor target, bool mean, float log_alpha, float log_beta, "
+      "int drainage_idx, int ignore_index) -> Tensor");
 }

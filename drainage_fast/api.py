@@ -71,9 +71,11 @@ def fused_drainage_loss(
         and needs_grad
         and not torch.compiler.is_compiling()  # the one-shot buffer hand-out needs eager autograd
     )
-    if not (impl.NAME == "cpp" and DrainageFunction.reduces_in_backend(reduction, fuse_grad, needs_grad)):
-        # The cpp op of that path checks (and counts) the targets itself: a small batch pays per op.
-        check_target_values(target, logits.shape[1], hp.drainage_idx, hp.ignore_index)
+    if impl.NAME == "cpp" and DrainageFunction.reduces_in_backend(reduction, fuse_grad, needs_grad):
+        # DrainageFunction's fused path as one op with a C++ autograd node, which checks and counts
+        # the targets itself: a small batch pays per Python call (backends/cpp.py).
+        return impl.reduced_loss(logits, target, hp, reduction == "mean")
+    check_target_values(target, logits.shape[1], hp.drainage_idx, hp.ignore_index)
     return DrainageFunction.apply(logits, target, hp, reduction, impl.NAME, fuse_grad, needs_grad)
 
 

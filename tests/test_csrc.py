@@ -270,3 +270,76 @@ def test_cpu_rows_do_not_depend_on_their_group_or_the_thread_count(K, dtype):
         assert torch.equal(one[0], loss[r : r + 1])
         assert torch.equal(one[1], stats[:, r : r + 1])
         assert torch.equal(one[2], grad[r : r + 1])
+
+
+# The eager cpp mean / sum: one op with a C++ autograd node (csrc/cpu/autograd_cpu.cpp).
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_cpp_step_has_no_python_autograd_node(reduction):
+    """The measured reason for the C++ node (benchmarks/results/cpu_vs_cross_entropy.md): the whole
+    step is one Python call, and backward() runs no Python."""
+    x = torch.randn(6, 5, requires_grad=True)
+    loss = fused_drainage_loss(x, random_targets(6, 5, -1), reduction=reduction, backend="cpp")
+    assert "ReducedLoss" in loss.grad_fn.name(), loss.grad_fn.name()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mean", [True, False])
+def test_opcheck_reduced_loss(dtype, mean):
+    """Schema, fake kernel and the autograd registration. Not test_aot_dispatch_*: the op is eager
+    only (the API takes DrainageFunction under torch.compile), its node runs the kernels directly."""
+    x = torch.randn(6, 11, 3).to(dtype).requires_grad_(dtype != torch.bfloat16)
+    target = random_targets(6, 11, 10, 3)
+    target[0, 0] = -100
+    torch.library.opcheck(
+        torch.ops.drainage_fast.reduced_loss.default,
+        (x, target, mean, *HP),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@needs_cpu_kernel
+def test_the_cpp_node_raises_the_second_order_message_word_for_word():
+    from drainage_fast._function import HIGHER_ORDER_MESSAGE
+
+    x = torch.randn(4, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(
+        fused_drainage_loss(x, random_targets(4, 5, -1), backend="cpp"), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError) as err:
+        grad.sum().backward()
+    assert HIGHER_ORDER_MESSAGE in str(err.value)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_cpp_op_under_inference_mode_is_the_forward_of_the_step(reduction):
+    """torch.inference_mode skips the autograd kernel: the CPU kernel runs the forward alone."""
+    x = torch.randn(9, 7, 2)
+    target = random_targets(9, 7, -1, 2)
+    target[0, 1] = -100
+    with torch.inference_mode():
+        a = fused_drainage_loss(x, target, reduction=reduction, backend="cpp")
+    b = fused_drainage_loss(x.clone().requires_grad_(), target, reduction=reduction, backend="cpp")
+    assert a.item() == b.item()
+
+
+@needs_cpu_kernel
+def test_the_cpp_mean_is_the_exact_mean_of_its_rows_rounded_once():
+    """The reduction sums the row losses in double with compensation, in row order, and rounds the
+    mean once: within half a float ulp of the exact mean of the rows. (At this size, torch's float32
+    sum is an ulp off, a float32 sum in row order ~100 ulps.)"""
+    import math
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200_000, 3, generator=gen) * 3
+    target = torch.randint(0, 2, (200_000,), generator=gen)
+    target[::7] = -100
+    rows = fused_drainage_loss(x, target, reduction="none", backend="cpp")
+    exact = math.fsum(rows.double().tolist()) / int((target != -100).sum())
+    float_ulp = 2.0 ** (math.floor(math.log2(exact)) - 23)
+    mean = fused_drainage_loss(x, target, backend="cpp").item()
+    assert abs(mean - exact) <= 0.5 * float_ulp

@@ -4,9 +4,10 @@
 //
 // The loops read a float32 row of unit stride in place (anything else is first converted into a
 // per-task buffer) in chunks of 16: whole chunks with plain loads, the last partial one with a
-// masked load that fills -inf (exp(-inf - shift) = 0 exactly); only the chunks that hold t or d
-// compare indices to leave them out of J. The forward takes two passes over a row (J's max, then
-// the exponentials, kept in a 64-byte aligned buffer when the forward writes the gradient); the
+// masked load that fills -inf (exp(-inf - shift) = 0 exactly); indices are compared to leave t and
+// d out of J (in a long row only in the runs of chunks that hold them). The forward takes two passes over a row (J's max, then
+// the exponentials, kept in a 64-byte aligned buffer when the forward writes the gradient), four
+// short rows at once or a long row in four accumulators, so that no loop waits on one chain; the
 // row terms of a group of up to 16 rows follow, in one call of vector exp / log / log1p (SLEEF,
 // within 1 ulp) per term for the whole group, then the group's gradient rows, stored on 64-byte
 // boundaries. Measured (issue 11): the scalar row math was most of a row's time for K <= ~100.
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -35,6 +37,7 @@
 #endif
 
 #include "../drainage_common.h"
+#include "drainage_cpu.h"
 #include "fast_exp.h"
 
 namespace drainage::cpu {
@@ -231,28 +234,10 @@ inline void vstore_tail(float* p, vfloat v, int64_t n) {
 #endif
 }
 
-// Every lane in J: the chunks that hold neither t nor d.
+// Every lane of a chunk in J (it holds neither t nor d), or the lanes of a mask.
 struct AllLanes {};
 inline vfloat select(AllLanes, vfloat a, vfloat) { return a; }
-inline vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
-
-// Calls f(k, v, in_J) for the chunks of the row: v = z[k, k + 16) (-inf past K), in_J the lanes
-// of J (AllLanes, or an index mask in the chunks that hold t or d).
-template <typename F>
-inline void for_chunks(const float* z, int64_t K, int64_t t, int64_t d, F f) {
-  const int64_t full = K / kLanes * kLanes;
-  const vint vt = vint{} + static_cast<int32_t>(t), vd = vint{} + static_cast<int32_t>(d);
-  auto chunk = [&](int64_t k, vfloat v) {
-    if (static_cast<uint64_t>(t - k) >= kLanes && static_cast<uint64_t>(d - k) >= kLanes) {
-      f(k, v, AllLanes{});
-    } else {
-      const vint idx = kIota + static_cast<int32_t>(k);
-      f(k, v, (idx != vt) & (idx != vd));
-    }
-  };
-  for (int64_t k = 0; k < full; k += kLanes) chunk(k, vload(z + k));
-  if (full < K) chunk(full, vload_tail(z + full, K - full));
-}
+inline vfloat select(vint in_J, vfloat a, vfloat b) { return in_J ? a : b; }
 
 // a > b ? a : b, lane by lane (b where either is NaN): one instruction with AVX-512.
 inline vfloat vmax(vfloat a, vfloat b) {
@@ -263,12 +248,101 @@ inline vfloat vmax(vfloat a, vfloat b) {
 #endif
 }
 
-// J's max m (skipping NaN: the sum of exponentials carries it into lse_J).
-inline float max_J(const float* z, int64_t K, int64_t t, int64_t d) {
-  vfloat acc = vsplat(neg_inf<float>());
-  for_chunks(z, K, t, d, [&](int64_t, vfloat v, auto in_J) { acc = select(in_J, vmax(v, acc), acc); });
-  return max_lanes(acc);
+// For NB float rows z[i] with targets t[i]: J's max m[i] (skipping NaN: the sum of exponentials
+// carries it into lse_J) and s[i] = the sum over J of exp(z_ik - shift_i), shift_i = m[i] (0 when
+// m[i] = -inf; a row with m[i] = +inf needs sum_exp_slow); with kStore, e[i][k] = exp(z_ik - shift_i)
+// for every k in [0, Kp). The chunks are v = z[k, k + 16) (-inf past K), and J's lanes are chosen
+// by comparing indices with t and d in every chunk: a branch on "this chunk holds t" mispredicts
+// about once a short row.
+//
+// Why NB rows at once: a short row alone is one chain of dependent steps (max, a horizontal max,
+// exp, sum, a horizontal sum) that leaves the core waiting; NB independent chains in one loop
+// overlap. Measured on the op with gradient at (512, 51) fp32, 1 thread: 52.2 us with the branch,
+// 49.2 us with the compares, 45.8 us with 4 rows at once. Each row's values come from its own lane
+// operations only, so they have the same bits for any NB, group or thread count.
+template <int NB, bool kStore>
+inline void max_and_sum_J(const float* const* z, int64_t K, const int64_t* t, int64_t d, float* m, float* s,
+                          float* const* e) {
+  const int64_t full = K / kLanes * kLanes, tail = K - full;
+  const vint vd = vint{} + static_cast<int32_t>(d);
+  vint vt[NB];
+  vfloat acc[NB];
+  for (int i = 0; i < NB; ++i) {
+    vt[i] = vint{} + static_cast<int32_t>(t[i]);
+    acc[i] = vsplat(neg_inf<float>());
+  }
+  // f(i, k, v, in_J) for every chunk of every row, rows innermost: the NB chains interleave.
+  auto for_chunks = [&](auto f) {
+    auto chunk = [&](int64_t k, auto load) {
+      const vint idx = kIota + static_cast<int32_t>(k);
+      const vint not_d = idx != vd;
+      for (int i = 0; i < NB; ++i) f(i, k, load(z[i] + k), not_d & (idx != vt[i]));
+    };
+    for (int64_t k = 0; k < full; k += kLanes) chunk(k, [](const float* p) { return vload(p); });
+    if (tail > 0) chunk(full, [&](const float* p) { return vload_tail(p, tail); });
+  };
+  for_chunks([&](int i, int64_t, vfloat v, vint in_J) { acc[i] = in_J ? vmax(v, acc[i]) : acc[i]; });
+  vfloat shift[NB];
+  for (int i = 0; i < NB; ++i) {
+    m[i] = max_lanes(acc[i]);
+    shift[i] = vsplat(m[i] == neg_inf<float>() ? 0.0f : m[i]);  // all -inf: exp(-inf - 0) = 0, not nan
+    acc[i] = vsplat(0.0f);
+  }
+  for_chunks([&](int i, int64_t k, vfloat v, vint in_J) {
+    const vfloat ev = fast_exp(v - shift[i]);
+    if constexpr (kStore) vstore(e[i] + k, ev);
+    acc[i] += in_J ? ev : vsplat(0.0f);
+  });
+  for (int i = 0; i < NB; ++i) s[i] = sum_lanes(acc[i]);
 }
+
+// max_and_sum_J of one long row (K > kBlockMaxK), in kSplit accumulators over consecutive chunks:
+// one accumulator is a chain of dependent max / add a chunk long, which held the loop to its
+// latency (measured at (512, 32001) fp32 on 2 threads, the forward alone: 5.6 ms with one
+// accumulator, 4.4 ms with four). Only the runs of chunks that hold t or d compare indices. The
+// order of the sums depends on K alone.
+constexpr int kSplit = 4;
+
+template <bool kStore>
+inline void max_and_sum_long_row(const float* z, int64_t K, int64_t t, int64_t d, float& m, float& s, float* e) {
+  constexpr int64_t kRun = kSplit * kLanes;
+  const int64_t full = K / kLanes * kLanes, tail = K - full;
+  const vint vt = vint{} + static_cast<int32_t>(t), vd = vint{} + static_cast<int32_t>(d);
+  auto in_J = [&](int64_t k) {
+    const vint idx = kIota + static_cast<int32_t>(k);
+    return (idx != vt) & (idx != vd);
+  };
+  // f(u, k, v, in_J): the chunk at k goes to accumulator u.
+  auto for_chunks = [&](auto f) {
+    int64_t k = 0;
+    for (; k + kRun <= full; k += kRun) {
+      if (static_cast<uint64_t>(t - k) >= kRun && static_cast<uint64_t>(d - k) >= kRun) {
+        for (int u = 0; u < kSplit; ++u) f(u, k + u * kLanes, vload(z + k + u * kLanes), AllLanes{});
+      } else {
+        for (int u = 0; u < kSplit; ++u) f(u, k + u * kLanes, vload(z + k + u * kLanes), in_J(k + u * kLanes));
+      }
+    }
+    for (int u = 0; k < full; k += kLanes, ++u) f(u, k, vload(z + k), in_J(k));
+    if (tail > 0) f(kSplit - 1, full, vload_tail(z + full, tail), in_J(full));
+  };
+  vfloat acc[kSplit];
+  for (vfloat& a : acc) a = vsplat(neg_inf<float>());
+  for_chunks([&](int u, int64_t, vfloat v, auto lanes) { acc[u] = select(lanes, vmax(v, acc[u]), acc[u]); });
+  m = max_lanes(vmax(vmax(acc[0], acc[1]), vmax(acc[2], acc[3])));  // no lane of acc is NaN
+  const vfloat shift = vsplat(m == neg_inf<float>() ? 0.0f : m);
+  for (vfloat& a : acc) a = vsplat(0.0f);
+  for_chunks([&](int u, int64_t k, vfloat v, auto lanes) {
+    const vfloat ev = fast_exp(v - shift);
+    if constexpr (kStore) vstore(e + k, ev);
+    acc[u] += select(lanes, ev, vsplat(0.0f));
+  });
+  s = sum_lanes((acc[0] + acc[1]) + (acc[2] + acc[3]));
+}
+
+// Rows per call of max_and_sum_J, for rows up to kBlockMaxK long (longer rows are no chain of
+// waits: one at a time).
+constexpr int kBlock = 4;
+constexpr int64_t kBlockMaxK = 256;
 
 inline double max_J(const double* z, int64_t K, int64_t t, int64_t d) {
   double m = neg_inf<double>();
@@ -278,19 +352,7 @@ inline double max_J(const double* z, int64_t K, int64_t t, int64_t d) {
   return m;
 }
 
-// s = sum over J of exp(z_j - shift); with `e`, e[k] = exp(z_k - shift) for every k in [0, Kp).
-template <bool kStore>
-float sum_exp_J(const float* z, int64_t K, int64_t t, int64_t d, float shift, float* e) {
-  vfloat acc = vsplat(0.0f);
-  const vfloat sh = vsplat(shift), zero = vsplat(0.0f);
-  for_chunks(z, K, t, d, [&](int64_t k, vfloat v, auto in_J) {
-    const vfloat ev = fast_exp(v - sh);
-    if constexpr (kStore) vstore(e + k, ev);
-    acc += select(in_J, ev, zero);
-  });
-  return sum_lanes(acc);
-}
-
+// The double rows' s = sum over J of exp(z_j - shift); with `e`, e[k] = exp(z_k - shift) for every k.
 template <bool kStore>
 double sum_exp_J(const double* z, int64_t K, int64_t t, int64_t d, double shift, double* e) {
   double s = 0;
@@ -316,10 +378,36 @@ T sum_exp_slow(const T* z, int64_t K, int64_t t, int64_t d, T shift, T* e) {
   return s;
 }
 
+// m and s of nb rows (1 or kBlock), as max_and_sum_J: float rows together, double rows one by one.
+inline void max_and_sum_rows(int nb, const float* const* z, int64_t K, const int64_t* t, int64_t d, float* m,
+                             float* s, float* const* e, bool store) {
+  if (K > kBlockMaxK) {
+    for (int j = 0; j < nb; ++j) {
+      store ? max_and_sum_long_row<true>(z[j], K, t[j], d, m[j], s[j], e[j])
+            : max_and_sum_long_row<false>(z[j], K, t[j], d, m[j], s[j], e[j]);
+    }
+  } else if (nb == kBlock) {
+    store ? max_and_sum_J<kBlock, true>(z, K, t, d, m, s, e) : max_and_sum_J<kBlock, false>(z, K, t, d, m, s, e);
+  } else {
+    store ? max_and_sum_J<1, true>(z, K, t, d, m, s, e) : max_and_sum_J<1, false>(z, K, t, d, m, s, e);
+  }
+}
+
+inline void max_and_sum_rows(int nb, const double* const* z, int64_t K, const int64_t* t, int64_t d, double* m,
+                             double* s, double* const* e, bool store) {
+  for (int j = 0; j < nb; ++j) {
+    m[j] = max_J(z[j], K, t[j], d);
+    const double shift = m[j] == neg_inf<double>() ? 0.0 : m[j];  // all -inf: exp(-inf - 0) = 0, not nan
+    s[j] = store ? sum_exp_J<true>(z[j], K, t[j], d, shift, e[j]) : sum_exp_J<false>(z[j], K, t[j], d, shift, e[j]);
+  }
+}
+
 // e[0, Kp) = exp(z - shift), the gradient's factors for a row of the recompute backward.
 inline void exp_row(const float* z, int64_t K, float shift, float* e) {
   const vfloat sh = vsplat(shift);
-  for_chunks(z, K, -1, -1, [&](int64_t k, vfloat v, auto) { vstore(e + k, fast_exp(v - sh)); });
+  const int64_t full = K / kLanes * kLanes;
+  for (int64_t k = 0; k < full; k += kLanes) vstore(e + k, fast_exp(vload(z + k) - sh));
+  if (full < K) vstore(e + full, fast_exp(vload_tail(z + full, K - full) - sh));
 }
 
 inline void exp_row(const double* z, int64_t K, double shift, double* e) {
@@ -370,7 +458,7 @@ void store_grad_row(const T* e, int64_t K, int64_t t, int64_t d, const RowTerms<
 }
 
 // The recompute backward's row when logits and gradient are unit-stride float32 rows: in one pass,
-// g = exp(z - shift) * (c * scale), the same lane operations as sum_exp_J then store_grad_row in
+// g = exp(z - shift) * (c * scale), the same lane operations as max_and_sum_J then store_grad_row in
 // the fused forward (each lane's value depends on its own input only), so the same bits.
 inline void grad_row_direct(const float* z, int64_t K, int64_t t, int64_t d, const RowTerms<float>& terms,
                             float scale, float* g) {
@@ -400,9 +488,10 @@ void fill_row(scalar_t* g, int64_t K, int64_t stride_k, scalar_t value) {
   for (int64_t k = 0; k < K; ++k) g[k * stride_k] = value;
 }
 
-// Rows per parallel task: ~64k elements' work (a row counting ~32 more for its row math, ~20 us),
-// so that a task outweighs the cost of starting and joining a thread; (512, 51) stays on one.
-int64_t grain_rows(int64_t K) { return std::max<int64_t>(kLanes, 65536 / (K + 32)); }
+// Rows per parallel task: ~16k elements' work (a row counting ~32 more for its row math, ~10 us),
+// more than starting and joining a thread costs: the forward with gradient at (512, 51) fp32 on 2
+// threads took 30.6 us in two tasks against 42.3 us in one (a 64k grain; issue 11).
+int64_t grain_rows(int64_t K) { return std::max<int64_t>(kLanes, 16384 / (K + 32)); }
 
 // Rows per group in the fused forward, whose exponentials wait in a buffer for the row terms:
 // 16 (the lanes), fewer when 16 rows would not fit in ~64 KB.
@@ -411,6 +500,7 @@ int64_t group_rows(int64_t Kp, bool write_grad) {
 }
 
 // forward, and forward_with_grad when `grad` is defined: then grad = grad_scale * d(sum loss)/dx.
+// An undefined `stats` is not written (the reduced path keeps no row terms).
 template <typename scalar_t>
 void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alpha, double log_beta,
                   int64_t d, int64_t ignore_index, const at::Tensor& loss, const at::Tensor& stats,
@@ -420,7 +510,7 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
   const TargetView targets = target_view(target);
   const scalar_t* x = x3.const_data_ptr<scalar_t>();
   T* loss_p = loss.mutable_data_ptr<T>();
-  T* stats_p = stats.mutable_data_ptr<T>();
+  T* stats_p = stats.defined() ? stats.mutable_data_ptr<T>() : nullptr;  // undefined: not written
   const bool write_grad = grad.defined();
   scalar_t* g = write_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   const RowLayout g_rows = write_grad ? layout_of(grad) : rows;
@@ -429,7 +519,7 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
   const T la = static_cast<T>(log_alpha), lb = static_cast<T>(log_beta), scale = static_cast<T>(grad_scale);
 
   at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
-    std::vector<T> z_buffer(K);
+    std::vector<T> z_buffer(kBlock * K);  // rows converted to T (only when not float, unit stride)
     Scratch<T> e_buffer(write_grad ? G * Kp : 0);
     RowLanes<T> q;
     int64_t ts[kLanes];
@@ -437,22 +527,26 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
     for (int64_t r0 = begin; r0 < end; r0 += G) {
       const int n = static_cast<int>(std::min(G, end - r0));
       for (int i = 0; i < kLanes; ++i) q.clear(i);
-      for (int i = 0; i < n; ++i) {
-        const int64_t r = r0 + i, t = targets[r];
-        ts[i] = t;
-        checks[i] = check_target(t, K, d, ignore_index);
-        if (!checks[i].kept || checks[i].bad) continue;
-        T* e = write_grad ? e_buffer.data + i * Kp : nullptr;
-        const T* z = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data());
-        q.z_t[i] = z[t];
-        q.z_d[i] = z[d];
-        const T m = max_J(z, K, t, d);
-        q.m[i] = m;
-        if (m == -neg_inf<T>()) {
-          q.s[i] = sum_exp_slow(z, K, t, d, m, e);
-        } else {
-          const T shift = m == neg_inf<T>() ? T(0) : m;  // all -inf: exp(-inf - 0) = 0, not nan
-          q.s[i] = write_grad ? sum_exp_J<true>(z, K, t, d, shift, e) : sum_exp_J<false>(z, K, t, d, shift, e);
+      for (int i = 0; i < n;) {
+        const int nb = K <= kBlockMaxK && n - i >= kBlock ? kBlock : 1;
+        const T* z[kBlock];
+        T* e[kBlock];
+        int64_t t[kBlock];
+        T m[kBlock], s[kBlock];
+        for (int j = 0; j < nb; ++j) {
+          const int64_t r = r0 + i + j;
+          t[j] = ts[i + j] = targets[r];
+          checks[i + j] = check_target(t[j], K, d, ignore_index);
+          z[j] = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data() + j * K);
+          e[j] = write_grad ? e_buffer.data + (i + j) * Kp : nullptr;
+        }
+        max_and_sum_rows(nb, z, K, t, d, m, s, e, write_grad);
+        for (int j = 0; j < nb; ++j, ++i) {
+          if (!checks[i].kept || checks[i].bad) continue;  // its lane keeps clear()'s values
+          q.z_t[i] = z[j][t[j]];
+          q.z_d[i] = z[j][d];
+          q.m[i] = m[j];
+          q.s[i] = m[j] == -neg_inf<T>() ? sum_exp_slow(z[j], K, t[j], d, m[j], e[j]) : s[j];
         }
       }
       row_terms_lanes(q, la, lb);
@@ -461,10 +555,12 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
         const TargetCheck check = checks[i];
         const RowTerms<T> terms = check.kept && !check.bad ? q.terms(i) : skipped_row<T>(check.bad);
         loss_p[r] = terms.loss;
-        stats_p[r] = terms.shift;
-        stats_p[R + r] = terms.c;
-        stats_p[2 * R + r] = terms.g_t;
-        stats_p[3 * R + r] = terms.g_d;
+        if (stats_p != nullptr) {
+          stats_p[r] = terms.shift;
+          stats_p[R + r] = terms.c;
+          stats_p[2 * R + r] = terms.g_t;
+          stats_p[3 * R + r] = terms.g_d;
+        }
         if (!write_grad) continue;
         scalar_t* g_row = g + g_rows.start(r);
         if (!check.kept) {
@@ -566,6 +662,22 @@ at::Tensor backward_cpu(const at::Tensor& x3, const at::Tensor& target, const at
   return grad;
 }
 
+// The sum of n values in index order, whatever the thread count: in double with Neumaier's
+// compensation (float rows: far below a float ulp, so the final rounding is the only error that
+// shows; double rows: within an ulp or two), and
+// plainly when it is not finite (the compensation of an inf would make it nan).
+template <typename T>
+double sum_in_order(const T* values, int64_t n) {
+  double sum = 0.0, compensation = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(values[i]);
+    const double next = sum + v;
+    compensation += std::abs(sum) >= std::abs(v) ? (sum - next) + v : (v - next) + sum;
+    sum = next;
+  }
+  return std::isfinite(sum) ? sum + compensation : sum;
+}
+
 // The kept count, after checking every target as the Python API does (drainage_fast/_inputs.py,
 // check_target_values, with the same message): the eager mean / sum of the "cpp" backend skips the
 // host check there, because a small batch pays per op, and here it is one pass over 8 bytes a row.
@@ -585,6 +697,8 @@ int64_t check_and_count_targets(const at::Tensor& target, int64_t K, int64_t d, 
   return kept;
 }
 
+}  // namespace
+
 // backends.Backend.forward_reduced for CPU tensors in one call: the target check and count, the
 // forward with the gradient of the reduced loss (1 / count applied in the pass) and the reduction.
 // The Python version of the same steps cost ~60 us of op overhead at (512, 51), more than the kernel.
@@ -596,7 +710,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
   const int64_t count = check_and_count_targets(target, x3.size(2), drainage_idx, ignore_index);
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
-  at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
+  at::Tensor loss = at::empty({R}, opts);
   at::Tensor grad = with_grad ? at::empty_like(x3) : at::Tensor();
   // 1 / count rounded once to the loss dtype (an IEEE division): the bits of
   // torch.reciprocal(count.to(dtype)), which the recompute path (a second backward) scales by.
@@ -611,15 +725,20 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
     factor = inv;
   }
   if (!mean) factor = 1.0;
+  at::Tensor out = at::empty({}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_reduced_cpu", [&] {
-    forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad, factor);
+    using T = at::opmath_type<scalar_t>;
+    forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, at::Tensor(), grad,
+                           factor);
+    // The sum, then the mean over the kept rows (nan when none is kept), each rounded once to T.
+    const double total = sum_in_order(loss.const_data_ptr<T>(), R);
+    out.mutable_data_ptr<T>()[0] = static_cast<T>(mean ? total / static_cast<double>(count) : total);
   });
-  at::Tensor total = loss.sum();
-  // As torch's total / count: the count rounded to the loss dtype, one division.
-  at::Tensor out = mean ? total.div(at::Scalar(static_cast<double>(count))) : total;
   return {out, mean ? std::optional<at::Tensor>(inv_count) : std::nullopt,
           with_grad ? std::optional<at::Tensor>(grad) : std::nullopt};
 }
+
+namespace {
 
 // On the CPU reading the scale costs nothing (there is no device to wait for).
 void scale_cpu(const at::Tensor& grad, const at::Tensor& scale) {

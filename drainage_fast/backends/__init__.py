@@ -101,7 +101,13 @@ def resolve_name(name: str, device_type: str) -> str:
     torch.compile calls this at trace time and keeps the returned name as a constant, so the first
     call of a process may be a compiled one: Dynamo cannot trace an import, but it never traces this.
     """
-    return resolve(name, torch.device(device_type)).NAME
+    key = (name, device_type)
+    if key not in _RESOLVED:  # availability is fixed for the process: so is the answer
+        _RESOLVED[key] = resolve(name, torch.device(device_type)).NAME
+    return _RESOLVED[key]
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
 
 
 def resolve(name: str, device: torch.device) -> Backend:

@@ -10,9 +10,9 @@ from .native import LOAD_ERROR, backward  # noqa: F401
 
 NAME = "cpp"
 # Writing the gradient in the forward, while the row is in L1 and its exponentials are at hand,
-# measured 1.5x faster than recomputing it in the backward (min times; 1.07x in the medians, with other
-# jobs on the machine): fp32 (4096, 1001) mean, fwd + bwd on 2 threads, 4.857 ms against 7.076
-# (medians 6.957 against 7.460), benchmarks/results/cpu_cpp_vs_reference.md.
+# measured 1.13x faster than recomputing it in the backward: fp32 (4096, 1001) mean, fwd + bwd on 2
+# threads, 2.365 ms against 2.671 (medians 2.692 against 3.190); 1.7x in bf16 (one conversion of the
+# row, not two); benchmarks/results/cpu_cpp_vs_reference.md.
 FUSED_GRAD = True
 
 
@@ -43,3 +43,13 @@ def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | N
     if pending is None and grad_out.numel() == 1 and grad_out.item() == 1.0:
         return grad
     return native.scale_(grad, grad_out, pending)
+
+
+def reduced_loss(logits: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, mean: bool) -> torch.Tensor:
+    """The eager mean / sum loss of the user's (N, K, d1..dk) logits as one op with a C++ autograd
+    node (csrc/cpu/autograd_cpu.cpp): DrainageFunction's fused path without Python in the step,
+    which at (512, 51) cost more than the kernels. It checks and counts the targets itself."""
+    return _REDUCED_LOSS(logits, target, mean, *hp)
+
+
+_REDUCED_LOSS = torch.ops.drainage_fast.reduced_loss.default if LOAD_ERROR is None else None

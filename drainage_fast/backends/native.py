@@ -3,10 +3,11 @@ scale_), shared by the "cpp" and "cuda" backends: the dispatcher picks the CPU o
 the tensors' device.
 
 Importing this module loads the extension (see _ext.py) and registers what torch.compile needs
-beside the C++ kernels: a fake kernel per op (shapes and dtypes only). The ops carry no autograd
-formula of their own: DrainageFunction is their autograd, as for the Triton ops. (A Python
+beside the C++ kernels: a fake kernel per op (shapes and dtypes only). The kernel ops carry no
+autograd formula of their own: DrainageFunction is their autograd, as for the Triton ops. (A Python
 torch.library.register_autograd put a Python layer on every call, measured +120 us per call at
-(512, 51) on 2 CPU threads, more than the kernel itself.) The C++ library names this module
+(512, 51) on 2 CPU threads, more than the kernel itself.) The CPU-only reduced_loss has its autograd
+in C++ (csrc/cpu/autograd_cpu.cpp; backends/cpp.py). The C++ library names this module
 (set_python_module), so torch imports it when it meets the ops without their fakes. The import never
 fails: LOAD_ERROR says why the ops are absent.
 """
@@ -51,6 +52,11 @@ def _register_python_parts() -> None:
     @torch.library.register_fake("drainage_fast::scale_by_")
     def _(grad, grad_out, pending):
         return None
+
+    # CPU-only op with its own C++ autograd node (csrc/cpu/autograd_cpu.cpp): the eager cpp step.
+    @torch.library.register_fake("drainage_fast::reduced_loss")
+    def _(logits, target, mean, log_alpha, log_beta, drainage_idx, ignore_index):
+        return logits.new_empty((), dtype=loss_dtype(logits))
 
 
 if LOAD_ERROR is None:
