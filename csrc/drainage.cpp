@@ -16,10 +16,10 @@
 //     CPU: the targets are checked (IndexError) and counted first, so the gradient is that of out
 //     (1 / count applied). CUDA: checked on the device (a device-side assert, no host sync), and
 //     the gradient is that of the SUM (1 / count is left to scale_by_, notes in cuda/drainage_cuda.cu).
-//   reduced_loss (CPU only): the eager mean / sum loss of the user's (N, K, d1..dk) logits and
-//     (N, d1..dk) targets, with its own C++ autograd node (cpu/autograd_cpu.cpp).
-//   scale_by_ (CUDA only): grad *= grad_out * pending (pending None: 1), the factor in the loss
-//     dtype; one launch that returns at once when the factor is exactly 1.
+//   reduced_loss: the eager mean / sum loss of the user's (N, K, d1..dk) logits and (N, d1..dk)
+//     targets, with its own C++ autograd node over forward_reduced and scale_by_ (reduced_loss.cpp).
+//   scale_by_: grad *= grad_out * pending (pending None: 1), the factor in the loss dtype; nothing
+//     happens when it is exactly 1 (CUDA: one launch that returns at once on the device).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-CPU_SOURCES = ("drainage.cpp", "cpu/drainage_cpu.cpp", "cpu/autograd_cpu.cpp")
+CPU_SOURCES = ("drainage.cpp", "reduced_loss.cpp", "cpu/drainage_cpu.cpp")
 CUDA_SOURCES = ("cuda/drainage_cuda.cu",)
-HEADERS = ("row_math.h", "drainage_common.h", "cpu/fast_exp.h", "cpu/drainage_cpu.h")
+HEADERS = ("row_math.h", "drainage_common.h", "cpu/fast_exp.h")
 
 # -fno-trapping-math lets the compiler turn the selects of fast_exp into vector blends (measured:
 # exp over a row 0.55 ns/element with it, 3.7 without, AVX2); -march picks the vector width of this

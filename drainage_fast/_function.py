@@ -1,8 +1,8 @@
 """The one torch.autograd.Function behind fused_drainage_loss, for every backend.
 
-(The eager cpp mean / sum skips it: the op reduced_loss has the same semantics in a C++ autograd
-node, csrc/cpu/autograd_cpu.cpp, because at small batches this Python layer cost more than the
-kernels.)
+(The eager mean / sum of the cpp and cuda backends skips it: the op reduced_loss has the same
+semantics in a C++ autograd node, csrc/reduced_loss.cpp, because at small batches this Python layer
+cost more than the kernels.)
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ from . import backends
 from ._function import HIGHER_ORDER_MESSAGE, DrainageFunction
 from ._inputs import check_hyper, check_inputs, check_target_values
 
+# The backends of csrc/: their eager mean / sum is one op with a C++ autograd node.
+NATIVE = ("cpp", "cuda")
+
 
 def fused_drainage_loss(
     logits: torch.Tensor,
@@ -71,9 +74,9 @@ def fused_drainage_loss(
         and needs_grad
         and not torch.compiler.is_compiling()  # the one-shot buffer hand-out needs eager autograd
     )
-    if impl.NAME == "cpp" and DrainageFunction.reduces_in_backend(reduction, fuse_grad, needs_grad):
-        # DrainageFunction's fused path as one op with a C++ autograd node, which checks and counts
-        # the targets itself: a small batch pays per Python call (backends/cpp.py).
+    if impl.NAME in NATIVE and DrainageFunction.reduces_in_backend(reduction, fuse_grad, needs_grad):
+        # DrainageFunction's fused path as one op with a C++ autograd node, whose kernels check and
+        # count the targets: a small batch pays per Python call (backends/native.py).
         return impl.reduced_loss(logits, target, hp, reduction == "mean")
     check_target_values(target, logits.shape[1], hp.drainage_idx, hp.ignore_index)
     return DrainageFunction.apply(logits, target, hp, reduction, impl.NAME, fuse_grad, needs_grad)

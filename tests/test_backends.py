@@ -448,18 +448,16 @@ def test_confident_rows_keep_relative_precision(backend, dtype):
 
 def test_autocast_keeps_bf16_logits(backend, monkeypatch):
     """The logits reach the kernels as bf16 (no fp32 copy), through DrainageFunction or, for the
-    cpp mean, the C++ autograd op (custom ops take no autocast cast)."""
+    native backends' mean, the C++ autograd op (custom ops take no autocast cast)."""
     seen = []
     import drainage_fast._function as fn
-    import drainage_fast.backends.cpp as cpp_backend
+    import drainage_fast.backends.native as native
 
     as_rows = fn.as_rows
     monkeypatch.setattr(fn, "as_rows", lambda x: seen.append(x.dtype) or as_rows(x))
-    if cpp_backend._REDUCED_LOSS is not None:
-        op = cpp_backend._REDUCED_LOSS
-        monkeypatch.setattr(
-            cpp_backend, "_REDUCED_LOSS", lambda x, *args: seen.append(x.dtype) or op(x, *args)
-        )
+    if native._REDUCED_LOSS is not None:
+        op = native._REDUCED_LOSS
+        monkeypatch.setattr(native, "_REDUCED_LOSS", lambda x, *args: seen.append(x.dtype) or op(x, *args))
     layer = torch.nn.Linear(8, 6).to(DEVICE)
     feats = torch.randn(16, 8, device=DEVICE)
     target = random_targets(16, 6, -1)

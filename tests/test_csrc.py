@@ -272,26 +272,27 @@ def test_cpu_rows_do_not_depend_on_their_group_or_the_thread_count(K, dtype):
         assert torch.equal(one[2], grad[r : r + 1])
 
 
-# The eager cpp mean / sum: one op with a C++ autograd node (csrc/cpu/autograd_cpu.cpp).
+# The eager mean / sum of the native backends: one op with a C++ autograd node (csrc/reduced_loss.cpp).
+# The node reaches the kernels through the dispatcher, so these run on the CPU the code a GPU runs.
 
 
-@needs_cpu_kernel
+@needs_ext
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_the_cpp_step_has_no_python_autograd_node(reduction):
+def test_the_native_step_has_no_python_autograd_node(reduction):
     """The measured reason for the C++ node (benchmarks/results/cpu_vs_cross_entropy.md): the whole
     step is one Python call, and backward() runs no Python."""
-    x = torch.randn(6, 5, requires_grad=True)
-    loss = fused_drainage_loss(x, random_targets(6, 5, -1), reduction=reduction, backend="cpp")
+    x = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    loss = fused_drainage_loss(x, random_targets(6, 5, -1), reduction=reduction, backend=NATIVE)
     assert "ReducedLoss" in loss.grad_fn.name(), loss.grad_fn.name()
 
 
-@needs_cpu_kernel
+@needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mean", [True, False])
 def test_opcheck_reduced_loss(dtype, mean):
     """Schema, fake kernel and the autograd registration. Not test_aot_dispatch_*: the op is eager
-    only (the API takes DrainageFunction under torch.compile), its node runs the kernels directly."""
-    x = torch.randn(6, 11, 3).to(dtype).requires_grad_(dtype != torch.bfloat16)
+    only (the API takes DrainageFunction under torch.compile)."""
+    x = torch.randn(6, 11, 3, device=DEVICE).to(dtype).requires_grad_(dtype != torch.bfloat16)
     target = random_targets(6, 11, 10, 3)
     target[0, 0] = -100
     torch.library.opcheck(
@@ -301,29 +302,42 @@ def test_opcheck_reduced_loss(dtype, mean):
     )
 
 
-@needs_cpu_kernel
-def test_the_cpp_node_raises_the_second_order_message_word_for_word():
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_by_multiplies_by_grad_out_times_pending_and_skips_one(dtype):
+    grad = torch.randn(3, 1, 700, device=DEVICE).to(dtype)
+    before = grad.clone()
+    half, two = torch.tensor(0.5, device=DEVICE), torch.tensor([2.0], device=DEVICE)
+    torch.ops.drainage_fast.scale_by_(grad, half, two)
+    assert torch.equal(grad, before)
+    torch.ops.drainage_fast.scale_by_(grad, torch.tensor(-0.75, device=DEVICE), None)
+    torch.testing.assert_close(grad, (before.float() * -0.75).to(dtype), rtol=0, atol=0)
+    torch.ops.drainage_fast.scale_by_(grad, half, torch.tensor([0.25], device=DEVICE))
+    torch.testing.assert_close(grad, (before.float() * -0.75 * 0.125).to(dtype), rtol=0, atol=0)
+
+
+@needs_ext
+def test_the_native_node_raises_the_second_order_message_word_for_word():
     from drainage_fast._function import HIGHER_ORDER_MESSAGE
 
-    x = torch.randn(4, 5, requires_grad=True)
-    (grad,) = torch.autograd.grad(
-        fused_drainage_loss(x, random_targets(4, 5, -1), backend="cpp"), x, create_graph=True
-    )
+    x = torch.randn(4, 5, device=DEVICE, requires_grad=True)
+    loss = fused_drainage_loss(x, random_targets(4, 5, -1), backend=NATIVE)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
     with pytest.raises(RuntimeError) as err:
         grad.sum().backward()
     assert HIGHER_ORDER_MESSAGE in str(err.value)
 
 
-@needs_cpu_kernel
+@needs_ext
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_the_cpp_op_under_inference_mode_is_the_forward_of_the_step(reduction):
-    """torch.inference_mode skips the autograd kernel: the CPU kernel runs the forward alone."""
-    x = torch.randn(9, 7, 2)
+def test_the_native_op_under_inference_mode_is_the_forward_of_the_step(reduction):
+    """torch.inference_mode skips the autograd kernel: the device kernel runs the forward alone."""
+    x = torch.randn(9, 7, 2, device=DEVICE)
     target = random_targets(9, 7, -1, 2)
     target[0, 1] = -100
     with torch.inference_mode():
-        a = fused_drainage_loss(x, target, reduction=reduction, backend="cpp")
-    b = fused_drainage_loss(x.clone().requires_grad_(), target, reduction=reduction, backend="cpp")
+        a = fused_drainage_loss(x, target, reduction=reduction, backend=NATIVE)
+    b = fused_drainage_loss(x.clone().requires_grad_(), target, reduction=reduction, backend=NATIVE)
     assert a.item() == b.item()
 
 

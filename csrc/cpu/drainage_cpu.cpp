@@ -37,7 +37,6 @@
 #endif
 
 #include "../drainage_common.h"
-#include "drainage_cpu.h"
 #include "fast_exp.h"
 
 namespace drainage::cpu {
@@ -697,8 +696,6 @@ int64_t check_and_count_targets(const at::Tensor& target, int64_t K, int64_t d, 
   return kept;
 }
 
-}  // namespace
-
 // backends.Backend.forward_reduced for CPU tensors in one call: the target check and count, the
 // forward with the gradient of the reduced loss (1 / count applied in the pass) and the reduction.
 // The Python version of the same steps cost ~60 us of op overhead at (512, 51), more than the kernel.
@@ -738,12 +735,19 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
           with_grad ? std::optional<at::Tensor>(grad) : std::nullopt};
 }
 
-namespace {
-
 // On the CPU reading the scale costs nothing (there is no device to wait for).
 void scale_cpu(const at::Tensor& grad, const at::Tensor& scale) {
   TORCH_CHECK(scale.numel() == 1, "drainage_fast: scale must have one element, got ", scale.numel());
   if (scale.item<double>() != 1.0) grad.mul_(scale.reshape({}));
+}
+
+// scale_by_ on the CPU: grad *= grad_out * pending (None: 1), the factor in the loss dtype;
+// nothing when it is exactly 1.
+void scale_by_cpu(const at::Tensor& grad, const at::Tensor& grad_out, const std::optional<at::Tensor>& pending) {
+  TORCH_CHECK(grad_out.numel() == 1 && (!pending.has_value() || pending->numel() == 1),
+              "drainage_fast: grad_out and pending must have one element");
+  const at::Tensor factor = pending.has_value() ? grad_out.reshape({}).mul(pending->reshape({})) : grad_out.reshape({});
+  if (factor.item<double>() != 1.0) grad.mul_(factor);
 }
 
 }  // namespace
@@ -755,4 +759,5 @@ TORCH_LIBRARY_IMPL(drainage_fast, CPU, m) {
   m.impl("forward_with_grad", &drainage::cpu::forward_with_grad_cpu);
   m.impl("scale_", &drainage::cpu::scale_cpu);
   m.impl("forward_reduced", &drainage::cpu::forward_reduced_cpu);
+  m.impl("scale_by_", &drainage::cpu::scale_by_cpu);
 }

@@ -6,7 +6,7 @@ import torch
 
 from .. import _inputs
 from . import native
-from .native import LOAD_ERROR, backward  # noqa: F401
+from .native import LOAD_ERROR, backward, reduced_loss  # noqa: F401
 
 NAME = "cpp"
 # Writing the gradient in the forward, while the row is in L1 and its exponentials are at hand,
@@ -43,13 +43,3 @@ def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | N
     if pending is None and grad_out.numel() == 1 and grad_out.item() == 1.0:
         return grad
     return native.scale_(grad, grad_out, pending)
-
-
-def reduced_loss(logits: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, mean: bool) -> torch.Tensor:
-    """The eager mean / sum loss of the user's (N, K, d1..dk) logits as one op with a C++ autograd
-    node (csrc/cpu/autograd_cpu.cpp): DrainageFunction's fused path without Python in the step,
-    which at (512, 51) cost more than the kernels. It checks and counts the targets itself."""
-    return _REDUCED_LOSS(logits, target, mean, *hp)
-
-
-_REDUCED_LOSS = torch.ops.drainage_fast.reduced_loss.default if LOAD_ERROR is None else None

@@ -13,7 +13,7 @@ import torch
 from .. import _ext, _inputs
 from .._inputs import Hyper
 from . import native
-from .native import backward, forward_with_grad  # noqa: F401
+from .native import backward, forward_with_grad, reduced_loss  # noqa: F401
 
 NAME = "cuda"
 FUSED_GRAD = True  # forward_reduced(with_grad=True): the gradient is written in the forward pass

@@ -6,8 +6,8 @@ Importing this module loads the extension (see _ext.py) and registers what torch
 beside the C++ kernels: a fake kernel per op (shapes and dtypes only). The kernel ops carry no
 autograd formula of their own: DrainageFunction is their autograd, as for the Triton ops. (A Python
 torch.library.register_autograd put a Python layer on every call, measured +120 us per call at
-(512, 51) on 2 CPU threads, more than the kernel itself.) The CPU-only reduced_loss has its autograd
-in C++ (csrc/cpu/autograd_cpu.cpp; backends/cpp.py). The C++ library names this module
+(512, 51) on 2 CPU threads, more than the kernel itself.) reduced_loss, the eager mean / sum, has
+its autograd in C++ (csrc/reduced_loss.cpp). The C++ library names this module
 (set_python_module), so torch imports it when it meets the ops without their fakes. The import never
 fails: LOAD_ERROR says why the ops are absent.
 """
@@ -42,7 +42,7 @@ def _register_python_parts() -> None:
     def _(grad, scale):
         return None
 
-    # CUDA-only ops (csrc/cuda): the mean / sum path of the backend contract.
+    # The mean / sum path of the backend contract.
     @torch.library.register_fake("drainage_fast::forward_reduced")
     def _(x3, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index):
         out = x3.new_empty((), dtype=loss_dtype(x3))
@@ -53,7 +53,7 @@ def _register_python_parts() -> None:
     def _(grad, grad_out, pending):
         return None
 
-    # CPU-only op with its own C++ autograd node (csrc/cpu/autograd_cpu.cpp): the eager cpp step.
+    # The eager mean / sum of the native backends, with its own C++ autograd node (csrc/reduced_loss.cpp).
     @torch.library.register_fake("drainage_fast::reduced_loss")
     def _(logits, target, mean, log_alpha, log_beta, drainage_idx, ignore_index):
         return logits.new_empty((), dtype=loss_dtype(logits))
@@ -80,6 +80,17 @@ def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None):
     loss dtype, 1 / count for a mean; None: 1) while each row is still in cache: one read and one
     write of the logits in all."""
     return torch.ops.drainage_fast.forward_with_grad.default(x3, target, scale, *hp)
+
+
+def reduced_loss(logits: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool) -> torch.Tensor:
+    """The eager mean / sum loss of the user's (N, K, d1..dk) logits as one op with a C++ autograd
+    node (csrc/reduced_loss.cpp) over forward_reduced and scale_by_: DrainageFunction's fused path
+    with no Python in the step, which at (512, 51) on the CPU cost more than the kernels. The
+    kernels check the targets (CPU: IndexError; CUDA: a device-side assert). Eager only."""
+    return _REDUCED_LOSS(logits, target, mean, *hp)
+
+
+_REDUCED_LOSS = torch.ops.drainage_fast.reduced_loss.default if LOAD_ERROR is None else None
 
 
 def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:

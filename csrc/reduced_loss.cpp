@@ -1,0 +1,180 @@
+// The eager mean / sum loss of the native backends ("cpp", "cuda") as one op with its own C++
+// autograd node:
+//   reduced_loss(logits, target, mean, log_alpha, log_beta, drainage_idx, ignore_index) -> 0-dim loss
+// (schema in drainage.cpp). logits is the user's (N, K, d1..dk) tensor, target (N, d1..dk).
+//
+// Why C++: on the CPU at (512, 51) the kernels take ~30 us, and the Python torch.autograd.Function
+// around them took ~70 us more (apply ~17 us, the Python backward node ~45 us), which made the step
+// slower than F.cross_entropy's (benchmarks/results/cpu_vs_cross_entropy.md). Here the whole step is
+// one Python call, and loss.backward() runs no Python. On a GPU the same layer is host time, which
+// at small batches is the whole step.
+//
+// The node calls the device's kernels through the dispatcher: forward_reduced, then scale_by_ in
+// the backward (cpu/drainage_cpu.cpp, cuda/drainage_cuda.cu). So this file has no device code, lives
+// in the CPU library, and the CPU tests run the code path a GPU runs. The semantics are those of
+// DrainageFunction's fused path (drainage_fast/_function.py):
+//   * the forward writes the gradient while each row is at hand, only when autograd will want it
+//     (grad mode on and logits requiring grad). On the CPU 1 / count is applied in the pass; on CUDA
+//     the count is known only at the end of the pass, so a mean's 1 / count is left pending;
+//   * the backward hands that buffer out once, scaled in place by the upstream gradient times what
+//     is pending (scale_by_: nothing happens when the factor is exactly 1); a second backward through
+//     the graph (retain_graph=True) runs the forward again for a new buffer;
+//   * first order only: under create_graph=True the gradient is tied to the logits through a node
+//     whose backward raises, so only a use that differentiates the loss's gradient fails.
+// Below autograd (torch.inference_mode) the CPU / CUDA kernel of this op runs the forward alone.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace drainage {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The same sentence as drainage_fast/_function.py HIGHER_ORDER_MESSAGE (tests/test_api.py checks
+// the error of every backend, and tests/test_csrc.py that the two texts agree).
+constexpr const char* kHigherOrderMessage =
+    "fused_drainage_loss has a hand-written first-order backward only: it cannot be differentiated "
+    "twice (create_graph=True, gradgradcheck, Hessians) nor run under torch.func transforms (grad, vmap, "
+    "jacrev, ...). Use drainage_fast.drainage_loss_reference, the pure-PyTorch loss, for those.";
+
+using Reduced = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+Reduced forward_reduced(const at::Tensor& x3, const at::Tensor& target, bool mean, bool with_grad, double log_alpha,
+                        double log_beta, int64_t drainage_idx, int64_t ignore_index) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("drainage_fast::forward_reduced", "")
+                             .typed<Reduced(const at::Tensor&, const at::Tensor&, bool, bool, double, double,
+                                            int64_t, int64_t)>();
+  return op.call(x3, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index);
+}
+
+void scale_by_(const at::Tensor& grad, const at::Tensor& grad_out, const std::optional<at::Tensor>& pending) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("drainage_fast::scale_by_", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  op.call(grad, grad_out, pending);
+}
+
+// (N, K, d1..dk) -> the (N, S, K) rows view of drainage_fast/_inputs.py as_rows (S = d1 * ... * dk).
+at::Tensor as_rows(const at::Tensor& logits) {
+  if (logits.dim() == 2) return logits.unsqueeze(1);
+  int64_t S = 1;
+  for (int64_t i = 2; i < logits.dim(); ++i) S *= logits.size(i);
+  return logits.movedim(1, -1).reshape({logits.size(0), S, logits.size(1)});
+}
+
+// The inverse of as_rows for a (N, S, K) tensor: back to `sizes`, as a view (_inputs.from_rows).
+at::Tensor from_rows(const at::Tensor& rows, at::IntArrayRef sizes) {
+  if (sizes.size() == 2) return rows.squeeze(1);
+  std::vector<int64_t> last_k(sizes.begin(), sizes.end());
+  last_k.erase(last_k.begin() + 1);
+  last_k.push_back(sizes[1]);
+  return rows.reshape(last_k).movedim(-1, 1);
+}
+
+// The gradient (shaped like the logits) and what the backward still owes it: 1 / count of a mean
+// on CUDA (see the top of this file), nothing on the CPU.
+struct Written {
+  at::Tensor grad;
+  std::optional<at::Tensor> pending;
+};
+
+Written run_forward(const at::Tensor& logits, const at::Tensor& rows_target, bool mean, bool with_grad,
+                    double log_alpha, double log_beta, int64_t drainage_idx, int64_t ignore_index,
+                    at::Tensor* out) {
+  auto [loss, inv_count, grad] = forward_reduced(as_rows(logits), rows_target, mean, with_grad, log_alpha,
+                                                 log_beta, drainage_idx, ignore_index);
+  if (out != nullptr) *out = loss;
+  if (!with_grad) return {};
+  const bool count_pending = mean && logits.device().type() != c10::DeviceType::CPU;
+  return {from_rows(*grad, logits.sizes()), count_pending ? inv_count : std::nullopt};
+}
+
+// The gradient of the loss, on its way to the logits: identity, and a backward that raises.
+struct NoSecondOrder : public torch::autograd::Function<NoSecondOrder> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& grad, const at::Tensor& /*logits*/) {
+    return grad;
+  }
+  static variable_list backward(AutogradContext*, variable_list) { TORCH_CHECK(false, kHigherOrderMessage); }
+};
+
+struct ReducedLoss : public torch::autograd::Function<ReducedLoss> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target, bool mean,
+                            bool with_grad, double log_alpha, double log_beta, int64_t drainage_idx,
+                            int64_t ignore_index) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor rows_target = target.reshape({-1});
+    at::Tensor out;
+    Written written = run_forward(logits, rows_target, mean, with_grad, log_alpha, log_beta, drainage_idx,
+                                  ignore_index, &out);
+    if (with_grad) {
+      ctx->save_for_backward({logits, rows_target});
+      ctx->saved_data["grad"] = written.grad;
+      ctx->saved_data["pending"] = written.pending;
+      ctx->saved_data["mean"] = mean;
+      ctx->saved_data["log_alpha"] = log_alpha;
+      ctx->saved_data["log_beta"] = log_beta;
+      ctx->saved_data["drainage_idx"] = drainage_idx;
+      ctx->saved_data["ignore_index"] = ignore_index;
+    }
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& logits = saved.at(0);
+    Written written;
+    {
+      at::NoGradGuard no_grad;
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::IValue& grad = ctx->saved_data["grad"];
+      if (grad.isTensor()) {  // handed out once: the caller may accumulate into it
+        written = {grad.toTensor(), ctx->saved_data["pending"].toOptional<at::Tensor>()};
+        grad = at::IValue();
+      } else {  // a second backward through the same graph
+        const auto& data = ctx->saved_data;
+        written = run_forward(logits, saved.at(1), data.at("mean").toBool(), /*with_grad=*/true,
+                              data.at("log_alpha").toDouble(), data.at("log_beta").toDouble(),
+                              data.at("drainage_idx").toInt(), data.at("ignore_index").toInt(), nullptr);
+      }
+      scale_by_(written.grad, grad_outputs.at(0), written.pending);
+    }
+    variable_list grads(8);
+    // create_graph=True: tie the gradient to the logits, so that differentiating it raises.
+    grads[0] = at::GradMode::is_enabled() ? NoSecondOrder::apply(written.grad, logits) : written.grad;
+    return grads;
+  }
+};
+
+at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& target, bool mean, double log_alpha,
+                                 double log_beta, int64_t drainage_idx, int64_t ignore_index) {
+  const bool with_grad = at::GradMode::is_enabled() && logits.requires_grad();
+  return ReducedLoss::apply(logits, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index);
+}
+
+at::Tensor reduced_loss_forward(const at::Tensor& logits, const at::Tensor& target, bool mean, double log_alpha,
+                                double log_beta, int64_t drainage_idx, int64_t ignore_index) {
+  at::Tensor out;
+  run_forward(logits, target.reshape({-1}), mean, /*with_grad=*/false, log_alpha, log_beta, drainage_idx,
+              ignore_index, &out);
+  return out;
+}
+
+}  // namespace
+}  // namespace drainage
+
+// The forward alone, below autograd, for each device the node serves (the kernels it calls are
+// registered by the CPU and CUDA libraries; a fake kernel by drainage_fast/backends/native.py).
+TORCH_LIBRARY_IMPL(drainage_fast, CPU, m) { m.impl("reduced_loss", &drainage::reduced_loss_forward); }
+
+TORCH_LIBRARY_IMPL(drainage_fast, CUDA, m) { m.impl("reduced_loss", &drainage::reduced_loss_forward); }
+
+TORCH_LIBRARY_IMPL(drainage_fast, Autograd, m) { m.impl("reduced_loss", &drainage::reduced_loss_autograd); }
