@@ -11,14 +11,16 @@
 //
 // The node calls the device's kernels through the dispatcher: forward_reduced, then scale_by_ in
 // the backward (cpu/drainage_cpu.cpp, cuda/drainage_cuda.cu). So this file has no device code, lives
-// in the CPU library, and the CPU tests run the code path a GPU runs. The semantics are those of
+// in the CPU library, and the CPU tests run the node a GPU runs (all but its pending 1 / count,
+// which only CUDA has; tests/test_cuda_reduced.py checks that factor on a GPU). The semantics are those of
 // DrainageFunction's fused path (drainage_fast/_function.py):
 //   * the forward writes the gradient while each row is at hand, only when autograd will want it
 //     (grad mode on and logits requiring grad). On the CPU 1 / count is applied in the pass; on CUDA
 //     the count is known only at the end of the pass, so a mean's 1 / count is left pending;
 //   * the backward hands that buffer out once, scaled in place by the upstream gradient times what
-//     is pending (scale_by_: nothing happens when the factor is exactly 1); a second backward through
-//     the graph (retain_graph=True) runs the forward again for a new buffer;
+//     is pending (scale_by_: nothing happens when the factor is exactly 1), and reads no saved
+//     tensor; a second backward through the graph (retain_graph=True) runs the forward again on the
+//     saved inputs (an in-place change to them since is an error, as for any saved tensor);
 //   * first order only: under create_graph=True the gradient is tied to the logits through a node
 //     whose backward raises, so only a use that differentiates the loss's gradient fails.
 // Below autograd (torch.inference_mode) the CPU / CUDA kernel of this op runs the forward alone.
@@ -52,6 +54,7 @@ Reduced forward_reduced(const at::Tensor& x3, const at::Tensor& target, bool mea
                              .findSchemaOrThrow("drainage_fast::forward_reduced", "")
                              .typed<Reduced(const at::Tensor&, const at::Tensor&, bool, bool, double, double,
                                             int64_t, int64_t)>();
+  at::AutoDispatchBelowADInplaceOrView kernels_only;  // the op has no autograd of its own: skip the keys
   return op.call(x3, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index);
 }
 
@@ -87,10 +90,9 @@ struct Written {
   std::optional<at::Tensor> pending;
 };
 
-Written run_forward(const at::Tensor& logits, const at::Tensor& rows_target, bool mean, bool with_grad,
-                    double log_alpha, double log_beta, int64_t drainage_idx, int64_t ignore_index,
-                    at::Tensor* out) {
-  auto [loss, inv_count, grad] = forward_reduced(as_rows(logits), rows_target, mean, with_grad, log_alpha,
+Written run_forward(const at::Tensor& logits, const at::Tensor& target, bool mean, bool with_grad, double log_alpha,
+                    double log_beta, int64_t drainage_idx, int64_t ignore_index, at::Tensor* out) {
+  auto [loss, inv_count, grad] = forward_reduced(as_rows(logits), target.reshape({-1}), mean, with_grad, log_alpha,
                                                  log_beta, drainage_idx, ignore_index);
   if (out != nullptr) *out = loss;
   if (!with_grad) return {};
@@ -110,13 +112,12 @@ struct ReducedLoss : public torch::autograd::Function<ReducedLoss> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target, bool mean,
                             bool with_grad, double log_alpha, double log_beta, int64_t drainage_idx,
                             int64_t ignore_index) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const at::Tensor rows_target = target.reshape({-1});
     at::Tensor out;
-    Written written = run_forward(logits, rows_target, mean, with_grad, log_alpha, log_beta, drainage_idx,
-                                  ignore_index, &out);
+    Written written =
+        run_forward(logits, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index, &out);
     if (with_grad) {
-      ctx->save_for_backward({logits, rows_target});
+      // Saved for a second backward and for create_graph only; the first backward reads neither.
+      ctx->save_for_backward({logits, target});
       ctx->saved_data["grad"] = written.grad;
       ctx->saved_data["pending"] = written.pending;
       ctx->saved_data["mean"] = mean;
@@ -129,27 +130,26 @@ struct ReducedLoss : public torch::autograd::Function<ReducedLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& logits = saved.at(0);
     Written written;
     {
       at::NoGradGuard no_grad;
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::IValue& grad = ctx->saved_data["grad"];
       if (grad.isTensor()) {  // handed out once: the caller may accumulate into it
         written = {grad.toTensor(), ctx->saved_data["pending"].toOptional<at::Tensor>()};
         grad = at::IValue();
-      } else {  // a second backward through the same graph
+      } else {  // a second backward through the same graph: the saved inputs, checked for in-place changes
+        const variable_list saved = ctx->get_saved_variables();
         const auto& data = ctx->saved_data;
-        written = run_forward(logits, saved.at(1), data.at("mean").toBool(), /*with_grad=*/true,
+        written = run_forward(saved.at(0), saved.at(1), data.at("mean").toBool(), /*with_grad=*/true,
                               data.at("log_alpha").toDouble(), data.at("log_beta").toDouble(),
                               data.at("drainage_idx").toInt(), data.at("ignore_index").toInt(), nullptr);
       }
       scale_by_(written.grad, grad_outputs.at(0), written.pending);
     }
     variable_list grads(8);
+    grads[0] = written.grad;
     // create_graph=True: tie the gradient to the logits, so that differentiating it raises.
-    grads[0] = at::GradMode::is_enabled() ? NoSecondOrder::apply(written.grad, logits) : written.grad;
+    if (at::GradMode::is_enabled()) grads[0] = NoSecondOrder::apply(written.grad, ctx->get_saved_variables().at(0));
     return grads;
   }
 };

@@ -54,14 +54,17 @@ def test_bad_target_is_a_device_side_assert(bad):
     assert run.returncode != 0 and "assert" in run.stderr.lower()
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cuda_graph_capture_and_replay(reduction):
+def test_cuda_graph_capture_and_replay(backend, reduction):
+    """The recipe of docs/kernels.md "Host time and CUDA graphs": a whole step captured and replayed.
+    For cuda, mean is the C++ autograd node (csrc/reduced_loss.cpp)."""
     x = torch.randn(256, 101, device=CUDA, requires_grad=True)
     target = random_targets(256, 101, -1, device=CUDA)
     up = torch.rand(256, device=CUDA)
 
     def step():
-        loss = fused_drainage_loss(x, target, reduction=reduction)
+        loss = fused_drainage_loss(x, target, reduction=reduction, backend=backend)
         (loss * up if reduction == "none" else loss).sum().backward()
         return loss
 

@@ -5,11 +5,12 @@
 // The loops read a float32 row of unit stride in place (anything else is first converted into a
 // per-task buffer) in chunks of 16: whole chunks with plain loads, the last partial one with a
 // masked load that fills -inf (exp(-inf - shift) = 0 exactly); indices are compared to leave t and
-// d out of J (in a long row only in the runs of chunks that hold them). The forward takes two passes over a row (J's max, then
-// the exponentials, kept in a 64-byte aligned buffer when the forward writes the gradient), four
-// short rows at once or a long row in four accumulators, so that no loop waits on one chain; the
-// row terms of a group of up to 16 rows follow, in one call of vector exp / log / log1p (SLEEF,
-// within 1 ulp) per term for the whole group, then the group's gradient rows, stored on 64-byte
+// d out of J (in a long row only in the runs of chunks that hold them). Only the rows that count
+// (kept, with a valid target) are read. The forward takes two passes over a row (J's max, then the
+// exponentials, kept in a 64-byte aligned buffer when the forward writes the gradient), four short
+// rows at once or a long row in four accumulators, so that no loop waits on one chain; the row
+// terms of a group of up to 16 rows follow, in one call of vector exp / log / log1p (SLEEF, within
+// 1 ulp) per term for the whole group, then the group's gradient rows, stored on 64-byte
 // boundaries. Measured (issue 11): the scalar row math was most of a row's time for K <= ~100.
 //
 // Every per-row value comes from the same lane-wise operations whatever group or task the row
@@ -526,27 +527,35 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
     for (int64_t r0 = begin; r0 < end; r0 += G) {
       const int n = static_cast<int>(std::min(G, end - r0));
       for (int i = 0; i < kLanes; ++i) q.clear(i);
-      for (int i = 0; i < n;) {
-        const int nb = K <= kBlockMaxK && n - i >= kBlock ? kBlock : 1;
+      // The group's rows that count (kept, with a valid target): only they are read.
+      int live[kLanes];
+      int n_live = 0;
+      for (int i = 0; i < n; ++i) {
+        ts[i] = targets[r0 + i];
+        checks[i] = check_target(ts[i], K, d, ignore_index);
+        if (checks[i].kept && !checks[i].bad) live[n_live++] = i;
+      }
+      for (int b = 0; b < n_live;) {
+        const int nb = K <= kBlockMaxK && n_live - b >= kBlock ? kBlock : 1;
         const T* z[kBlock];
         T* e[kBlock];
         int64_t t[kBlock];
         T m[kBlock], s[kBlock];
         for (int j = 0; j < nb; ++j) {
-          const int64_t r = r0 + i + j;
-          t[j] = ts[i + j] = targets[r];
-          checks[i + j] = check_target(t[j], K, d, ignore_index);
-          z[j] = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data() + j * K);
-          e[j] = write_grad ? e_buffer.data + (i + j) * Kp : nullptr;
+          const int i = live[b + j];
+          t[j] = ts[i];
+          z[j] = load_row(x + rows.start(r0 + i), K, rows.stride_k, z_buffer.data() + j * K);
+          e[j] = write_grad ? e_buffer.data + i * Kp : nullptr;
         }
         max_and_sum_rows(nb, z, K, t, d, m, s, e, write_grad);
-        for (int j = 0; j < nb; ++j, ++i) {
-          if (!checks[i].kept || checks[i].bad) continue;  // its lane keeps clear()'s values
+        for (int j = 0; j < nb; ++j) {  // the other lanes keep clear()'s values
+          const int i = live[b + j];
           q.z_t[i] = z[j][t[j]];
           q.z_d[i] = z[j][d];
           q.m[i] = m[j];
           q.s[i] = m[j] == -neg_inf<T>() ? sum_exp_slow(z[j], K, t[j], d, m[j], e[j]) : s[j];
         }
+        b += nb;
       }
       row_terms_lanes(q, la, lb);
       for (int i = 0; i < n; ++i) {
@@ -661,20 +670,39 @@ at::Tensor backward_cpu(const at::Tensor& x3, const at::Tensor& target, const at
   return grad;
 }
 
-// The sum of n values in index order, whatever the thread count: in double with Neumaier's
-// compensation (float rows: far below a float ulp, so the final rounding is the only error that
-// shows; double rows: within an ulp or two), and
-// plainly when it is not finite (the compensation of an inf would make it nan).
-template <typename T>
-double sum_in_order(const T* values, int64_t n) {
+// Neumaier's compensated running sum in double; plain when not finite (the compensation of an inf
+// would make it nan).
+struct CompensatedSum {
   double sum = 0.0, compensation = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = static_cast<double>(values[i]);
+
+  void add(double v) {
     const double next = sum + v;
     compensation += std::abs(sum) >= std::abs(v) ? (sum - next) + v : (v - next) + sum;
     sum = next;
   }
-  return std::isfinite(sum) ? sum + compensation : sum;
+  double value() const { return std::isfinite(sum) ? sum + compensation : sum; }
+};
+
+// The sum of n values with the same bits for any thread count: chunks of a fixed kSumChunk values
+// summed in parallel, each in order with compensation, then the chunks' sums in order (float rows:
+// far below a float ulp, so the final rounding is the only error that shows; double rows: within an
+// ulp or two). In parallel because a per-pixel loss has millions of rows (~1.7 ns a row on one core).
+template <typename T>
+double sum_in_order(const T* values, int64_t n) {
+  constexpr int64_t kSumChunk = int64_t(1) << 16;
+  const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
+  std::vector<double> chunk_sums(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      CompensatedSum acc;
+      const int64_t stop = std::min(n, (c + 1) * kSumChunk);
+      for (int64_t i = c * kSumChunk; i < stop; ++i) acc.add(static_cast<double>(values[i]));
+      chunk_sums[c] = acc.value();
+    }
+  });
+  CompensatedSum total;
+  for (const double v : chunk_sums) total.add(v);
+  return total.value();
 }
 
 // The kept count, after checking every target as the Python API does (drainage_fast/_inputs.py,
@@ -746,7 +774,8 @@ void scale_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 void scale_by_cpu(const at::Tensor& grad, const at::Tensor& grad_out, const std::optional<at::Tensor>& pending) {
   TORCH_CHECK(grad_out.numel() == 1 && (!pending.has_value() || pending->numel() == 1),
               "drainage_fast: grad_out and pending must have one element");
-  const at::Tensor factor = pending.has_value() ? grad_out.reshape({}).mul(pending->reshape({})) : grad_out.reshape({});
+  const at::Tensor factor =
+      pending.has_value() ? grad_out.reshape({}).mul(pending->reshape({})) : grad_out.reshape({});
   if (factor.item<double>() != 1.0) grad.mul_(factor);
 }
 
