@@ -10,8 +10,8 @@ from .native import LOAD_ERROR, backward, reduced_loss  # noqa: F401
 
 NAME = "cpp"
 # Writing the gradient in the forward, while the row is in L1 and its exponentials are at hand,
-# measured 1.13x faster than recomputing it in the backward: fp32 (4096, 1001) mean, fwd + bwd on 2
-# threads, 2.365 ms against 2.671 (medians 2.692 against 3.190); 1.7x in bf16 (one conversion of the
+# measured 1.28x faster than recomputing it in the backward: fp32 (4096, 1001) mean, fwd + bwd on 2
+# threads, 2.174 ms against 2.791 (medians 2.980 against 3.816); 1.55x in bf16 (one conversion of the
 # row, not two); benchmarks/results/cpu_cpp_vs_reference.md.
 FUSED_GRAD = True
 
