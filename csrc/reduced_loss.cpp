@@ -11,8 +11,8 @@
 //
 // The node calls the device's kernels through the dispatcher: forward_reduced, then scale_by_ in
 // the backward (cpu/drainage_cpu.cpp, cuda/drainage_cuda.cu). So this file has no device code, lives
-// in the CPU library, and the CPU tests run the node a GPU runs (all but its pending 1 / count,
-// which only CUDA has; tests/test_cuda_reduced.py checks that factor on a GPU). The semantics are those of
+// in the CPU library, and the CPU tests run the node a GPU runs (all but its pending 1 / count, which
+// only CUDA has; tests/test_cuda_reduced.py checks that factor on a GPU). The semantics are those of
 // DrainageFunction's fused path (drainage_fast/_function.py):
 //   * the forward writes the gradient while each row is at hand, only when autograd will want it
 //     (grad mode on and logits requiring grad). On the CPU 1 / count is applied in the pass; on CUDA
@@ -163,8 +163,7 @@ at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& tar
 at::Tensor reduced_loss_forward(const at::Tensor& logits, const at::Tensor& target, bool mean, double log_alpha,
                                 double log_beta, int64_t drainage_idx, int64_t ignore_index) {
   at::Tensor out;
-  run_forward(logits, target.reshape({-1}), mean, /*with_grad=*/false, log_alpha, log_beta, drainage_idx,
-              ignore_index, &out);
+  run_forward(logits, target, mean, /*with_grad=*/false, log_alpha, log_beta, drainage_idx, ignore_index, &out);
   return out;
 }
 
