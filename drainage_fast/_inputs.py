@@ -120,12 +120,11 @@ def check_target_values(target: torch.Tensor, K: int, d: int, ignore_index: int)
         )
 
 
-def check_targets_torch(target: torch.Tensor, K: int, hp: "Hyper") -> torch.Tensor:
-    """Device-side target check in torch ops (an assert, no host sync); returns the kept count."""
+def check_targets_torch(target: torch.Tensor, K: int, hp: "Hyper") -> None:
+    """Device-side target check in torch ops (an assert, no host sync)."""
     kept = target != hp.ignore_index
     bad = kept & ((target < 0) | (target >= K) | (target == hp.drainage_idx))
     torch._assert_async(~bad.any(), TARGET_MESSAGE)
-    return kept.sum()
 
 
 def check_targets_unless_checked(target: torch.Tensor, K: int, hp: "Hyper") -> None:

@@ -476,3 +476,42 @@ def test_rows_of_256k_outputs(backend):
     logits = torch.randn(2, 2**18 + 3, device=DEVICE).to(torch.bfloat16)
     target = random_targets(2, logits.shape[1], -1)
     check(*run_both(logits, target, backend=backend, reduction="mean"), logits)
+
+
+# Per-pixel rows whose pixel axis is contiguous (NCHW): 51 and 151 outputs take the pixel layout of
+# the Triton forward (lanes along pixels), 7 x 9 = 63 pixels an image is no multiple of its blocks,
+# and the drainage output is not the last. channels_last rows are evenly spaced (one row stride).
+@pytest.mark.parametrize("K", [51, 151])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "NCHW-slice"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_per_pixel_rows(backend, K, layout, reduction):
+    base = torch.randn(3, K + 2, 7, 9, device=DEVICE).to(torch.bfloat16)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+
+    def view(b):  # NCHW-slice: a channel slice, so the gradient's layout differs from the logits'
+        return b[:, 1 : K + 1] if layout == "NCHW-slice" else b[:, :K]
+
+    target = random_targets(3, K, 4, 7, 9)
+    target[1, 2:5, 3] = -100
+    out = run_both(base, target, backend=backend, view=view, reduction=reduction, drainage_idx=4, alpha=0.3)
+    # mean: the gradient written in the forward is rounded again when the backward scales it
+    check(*out, view(base), alpha=0.3, roundings=2 if reduction == "mean" else 1)
+
+
+# Unit-stride rows of an odd length: each row starts at another offset from a 16-byte boundary, so
+# the aligned body of the Triton kernels starts 0..V-1 elements in (V per 16 bytes); 8 rows share one
+# tile at K = 101. The slice starts the whole buffer off a 16-byte boundary.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("view", ["rows", "slice"])
+def test_odd_rows_off_every_alignment(backend, dtype, view):
+    K = 101
+    base = (torch.randn(19, K + 3, device=DEVICE) * 3).to(dtype)
+
+    def pick(b):
+        return b[:, 3:] if view == "slice" else b[:, :K]
+
+    target = random_targets(19, K, 0)
+    target[5] = -100
+    out = run_both(base, target, backend=backend, view=pick, reduction="mean", drainage_idx=0)
+    check(*out, pick(base), roundings=2)  # rounded in the forward, and again by the upstream scale

@@ -323,6 +323,45 @@ def test_scale_by_multiplies_by_grad_out_times_pending_and_skips_one(dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("grad_out", [1.0, 0.5])
+def test_an_infinite_pending_factor_leaves_a_zero_gradient_zero(grad_out):
+    """A mean over no kept row has 1 / count = inf pending; its gradient is all zeros and must stay
+    so: grad_out * inf times 0 would be nan in every element (the cuda backend's mean step with
+    every target ignored, issue 19 item 1)."""
+    grad = torch.zeros(3, 1, 700, device=DEVICE)
+    torch.ops.drainage_fast.scale_by_(
+        grad, torch.tensor(grad_out, device=DEVICE), torch.tensor([float("inf")], device=DEVICE)
+    )
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_the_cuda_forward_checks_the_targets_in_its_kernel_alone():
+    """backends.cuda.forward (reduction "none") is its one op: the kernel checks the targets with a
+    device-side assert, no torch ops before it (issue 19 item 4). Counted with CPU tensors: the
+    dispatcher then runs the CPU kernel, but the Python path is the GPU's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from drainage_fast._inputs import Hyper
+
+    cuda_backend = backends.load("cuda")
+    if cuda_backend.native.LOAD_ERROR is not None:
+        pytest.skip(cuda_backend.native.LOAD_ERROR)
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x3 = torch.randn(8, 1, 11)
+    target = torch.randint(0, 10, (8,))
+    with Ops() as ops:
+        cuda_backend.forward(x3, target, Hyper(0.0, 0.0, 10, -100))
+    assert ops.seen == ["drainage_fast.forward.default"]
+
+
+@needs_ext
 def test_the_first_backward_reads_no_saved_tensor():
     """The node keeps the inputs for a second backward or create_graph only: loss.backward() unpacks
     nothing (with save_on_cpu, no copy back of the logits every step), and logits changed in place

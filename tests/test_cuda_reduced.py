@@ -100,6 +100,17 @@ def test_all_rows_ignored_and_no_rows(dtype, with_grad):
             assert grad is None
 
 
+@pytest.mark.parametrize("grad_out", [1.0, 0.5])
+def test_a_mean_over_no_kept_row_has_a_zero_gradient(grad_out):
+    """Every target ignored (a segmentation crop of border pixels): the mean is nan, as
+    F.cross_entropy's, and the gradient exactly 0 (1 / count = inf pending; issue 19 item 1)."""
+    x = torch.randn(64, 11, device=CUDA, requires_grad=True)
+    t = torch.full((64,), -100, device=CUDA)
+    loss = fused_drainage_loss(x, t, backend="cuda")
+    (loss * grad_out).backward()
+    assert torch.isnan(loss) and torch.equal(x.grad, torch.zeros_like(x))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("grad_out", [1.0, 0.37])

@@ -25,7 +25,8 @@ def test_every_triton_variant_compiles_without_spills(triton_rows):
 
 
 def test_the_variants_cover_every_launcher_config_and_both_targets(triton_rows):
-    """Each config the launchers' config functions return for any K is compiled, on both targets."""
+    """Each config the launchers' config functions return for any K and row kind is compiled, on
+    both targets."""
     import torch
 
     from drainage_fast.backends import triton_launch
@@ -35,15 +36,17 @@ def test_the_variants_cover_every_launcher_config_and_both_targets(triton_rows):
         for row in triton_rows
         if "config" in row and "BLOCK_K" in row["config"]
     }
+    kinds = (triton_launch.CONTIGUOUS, triton_launch.SIDE_BY_SIDE, triton_launch.STRIDED)
     for K in range(2, 2**19, 97):
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
-            for kernel, config in (
-                ("_drainage_fwd_kernel", triton_launch._forward_config(K, dtype)),
-                ("_drainage_bwd_kernel", triton_launch._backward_config(K, dtype)),
-            ):
-                for arch in ("sm_90", "sm_80"):
-                    key = (arch, kernel, str(config.block_rows), str(config.block_k), config.num_warps)
-                    assert key in compiled, f"K={K} {dtype}: {key} was never compiled"
+            for kind in kinds:
+                for kernel, config in (
+                    ("_drainage_fwd_kernel", triton_launch._forward_config(K, dtype, kind)),
+                    ("_drainage_bwd_kernel", triton_launch._backward_config(K, dtype, kind)),
+                ):
+                    for arch in ("sm_90", "sm_80"):
+                        key = (arch, kernel, str(config.block_rows), str(config.block_k), config.num_warps)
+                        assert key in compiled, f"K={K} {dtype} {kind}: {key} was never compiled"
     kernels = {row["kernel"] for row in triton_rows if "kernel" in row}
     assert kernels == {
         "_drainage_fwd_kernel",
@@ -51,6 +54,148 @@ def test_the_variants_cover_every_launcher_config_and_both_targets(triton_rows):
         "_scale_grad_kernel",
         "_targets_kernel",
     }
+
+
+def _variants(row: dict):
+    """(dtype, K, kind) of each variant that compiled to this kernel; kind: contiguous, NCHW, NHWC,
+    strided, or past-2^31."""
+    for label in row.get("variants", []):
+        words = label.split()
+        kind = next((w for w in ("NCHW", "NHWC", "strided", "past") if w in words), "contiguous")
+        K = int(re.search(r"K=(\d+)", label).group(1)) if "K=" in label else None
+        yield words[0], K, kind
+
+
+def _logits_kernels(rows):
+    return [r for r in rows if r.get("kernel") in ("_drainage_fwd_kernel", "_drainage_bwd_kernel")]
+
+
+def test_unit_stride_rows_are_read_and_written_in_16_byte_vectors(triton_rows):
+    """Issue 19, item 7: every logits-reading kernel issues 16-byte loads for unit-stride bf16, fp16
+    and fp32 rows with K >= 64, odd K included (K = C + 1 is odd for every common dataset: its rows
+    start anywhere), and a bf16 / fp16 kernel has at most 8 single 16-bit loads. A kernel that writes
+    the gradient writes it in 16-byte stores too."""
+    checked = 0
+    for row in _logits_kernels(triton_rows):
+        for dtype, K, kind in _variants(row):
+            if kind != "contiguous" or K < 64 or dtype == "float64":
+                continue
+            checked += 1
+            where = f"{row['arch']} {dtype} K={K} {row['variants'][0]}"
+            assert row["loads16"] >= 1, f"{where}: no 16-byte load"
+            if dtype in ("bfloat16", "float16"):
+                assert row["scalar_loads16"] <= 8, f"{where}: {row['scalar_loads16']} single 16-bit loads"
+            if row["kernel"] == "_drainage_bwd_kernel" or row["config"].get("WRITE_GRAD") == "True":
+                assert row["stores16"] >= 1, f"{where}: no 16-byte store"
+    assert checked > 100
+
+
+def test_streamed_rows_keep_32_kb_of_loads_in_flight_per_sm(triton_rows):
+    """Issue 19, item 8: a streamed row's tile loop (one program per SM) loads at least 32 KB per
+    iteration: warps x 32 lanes x its 16-byte loads per iteration (read from the SASS loop) x 16."""
+    streamed = [r for r in _logits_kernels(triton_rows) if r.get("config", {}).get("LAYOUT") == "2"]
+    assert streamed
+    for row in streamed:
+        if all(kind == "strided" for _, _, kind in _variants(row)):
+            continue  # one address per element: no vectors to count
+        in_flight = row["num_warps"] * 32 * row["loop_loads16"] * 16
+        assert in_flight >= 32 * 1024, f"{row['arch']} {row['variants'][0]}: {in_flight} bytes in flight"
+
+
+def test_side_by_side_rows_put_consecutive_lanes_on_consecutive_pixels(triton_rows):
+    """Issue 19, item 9: for NCHW logits (the pixel axis contiguous) every load of logits is laid
+    along the pixels: a column of pixels one per lane ([rows] vectors), or a 2-D tile whose fastest
+    dimension (order[0]) is the pixels, spread over several lanes."""
+    checked = 0
+    for row in _logits_kernels(triton_rows):
+        if not any(kind == "NCHW" for _, _, kind in _variants(row)):
+            continue
+        assert row["tile_loads"], row["variants"]
+        for load in row["tile_loads"]:
+            checked += 1
+            assert load["order"][0] == 0 and (len(load["shape"]) == 1 or load["threadsPerWarp"][0] > 1), (
+                row["arch"],
+                row["variants"][0],
+                load,
+            )
+    assert checked > 10
+
+
+def test_grids_are_one_wave_of_the_programs_the_compiled_kernel_fits():
+    """Issue 19, item 10: programs_per_sm, from which the launcher sizes a persistent grid, against
+    the occupancy the CUDA occupancy calculator gives for the same registers, shared memory and warps
+    on an SM of 65536 registers, 64 warps and 228 KB of shared memory (sm_90)."""
+    from drainage_fast.backends.triton_launch import programs_per_sm
+
+    assert programs_per_sm(168, 0, 1) == 12  # 168 x 32 = 5376 registers a warp: 12 warps
+    assert programs_per_sm(130, 0, 1) == 15  # 130 -> 136 a thread (units of 256 a warp): 15 warps
+    assert programs_per_sm(128, 1024, 4) == 4
+    assert programs_per_sm(32, 0, 4) == 16  # the warp limit: 64 warps
+    assert programs_per_sm(16, 0, 1) == 32  # the program limit
+    assert programs_per_sm(64, 100_000, 2) == 2  # the shared-memory limit (plus 1 KB each)
+    assert programs_per_sm(255, 0, 16) == 1  # never 0
+
+
+def test_the_launcher_sizes_its_grid_from_the_compiled_kernel(monkeypatch):
+    """_occupancy reads the registers and shared memory of the kernel the launch compiles to, once."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from drainage_fast.backends import triton_launch
+
+    compiled = SimpleNamespace(n_regs=168, metadata=SimpleNamespace(shared=0), _init_handles=lambda: None)
+    compiles = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            compiles.append(kwargs)
+            return compiled
+
+    props = SimpleNamespace(
+        regs_per_multiprocessor=65536,
+        max_threads_per_multi_processor=2048,
+        shared_memory_per_multiprocessor=233472,
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setitem(triton_launch._OCCUPANCY, "other", 3)
+    device = torch.device("cuda", 0)
+    for _ in range(2):
+        assert triton_launch._occupancy(Kernel(), (), {"num_warps": 1}, device, ("key",)) == 12
+    assert len(compiles) == 1
+    triton_launch._OCCUPANCY.pop(("key",))
+
+
+def test_index_arithmetic_is_32_bit_below_2_pow_31_rows(triton_rows):
+    """Issue 19, item 11: no 64-bit division (a ~80-instruction subroutine) in any logits kernel whose
+    rows fit in 32 bits; past 2^31 rows the 64-bit arithmetic still compiles."""
+    for row in _logits_kernels(triton_rows):
+        if row["config"].get("INDEX32") == "True":
+            assert row["div64"] == 0, (row["arch"], row["variants"][:2])
+    assert any(kind == "past" for row in _logits_kernels(triton_rows) for *_, kind in _variants(row))
+
+
+def test_counts_and_tickets_are_64_bit_atomics(triton_rows):
+    """Issue 19, item 2: the kept count (past 2^31 targets on a per-pixel batch) and the ticket are
+    int64 on the device: no 32-bit atomic anywhere."""
+    counted = 0
+    for row in triton_rows:
+        atomics = row.get("atomics", [])
+        assert not any(".u32" in a or ".s32" in a or ".b32" in a for a in atomics), (
+            row.get("variants"),
+            atomics,
+        )
+        if row.get("config", {}).get("COUNT") == "True" or row.get("config", {}).get("REDUCE", "0") != "0":
+            assert any(a.endswith(".u64") for a in atomics), (row.get("variants"), atomics)
+            counted += 1
+    assert counted
+
+
+def test_every_launch_pins_fp_fusion(triton_rows):
+    """Issue 19, item 6: the launch options name enable_fp_fusion (Triton 3.10 changes its default)."""
+    from drainage_fast.backends.triton_launch import FP_FUSION
+
+    assert all(row["enable_fp_fusion"] is FP_FUSION for row in triton_rows if "kernel" in row)
 
 
 def test_the_targets_kernel_keeps_its_device_side_assert(triton_rows):

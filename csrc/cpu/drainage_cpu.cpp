@@ -770,10 +770,12 @@ void scale_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 }
 
 // scale_by_ on the CPU: grad *= grad_out * pending (None: 1), the factor in the loss dtype;
-// nothing when it is exactly 1.
+// nothing when it is exactly 1, nor when pending is infinite (1 / count with no row counted: the
+// gradient is all zeros, which g * inf would turn into nan), as the CUDA kernel.
 void scale_by_cpu(const at::Tensor& grad, const at::Tensor& grad_out, const std::optional<at::Tensor>& pending) {
   TORCH_CHECK(grad_out.numel() == 1 && (!pending.has_value() || pending->numel() == 1),
               "drainage_fast: grad_out and pending must have one element");
+  if (pending.has_value() && std::isinf(pending->item<double>())) return;
   const at::Tensor factor =
       pending.has_value() ? grad_out.reshape({}).mul(pending->reshape({})) : grad_out.reshape({});
   if (factor.item<double>() != 1.0) grad.mul_(factor);

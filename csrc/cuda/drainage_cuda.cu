@@ -321,30 +321,35 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<T
     }
   }
 
-  if (a.partials != nullptr) {  // uniform: the barrier below is reached by the whole block
-    // Fixed tree: shuffles down within each warp, then thread 0 adds the warps in order.
-    __shared__ double warp_loss[kWarp];
-    __shared__ int warp_kept[kWarp], warp_bad[kWarp];
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      loss_sum += __shfl_down_sync(0xffffffffu, loss_sum, offset);
-      kept_rows += __shfl_down_sync(0xffffffffu, kept_rows, offset);
-      bad_rows += __shfl_down_sync(0xffffffffu, bad_rows, offset);
+  if (a.partials == nullptr) {
+    // forward / forward_with_grad check the targets here, as forward_reduced's finalize does: a
+    // device-side assert (no host sync), once per block (one thread), not once per bad row.
+    if (__syncthreads_or(bad_rows > 0) && threadIdx.x == 0) CUDA_KERNEL_ASSERT_MSG(false, DRAINAGE_TARGET_MESSAGE);
+    return;
+  }
+  // forward_reduced: one partial per block (thread 0 writes it once the whole block is here).
+  // Fixed tree: shuffles down within each warp, then thread 0 adds the warps in order.
+  __shared__ double warp_loss[kWarp];
+  __shared__ int warp_kept[kWarp], warp_bad[kWarp];
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    loss_sum += __shfl_down_sync(0xffffffffu, loss_sum, offset);
+    kept_rows += __shfl_down_sync(0xffffffffu, kept_rows, offset);
+    bad_rows += __shfl_down_sync(0xffffffffu, bad_rows, offset);
+  }
+  if (warp_lane == 0) {
+    warp_loss[warp] = loss_sum;
+    warp_kept[warp] = kept_rows;
+    warp_bad[warp] = bad_rows;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    BlockPartial p = {0.0, 0, 0};
+    for (int w = 0; w < static_cast<int>(blockDim.x / kWarp); ++w) {
+      p.loss += warp_loss[w];
+      p.kept += warp_kept[w];
+      p.bad += warp_bad[w];
     }
-    if (warp_lane == 0) {
-      warp_loss[warp] = loss_sum;
-      warp_kept[warp] = kept_rows;
-      warp_bad[warp] = bad_rows;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      BlockPartial p = {0.0, 0, 0};
-      for (int w = 0; w < static_cast<int>(blockDim.x / kWarp); ++w) {
-        p.loss += warp_loss[w];
-        p.kept += warp_kept[w];
-        p.bad += warp_bad[w];
-      }
-      a.partials[blockIdx.x] = p;
-    }
+    a.partials[blockIdx.x] = p;
   }
 }
 
@@ -456,8 +461,10 @@ __device__ __forceinline__ T load_factor(const void* p, int kind) {
 
 // g *= s in place, s = grad_out * pending (pending null: 1) in the compute type T (the loss dtype);
 // each element becomes scalar_t(T(g) * s). Returns at once when s == 1 (loss.backward() of a sum):
-// decided on the device, no host sync. g is dense from its data pointer on (empty_like of a dense
-// tensor): 16-byte vectors when that pointer is 16-byte aligned (always, from the caching allocator).
+// decided on the device, no host sync. pending is 1 / count of a mean: infinite only when no row was
+// counted, and then the gradient is exactly 0 and stays so (g * inf would make it nan). g is dense
+// from its data pointer on (empty_like of a dense tensor): 16-byte vectors when that pointer is
+// 16-byte aligned (always, from the caching allocator).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock) drainage_scale_kernel(scalar_t* g, int64_t numel, const void* grad_out,
                                                               int grad_out_kind, const void* pending,
@@ -465,7 +472,11 @@ __global__ void __launch_bounds__(kBlock) drainage_scale_kernel(scalar_t* g, int
   using T = at::opmath_type<scalar_t>;
   constexpr int V = 16 / sizeof(scalar_t);
   T s = load_factor<T>(grad_out, grad_out_kind);
-  if (pending != nullptr) s = s * load_factor<T>(pending, pending_kind);
+  if (pending != nullptr) {
+    const T p = load_factor<T>(pending, pending_kind);
+    if (isinf(p)) return;  // 1 / 0: every row ignored, the gradient is all zeros
+    s = s * p;
+  }
   if (s == T(1)) return;
   const int64_t start = int64_t(blockIdx.x) * blockDim.x + threadIdx.x, step = int64_t(gridDim.x) * blockDim.x;
   const bool vectors = reinterpret_cast<uintptr_t>(g) % 16 == 0;

@@ -22,6 +22,21 @@ both are the same infinity, so e.g. z_t = -inf gives loss inf and the finite lim
 
 Rows whose target is ignore_index get loss 0 and gradient 0; a target out of [0, K) or equal to d
 poisons its row with NaN (the API rejects such targets before they get here).
+
+How a block of rows maps to memory (ROWS_MODE, chosen by the launcher):
+  FLAT_ROWS   row r at r * stride_s: (N, K) logits, and per-pixel logits whose rows are evenly spaced
+              (channels_last): no division per row.
+  DIV_ROWS    n = r // S per row, in 32-bit arithmetic when R < 2^31 (INDEX32: a 64-bit division
+              is a ~80-instruction subroutine, a 32-bit one a few multiplies).
+  PIXEL_ROWS  a block is BLOCK_ROWS consecutive pixels s of one image n, for per-pixel logits whose
+              pixel axis is contiguous (NCHW): Triton then sees the pixels as contiguous and lays
+              consecutive lanes along them, so a warp reads whole sectors of each output column.
+
+Unit-stride rows of a length that is not a multiple of 16 bytes start anywhere (K = C + 1 is odd for
+every common dataset), and Triton can prove no alignment for them: the loads are scalar. With
+ALIGNED, each row is read as a body that starts on the first 16-byte boundary of the row and is a
+whole number of 16-byte vectors long (aligned by construction, so Triton vectorizes it), plus an edge
+tile of 2V elements (V per 16 bytes) for the head before that boundary and the tail after the body.
 """
 
 import triton
@@ -36,6 +51,24 @@ NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
 FINAL_BLOCK = tl.constexpr(1024)  # partials the last program adds per step (one per program)
 TARGET_ASSERT = tl.constexpr(TARGET_MESSAGE)
+# The column index of a tile position that holds no element of the row: it matches neither a target
+# (-1 for ignored rows) nor the drainage output.
+NO_COLUMN = tl.constexpr(-2)
+# Adjacent pixels a thread in PIXEL_ROWS blocks (the launcher's ROWS_PER_THREAD).
+PIXEL_VECTOR = tl.constexpr(4)
+
+# Layouts of the forward (the launcher, triton_launch.py, says which rows take which).
+COLUMNS = tl.constexpr(0)  # one row per thread, loops over the columns
+TILE = tl.constexpr(1)  # a [BLOCK_ROWS, BLOCK_K] tile of rows in registers
+STREAM = tl.constexpr(2)  # one row at a time in BLOCK_K-wide tiles, online log-sum-exp
+# Row modes (module docstring).
+FLAT_ROWS = tl.constexpr(0)
+DIV_ROWS = tl.constexpr(1)
+PIXEL_ROWS = tl.constexpr(2)
+# The workspace of a (device, stream, thread): int64 [kept count, last-program ticket, bad targets].
+WS_COUNT = tl.constexpr(0)
+WS_TICKET = tl.constexpr(1)
+WS_BAD = tl.constexpr(2)
 
 
 @triton.jit
@@ -79,9 +112,69 @@ def _div_rn(x, y, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _row_start(rows, S, stride_n, stride_s):
-    n = rows // S
-    return n * stride_n + (rows - n * S) * stride_s
+def _rows_of_block(
+    block,
+    n_rows,
+    S,
+    blocks_per_image,
+    BLOCK_ROWS: tl.constexpr,
+    ROWS_MODE: tl.constexpr,
+    INDEX32: tl.constexpr,
+):
+    """(rows, row_ok, n, s) of row block `block`: row r = n * S + s, as int64 [BLOCK_ROWS] vectors
+    (FLAT_ROWS: n = 0 and s = r; PIXEL_ROWS: n is the block's one image). A row starts at
+    n * stride_n + s * stride_s. INDEX32: the rows and blocks fit in 32 bits, and so do the
+    divisions (a 64-bit division is a ~80-instruction subroutine, a 32-bit one a few multiplies)."""
+    # int64 however the caller's loop counter is typed (the interpreter's is a plain int).
+    block = tl.full([], 0, tl.int64) + block
+    if ROWS_MODE == PIXEL_ROWS:
+        if INDEX32:  # one division per block of pixels
+            n = (block.to(tl.int32) // blocks_per_image).to(tl.int64)
+        else:
+            n = block // blocks_per_image
+        # At most PIXEL_VECTOR adjacent pixels a thread: Triton would take 16 bytes of bf16 (8
+        # pixels), and so 8 rows' math a thread (174 registers against 100).
+        s = (block - n * blocks_per_image) * BLOCK_ROWS + tl.max_contiguous(
+            tl.arange(0, BLOCK_ROWS), PIXEL_VECTOR
+        )
+        rows = n * S + s
+        row_ok = s < S
+    else:
+        rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < n_rows
+        if ROWS_MODE == FLAT_ROWS:
+            n = 0
+            s = rows
+        elif INDEX32:
+            n32 = rows.to(tl.int32) // S
+            n = n32.to(tl.int64)
+            s = (rows.to(tl.int32) - n32 * S).to(tl.int64)
+        else:
+            n = rows // S
+            s = rows - n * S
+    return rows, row_ok, n, s
+
+
+@triton.jit
+def _aligned_body(x_row, K, V: tl.constexpr):
+    """(body, head, n_body) of rows starting at element offsets x_row: the body starts at the first
+    multiple of V (16 bytes) in the row, head = body - x_row < V elements precede it, and it is
+    n_body elements long, a multiple of V (the launcher takes this path for K >= 2V only)."""
+    body = tl.multiple_of(((x_row + (V - 1)) // V) * V, V)
+    head = body - x_row
+    n_body = ((K - head) // V) * V
+    return body, head, n_body
+
+
+@triton.jit
+def _edge_columns(head, n_body, K, row_ok, V: tl.constexpr):
+    """[ROWS, 2V] column indices of the elements outside the body (the head's first, the tail's
+    after; NO_COLUMN where there is no such element), and which of them exist."""
+    e = tl.arange(0, 2 * V)[None, :]
+    is_head = e < V
+    cols = tl.where(is_head, e, head[:, None] + n_body[:, None] + (e - V))
+    ok = row_ok[:, None] & tl.where(is_head, e < head[:, None], cols < K)
+    return tl.where(ok, cols, NO_COLUMN).to(tl.int32), ok
 
 
 @triton.jit
@@ -93,12 +186,43 @@ def _load_tile(X_ptr, x_row, row_ok, cols, K, stride_k, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def _is_col(cols, k):
+    """cols == k over a [ROWS, BLOCK_K] tile: cols the tile's column indices ([BLOCK_K] or the tile's
+    shape), k a scalar or one index per row ([ROWS])."""
+    if len(cols.shape) == 1:
+        cols = cols[None, :]
+    if len(k.shape) == 1:
+        k = k[:, None]
+    return cols == k
+
+
+@triton.jit
+def _in_body(k, head, n_body):
+    """Column k of each row in the coordinates of its aligned body (0 at the body's first element),
+    or NO_COLUMN when k is not in the body: the body tiles then compare their own arange with it."""
+    k_body = k - head
+    return tl.where((k_body >= 0) & (k_body < n_body), k_body, NO_COLUMN).to(tl.int32)
+
+
+@triton.jit
+def _only_J(x, cols, t, d):
+    """The tile with -inf at the target and drainage columns (_is_col's cols, t and d)."""
+    return tl.where(_is_col(cols, t) | _is_col(cols, d), NEG_INF, x)
+
+
+@triton.jit
+def _pick(x, cols, k):
+    """x[r, k[r]] of each row of a tile (0 where no column of the tile is k[r]; -1 matches none),
+    exactly: the other terms of the sum are 0."""
+    return tl.sum(tl.where(_is_col(cols, k), x, 0.0), axis=1)
+
+
+@triton.jit
 def _online_max_sum(m, s, x, cols, t, d):
     """One tile of the online (max, sum of exp) over J: the target t and drainage output d are
     skipped. Returns the new (m, s) and the tile's exp(x_j - shift) (0 outside J), shift being the
     new m, or 0 while every entry of J seen is -inf."""
-    in_J = (cols[None, :] != t[:, None]) & (cols[None, :] != d)
-    x_J = tl.where(in_J, x, NEG_INF)
+    x_J = _only_J(x, cols, t, d)
     m_new = tl.maximum(m, tl.max(x_J, axis=1))
     shift = tl.where(m_new == NEG_INF, 0.0, m_new)
     e = _exp_sub(x_J, shift[:, None])
@@ -142,26 +266,22 @@ def _row_terms(z_t, z_d, m, s, log_alpha, log_beta):
 
 @triton.jit
 def _grad_tile(e, cols, t, d, c, g_t, g_d, kept, scale):
-    """scale * gradient of a tile, from e = exp(x - shift) and the row terms ([ROWS] vectors, or
-    [ROWS, 1] columns for a [ROWS, BLOCK_K] tile); scale is a scalar or has the shape of c.
+    """scale * gradient of a [ROWS, BLOCK_K] tile, from e = exp(x - shift),
+    the tile's column indices (_is_col), the target and drainage columns and the [ROWS] row terms;
+    scale is a scalar or a [ROWS] vector.
 
     The same expression, in the same order (e * c first, then the scale), in the fused forward and
     in the backward, so that both give the same bits. `kept` is a select, not a product: an ignored
     row with inf / nan logits still gets exactly 0.
     """
+    at_t, at_d = _is_col(cols, t), _is_col(cols, d)
+    c, g_t, g_d, kept = c[:, None], g_t[:, None], g_d[:, None], kept[:, None]
+    if len(scale.shape) == 1:
+        scale = scale[:, None]
     g = e * c
-    g = tl.where(cols == t, g_t, g)
-    g = tl.where(cols == d, g_d, g)
+    g = tl.where(at_t, g_t, g)
+    g = tl.where(at_d, g_d, g)
     return tl.where(kept, g * scale, 0.0)
-
-
-@triton.jit
-def _grad_tile_2d(e, cols, t, d, c, g_t, g_d, kept, scale):
-    """_grad_tile of a [ROWS, BLOCK_K] tile from [ROWS] row terms and [BLOCK_K] column indices;
-    scale is a scalar or a [ROWS, 1] column."""
-    return _grad_tile(
-        e, cols[None, :], t[:, None], d, c[:, None], g_t[:, None], g_d[:, None], kept[:, None], scale
-    )
 
 
 @triton.jit
@@ -171,28 +291,26 @@ def _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k):
 
 
 @triton.jit
-def _load_column(X_ptr, x_row, row_ok, k, stride_k, COMPUTE: tl.constexpr):
-    """Column k < K of a block of rows ([ROWS]); stride_k is int64 (k * stride_k may pass 2^31)."""
-    return tl.load(X_ptr + x_row + k * stride_k, mask=row_ok, other=float("-inf")).to(COMPUTE)
+def _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, stride_k, CHUNK: tl.constexpr, COMPUTE: tl.constexpr):
+    """(max, sum of exp) over J of rows held one per thread: two passes over the columns, CHUNK
+    columns a step (the second pass reads the rows again from L1 / L2), one exponential per element.
 
-
-@triton.jit
-def _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, stride_k, COMPUTE: tl.constexpr):
-    """(max, sum of exp) over J of rows held one per thread: two passes over the columns (the
-    second reads the row again from L1), one exponential per element.
-
-    The column loops are not unrolled: unrolled, the compiler keeps every column's address (or
-    value) live from one pass to the next, 254 registers for strided (NCHW) rows.
+    A step is one [ROWS, CHUNK] load: its loads are in flight together (a loop over single columns,
+    even unrolled, left ptxas reusing one register for them: one load in flight a thread).
+    The loops are not unrolled: unrolled, the compiler keeps every column's address (or value) live
+    from one pass to the next, 254 registers for strided (NCHW) rows.
     """
     m = tl.full(t.shape, float("-inf"), COMPUTE)
-    for k in range(0, K):
-        x = _load_column(X_ptr, x_row, row_ok, k, stride_k, COMPUTE)
-        m = tl.maximum(m, tl.where((t != k) & (d != k), x, NEG_INF))
+    for k0 in range(0, K, CHUNK):
+        cols = k0 + tl.arange(0, CHUNK)
+        x = _load_tile(X_ptr, x_row, row_ok, cols, K, stride_k, COMPUTE)
+        m = tl.maximum(m, tl.max(_only_J(x, cols, t, d), axis=1))
     shift = tl.where(m == NEG_INF, 0.0, m)
     s = tl.zeros(t.shape, COMPUTE)
-    for k in range(0, K):
-        x = _load_column(X_ptr, x_row, row_ok, k, stride_k, COMPUTE)
-        s += tl.where((t != k) & (d != k), _exp_sub(x, shift), 0.0)
+    for k0 in range(0, K, CHUNK):
+        cols = k0 + tl.arange(0, CHUNK)
+        x = _load_tile(X_ptr, x_row, row_ok, cols, K, stride_k, COMPUTE)
+        s += tl.sum(_exp_sub(_only_J(x, cols, t, d), shift[:, None]), axis=1)
     return m, s
 
 
@@ -209,11 +327,13 @@ def _drainage_fwd_kernel(
     Inv_ptr,  # data, see the flags
     n_rows,
     K,
-    S,  # shapes
+    S,
+    n_blocks,
+    blocks_per_image,  # shapes: rows, outputs, pixels per image, row blocks (PIXEL_ROWS: per image)
     x_stride_n,
     x_stride_s,
     x_stride_k,
-    t_stride,  # input strides
+    t_stride,  # input strides (FLAT_ROWS: x_stride_s is the row stride)
     g_stride_n,
     g_stride_s,
     g_stride_k,  # gradient strides (WRITE_GRAD)
@@ -224,17 +344,22 @@ def _drainage_fwd_kernel(
     log_beta_hi,
     log_beta_lo,
     BLOCK_ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    LAYOUT: tl.constexpr,  # COLUMNS, TILE or STREAM (see triton_launch.py)
+    BLOCK_K: tl.constexpr,  # COLUMNS: the columns a step of its column loops
+    LAYOUT: tl.constexpr,  # COLUMNS, TILE or STREAM
+    ROWS_MODE: tl.constexpr,  # FLAT_ROWS, DIV_ROWS or PIXEL_ROWS
+    INDEX32: tl.constexpr,  # row and block indices below 2^31 (_rows_of_block)
+    ALIGNED: tl.constexpr,  # unit-stride rows read as aligned body + edges (module docstring)
+    SAME_OFFSETS: tl.constexpr,  # the gradient has the logits' strides: its body is aligned too
+    V: tl.constexpr,  # elements per 16 bytes
     WRITE_ROWS: tl.constexpr,  # per-row loss (R,) and row terms (4, R) = [shift, c, g_t, g_d]
     WRITE_GRAD: tl.constexpr,  # the gradient of the reduced loss, while the row is at hand
-    REDUCE: tl.constexpr,  # 0: none; 1: sum; 2: mean (WS_ptr[0] holds the kept count)
+    REDUCE: tl.constexpr,  # 0: none; 1: sum; 2: mean (WS_ptr[WS_COUNT] holds the kept count)
     COMPUTE: tl.constexpr,
 ):
     """The forward over a grid-stride loop of row blocks.
 
     With REDUCE, each program adds its rows' losses in a fixed order into Part_ptr[program]; the last
-    program to finish (an integer ticket in WS_ptr[1]) adds the partials in program order into
+    program to finish (an integer ticket in the workspace) adds the partials in program order into
     Out_ptr, writes 1 / count (mean) into Inv_ptr and zeroes the workspace for the next call: the
     reduction is deterministic and needs no other launch. The gradient of a mean is scaled by
     1 / count here, from the count the targets kernel wrote before this launch.
@@ -247,41 +372,80 @@ def _drainage_fwd_kernel(
     # passes 2^31 for strided rows (NCHW) with many pixels.
     d = tl.cast(drainage_idx, tl.int32)
     d_offset = tl.cast(drainage_idx, tl.int64) * x_stride_k
-    x_stride_k64 = tl.cast(x_stride_k, tl.int64)
-    g_stride_k64 = tl.cast(g_stride_k, tl.int64)
+    j = tl.arange(0, BLOCK_K)
     if REDUCE == 2:
         # div_rn: a correctly rounded 1 / count, the bits torch.reciprocal gives the recompute path
-        # (a plain fp32 division is approximate on a GPU). count 0: inf, every gradient 0 * inf.
-        scale = _div_rn(tl.full([], 1.0, COMPUTE), tl.load(WS_ptr).to(COMPUTE), COMPUTE)
+        # (a plain fp32 division is approximate on a GPU). count 0 (every row ignored): inf, and
+        # every gradient is 0 all the same (the kept select in _grad_tile).
+        scale = _div_rn(tl.full([], 1.0, COMPUTE), tl.load(WS_ptr + WS_COUNT).to(COMPUTE), COMPUTE)
     else:
         scale = tl.full([], 1.0, COMPUTE)
     loss_acc = tl.zeros([BLOCK_ROWS], COMPUTE)
-    for block in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_ROWS), tl.num_programs(0)):
-        rows = (tl.zeros([BLOCK_ROWS], tl.int64) + block) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < n_rows
-        x_row = _row_start(rows, S, x_stride_n, x_stride_s)
+    # int64 bounds: the block count and the row indices pass 2^31 on large per-pixel batches.
+    program = tl.program_id(0).to(tl.int64)
+    for block in range(program, tl.cast(n_blocks, tl.int64), tl.num_programs(0)):
+        rows, row_ok, img, pix = _rows_of_block(
+            block, n_rows, S, blocks_per_image, BLOCK_ROWS, ROWS_MODE, INDEX32
+        )
+        x_row = img * x_stride_n + pix * x_stride_s
         t_raw = tl.load(T_ptr + rows * t_stride, mask=row_ok, other=ignore_index).to(tl.int64)
         kept = t_raw != ignore_index
         bad = kept & ((t_raw < 0) | (t_raw >= K) | (t_raw == d))  # the targets kernel asserts on these
         # Compared with the columns as int32; -1 matches no column (ignored and bad rows).
         t = tl.where(kept & ~bad, t_raw, -1).to(tl.int32)
-        z_t = tl.load(X_ptr + x_row + t_raw * x_stride_k, mask=row_ok & kept & ~bad, other=0.0).to(COMPUTE)
-        z_d = tl.load(X_ptr + x_row + d_offset, mask=row_ok, other=0.0).to(COMPUTE)
+        if LAYOUT != TILE:  # a tile holds z_t and z_d already (below): no scalar loads for them
+            z_t = tl.load(X_ptr + x_row + t_raw * x_stride_k, mask=row_ok & kept & ~bad, other=0.0).to(
+                COMPUTE
+            )
+            z_d = tl.load(X_ptr + x_row + d_offset, mask=row_ok, other=0.0).to(COMPUTE)
 
-        if LAYOUT == 0:  # COLUMNS: one row per thread, no row math repeated across threads
-            m, s = _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, x_stride_k64, COMPUTE)
-        else:
+        if LAYOUT == COLUMNS:  # one row per thread, no row math repeated across threads
+            m, s = _columns_max_sum(X_ptr, x_row, row_ok, t, d, K, x_stride_k, BLOCK_K, COMPUTE)
+        elif LAYOUT == TILE:  # the row tile stays in registers: one read of the logits
+            if ALIGNED:
+                body, head, n_body = _aligned_body(x_row, K, V)
+                # The body tile compares its arange with t and d in body coordinates: no [ROWS,
+                # BLOCK_K] tensor of column indices is held in registers.
+                in_body = row_ok[:, None] & (j[None, :] < n_body[:, None])
+                cols, t_body, d_body = j, _in_body(t, head, n_body), _in_body(d, head, n_body)
+                x = tl.load(X_ptr + body[:, None] + j[None, :], mask=in_body, other=NEG_INF).to(COMPUTE)
+                e_cols, e_ok = _edge_columns(head, n_body, K, row_ok, V)
+                x_edge = tl.load(X_ptr + x_row[:, None] + e_cols, mask=e_ok, other=NEG_INF).to(COMPUTE)
+                z_t = _pick(x, cols, t_body) + _pick(x_edge, e_cols, t)
+                z_d = _pick(x, cols, d_body) + _pick(x_edge, e_cols, d)
+                x_J = _only_J(x, cols, t_body, d_body)
+                edge_J = _only_J(x_edge, e_cols, t, d)
+                m = tl.maximum(tl.max(x_J, axis=1), tl.max(edge_J, axis=1))
+                shift = tl.where(m == NEG_INF, 0.0, m)
+                e = _exp_sub(x_J, shift[:, None])
+                e_edge = _exp_sub(edge_J, shift[:, None])
+                s = tl.sum(e, axis=1) + tl.sum(e_edge, axis=1)
+            else:
+                cols, t_body, d_body = j, t, d
+                x = _load_tile(X_ptr, x_row, row_ok, j, K, x_stride_k, COMPUTE)
+                z_t = _pick(x, cols, t)
+                z_d = _pick(x, cols, d)
+                # From m = -inf the tile's shift is the final one: e is the gradient's exponential.
+                m = tl.full([BLOCK_ROWS], float("-inf"), COMPUTE)
+                m, s, e = _online_max_sum(m, tl.zeros([BLOCK_ROWS], COMPUTE), x, cols, t_body, d_body)
+        else:  # STREAM: online log-sum-exp over BLOCK_K-wide tiles
             m = tl.full([BLOCK_ROWS], float("-inf"), COMPUTE)
             s = tl.zeros([BLOCK_ROWS], COMPUTE)
-            cols = tl.arange(0, BLOCK_K)
-            if LAYOUT == 1:  # TILE: the row tile stays in registers
-                # From m = -inf the tile's shift is the final one: e is the gradient's exponential too.
-                x = _load_tile(X_ptr, x_row, row_ok, cols, K, x_stride_k, COMPUTE)
-                m, s, e = _online_max_sum(m, s, x, cols, t, d)
-            else:  # STREAM: online log-sum-exp over BLOCK_K-wide tiles
+            if ALIGNED:
+                body, head, n_body = _aligned_body(x_row, K, V)
+                e_cols, e_ok = _edge_columns(head, n_body, K, row_ok, V)
+                x_edge = tl.load(X_ptr + x_row[:, None] + e_cols, mask=e_ok, other=NEG_INF).to(COMPUTE)
+                m, s, _edge_e = _online_max_sum(m, s, x_edge, e_cols, t, d)
+                t_body, d_body = _in_body(t, head, n_body), _in_body(d, head, n_body)
+                for j0 in range(0, K, BLOCK_K):
+                    jj = j0 + j
+                    in_body = row_ok[:, None] & (jj[None, :] < n_body[:, None])
+                    x = tl.load(X_ptr + body[:, None] + jj[None, :], mask=in_body, other=NEG_INF).to(COMPUTE)
+                    m, s, _ = _online_max_sum(m, s, x, jj, t_body, d_body)
+            else:
                 for k0 in range(0, K, BLOCK_K):
-                    x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
-                    m, s, _ = _online_max_sum(m, s, x, k0 + cols, t, d)
+                    x = _load_tile(X_ptr, x_row, row_ok, k0 + j, K, x_stride_k, COMPUTE)
+                    m, s, _ = _online_max_sum(m, s, x, k0 + j, t, d)
 
         loss, shift, c, g_t, g_d = _row_terms(z_t, z_d, m, s, log_alpha, log_beta)
         nan = float("nan")
@@ -301,29 +465,55 @@ def _drainage_fwd_kernel(
             tl.store(Stats_ptr + 3 * n_rows64 + rows, g_d, mask=row_ok)
 
         if WRITE_GRAD:
-            g_row = _row_start(rows, S, g_stride_n, g_stride_s)
-            if LAYOUT == 0:
-                # Third pass over the columns (L1 again), one exponential per element.
-                for k in range(0, K):
-                    x = _load_column(X_ptr, x_row, row_ok, k, x_stride_k64, COMPUTE)
-                    g = _grad_tile(_exp_sub(x, shift), k, t, d, c, g_t, g_d, kept, scale)
-                    tl.store(G_ptr + g_row + k * g_stride_k64, g.to(G_ptr.dtype.element_ty), mask=row_ok)
-            elif LAYOUT == 1:
-                g = _grad_tile_2d(e, cols, t, d, c, g_t, g_d, kept, scale)
-                _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k)
-            else:
-                # Second read of the row. The launcher keeps about one program per SM, so the rows
-                # in flight were just streamed and this read mostly comes from L2.
+            g_row = x_row if SAME_OFFSETS else img * g_stride_n + pix * g_stride_s
+            if LAYOUT == COLUMNS:
+                # Third pass over the columns (L1 / L2 again), one exponential per element.
                 for k0 in range(0, K, BLOCK_K):
-                    x = _load_tile(X_ptr, x_row, row_ok, k0 + cols, K, x_stride_k, COMPUTE)
-                    g = _grad_tile_2d(_exp_sub(x, shift[:, None]), k0 + cols, t, d, c, g_t, g_d, kept, scale)
-                    _store_tile(G_ptr, g, g_row, row_ok, k0 + cols, K, g_stride_k)
+                    cols = k0 + tl.arange(0, BLOCK_K)
+                    x = _load_tile(X_ptr, x_row, row_ok, cols, K, x_stride_k, COMPUTE)
+                    g = _grad_tile(_exp_sub(x, shift[:, None]), cols, t, d, c, g_t, g_d, kept, scale)
+                    _store_tile(G_ptr, g, g_row, row_ok, cols, K, g_stride_k)
+            elif LAYOUT == TILE:
+                g = _grad_tile(e, cols, t_body, d_body, c, g_t, g_d, kept, scale)
+                if ALIGNED:
+                    g_body = body if SAME_OFFSETS else g_row + head
+                    tl.store(G_ptr + g_body[:, None] + j[None, :], g.to(G_ptr.dtype.element_ty), mask=in_body)
+                    g = _grad_tile(e_edge, e_cols, t, d, c, g_t, g_d, kept, scale)
+                    tl.store(G_ptr + g_row[:, None] + e_cols, g.to(G_ptr.dtype.element_ty), mask=e_ok)
+                else:
+                    _store_tile(G_ptr, g, g_row, row_ok, j, K, g_stride_k)
+            else:
+                # Second read of the row. The launcher keeps one program per SM, so the rows in
+                # flight were just streamed and this read mostly comes from L2.
+                if ALIGNED:
+                    g_body = body if SAME_OFFSETS else g_row + head
+                    g_edge = _grad_tile(
+                        _exp_sub(x_edge, shift[:, None]), e_cols, t, d, c, g_t, g_d, kept, scale
+                    )
+                    tl.store(G_ptr + g_row[:, None] + e_cols, g_edge.to(G_ptr.dtype.element_ty), mask=e_ok)
+                    for j0 in range(0, K, BLOCK_K):
+                        jj = j0 + j
+                        in_body = row_ok[:, None] & (jj[None, :] < n_body[:, None])
+                        x = tl.load(X_ptr + body[:, None] + jj[None, :], mask=in_body, other=NEG_INF).to(
+                            COMPUTE
+                        )
+                        g = _grad_tile(
+                            _exp_sub(x, shift[:, None]), jj, t_body, d_body, c, g_t, g_d, kept, scale
+                        )
+                        tl.store(
+                            G_ptr + g_body[:, None] + jj[None, :], g.to(G_ptr.dtype.element_ty), mask=in_body
+                        )
+                else:
+                    for k0 in range(0, K, BLOCK_K):
+                        x = _load_tile(X_ptr, x_row, row_ok, k0 + j, K, x_stride_k, COMPUTE)
+                        g = _grad_tile(_exp_sub(x, shift[:, None]), k0 + j, t, d, c, g_t, g_d, kept, scale)
+                        _store_tile(G_ptr, g, g_row, row_ok, k0 + j, K, g_stride_k)
 
     if REDUCE != 0:
-        program = tl.program_id(0)
-        tl.store(Part_ptr + program, tl.sum(loss_acc))
+        pid = tl.program_id(0)
+        tl.store(Part_ptr + pid, tl.sum(loss_acc))
         # acq_rel: this program's partial is visible before its ticket; the last program sees all.
-        ticket = tl.atomic_add(WS_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        ticket = tl.atomic_add(WS_ptr + WS_TICKET, 1, sem="acq_rel", scope="gpu")
         if ticket == tl.num_programs(0) - 1:
             total = tl.zeros([FINAL_BLOCK], COMPUTE)
             for p0 in range(0, tl.num_programs(0), FINAL_BLOCK):
@@ -332,20 +522,30 @@ def _drainage_fwd_kernel(
                 total += tl.load(Part_ptr + offs, mask=offs < tl.num_programs(0), other=0.0, volatile=True)
             out = tl.sum(total)
             if REDUCE == 2:
-                count = tl.load(WS_ptr, volatile=True).to(COMPUTE)
+                count = tl.load(WS_ptr + WS_COUNT, volatile=True).to(COMPUTE)
                 out = _div_rn(out, count, COMPUTE)  # correctly rounded, as torch's total / count
                 tl.store(Inv_ptr, _div_rn(tl.full([], 1.0, COMPUTE), count, COMPUTE))
             tl.store(Out_ptr, out)
-            tl.store(WS_ptr, 0)  # the workspace is zero again for the next call on this stream
-            tl.store(WS_ptr + 1, 0)
+            # The workspace is zero again for the next call of this (device, stream, thread).
+            tl.store(WS_ptr + WS_COUNT, 0)
+            tl.store(WS_ptr + WS_TICKET, 0)
+
+
+@triton.jit
+def _one_lane_reports(n_bad, BLOCK: tl.constexpr):
+    """The condition of the targets kernel's assert: false in lane 0 only when the block has a bad
+    target, so that a failing program prints the message once, not once per thread."""
+    return (tl.arange(0, BLOCK) != 0) | (n_bad == 0)
 
 
 @triton.jit(debug=True)  # debug: the device-side assert is compiled in (this kernel only)
 def _targets_kernel(
     T_ptr, WS_ptr, n, t_stride, K, drainage_idx, ignore_index, COUNT: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Asserts that every target is ignore_index or in [0, K) and != drainage_idx; with COUNT adds
-    the kept targets into WS_ptr[0] (an integer atomic: the sum does not depend on the order).
+    """Asserts that every target is ignore_index or in [0, K) and != drainage_idx, and adds the bad
+    ones into WS_ptr[WS_BAD] (the interpreter ignores device asserts: the launcher reads this count
+    there); with COUNT adds the kept targets into WS_ptr[WS_COUNT]. Integer atomics: the sums do not
+    depend on the order. int64: a per-pixel batch can hold more than 2^31 kept targets.
 
     It reads only the targets (8 bytes a row), before the forward: a mean's gradient needs the
     count while the forward writes it. A bad target stops the kernel; the error surfaces at the
@@ -356,9 +556,12 @@ def _targets_kernel(
     t = tl.load(T_ptr + offs * t_stride, mask=in_range, other=ignore_index).to(tl.int64)
     kept = in_range & (t != ignore_index)
     bad = kept & ((t < 0) | (t >= K) | (t == drainage_idx))
-    tl.device_assert(tl.sum(bad.to(tl.int32)) == 0, TARGET_ASSERT)
+    n_bad = tl.sum(bad.to(tl.int64))
+    tl.device_assert(_one_lane_reports(n_bad, BLOCK), TARGET_ASSERT)
+    if n_bad > 0:
+        tl.atomic_add(WS_ptr + WS_BAD, n_bad, sem="relaxed")
     if COUNT:
-        tl.atomic_add(WS_ptr, tl.sum(kept.to(tl.int32)), sem="relaxed")
+        tl.atomic_add(WS_ptr + WS_COUNT, tl.sum(kept.to(tl.int64)), sem="relaxed")
 
 
 @triton.jit
@@ -370,7 +573,8 @@ def _drainage_bwd_kernel(
     G_ptr,  # data
     n_rows,
     K,
-    S,  # shapes
+    S,
+    blocks_per_image,  # shapes
     x_stride_n,
     x_stride_s,
     x_stride_k,
@@ -383,13 +587,23 @@ def _drainage_bwd_kernel(
     ignore_index,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS_MODE: tl.constexpr,
+    INDEX32: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    SAME_OFFSETS: tl.constexpr,
+    V: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    """grad[r, k] = g[r, k] * dy[r]: elementwise, a 2-D grid of (row block, column block) tiles."""
+    """grad[r, k] = g[r, k] * dy[r]: elementwise, a 2-D grid of (row block, column block) tiles.
+    With ALIGNED the column blocks tile the rows' aligned bodies, and column block 0 also writes
+    the edges."""
     d = tl.cast(drainage_idx, tl.int32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < n_rows
+    block = tl.program_id(0).to(tl.int64)
+    rows, row_ok, img, pix = _rows_of_block(
+        block, n_rows, S, blocks_per_image, BLOCK_ROWS, ROWS_MODE, INDEX32
+    )
+    x_row = img * x_stride_n + pix * x_stride_s
+    g_row = x_row if SAME_OFFSETS else img * g_stride_n + pix * g_stride_s
 
     t_raw = tl.load(T_ptr + rows * t_stride, mask=row_ok, other=ignore_index).to(tl.int64)
     kept = t_raw != ignore_index
@@ -401,9 +615,24 @@ def _drainage_bwd_kernel(
     g_d = tl.load(Stats_ptr + 3 * n_rows64 + rows, mask=row_ok, other=0.0).to(COMPUTE)
     dy = tl.load(DY_ptr + rows * dy_stride, mask=row_ok, other=0.0).to(COMPUTE)
 
-    x = _load_tile(X_ptr, _row_start(rows, S, x_stride_n, x_stride_s), row_ok, cols, K, x_stride_k, COMPUTE)
-    g = _grad_tile_2d(_exp_sub(x, shift[:, None]), cols, t, d, c, g_t, g_d, kept, dy[:, None])
-    _store_tile(G_ptr, g, _row_start(rows, S, g_stride_n, g_stride_s), row_ok, cols, K, g_stride_k)
+    jj = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if ALIGNED:
+        body, head, n_body = _aligned_body(x_row, K, V)
+        g_body = body if SAME_OFFSETS else g_row + head
+        in_body = row_ok[:, None] & (jj[None, :] < n_body[:, None])
+        x = tl.load(X_ptr + body[:, None] + jj[None, :], mask=in_body, other=NEG_INF).to(COMPUTE)
+        t_body, d_body = _in_body(t, head, n_body), _in_body(d, head, n_body)
+        g = _grad_tile(_exp_sub(x, shift[:, None]), jj, t_body, d_body, c, g_t, g_d, kept, dy)
+        tl.store(G_ptr + g_body[:, None] + jj[None, :], g.to(G_ptr.dtype.element_ty), mask=in_body)
+        if tl.program_id(1) == 0:
+            e_cols, e_ok = _edge_columns(head, n_body, K, row_ok, V)
+            x_edge = tl.load(X_ptr + x_row[:, None] + e_cols, mask=e_ok, other=NEG_INF).to(COMPUTE)
+            g_edge = _grad_tile(_exp_sub(x_edge, shift[:, None]), e_cols, t, d, c, g_t, g_d, kept, dy)
+            tl.store(G_ptr + g_row[:, None] + e_cols, g_edge.to(G_ptr.dtype.element_ty), mask=e_ok)
+    else:
+        x = _load_tile(X_ptr, x_row, row_ok, jj, K, x_stride_k, COMPUTE)
+        g = _grad_tile(_exp_sub(x, shift[:, None]), jj, t, d, c, g_t, g_d, kept, dy)
+        _store_tile(G_ptr, g, g_row, row_ok, jj, K, g_stride_k)
 
 
 @triton.jit
