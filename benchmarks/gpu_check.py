@@ -1,20 +1,31 @@
-"""One GPU check on an 8-minute budget: the environment, the core tests on CUDA tensors, fwd+bwd timings.
+"""One GPU check on an 8-minute budget: the environment, the core tests on CUDA tensors, compute-sanitizer
+on every kernel, fwd+bwd timings.
 
     PYTHONPATH=. python3 -m benchmarks.gpu_check --out /tmp/gpu      # on a GPU machine
     python benchmarks/gpu_check.py --dry-run --out /tmp/plan          # anywhere: the plan, no GPU
 
-Parts (--parts env,tests,timings), each within the time left to it; what does not fit is recorded as
-"skipped: time budget" instead of overrunning:
+Parts (--parts env,tests,sanitize,timings), run in that order, each within the time left to it; what
+does not fit is recorded as "skipped: time budget" instead of overrunning:
   env      device, driver, CUDA, versions, SMs, L2, the backends (this builds the CUDA extension on
            first use), the device-to-device copy bandwidth
   tests    the core test files on CUDA tensors and every GPU backend (tests/support.py), one pytest
            process per file (benchmarks/pytest_run.py)
+  sanitize compute-sanitizer's memcheck, racecheck, then synccheck on benchmarks/sanitize_cases.py (every
+           kernel of a backend at every row layout, small shapes), once per GPU backend, one process
+           per run (benchmarks/sanitize.py): ok, the tool's first error lines, or why it did not run
   timings  fwd+bwd (reduction mean, upstream gradient 1) per case x provider: CUDA-event median, GB/s
            on 1 read + 1 write of the logits, % of the copy bandwidth, CUDA-graph replay, wall time,
            kernels per step, peak memory. A provider failing on a case is that cell's error.
-results.json and results.md in --out are rewritten after each part and each timing case, so a run
-cut short loses only what was running. Exit status 1 when a test failed or a part raised (the files
-are complete either way), 2 when nothing could run (a bad plan, no GPU without --dry-run).
+The budget: env takes what it takes (its build is needed by every later part); tests get at most
+TESTS_CAP_S and leave SANITIZE_RESERVE_S + TIMINGS_RESERVE_S; sanitize gets at most SANITIZE_CAP_S and
+leaves TIMINGS_RESERVE_S; the timings fill what is left, cell by cell, up to the deadline. So sanitize
+runs before the timings (after them it would never get a second), and after the tests, which leave
+many of the same Triton kernels compiled in Triton's cache: correctness first, then speed. A short
+budget loses the tests' tail, then synccheck and racecheck, before the timings lose their reserve.
+results.json and results.md in --out are rewritten after each part, sanitizer run and timing case, so a run
+cut short loses only what was running. Exit status 1 when a test failed, a sanitizer run found errors
+or failed, or a part raised (the files are complete either way), 2 when nothing could run (a bad plan,
+no GPU without --dry-run).
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 import measure
 import pytest_run
+import sanitize
 import torch
 from cases import Case, RotatingInputs
 from gpu_env import ENV_KEYS, copy_bandwidth, environment, ready_backends
@@ -51,7 +63,11 @@ BUDGET_S = 450  # 8 minutes less start-up (torch, the CUDA context) and the last
 # compiling Triton / Inductor kernels and the files run side by side.
 TESTS_CAP_S = 210
 TESTS_MIN_S = 30  # less left for the tests: skip them (each process first imports torch, starts CUDA)
-TIMINGS_RESERVE_S = 150  # what the tests part leaves to the timings part when both run
+TIMINGS_RESERVE_S = 150  # what the tests and sanitize parts leave to the timings part when it runs
+# Under the tools a process starts in seconds and the cases' kernels run in milliseconds; the first
+# Triton run also compiles the kernels the tests did not (each is cached for the runs after it).
+SANITIZE_CAP_S = 120
+SANITIZE_RESERVE_S = 60  # what the tests part leaves to the sanitize part: memcheck on both backends
 CELL_CAP_S = 60  # one provider on one case, its first call (Triton / Inductor compilation) included
 CELL_MIN_S = 5  # a cell is not started with less time left
 
@@ -79,7 +95,7 @@ TEST_FILES = [
     "tests/test_csrc.py",
     "tests/test_gpu.py",
 ]
-PARTS = ("env", "tests", "timings")
+PARTS = ("env", "tests", "sanitize", "timings")
 
 
 @dataclass(frozen=True)
@@ -131,8 +147,16 @@ def plan(args) -> dict:
         "parts": parts,
         "budget_s": args.budget,
         "reps": asdict(QUICK if args.quick else FULL),
-        "caps_s": {"tests": TESTS_CAP_S, "timings_reserve": TIMINGS_RESERVE_S, "cell": CELL_CAP_S},
+        "caps_s": {
+            "tests": TESTS_CAP_S,
+            "sanitize": SANITIZE_CAP_S,
+            "sanitize_reserve": SANITIZE_RESERVE_S,
+            "sanitize_run_min": sanitize.RUN_MIN_S,
+            "timings_reserve": TIMINGS_RESERVE_S,
+            "cell": CELL_CAP_S,
+        },
         "test_files": tests,
+        "sanitize": sanitize.plan(sanitize.find_tool()),
         "cases": cases,
         "providers": providers,
         "mode": "fwd+bwd, mean, upstream 1",
@@ -163,16 +187,21 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).strip()[:500]}"
 
 
-# -- tests -----------------------------------------------------------------------------------------
-
-
-def run_tests(files: list[str], out: Path, cap_s: float) -> dict:
+def child_env() -> dict:
+    """The environment of the processes a part starts: this tree's drainage_fast, the real kernels."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     env.pop("TRITON_INTERPRET", None)  # real kernels on the GPU, never the CPU interpreter
-    results = pytest_run.run_files(files, out / "pytest", cap_s, REPO, env)
+    return env
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+
+def run_tests(files: list[str], out: Path, cap_s: float) -> dict:
+    results = pytest_run.run_files(files, out / "pytest", cap_s, REPO, child_env())
     totals = {k: sum(r[k] for r in results.values()) for k in ("passed", "failed", "errors", "skipped")}
     status = "done: " + ", ".join(f"{v} {k}" for k, v in totals.items())
     if any(r["status"].startswith("interrupted") for r in results.values()):
@@ -294,6 +323,14 @@ def new_report(args, the_plan: dict, gpu: str, command: str) -> tuple[dict, list
         "plan": the_plan,
         "env": {"status": initial, "values": dict.fromkeys(ENV_KEYS, "dry-run") if args.dry_run else {}},
         "tests": {"status": initial, "files": {f: {"status": initial} for f in the_plan["test_files"]}},
+        "sanitize": {
+            "status": initial,
+            "tool": the_plan["sanitize"]["tool"],
+            "runs": [
+                {"tool": r["tool"], "backend": r["backend"], "status": initial}
+                for r in the_plan["sanitize"]["runs"]
+            ],
+        },
         "timings": {"status": initial, "cells": [record for _, record in cells]},
     }
     for part in PARTS:
@@ -303,9 +340,13 @@ def new_report(args, the_plan: dict, gpu: str, command: str) -> tuple[dict, list
 
 
 def mark(report: dict, part: str, status: str) -> None:
-    """Sets a part's status and that of each of its items (test files, timing cells)."""
+    """Sets a part's status and that of each of its items (test files, sanitizer runs, timing cells)."""
     report[part]["status"] = status
-    items = {"tests": report["tests"]["files"].values(), "timings": report["timings"]["cells"]}.get(part, [])
+    items = {
+        "tests": report["tests"]["files"].values(),
+        "sanitize": report["sanitize"]["runs"],
+        "timings": report["timings"]["cells"],
+    }.get(part, [])
     for item in items:
         item["status"] = status
 
@@ -345,12 +386,27 @@ class Check:
 
     def tests(self) -> dict:
         ready_backends(self.device)  # the CUDA extension built once, here, not by every test process at once
-        leave_s = TIMINGS_RESERVE_S if "timings" in self.report["plan"]["parts"] else 0
-        cap = min(TESTS_CAP_S, self.seconds_left() - leave_s)
+        cap = min(TESTS_CAP_S, self.seconds_left() - self.reserve("sanitize", "timings"))
         if cap < TESTS_MIN_S:
             mark(self.report, "tests", "skipped: time budget")
             return {"status": "skipped: time budget"}
         return run_tests(self.report["plan"]["test_files"], self.args.out, cap)
+
+    def sanitize(self) -> dict:
+        ready = ready_backends(self.device)  # the CUDA extension's build, outside every tool's cap
+        cannot_run = {
+            b: ready[f"backend_{b}"].removeprefix("unavailable: ")
+            for b in sanitize.BACKENDS
+            if ready.get(f"backend_{b}", "").startswith("unavailable")
+        }
+        cap = min(SANITIZE_CAP_S, self.seconds_left() - self.reserve("timings"))
+        out = self.args.out / "sanitize"
+        return sanitize.run_all(self.report["sanitize"], cannot_run, child_env(), out, cap, self.save)
+
+    def reserve(self, *parts: str) -> float:
+        """The seconds kept for those of `parts` that this run will run later."""
+        reserves = {"sanitize": SANITIZE_RESERVE_S, "timings": TIMINGS_RESERVE_S}
+        return sum(reserves[p] for p in parts if p in self.report["plan"]["parts"])
 
     def timings(self) -> dict:
         ready_backends(self.device)  # the CUDA extension build, outside every cell's time cap
@@ -406,7 +462,7 @@ def run(args, command: str, started: float) -> int:
     if args.dry_run:
         print(f"gpu_check: dry-run plan written to {args.out}/results.json and results.md")
         return 0
-    for part in (p for p in PARTS if p in the_plan["parts"]):  # env first: its copy bandwidth, its build
+    for part in (p for p in PARTS if p in the_plan["parts"]):  # PARTS' order: see the module docstring
         check.run_part(part, getattr(check, part))
     print(
         f"gpu_check: {gpu}: wrote {args.out}/results.json and results.md "
@@ -414,7 +470,8 @@ def run(args, command: str, started: float) -> int:
     )
     totals = report["tests"].get("totals", {})
     broken = any(report[p]["status"].startswith("error") for p in PARTS)
-    return 1 if broken or totals.get("failed") or totals.get("errors") else 0
+    found = any(r["status"].startswith(("errors", "failed")) for r in report["sanitize"]["runs"])
+    return 1 if broken or found or totals.get("failed") or totals.get("errors") else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ def _cell_text(value, width: int = 160) -> str:
 
 def markdown(r: dict) -> str:
     """The report of gpu_check.main as markdown: a header naming the GPU, then environment,
-    correctness and timings, each a table."""
+    correctness, sanitizers and timings, each a table."""
     dry = " (dry-run: the plan only, nothing measured)" if r["dry_run"] else ""
     lines = [
         f"# GPU check — {r['gpu']}{dry}",
@@ -60,6 +60,8 @@ def markdown(r: dict) -> str:
             f"- `{x['test']}` ({x['kind']}): {_cell_text(x['message'])}" for x in failures
         ]
 
+    lines += _sanitizers(r["sanitize"], r["plan"])
+
     timings = r["timings"]
     lines += [
         "",
@@ -87,3 +89,45 @@ def markdown(r: dict) -> str:
             f"{fmt(c.get('kernels'), 'd')} | {fmt(c.get('peak_MB'))} | {_cell_text(note)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _sanitizers(part: dict, plan: dict) -> list[str]:
+    """Tool x backend, each cell a run's status and seconds; then the excerpt of every run that is not
+    ok, the commands and the cases."""
+    the_plan = plan["sanitize"]
+    tool = f"`{part['tool']}`" if part["tool"] else "not found (PATH, CUDA_HOME, /usr/local/cuda/bin)"
+    lines = [
+        "",
+        "## Sanitizers",
+        "",
+        (
+            "compute-sanitizer on benchmarks/sanitize_cases.py, one process per tool and GPU backend: every "
+            "kernel through the public API at every row layout, bf16 and fp32, each case checked against "
+            "the float64 oracle. memcheck: out-of-bounds and misaligned accesses (torch's caching "
+            "allocator off); racecheck: shared-memory hazards between a block's threads (global memory "
+            "is not its concern); synccheck: barriers. ok: the tool reports 0 errors and every case "
+            f"passed. Tool: {tool}. Cap: {plan['caps_s']['sanitize']} s for the part. "
+            f"Status: {part['status']}."
+        ),
+        "",
+        "| tool | " + " | ".join(the_plan["backends"]) + " |",
+        "|---|" + "---|" * len(the_plan["backends"]),
+    ]
+    runs = {(run["tool"], run["backend"]): run for run in part["runs"]}
+    for tool_name in the_plan["tools"]:
+        cells = [_run_cell(runs[(tool_name, backend)]) for backend in the_plan["backends"]]
+        lines.append(f"| {tool_name} | " + " | ".join(cells) + " |")
+    for run in part["runs"]:
+        if run.get("excerpt"):
+            about = f"{run['status']}; log: sanitize/{run['log']}"
+            lines += ["", f"{run['tool']} × {run['backend']} ({about}):", ""]
+            lines += [f"    {line}" for line in run["excerpt"]]
+    lines += ["", "Commands, from the repository root:", ""]
+    lines += [f"    {run['command']}" for run in the_plan["runs"]]
+    lines += ["", f"Cases ({len(the_plan['cases'])}): " + "; ".join(the_plan["cases"]) + "."]
+    return lines
+
+
+def _run_cell(run: dict) -> str:
+    text = run["status"] + (f", {run['warnings']} warnings" if run.get("warnings") else "")
+    return _cell_text(text + (f" ({run['seconds']} s)" if "seconds" in run else ""))

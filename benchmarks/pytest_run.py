@@ -79,26 +79,27 @@ def run_files(files: list[str], log_dir: Path, timeout_s: float, cwd: Path, env:
             time.sleep(0.2)
         late = [name for name in procs if name not in seconds]
         for name in late:
-            _signal(procs[name], signal.SIGINT)
+            signal_group(procs[name], signal.SIGINT)
         for name in late:
             try:
                 procs[name].wait(GRACE_S)
             except subprocess.TimeoutExpired:
-                _signal(procs[name], signal.SIGKILL)
+                signal_group(procs[name], signal.SIGKILL)
                 procs[name].wait()
             seconds[name] = time.monotonic() - start
     finally:
         # the caller stopped (Ctrl-C, SIGTERM): their own sessions would keep them running on the GPU
         for proc in procs.values():
             if proc.poll() is None:
-                _signal(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
     return {
         name: _result(procs[name].returncode, name in late, seconds[name], log_dir / f"{Path(name).stem}.xml")
         for name in files
     }
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """sig to the process group of proc, started with start_new_session=True; nothing once it is gone."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:

@@ -1,6 +1,8 @@
 """benchmarks/gpu_check.py without a GPU: the dry-run plan through both entry points, and on CPU tensors
 the pieces a GPU run goes through (timing cells, their errors and time budget, the pytest runner and its
-junit parser, the markdown). No number measured here is a GPU number; none is written to the repo."""
+junit parser, the sanitizer runner with a stand-in compute-sanitizer and its report parser, the
+sanitizer cases in Triton's interpreter, the markdown). No number measured here is a GPU number; none
+is written to the repo."""
 
 import json
 import os
@@ -20,6 +22,8 @@ import gpu_check
 import gpu_markdown
 import measure
 import pytest_run
+import sanitize
+import sanitize_cases
 from cases import Case, RotatingInputs
 
 CPU = torch.device("cpu")
@@ -53,7 +57,7 @@ def run_check(args, tmp_path):
 def test_dry_run_writes_the_whole_plan(tmp_path):
     report, md = run_check(["-m", "benchmarks.gpu_check"], tmp_path)
     plan = report["plan"]
-    assert report["dry_run"] and plan["parts"] == ["env", "tests", "timings"]
+    assert report["dry_run"] and plan["parts"] == ["env", "tests", "sanitize", "timings"]
     assert [c["case"] for c in plan["cases"]] == ISSUE_CASES
     assert [c["dtype"] for c in plan["cases"]] == ["bfloat16", "float32"] * 5 + ["bfloat16"] * 2
     assert plan["cases"][0]["bytes"] == 2 * 32768 * 1001 * 2 + 8 * 32768  # 1 read + 1 write + targets
@@ -64,7 +68,8 @@ def test_dry_run_writes_the_whole_plan(tmp_path):
     assert {c["status"] for c in cells} == {"dry-run"} and report["env"]["status"] == "dry-run"
     assert set(report["env"]["values"]) == set(gpu_check.ENV_KEYS)
     assert md.startswith("# GPU check — dry-run (no GPU)")
-    for section in ("## Environment", "## Correctness", "## Timings"):
+    assert {r["status"] for r in report["sanitize"]["runs"]} == {"dry-run"}
+    for section in ("## Environment", "## Correctness", "## Sanitizers", "## Timings"):
         assert section in md
     assert "| 8 × 19 × 512 × 1024 channels_last | bfloat16 | drainage_fast[triton,recompute] |" in md
     assert not list(tmp_path.glob("*.tmp"))
@@ -98,8 +103,10 @@ def test_a_real_run_needs_a_gpu(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path)]) == 2 and "no CUDA GPU" in capsys.readouterr().err
 
 
-def fake_gpu(monkeypatch, environment):
-    """main() as on a GPU machine, with every part replaced: only the orchestration runs."""
+def fake_gpu(monkeypatch, environment, tool=None):
+    """main() as on a GPU machine, with every part replaced: only the orchestration runs. The sanitizer
+    part runs `tool` (a stand-in compute-sanitizer) when given, else finds none."""
+    monkeypatch.setattr(sanitize, "find_tool", lambda: tool)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 80GB")
     monkeypatch.setattr(gpu_check, "environment", environment)
@@ -147,6 +154,39 @@ def test_the_tests_part_gives_way_to_the_timings_on_a_short_budget(monkeypatch, 
     assert report["tests"]["status"] == "skipped: time budget"
     assert {f["status"] for f in report["tests"]["files"].values()} == {"skipped: time budget"}
     assert report["timings"]["status"] == "done: 12 ok" and report["timings"]["copy_GBps"] == 2000.0
+
+
+@pytest.mark.parametrize(
+    "budget, tests_cap, sanitize_cap",
+    [
+        (450, gpu_check.TESTS_CAP_S, gpu_check.SANITIZE_CAP_S),  # the default: both caps in full
+        # the tests leave the sanitizers' 60 s and the timings' 150 s; the sanitizers the timings'
+        (250, 250 - 60 - 150, 250 - 150),
+        (200, None, 200 - 150),  # under TESTS_MIN_S left: no tests
+    ],
+)
+def test_each_part_leaves_the_later_parts_their_reserve(
+    monkeypatch, tmp_path, budget, tests_cap, sanitize_cap
+):
+    fake_gpu(monkeypatch, lambda device: {"copy_GBps": 2000.0})
+    caps = {}
+
+    def tests(files, out, cap_s):  # takes no time: the caps below are the budget's arithmetic alone
+        caps["tests"] = cap_s
+        return {"files": {}, "totals": {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}}
+
+    def sanitizers(part, cannot_run, env, log_dir, cap_s, save):
+        caps["sanitize"] = cap_s
+        return {"status": "done"}
+
+    monkeypatch.setattr(gpu_check, "run_tests", tests)
+    monkeypatch.setattr(sanitize, "run_all", sanitizers)
+    assert (
+        gpu_check.main(["--out", str(tmp_path), "--budget", str(budget), "--providers", "F.cross_entropy"])
+        == 0
+    )
+    assert caps.get("tests") == (None if tests_cap is None else pytest.approx(tests_cap, abs=3))
+    assert caps["sanitize"] == pytest.approx(sanitize_cap, abs=3)
 
 
 def test_measure_helpers_on_the_cpu():
@@ -213,7 +253,7 @@ def test_timing_cells_record_numbers_errors_and_skips():
         "command": "gpu_check",
         "started": "now",
         "elapsed_s": 1.0,
-        "plan": {"budget_s": 450},
+        "plan": {"budget_s": 450, "caps_s": {"sanitize": 120}, "sanitize": sanitize.plan("/cuda/bin/cs")},
         "env": {"status": "done", "values": {"device": "CPU"}},
         "tests": {
             "status": "done",
@@ -229,12 +269,38 @@ def test_timing_cells_record_numbers_errors_and_skips():
                 }
             },
         },
+        "sanitize": {"status": "done", "tool": "/cuda/bin/cs", "runs": sanitizer_runs()},
         "timings": {"status": "done", "copy_GBps": 10.0, "cells": [r for _, r in cells]},
     }
     md = gpu_markdown.markdown(report)
+    assert "| tool | triton | cuda |" in md and "Tool: `/cuda/bin/cs`" in md
+    assert "| memcheck | errors: 1 (3.5 s) | ok (2.0 s) |" in md
+    assert "| racecheck | ok, 2 warnings (4.0 s) | skipped: time budget |" in md
+    assert "memcheck × triton (errors: 1; log: sanitize/memcheck-triton.log):" in md
+    assert "    Invalid __global__ read of size 4 bytes" in md
+    assert "    /cuda/bin/cs --tool racecheck --error-exitcode 99" in md
     assert "# GPU check — CPU" in md and "| tests/test_x.py | failed | 1 | 1 |" in md
     assert "`tests.test_x::test_y` (failure): a \\| b" in md
     assert f"| 64 × 11 | float32 | F.cross_entropy | {by[('64 × 11', 'F.cross_entropy')]['us']:.1f} |" in md
+
+
+def sanitizer_runs():
+    excerpt = ["Invalid __global__ read of size 4 bytes"]
+    return [
+        {
+            "tool": "memcheck",
+            "backend": "triton",
+            "status": "errors: 1",
+            "seconds": 3.5,
+            "excerpt": excerpt,
+            "log": "memcheck-triton.log",
+        },
+        {"tool": "memcheck", "backend": "cuda", "status": "ok", "seconds": 2.0, "excerpt": []},
+        {"tool": "racecheck", "backend": "triton", "status": "ok", "seconds": 4.0, "warnings": 2},
+        {"tool": "racecheck", "backend": "cuda", "status": "skipped: time budget"},
+        {"tool": "synccheck", "backend": "triton", "status": "skipped: time budget"},
+        {"tool": "synccheck", "backend": "cuda", "status": "skipped: time budget"},
+    ]
 
 
 def test_cells_past_the_budget_are_skipped_not_run():
@@ -293,3 +359,233 @@ def test_pytest_runner_keeps_what_ran_before_the_deadline(tmp_path):
     )
     assert hangs["status"] == "interrupted: time budget" and hangs["passed"] == 1 and hangs["seconds"] < 30
     assert (tmp_path / "logs" / "test_hangs.log").read_text()
+
+
+# -- the sanitizer part ------------------------------------------------------------------------------
+
+# compute-sanitizer's own output, as it prints it (every line of its own starts with =========)
+MEMCHECK_CLEAN = f"""========= COMPUTE-SANITIZER
+ok      300 × 11 fp32 none  812 ms
+{sanitize_cases.DONE} (25 cases, backend triton, cuda)
+========= ERROR SUMMARY: 0 errors
+"""
+MEMCHECK_ERROR = """========= COMPUTE-SANITIZER
+========= Invalid __global__ read of size 4 bytes
+=========     at _drainage_fwd_kernel+0x1d30 in /repo/drainage_fast/backends/triton_kernels.py:181
+=========     by thread (31,0,0) in block (2,0,0)
+=========     Address 0x7f0e5a000b2c is out of bounds
+=========     and is 4 bytes after the nearest allocation at 0x7f0e5a000000 of size 2860 bytes
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame: [0x2f3b7b] in libcuda.so.1
+=========
+FAILED  300 × 11 fp32 none: RuntimeError: CUDA error: unspecified launch failure
+sanitize_cases: 1 of 25 cases failed
+========= ERROR SUMMARY: 1 error
+"""
+RACECHECK_ERROR = """========= COMPUTE-SANITIZER
+========= Error: Race reported between Write access at drainage_fwd_kernel+0x4a0 in drainage_cuda.cu:251
+=========     and Read access at drainage_fwd_kernel+0x5c0 in drainage_cuda.cu:262 [128 hazards]
+=========
+sanitize_cases: every case passed (25 cases, backend cuda, cuda)
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+
+
+@pytest.mark.parametrize(
+    "text, status, errors, first",
+    [
+        (MEMCHECK_CLEAN, "ok", 0, None),
+        (MEMCHECK_ERROR, "errors: 1", 1, "Invalid __global__ read of size 4 bytes"),
+        (RACECHECK_ERROR, "errors: 1", 1, "Error: Race reported between Write access at drainage_fwd_kernel"),
+        (
+            RACECHECK_ERROR.replace("1 hazard displayed (1 error, 0", "2 hazards displayed (0 errors, 2"),
+            "ok",
+            0,
+            None,
+        ),
+        # a case failed with no tool finding: the script's own output says which
+        (
+            MEMCHECK_CLEAN.replace(sanitize_cases.DONE, "FAILED  9 × 1001 fp32 none: AssertionError"),
+            "failed",
+            0,
+            "FAILED",
+        ),
+        (
+            "========= COMPUTE-SANITIZER\n========= Error: Device not supported\n",
+            "failed",
+            None,
+            "========= Error",
+        ),
+    ],
+)
+def test_sanitizer_reports_are_read_into_a_status(text, status, errors, first):
+    record = sanitize.verdict(text)
+    assert record["status"].startswith(status) and record["errors"] == errors
+    if first is None:
+        assert record["excerpt"] == []
+    else:
+        assert any(line.startswith(first) for line in record["excerpt"][:3]), record["excerpt"]
+    assert record["warnings"] == (2 if "2 warnings" in text else 0)
+
+
+def stand_in_tool(folder: Path, report: str, exit_code: int = 0, sleep: int = 0) -> str:
+    """An executable compute-sanitizer that prints its arguments, the variables the real runs set,
+    and `report`; then exits with exit_code (after `sleep` seconds)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / "compute-sanitizer"
+    tool.write_text(
+        "#!/bin/sh\n"
+        f"sleep {sleep}\n"
+        'echo "args: $*"\n'
+        'echo "caching: ${PYTORCH_NO_CUDA_MEMORY_CACHING:-on} interpret: ${TRITON_INTERPRET:-unset}"\n'
+        f"cat <<'EOF'\n{report}EOF\n"
+        f"exit {exit_code}\n"
+    )
+    tool.chmod(0o755)
+    return str(tool)
+
+
+def test_the_tool_is_found_on_the_path_or_under_a_cuda_root(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert sanitize.find_tool(path=str(empty), roots=[tmp_path / "cuda", None]) is None
+    in_root = stand_in_tool(tmp_path / "cuda" / "bin", MEMCHECK_CLEAN)
+    assert sanitize.find_tool(path=str(empty), roots=[None, tmp_path / "cuda"]) == in_root
+    on_path = stand_in_tool(tmp_path / "bin", MEMCHECK_CLEAN)
+    assert (
+        sanitize.find_tool(path=f"{empty}{os.pathsep}{tmp_path / 'bin'}", roots=[tmp_path / "cuda"])
+        == on_path
+    )
+
+
+def sanitizer_part(tool):
+    plan = sanitize.plan(tool)
+    return {"status": "pending", "tool": tool, "runs": [{**r, "status": "pending"} for r in plan["runs"]]}
+
+
+def test_without_the_tool_every_run_says_why(tmp_path):
+    part = sanitizer_part(None)
+    result = sanitize.run_all(part, {}, dict(os.environ), tmp_path, 100.0, lambda: None)
+    assert result["status"].startswith("skipped: compute-sanitizer not found")
+    assert {r["status"] for r in part["runs"]} == {result["status"]}
+
+
+def test_the_runs_share_the_cap_in_order_and_skip_what_cannot_run(tmp_path):
+    part = sanitizer_part(stand_in_tool(tmp_path / "bin", MEMCHECK_CLEAN))
+    saves = []
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # 20 s: the first run may not take the 15 s that each later memcheck / racecheck run keeps, but
+    # it still starts; each stand-in run takes milliseconds, so every later one starts as well
+    result = sanitize.run_all(
+        part, {"cuda": "no nvcc"}, env, tmp_path / "logs", 20.0, lambda: saves.append(1)
+    )
+    by = {(r["tool"], r["backend"]): r for r in part["runs"]}
+    assert result["status"] == "done: 3 ok, 3 skipped"
+    for tool in sanitize.TOOLS:
+        assert by[(tool, "triton")]["status"] == "ok" and by[(tool, "triton")]["seconds"] < 10
+        assert by[(tool, "cuda")]["status"] == "skipped: backend unavailable: no nvcc"
+    log = (tmp_path / "logs" / "memcheck-triton.log").read_text()
+    assert "--tool memcheck --error-exitcode 99" in log and "sanitize_cases.py --backend triton" in log
+    # the caller's environment, with the caching allocator off for memcheck alone
+    assert "caching: 1 interpret: 1" in log
+    assert "caching: on interpret: 1" in (tmp_path / "logs" / "racecheck-triton.log").read_text()
+    assert len(saves) == 6  # running, then done: each run
+    short = sanitizer_part(part["tool"])
+    assert sanitize.run_all(short, {}, env, tmp_path / "logs", 10.0, lambda: None)["status"] == (
+        "done: 6 skipped"
+    )
+    assert {r["status"] for r in short["runs"]} == {"skipped: time budget"}
+
+
+def test_a_run_over_its_cap_is_stopped(tmp_path):
+    tool = stand_in_tool(tmp_path / "bin", MEMCHECK_CLEAN, sleep=60)
+    t0 = time.monotonic()
+    record = sanitize.run_one(tool, "memcheck", "triton", dict(os.environ), tmp_path / "m.log", 1.0)
+    assert record["status"] == "timeout: over its 1 s cap" and time.monotonic() - t0 < 10
+    assert record["exit_code"] < 0  # killed, with the sleep it was waiting on
+
+
+def test_the_sanitize_part_alone_on_a_fake_gpu(monkeypatch, tmp_path):
+    found = stand_in_tool(tmp_path / "bin", MEMCHECK_ERROR, exit_code=sanitize.ERROR_EXITCODE)
+    fake_gpu(monkeypatch, lambda device: {}, tool=found)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as under pytest here: the runs must not inherit it
+    out = tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--parts", "sanitize"]) == 1  # the tool found errors
+    report = json.loads((out / "results.json").read_text())
+    assert report["plan"]["parts"] == ["sanitize"] and report["sanitize"]["tool"] == found
+    assert report["tests"]["status"] == report["timings"]["status"] == "not selected (--parts)"
+    assert report["sanitize"]["status"] == "done: 6 errors"
+    first = report["sanitize"]["runs"][0]
+    assert first["excerpt"][0] == "Invalid __global__ read of size 4 bytes" and first["exit_code"] == 99
+    log = (out / "sanitize" / "memcheck-triton.log").read_text()
+    assert "caching: 1 interpret: unset" in log
+    md = (out / "results.md").read_text()
+    assert "| memcheck | errors: 1 (" in md and "    Invalid __global__ read of size 4 bytes" in md
+
+
+def test_dry_run_of_the_sanitize_part_alone(tmp_path):
+    report, md = run_check(["benchmarks/gpu_check.py", "--parts", "sanitize"], tmp_path)
+    plan = report["plan"]
+    assert plan["parts"] == ["sanitize"] and plan["caps_s"]["sanitize"] == gpu_check.SANITIZE_CAP_S
+    runs = plan["sanitize"]["runs"]
+    assert [(r["tool"], r["backend"]) for r in runs] == [
+        (t, b) for t in ("memcheck", "racecheck", "synccheck") for b in ("triton", "cuda")
+    ]
+    for run in runs:
+        assert f"--tool {run['tool']} --error-exitcode 99" in run["command"]
+        assert run["command"].endswith(f"benchmarks/sanitize_cases.py --backend {run['backend']}")
+        assert run["command"].startswith("PYTORCH_NO_CUDA_MEMORY_CACHING=1 ") == (run["tool"] == "memcheck")
+    cases = plan["sanitize"]["cases"]
+    assert cases == [c.name for c in sanitize_cases.cases()]
+    for K in (11, 101, 1001, 5000, 40001):
+        assert any(f" × {K} fp32" in c for c in cases) and any(f" × {K} bf16" in c for c in cases)
+    for feature in ("NCHW", "channels_last", "some ignored", "all ignored", "no grad", "upstream 0.5"):
+        assert any(feature in c for c in cases), feature
+    assert report["tests"]["status"] == "not selected (--parts)"
+    assert [r["status"] for r in report["sanitize"]["runs"]] == ["dry-run"] * 6
+    assert "## Sanitizers" in md and "| memcheck | dry-run | dry-run |" in md
+    assert "--tool synccheck --error-exitcode 99" in md and "3 × 40001 bf16 none" in md
+
+
+def run_cases(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "benchmarks/sanitize_cases.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sanitizer_cases_run_in_the_interpreter():
+    pytest.importorskip("triton")
+    proc = run_cases("--backend", "triton", "--smoke")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[-1].startswith(sanitize_cases.DONE) and "backend triton, cpu" in lines[-1]
+    assert sum(line.startswith("ok ") for line in lines) == len(sanitize_cases.cases())
+    refused = run_cases("--backend", "cuda", "--device", "cpu")
+    assert refused.returncode == 2 and "backend cuda cannot run on cpu" in refused.stderr
+
+
+def test_sanitizer_cases_fail_on_a_wrong_loss_or_gradient(monkeypatch):
+    case = sanitize_cases.Case((5, 11), torch.float32, "mean", 2.0)
+    gen = torch.Generator().manual_seed(0)
+    sanitize_cases.run_case(case, "reference", CPU, gen)  # the oracle against itself
+    loss = sanitize_cases.fused_drainage_loss
+
+    monkeypatch.setattr(sanitize_cases, "fused_drainage_loss", lambda *a, **k: loss(*a, **k) * 1.01)
+    with pytest.raises(AssertionError):
+        sanitize_cases.run_case(case, "reference", CPU, gen)
+
+    def steeper(*args, **kwargs):  # the same loss, 1.5 times its gradient
+        value = loss(*args, **kwargs)
+        return value.detach() + 1.5 * (value - value.detach())
+
+    monkeypatch.setattr(sanitize_cases, "fused_drainage_loss", steeper)
+    with pytest.raises(AssertionError, match="gradient off the oracle"):
+        sanitize_cases.run_case(case, "reference", CPU, gen)
+
+
+def test_sanitizer_cases_reach_every_triton_forward_layout():
+    tl = pytest.importorskip("drainage_fast.backends.triton_launch")
+    configs = {tl._forward_config(c.shape[1], c.dtype) for c in sanitize_cases.cases()}
+    assert {c.layout for c in configs} == {tl.COLUMNS, tl.TILE, tl.STREAM}
+    tiles = {(c.block_rows, c.num_warps) for c in configs if c.layout == tl.TILE}
+    assert {(8, 1), (1, 1), (1, 4)} <= tiles  # several rows a warp, a row a warp, a row on 4 warps
