@@ -18,7 +18,7 @@ import numpy as np
 
 from drainage_fast.openset import cleaning_metrics, precision_curve
 
-from .grid import PlannedRun, point_tag
+from .grid import PlannedRun, distinct, point_tag, resolved_path
 from .report import write_csv
 from .report.cleaning import plot_cleaning
 from .run_dirs import UserError
@@ -109,7 +109,7 @@ def finished_runs(paths: list[str]) -> list[tuple[dict, Path]]:
     """[(labels, run_dir)] for `train run` folders; runs of the same loss and loss parameters (seeds)
     are aggregated together. A folder without config.json and scores.npz is a UserError."""
     runs = []
-    for path in map(Path, paths):
+    for path in map(Path, distinct("--runs", paths, resolved_path)):
         missing = [name for name in ("config.json", "scores.npz") if not (path / name).is_file()]
         if missing:
             raise UserError(f"--runs {path}: not a finished run folder (no {', '.join(missing)})")

@@ -5,7 +5,8 @@ and main(args) -> exit code, imported only when used. A new command is one line 
 
 The flags several commands take are defined once, in shared_parser (an argparse parent parser), so they
 mean the same everywhere: --seeds (a list of seeds; FIRST-LAST for a range), --noise (a list of
-TYPE:RATE settings), --tuning, --grid and --set (one or more items each), --runs_dir and --out.
+TYPE:RATE settings), --tuning, --grid and --set (one or more items each), --runs_dir and --out. A flag
+that takes several values adds up when repeated (train/arguments.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import importlib
 import sys
 
+from .arguments import Extend, several
 from .run_dirs import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,15 +73,16 @@ def seed_items(text: str) -> list[int]:
     )
 
 
-class _SeedList(argparse.Action):
-    """--seeds: the items' seeds in one list; a seed given twice is refused (its runs would coincide)."""
+class _SeedList(Extend):
+    """--seeds: the items' seeds in one list, repetitions of the flag added up; a seed given twice is
+    refused (its runs would coincide)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        seeds = [seed for item in values for seed in item]
+        super().__call__(parser, namespace, [seed for item in values for seed in item], option_string)
+        seeds = getattr(namespace, self.dest)
         twice = sorted({s for s in seeds if seeds.count(s) > 1})
         if twice:
             parser.error(f"argument --seeds: seed {', '.join(map(str, twice))} given twice")
-        setattr(namespace, self.dest, seeds)
 
 
 SHARED_FLAGS = ("seeds", "noise", "tuning", "grid", "set", "runs_dir", "out")
@@ -90,9 +93,9 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
     set_defaults changes its own defaults only). Defaults: --seeds 1, --noise asym:0.4, nothing else."""
     p = argparse.ArgumentParser(add_help=False)
     add = {
-        "seeds": lambda: p.add_argument(
+        "seeds": lambda: several(
+            p,
             "--seeds",
-            nargs="+",
             type=seed_items,
             action=_SeedList,
             default=[1],
@@ -100,9 +103,9 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
             help="training seeds, one run per seed: a list (1 2 3) or a range FIRST-LAST (1-5 = 1 2 3 4 5) "
             "(default: %(default)s)",
         ),
-        "noise": lambda: p.add_argument(
+        "noise": lambda: several(
+            p,
             "--noise",
-            nargs="+",
             default=["asym:0.4"],
             metavar="TYPE:RATE",
             help="label-noise settings, each a type with its rate (none alone: clean labels), e.g. asym:0.4 "
@@ -114,17 +117,17 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
             help="train on 80%% of the training set, evaluate on the clean other 20%% (for choosing "
             "hyper-parameters; the test set is not touched)",
         ),
-        "grid": lambda: p.add_argument(
+        "grid": lambda: several(
+            p,
             "--grid",
-            nargs="+",
             default=[],
             metavar="[NAME:]KEY=V1,V2",
             help="hyper-parameter axes, every combination run: for all losses / methods, or only the one "
             "NAME names, e.g. lr=0.03,0.1 drainage:loss_params.alpha=0.5,1",
         ),
-        "set": lambda: p.add_argument(
+        "set": lambda: several(
+            p,
             "--set",
-            nargs="+",
             default=[],
             metavar="KEY=VALUE",
             help="config overrides for every run, e.g. epochs=10 lr=0.05 loss_params.alpha=0.5; each value "

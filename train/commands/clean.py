@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import several
 from ..cleaning import SCORE_LABELS, finished_runs, mean_curves, result_rows, train_runs
 from ..cli import SHARED_FLAGS, positive_int
-from ..grid import best_points, job_dir, parse_noise, plan_runs, reproducing_command
+from ..grid import best_points, distinct, job_dir, parse_noises, plan_runs, reproducing_command
+from ..losses import LOSS_NAMES
 from ..report import write_csv
 from ..report.cleaning import plot_cleaning
 
@@ -33,19 +35,21 @@ FLAGS = SHARED_FLAGS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
-    p.add_argument(
-        "--losses", nargs="+", default=["drainage", "ce"], help="losses to train (default: drainage ce)"
+    several(
+        p,
+        "--losses",
+        default=["drainage", "ce"],
+        metavar="LOSS",
+        help=f"losses to train: {LOSS_NAMES} (default: drainage ce)",
     )
-    p.add_argument(
+    several(
+        p,
         "--runs",
-        nargs="+",
         default=None,
         metavar="RUN_DIR",
         help="finished runs to rank instead of training (any `train run` folder)",
     )
-    p.add_argument(
-        "--ks", nargs="+", type=positive_int, default=[10, 50, 100], help="fixed k for precision / recall"
-    )
+    several(p, "--ks", type=positive_int, default=[10, 50, 100], help="fixed k for precision / recall")
 
 
 def write_report(
@@ -145,6 +149,7 @@ def command_line(args) -> str:
 def main(args) -> int:
     from ..experiment import check_plan
 
+    distinct("--ks", args.ks)  # before anything is trained
     if args.runs:
         runs = finished_runs(args.runs)
         # only the report goes there
@@ -153,7 +158,7 @@ def main(args) -> int:
         plan = plan_runs(
             args.dataset,
             args.losses,
-            [parse_noise(n) for n in args.noise],
+            parse_noises(args.noise),
             args.seeds,
             tuning=args.tuning,
             grid=args.grid,

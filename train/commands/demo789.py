@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import several
 from ..cli import SHARED_FLAGS
 from ..grid import job_dir, reproducing_command
 from ..openset.runs import METHODS, aggregate_scores, best_method_points, plan_open_set, run_plan, score_rows
@@ -47,9 +48,9 @@ COLUMNS = [  # (key in the run row, header)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    several(
+        p,
         "--methods",
-        nargs="+",
         default=["drainage", "ce"],
         choices=list(METHODS),
         help="methods to train (default: drainage ce)",

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import several
 from ..cli import SHARED_FLAGS
-from ..grid import job_dir, reproducing_command
+from ..grid import distinct, job_dir, reproducing_command, resolved_path
 from ..openset.runs import (
     EXTRA_METRICS,
     METHODS,
@@ -54,25 +55,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset", default="digits", choices=sorted(NUM_CLASSES), help="dataset (default: digits)"
     )
-    p.add_argument(
+    several(
+        p,
         "--methods",
-        nargs="+",
         default=list(METHODS),
         choices=list(METHODS),
         help="open-set methods to train (default: all)",
     )
     p.add_argument("--known", type=int, default=6, help="known classes per seeded split (default 6)")
-    p.add_argument(
+    several(
+        p,
         "--splits",
-        nargs="+",
         type=int,
         default=[0, 1, 2, 3, 4],
         metavar="SEED",
         help="seeded splits (default 0-4), read from --split_dir when their file is there",
     )
-    p.add_argument(
+    several(
+        p,
         "--split_files",
-        nargs="+",
         default=None,
         metavar="JSON",
         help="split files to use instead of --splits (e.g. a published split)",
@@ -101,10 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def splits_from(args) -> tuple[list, list]:
     """(the splits to run, the seeded ones without a file yet: the command saves them beside its results)."""
     if args.split_files:
-        return [load_split(path) for path in args.split_files], []
+        return [load_split(path) for path in distinct("--split_files", args.split_files, resolved_path)], []
     found = [
         seeded_split(args.dataset, NUM_CLASSES[args.dataset], args.known, s, args.split_dir or SPLIT_DIR)
-        for s in args.splits
+        for s in distinct("--splits", args.splits)
     ]
     return [split for split, _ in found], [split for split, on_disk in found if not on_disk]
 

@@ -21,8 +21,10 @@ import json
 import time
 from pathlib import Path
 
+from ..arguments import several
 from ..cli import SHARED_FLAGS, positive_int
-from ..grid import PlannedRun, best_points, job_dir, parse_noise, plan_runs, point_tag, reproducing_command
+from ..grid import PlannedRun, best_points, job_dir, parse_noises, plan_runs, point_tag, reproducing_command
+from ..losses import LOSS_NAMES
 from ..run_dirs import UserError
 
 FLAGS = SHARED_FLAGS
@@ -43,8 +45,12 @@ METRICS = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
-    p.add_argument(
-        "--losses", nargs="+", default=["drainage", "ce"], help="losses to compare (default: drainage ce)"
+    several(
+        p,
+        "--losses",
+        default=["drainage", "ce"],
+        metavar="LOSS",
+        help=f"losses to compare: {LOSS_NAMES} (default: drainage ce)",
     )
     p.add_argument(
         "--jobs", type=positive_int, default=1, help="runs in parallel processes (one CPU thread each)"
@@ -225,7 +231,7 @@ def main(args) -> int:
     plan = plan_runs(
         args.dataset,
         args.losses,
-        [parse_noise(n) for n in args.noise],
+        parse_noises(args.noise),
         args.seeds,
         tuning=args.tuning,
         grid=args.grid,

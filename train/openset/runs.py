@@ -35,7 +35,7 @@ from drainage_fast.openset import open_set_metrics, open_set_scores
 from ..config import CONFIG_DIR, Config, load_config, write_run_info
 from ..data import RawDataset, load_raw
 from ..experiment import check_model_fits, check_runtime, run_session, save_noise
-from ..grid import best_points, grid_points, parse_grid, point_overrides, point_tag
+from ..grid import best_points, check_owners, distinct, grid_points, parse_grid, point_overrides, point_tag
 from ..losses import build_loss, num_outputs
 from ..models import build_model
 from ..report import aggregate, write_csv
@@ -244,8 +244,12 @@ def plan_open_set(
 ) -> OpenSetPlan:
     """Every method x grid point x split x seed as a checked config, and the datasets they train on, loaded.
     A grid axis may be `drainage_logit` (drainage_const only); every other axis is a config key as in
-    `train sweep --grid`. Raises UserError for any mistake, before anything is written."""
+    `train sweep --grid`. Raises UserError for any mistake (a method or split given twice included),
+    before anything is written."""
+    distinct("--methods", methods)
+    distinct("split", [split.tag for split in splits])
     axes = parse_grid(list(grid))
+    check_owners(axes, methods, "methods")
     combos = [
         (m, point, split, seed)
         for m in methods
