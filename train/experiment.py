@@ -105,11 +105,20 @@ def check_model_fits(model: nn.Module, data, cfg: Config) -> None:
         ) from None
     finally:
         model.train(was_training)
-    expected = (len(x), num_outputs(cfg.loss, data.num_classes))
-    if shape != expected:
+    C = data.num_classes
+    K = num_outputs(cfg.loss, C)
+    if shape != (len(x), K):
+        # checked here, before training: the library would only object to a batch holding class C - 1
+        # (then the drainage index), possibly epochs in
+        need = (
+            f"{K} outputs ({C} class logits and the drainage output: K = C + 1)"
+            if K > C
+            else f"{C}, one a class"
+        )
+        emits = shape[1] if len(shape) == 2 else shape[1:]
         raise UserError(
-            f"model={cfg.model}: emits {shape[1:]} outputs per image, loss={cfg.loss} on "
-            f"{cfg.dataset} needs {expected[1]}"
+            f"model={cfg.model}: emits {emits} outputs per image; loss={cfg.loss} on {cfg.dataset} "
+            f"({C} classes) needs {need}"
         )
 
 
