@@ -172,14 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; returns its exit status: 0, 2 for a user's mistake (one line on stderr, nothing
-    left on disk), 130 for Ctrl-C. Anything else is a bug and keeps its traceback."""
+    left on disk), 130 for Ctrl-C (one line on stderr: what was kept, the command that continues). Anything
+    else is a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["default", *argv]
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(COMMANDS[args.command][0]).main(args) or 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Interrupted says what was kept and how to continue
+        print(f"python -m train {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except UserError as exc:
         print(f"python -m train {args.command}: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ Every mistake in these arguments is a UserError naming the argument and what it 
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import shlex
@@ -221,9 +222,21 @@ def best_points(
     return chosen
 
 
-def reproducing_command(command: str, args, flags: Sequence[str]) -> str:
+# the flags that place a job's outputs (and, --jobs, how it ran): a command that continues the job needs them
+JOB_FLAGS = ("runs_dir", "out", "split_dir", "title", "jobs")
+
+
+def reproducing_command(command: str, args, flags: Sequence[str], continue_in: Path | None = None) -> str:
     """`python -m train <command>` with the given flags as `args` holds them: a list as its items, True as
-    the bare flag; None, False and [] left out. Each word is shell-quoted where it needs to be."""
+    the bare flag; None, False and [] left out. Each word is shell-quoted where it needs to be.
+
+    continue_in: the job's runs_dir; the command then also names it and the JOB_FLAGS that were given
+    (--out, --split_dir, --title; --jobs when not 1): the command that continues the job."""
+    if continue_in is not None:
+        given = {flag: getattr(args, flag, None) for flag in JOB_FLAGS}
+        given |= {"runs_dir": str(continue_in), "jobs": None if given["jobs"] == 1 else given["jobs"]}
+        args = argparse.Namespace(**{**vars(args), **given})
+        flags = [*flags, *JOB_FLAGS]
     words = ["python", "-m", "train", command]
     for flag in flags:
         value = getattr(args, flag)

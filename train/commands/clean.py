@@ -138,12 +138,13 @@ def plot_report(runs: list[tuple[dict, Path]], path: Path, title: str) -> None:
     )
 
 
-def command_line(args) -> str:
+def command_line(args, continue_in: Path | None = None) -> str:
+    """The job as a command (the report's Reproduce line; with continue_in, its runs_dir: the command that
+    continues it)."""
     if args.runs:
         return reproducing_command("clean", args, ["runs", "ks"])
-    return reproducing_command(
-        "clean", args, ["dataset", "losses", "noise", "seeds", "ks", "tuning", "grid", "set"]
-    )
+    flags = ["dataset", "losses", "noise", "seeds", "ks", "tuning", "grid", "set"]
+    return reproducing_command("clean", args, flags, continue_in=continue_in)
 
 
 def main(args) -> int:
@@ -166,7 +167,7 @@ def main(args) -> int:
         )
         check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
         runs_dir = job_dir(args.runs_dir, f"clean-{args.dataset}")
-        runs = train_runs(plan, runs_dir)
+        runs = train_runs(plan, runs_dir, continue_with=command_line(args, continue_in=runs_dir))
     out = Path(args.out) if args.out else runs_dir / "cleaning"
     rows = result_rows(runs, args.ks)
     if not rows:

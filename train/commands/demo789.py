@@ -123,8 +123,12 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
     return "\n".join(text)
 
 
-def command_line(args) -> str:
-    return reproducing_command("demo789", args, ["methods", "seeds", "tuning", "grid", "set"])
+def command_line(args, continue_in: Path | None = None) -> str:
+    """The job as a command (the report's Reproduce line; with continue_in, its runs_dir: the command that
+    continues it)."""
+    return reproducing_command(
+        "demo789", args, ["methods", "seeds", "tuning", "grid", "set"], continue_in=continue_in
+    )
 
 
 def main(args) -> int:
@@ -140,7 +144,8 @@ def main(args) -> int:
     )
     runs_dir = job_dir(args.runs_dir, "demo789")
     out = Path(args.out) if args.out else runs_dir / "demo789"
-    runs = run_plan(plan, runs_dir, unknown_train="relabel")
+    continue_with = command_line(args, continue_in=runs_dir)
+    runs = run_plan(plan, runs_dir, unknown_train="relabel", continue_with=continue_with)
     title = (
         f"digits: training 7/8/9 relabelled at random to 0-6 "
         f"({'validation split, tuning' if args.tuning else 'test set'})"

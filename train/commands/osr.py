@@ -204,13 +204,22 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
     return "\n".join(text)
 
 
-def command_line(args) -> str:
+def command_line(args, continue_in: Path | None = None) -> str:
+    """The job as a command (the report's Reproduce line; with continue_in, its runs_dir: the command that
+    continues it)."""
     splits = ["split_files"] if args.split_files else ["known", "splits"]
-    return reproducing_command(
-        "osr",
-        args,
-        ["dataset", "methods", *splits, "seeds", "drainage_logit", "unknown_train", "tuning", "grid", "set"],
-    )
+    flags = [
+        "dataset",
+        "methods",
+        *splits,
+        "seeds",
+        "drainage_logit",
+        "unknown_train",
+        "tuning",
+        "grid",
+        "set",
+    ]
+    return reproducing_command("osr", args, flags, continue_in=continue_in)
 
 
 def main(args) -> int:
@@ -232,7 +241,8 @@ def main(args) -> int:
     for split in new_splits:
         save_split(split, Path(args.split_dir or runs_dir / "splits") / f"{split.tag}.json")
     out = Path(args.out) if args.out else runs_dir / "osr"
-    runs = run_plan(plan, runs_dir, unknown_train=args.unknown_train)
+    continue_with = command_line(args, continue_in=runs_dir)
+    runs = run_plan(plan, runs_dir, unknown_train=args.unknown_train, continue_with=continue_with)
     k, u = len(splits[0].known), len(splits[0].unknown)
     evaluated = "validation split, tuning" if args.tuning else "test set"
     title = args.title or (
