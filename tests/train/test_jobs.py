@@ -162,6 +162,8 @@ def test_osr_clean_and_demo789_cut_by_ctrl_c_continue_to_the_same_report(name, t
     assert run_here(continuing(err)) == 0
     assert "continued from their checkpoint" in capsys.readouterr().out
     assert_same_job(tmp_path / "cut", tmp_path / "uncut")
+    report = (tmp_path / "cut" / "report.md").read_text()  # one seed: said so, never "over 1 seeds"
+    assert "over 1 " not in report and ("one seed, no spread" in report or "one run, no spread" in report)
 
 
 SAME = {"config.json": {"lr": 0.1}}

@@ -63,7 +63,7 @@ def write_report(
     command: str = "",
 ) -> str:
     """The markdown table (and, with select, each loss's best grid point), CSVs and figure."""
-    from ..report import aggregate, loss_label, pct
+    from ..report import aggregate, loss_label, pct, spread_over
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fixed = [f"{kind}@{k}" for k in ks for kind in ("precision", "recall") if f"precision@{k}" in rows[0]]
@@ -80,8 +80,7 @@ def write_report(
             "probability; Drainage only) or self-confidence (1 - the closed-softmax probability of the given "
             "label, the usual baseline). k_flipped = the number of flipped labels "
             f"({agg[0]['num_flipped_mean']:.0f} on average), where precision = recall. AUROC: the score "
-            "separating flipped from clean labels. Values in %, mean ± std over "
-            f"{agg[0]['n']} seeds."
+            f"separating flipped from clean labels. Values in %, {spread_over(agg[0]['n'], 'seed')}."
         ),
         "",
         "| model / score | precision@k_flipped | " + " | ".join(fixed) + " | AUROC |",

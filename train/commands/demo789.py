@@ -28,7 +28,7 @@ from ..cli import SHARED_FLAGS
 from ..grid import job_dir, reproducing_command
 from ..openset.runs import METHODS, aggregate_scores, best_method_points, plan_open_set, run_plan, score_rows
 from ..openset.splits import SPLIT_DIR, load_split
-from ..report import aggregate, pct, write_csv
+from ..report import aggregate, pct, spread_over, write_csv
 from ..report.openset import plot_demo
 
 FLAGS = tuple(flag for flag in SHARED_FLAGS if flag != "noise")  # the relabelling is the noise
@@ -94,8 +94,8 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
             "Drained = "
             "argmax over all K outputs is the drainage node; AUROC = telling 7/8/9 from 0-6 by the score "
             "(drainage_fast.openset); precision@k on the training set: share of relabelled 7/8/9 among the k "
-            "images with the highest score, k = their number. Values in %, mean ± std over "
-            f"{agg[0]['n']} seeds (relabelling draw and training)."
+            "images with the highest score, k = their number. Values in %, "
+            f"{spread_over(agg[0]['n'], 'seed')} (relabelling draw and training)."
         ),
         "",
         "| method | " + " | ".join(headers) + " |",

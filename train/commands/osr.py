@@ -39,7 +39,7 @@ from ..openset.runs import (
     setting_label,
 )
 from ..openset.splits import SPLIT_DIR, load_split, save_split, seeded_split
-from ..report import mean_std, pct
+from ..report import counted, mean_std, pct, spread_over
 from ..report.openset import plot_osr
 
 FLAGS = tuple(flag for flag in SHARED_FLAGS if flag != "noise")  # open-set runs train on clean labels
@@ -171,8 +171,8 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
             "conventions (unknown-positive: known images flagged when 95% of the unknown are; "
             "known-positive: unknown images accepted when 95% of the known are). OSCR: area under "
             "correct-classification rate vs false-positive rate. Drained = argmax over all K outputs is "
-            "the drainage node. All values in %, mean ± std over "
-            f"{agg[0]['n']} runs (splits x training seeds)."
+            f"the drainage node. All values in %, {spread_over(agg[0]['n'], 'run')} (splits x training "
+            "seeds)."
         ),
         "",
         "Splits (known / unknown classes):",
@@ -247,7 +247,7 @@ def main(args) -> int:
     evaluated = "validation split, tuning" if args.tuning else "test set"
     title = args.title or (
         f"{args.dataset}: open-set recognition, {k} known / {u} unknown classes, "
-        f"{len(splits)} splits ({evaluated})"
+        f"{counted(len(splits), 'split')} ({evaluated})"
     )
     print(write_report(runs, splits, out, title, command_line(args)))
     print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; runs (with scores.csv) in {runs_dir}")
