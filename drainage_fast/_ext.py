@@ -9,8 +9,10 @@ Two ways in, tried in this order:
 
 The CPU part (schemas + CPU kernels) and the CUDA part (CUDA kernels) are separate libraries in the
 just-in-time path, so a machine without nvcc still gets the CPU kernels. Nothing here raises: a
-failure becomes the reason string the "cpp" / "cuda" backends report. DRAINAGE_FAST_NO_EXT=1 turns
-the extension off.
+failure becomes the reason string the "cpp" / "cuda" backends report, and a CPU part that cannot be
+built also warns once (NativeBuildWarning): backend="auto" then runs "reference" on the CPU, and a
+silent fallback cost users the native speed without a word. DRAINAGE_FAST_NO_EXT=1 turns the extension
+off (no warning: it was asked for).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import hashlib
 import importlib
 import os
 import platform
+import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 CPU_SOURCES = ("drainage.cpp", "reduced_loss.cpp", "cpu/drainage_cpu.cpp")
@@ -62,6 +66,11 @@ def csrc_dir() -> Path | None:
     return None
 
 
+class NativeBuildWarning(UserWarning):
+    """The C++ CPU kernels could not be built: backend="auto" runs the slower "reference" on the CPU.
+    Filter it like any warning: warnings.filterwarnings("ignore", category=NativeBuildWarning)."""
+
+
 _state: dict[str, str | None] = {}  # part -> None when loaded, else why not
 _ahead_of_time: list[bool] = []  # [True] once drainage_fast._C was imported
 
@@ -94,7 +103,33 @@ def _load_cpu() -> str | None:
         _ahead_of_time.append(True)
         return None
     except ImportError:
-        return _jit("cpu", CPU_SOURCES, with_cuda=False)
+        reason = _jit("cpu", CPU_SOURCES, with_cuda=False)
+    if reason is not None:  # load_cpu caches the answer: this warns once per process
+        warnings.warn(
+            f"drainage_fast: the C++ CPU kernels could not be built ({_telling_line(reason)}), so "
+            "backend='auto' runs the slower 'reference' backend on the CPU. Fix: install a C++ "
+            "compiler (g++ or clang++) and ninja (pip install ninja) and start Python again, or build "
+            "the kernels at install time with DRAINAGE_FAST_BUILD_EXT=1 pip install "
+            "--no-build-isolation -e . ; the full reason: drainage_fast.backends.availability('cpp'). "
+            "DRAINAGE_FAST_NO_EXT=1 turns the extension off.",
+            NativeBuildWarning,
+            stacklevel=2,
+        )
+    return reason
+
+
+def _telling_line(reason: str) -> str:
+    """The line of a build failure that says what went wrong: the first compiler error or missing tool,
+    not ninja's closing "build stopped" or a compiler command line; else the last line."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    telling = [
+        line
+        for line in lines
+        if re.search(r"error|not found|no such file|required", line, re.IGNORECASE)
+        and " -c " not in line
+        and not line.startswith(("FAILED", "ninja:"))
+    ]
+    return (telling or lines)[0 if telling else -1][:300]
 
 
 def _load_cuda() -> str | None:

@@ -95,6 +95,9 @@ def check_inputs(
 # Device-side asserts carry a fixed message (the failing value is not known on the host; under
 # torch.compile K may be symbolic and cannot be formatted in).
 TARGET_MESSAGE = "drainage_fast: every target must be in [0, K) and != drainage_idx, or == ignore_index"
+DRAINAGE_HINT = (
+    " (a classifier for C classes needs K = C + 1 outputs: C class logits and the drainage output)"
+)
 
 
 def check_target_values(target: torch.Tensor, K: int, d: int, ignore_index: int) -> None:
@@ -114,9 +117,11 @@ def check_target_values(target: torch.Tensor, K: int, d: int, ignore_index: int)
     if bad.any():
         value = int(target[bad].flatten()[0])
         what = "equals drainage_idx" if value == d else f"is out of range [0, {K})"
+        # the usual cause: a model with C outputs, whose last class is then taken for the drainage output
+        hint = DRAINAGE_HINT if value == d else ""
         raise IndexError(
             f"target value {value} {what}; targets must be class indices in [0, {K}) other "
-            f"than drainage_idx={d}, or ignore_index={ignore_index}"
+            f"than drainage_idx={d}, or ignore_index={ignore_index}{hint}"
         )
 
 

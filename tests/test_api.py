@@ -81,6 +81,27 @@ def test_bad_input_raises_a_clear_error(loss_fn, kwargs, transform, error, words
         assert word in str(info.value), f"{word!r} not in: {info.value}"
 
 
+HINT = "a classifier for C classes needs K = C + 1 outputs: C class logits and the drainage output"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss_fn", LOSSES, ids=lambda f: f.__name__)
+def test_a_target_on_the_drainage_output_says_the_model_needs_c_plus_1_outputs(loss_fn, reduction):
+    """A model built with C outputs passes every batch until one holds class C - 1, which is then the
+    drainage index: the message must name the likely cause. An out-of-range target has another cause."""
+    if DEVICE.type != "cpu":
+        pytest.skip("on GPU a bad target is a device-side assert (no host sync); tested in test_gpu.py")
+    logits = torch.randn(4, 5)  # a 5-class model that forgot the drainage output
+    on_drainage, out_of_range = torch.tensor([0, 4, 1, 2]), torch.tensor([0, 5, 1, 2])
+    kwargs = dict(reduction=reduction) | ({"backend": "reference"} if loss_fn is fused_drainage_loss else {})
+    with pytest.raises(IndexError) as info:
+        loss_fn(logits, on_drainage, **kwargs)
+    assert str(info.value).endswith(f"ignore_index=-100 ({HINT})"), info.value
+    with pytest.raises(IndexError) as info:
+        loss_fn(logits, out_of_range, **kwargs)
+    assert "out of range" in str(info.value) and HINT not in str(info.value)
+
+
 def test_unknown_backend():
     logits, target = good_inputs()
     with pytest.raises(ValueError, match="backend.*'cudnn'"):
@@ -143,6 +164,7 @@ def test_default_beta_is_one_over_alpha():
 def test_public_names():
     assert set(drainage_fast.__all__) == {
         "DrainageLoss",
+        "NativeBuildWarning",  # a failed C++ build: a warning a user can filter (test_csrc.py)
         "available_backends",
         "drainage_loss_reference",
         "fused_drainage_loss",

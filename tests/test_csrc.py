@@ -147,6 +147,51 @@ def test_import_never_fails_without_the_extension():
     assert "DRAINAGE_FAST_NO_EXT=1" in reason
     assert auto == "reference"
     assert raised.startswith("raised: backend='cpp' cannot run on cpu") and "DRAINAGE_FAST_NO_EXT" in raised
+    assert "NativeBuildWarning" not in run.stderr  # turned off on purpose: nothing to warn about
+
+
+# A C++ build that fails (the compiler named by CXX does not exist), in a fresh cache: the first "auto"
+# loss on the CPU warns once, naming the reason and the fixes, and computes with "reference".
+FAILED_BUILD = """
+import warnings
+import torch
+import drainage_fast as df
+from drainage_fast import backends
+x, t = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")  # every warning emitted is recorded: "once" must be our doing
+    losses = [df.fused_drainage_loss(x, t, alpha=0.3) for _ in range(2)] + [df.available_backends()]
+built = [w for w in caught if issubclass(w.category, df.NativeBuildWarning)]
+print(len(built), issubclass(df.NativeBuildWarning, UserWarning))
+print(str(built[0].message) if built else "")
+print(backends.resolve("auto", torch.device("cpu")).NAME, losses[2])
+print(torch.isclose(losses[0], df.drainage_loss_reference(x, t, alpha=0.3), rtol=1e-12).item())
+"""
+
+
+@pytest.mark.skipif(DISABLED or _ext._ahead_of_time, reason="only the just-in-time build can fail here")
+def test_a_failed_build_warns_once_and_auto_runs_reference(tmp_path):
+    run = _python(
+        FAILED_BUILD, CXX="/nonexistent/c++", DRAINAGE_FAST_CACHE_DIR=str(tmp_path), TRITON_INTERPRET="0"
+    )
+    assert run.returncode == 0, run.stderr
+    count, message, resolved, same = run.stdout.strip().splitlines()
+    assert count == "1 True", run.stdout
+    # the reason is the shell's line about the missing compiler, not ninja's closing "build stopped"
+    assert "could not be built (" in message and "/nonexistent/c++: not found)" in message, message
+    for fix in ("C++ compiler", "ninja", "DRAINAGE_FAST_BUILD_EXT=1", "availability('cpp')"):
+        assert fix in message, fix
+    assert resolved == "reference ['reference']" and same == "True"
+    # the category is what a user filters on
+    quiet = _python(
+        "import warnings, torch, drainage_fast as df\n"
+        "warnings.filterwarnings('ignore', category=df.NativeBuildWarning)\n"
+        "df.fused_drainage_loss(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))\n",
+        CXX="/nonexistent/c++",
+        DRAINAGE_FAST_CACHE_DIR=str(tmp_path / "again"),
+        TRITON_INTERPRET="0",
+    )
+    assert quiet.returncode == 0 and "NativeBuildWarning" not in quiet.stderr, quiet.stderr
 
 
 def test_a_failed_build_is_a_reason_not_an_exception(tmp_path, monkeypatch):

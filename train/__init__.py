@@ -8,8 +8,11 @@ A library of modules and subpackages, and thin commands that only consume it (do
     models.build_model(name, num_outputs, pretrained)           models/resnet.py: torchvision's names
     losses.build_loss(name, num_classes, **params), losses.num_outputs, losses.l1_penalty
     experiment.run_experiment(cfg, run_dir) -> RunResult        one run end to end, the run folder
-    experiment.check_plan(cfgs), experiment.reuse_or_claim     a multi-run command's checks and folders
+    experiment.check_plan(cfgs)                                 a multi-run command's checks
+    jobs.Job                                                    its run folders: reused, continued, claimed
     run_dirs.claim_run_dir, run_dirs.UserError                  one folder per run; a user's mistake
+    run_dirs.Interrupted, run_dirs.lock_run_dir                 Ctrl-C's one line; a folder being trained
+    arguments.Extend                                            a repeated flag adds up
     grid.parse_noise / parse_grid / grid_points / config_for   the multi-run commands' shared syntax,
     grid.best_points / reproducing_command                     the best grid point, the reproducing command
     trainer.Trainer, trainer.class_predictions                  (p_d, precision@k: drainage_fast.openset)

@@ -62,7 +62,10 @@ def read_checkpoint(path: str | Path, keys: tuple[str, ...], map_location="cpu")
     (empty, truncated, not a torch file) or lacks one of `keys`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} does not exist: nothing to continue from (the run saved no checkpoint)")
+        raise UserError(
+            f"{path} does not exist: nothing to continue from (a run with checkpoint=false, as the runs "
+            "of sweep, clean, osr and demo789, drops it once finished)"
+        )
     try:
         state = load_checkpoint(path, map_location)
     except DAMAGED_FILE_ERRORS as exc:

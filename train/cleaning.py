@@ -18,7 +18,7 @@ import numpy as np
 
 from drainage_fast.openset import cleaning_metrics, precision_curve
 
-from .grid import PlannedRun, point_tag
+from .grid import PlannedRun, distinct, point_tag, resolved_path
 from .report import write_csv
 from .report.cleaning import plot_cleaning
 from .run_dirs import UserError
@@ -87,21 +87,23 @@ def rank_run(run_dir: str | Path, ks=(10, 50, 100)) -> dict:
     return result
 
 
-def train_runs(plan: list[PlannedRun], runs_dir: Path) -> list[tuple[dict, Path]]:
+def train_runs(plan: list[PlannedRun], runs_dir: Path, continue_with: str = "") -> list[tuple[dict, Path]]:
     """Trains every planned run under runs_dir/<loss>[<params>]/<noise>/s<seed>, reusing a finished run of
-    the same config (experiment.reuse_or_claim); [(labels, run_dir)]."""
-    from .experiment import reuse_or_claim, run_experiment
+    the same config and continuing a cut one (train/jobs.py); [(labels, run_dir)]. Ctrl-C:
+    run_dirs.Interrupted, whose line ends with continue_with."""
+    from .jobs import Job, plan_experiment, train_planned
 
     done = []
-    for run in plan:
-        labels, cfg = run.labels, run.cfg
-        run_dir, reused, notes = reuse_or_claim(runs_dir / run.folder, f"s{run.seed}", cfg)
-        for note in notes:
-            print(note, flush=True)
-        if not reused:
-            run_experiment(cfg, run_dir, quiet=True, progress=False)
-        done.append((labels, run_dir))
-        print(f"{'reused (finished, same config)' if reused else 'trained'} {run_dir}", flush=True)
+    with Job(continue_with, runs_dir) as job:
+        planned = [plan_experiment(job, run, runs_dir) for run in plan]
+        print(job.counts(), flush=True)
+        for run, planned_run in zip(plan, planned):
+            slot = job.claim(planned_run)
+            if slot.state != "reused":
+                train_planned(run.cfg, slot.run_dir, slot.state, continue_with)
+                job.release(slot)
+                print(f"trained {slot.run_dir}", flush=True)
+            done.append((run.labels, slot.run_dir))
     return done
 
 
@@ -109,7 +111,7 @@ def finished_runs(paths: list[str]) -> list[tuple[dict, Path]]:
     """[(labels, run_dir)] for `train run` folders; runs of the same loss and loss parameters (seeds)
     are aggregated together. A folder without config.json and scores.npz is a UserError."""
     runs = []
-    for path in map(Path, paths):
+    for path in map(Path, distinct("--runs", paths, resolved_path)):
         missing = [name for name in ("config.json", "scores.npz") if not (path / name).is_file()]
         if missing:
             raise UserError(f"--runs {path}: not a finished run folder (no {', '.join(missing)})")

@@ -5,7 +5,8 @@ and main(args) -> exit code, imported only when used. A new command is one line 
 
 The flags several commands take are defined once, in shared_parser (an argparse parent parser), so they
 mean the same everywhere: --seeds (a list of seeds; FIRST-LAST for a range), --noise (a list of
-TYPE:RATE settings), --tuning, --grid and --set (one or more items each), --runs_dir and --out.
+TYPE:RATE settings), --tuning, --grid and --set (one or more items each), --runs_dir and --out. A flag
+that takes several values adds up when repeated (train/arguments.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import importlib
 import sys
 
+from .arguments import Extend, several
 from .run_dirs import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -71,15 +73,16 @@ def seed_items(text: str) -> list[int]:
     )
 
 
-class _SeedList(argparse.Action):
-    """--seeds: the items' seeds in one list; a seed given twice is refused (its runs would coincide)."""
+class _SeedList(Extend):
+    """--seeds: the items' seeds in one list, repetitions of the flag added up; a seed given twice is
+    refused (its runs would coincide)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        seeds = [seed for item in values for seed in item]
+        super().__call__(parser, namespace, [seed for item in values for seed in item], option_string)
+        seeds = getattr(namespace, self.dest)
         twice = sorted({s for s in seeds if seeds.count(s) > 1})
         if twice:
             parser.error(f"argument --seeds: seed {', '.join(map(str, twice))} given twice")
-        setattr(namespace, self.dest, seeds)
 
 
 SHARED_FLAGS = ("seeds", "noise", "tuning", "grid", "set", "runs_dir", "out")
@@ -90,9 +93,9 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
     set_defaults changes its own defaults only). Defaults: --seeds 1, --noise asym:0.4, nothing else."""
     p = argparse.ArgumentParser(add_help=False)
     add = {
-        "seeds": lambda: p.add_argument(
+        "seeds": lambda: several(
+            p,
             "--seeds",
-            nargs="+",
             type=seed_items,
             action=_SeedList,
             default=[1],
@@ -100,9 +103,9 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
             help="training seeds, one run per seed: a list (1 2 3) or a range FIRST-LAST (1-5 = 1 2 3 4 5) "
             "(default: %(default)s)",
         ),
-        "noise": lambda: p.add_argument(
+        "noise": lambda: several(
+            p,
             "--noise",
-            nargs="+",
             default=["asym:0.4"],
             metavar="TYPE:RATE",
             help="label-noise settings, each a type with its rate (none alone: clean labels), e.g. asym:0.4 "
@@ -114,17 +117,17 @@ def shared_parser(flags: tuple[str, ...] = SHARED_FLAGS) -> argparse.ArgumentPar
             help="train on 80%% of the training set, evaluate on the clean other 20%% (for choosing "
             "hyper-parameters; the test set is not touched)",
         ),
-        "grid": lambda: p.add_argument(
+        "grid": lambda: several(
+            p,
             "--grid",
-            nargs="+",
             default=[],
             metavar="[NAME:]KEY=V1,V2",
             help="hyper-parameter axes, every combination run: for all losses / methods, or only the one "
             "NAME names, e.g. lr=0.03,0.1 drainage:loss_params.alpha=0.5,1",
         ),
-        "set": lambda: p.add_argument(
+        "set": lambda: several(
+            p,
             "--set",
-            nargs="+",
             default=[],
             metavar="KEY=VALUE",
             help="config overrides for every run, e.g. epochs=10 lr=0.05 loss_params.alpha=0.5; each value "
@@ -169,14 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; returns its exit status: 0, 2 for a user's mistake (one line on stderr, nothing
-    left on disk), 130 for Ctrl-C. Anything else is a bug and keeps its traceback."""
+    left on disk), 130 for Ctrl-C (one line on stderr: what was kept, the command that continues). Anything
+    else is a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["default", *argv]
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(COMMANDS[args.command][0]).main(args) or 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Interrupted says what was kept and how to continue
+        print(f"python -m train {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     except UserError as exc:
         print(f"python -m train {args.command}: error: {exc}", file=sys.stderr)

@@ -84,7 +84,8 @@ class Config:
     out_dir: str = "runs"
     name: str | None = None  # run folder name; default <time>-<dataset>-<loss>-<noise>-s<seed>-<hash>
     tb: bool = False  # TensorBoard event files in the run folder
-    checkpoint: bool = True  # atomic checkpoint after every epoch (needed by --resume)
+    checkpoint: bool = True  # keep last.pt (and best.pt) once the run is finished; false: last.pt is
+    # still written every epoch (a cut run continues from it) and dropped when the run finishes
 
     def validate(self) -> Config:
         """Checks names and ranges; returns self. Raises UserError naming the bad field and value."""

@@ -18,6 +18,7 @@ so a mistake leaves nothing behind.
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,18 @@ from .data import NoisyDataset, build_data, load_labelled, noise_type_of, prepar
 from .logs import close_logger, run_logger, tensorboard_writer_class
 from .losses import build_loss, num_outputs
 from .models import build_model
-from .run_dirs import UserError, atomic_write_text, claim_run_dir, config_hash, discard_if_unused, timestamp
+from .run_dirs import (
+    LOCK,
+    Interrupted,
+    UserError,
+    atomic_write_text,
+    claim_run_dir,
+    config_hash,
+    discard_if_unused,
+    lock_run_dir,
+    timestamp,
+    unlock_run_dir,
+)
 from .trainer import CHECKPOINT, CHECKPOINT_KEYS, Trainer, resolve_device, seed_everything
 
 # what a resume may change: nothing an epoch already trained depends on (a cosine schedule is
@@ -57,13 +69,13 @@ def default_run_name(cfg: Config) -> str:
 def claim_new_run_dir(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """The folder of a new run, claimed atomically: run_dir (refused when it exists and is not empty, unless
     overwrite); without run_dir, cfg.out_dir / cfg.name, else a unique default name under cfg.out_dir. An
-    empty existing run_dir is one the caller claimed (claim_run_dir) and is used as it is."""
+    empty existing run_dir (its lock file aside) is one the caller claimed and is used as it is."""
     if run_dir is None:
         if cfg.name:
             return claim_run_dir(cfg.out_dir, cfg.name, overwrite=overwrite)
         return claim_run_dir(cfg.out_dir, default_run_name(cfg), unique=True)
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and not overwrite and not any(run_dir.iterdir()):
+    if run_dir.is_dir() and not overwrite and all(p.name == LOCK for p in run_dir.iterdir()):
         return run_dir
     return claim_run_dir(run_dir.parent, run_dir.name, overwrite=overwrite)
 
@@ -105,11 +117,20 @@ def check_model_fits(model: nn.Module, data, cfg: Config) -> None:
         ) from None
     finally:
         model.train(was_training)
-    expected = (len(x), num_outputs(cfg.loss, data.num_classes))
-    if shape != expected:
+    C = data.num_classes
+    K = num_outputs(cfg.loss, C)
+    if shape != (len(x), K):
+        # checked here, before training: the library would only object to a batch holding class C - 1
+        # (then the drainage index), possibly epochs in
+        need = (
+            f"{K} outputs ({C} class logits and the drainage output: K = C + 1)"
+            if K > C
+            else f"{C}, one a class"
+        )
+        emits = shape[1] if len(shape) == 2 else shape[1:]
         raise UserError(
-            f"model={cfg.model}: emits {shape[1:]} outputs per image, loss={cfg.loss} on "
-            f"{cfg.dataset} needs {expected[1]}"
+            f"model={cfg.model}: emits {emits} outputs per image; loss={cfg.loss} on {cfg.dataset} "
+            f"({C} classes) needs {need}"
         )
 
 
@@ -141,15 +162,27 @@ def cpu_threads(n: int):
 
 
 @contextmanager
-def run_log(run_dir: Path, quiet: bool):
+def run_log(run_dir: Path, quiet: bool, continue_with: str | None = None):
     """The run's logger (train.log, and the console unless quiet). An error that ends the run is written to
     train.log with its traceback before it propagates; a folder it leaves holding nothing but train.log
-    (the run never started) is removed."""
+    (the run never started) is removed.
+
+    Ctrl-C becomes Interrupted with one line: with a checkpoint, what it holds and `continue_with` (the
+    command that continues the run; default: `train run --resume`), also written to train.log; without
+    one (cut before the first checkpoint), the folder is removed, since it holds nothing to continue.
+    """
     logger = run_logger(run_dir, quiet)
     try:
         yield logger
-    except KeyboardInterrupt:
-        raise  # the trainer logs where to resume from
+    except KeyboardInterrupt as exc:
+        if not (run_dir / CHECKPOINT).is_file():
+            close_logger(logger)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise Interrupted(f"interrupted before the first checkpoint; {run_dir} was removed") from None
+        command = continue_with or f"python -m train run --resume {run_dir}"
+        line = f"{str(exc) or 'interrupted'}; continue with: {command}"
+        logger.warning(line, extra={"console": False})
+        raise Interrupted(line) from None
     except BaseException:
         logger.exception("the run stopped with an error")
         close_logger(logger)
@@ -167,10 +200,10 @@ def seed_run(cfg: Config) -> None:
 
 
 @contextmanager
-def run_session(cfg: Config, run_dir: Path, quiet: bool):
+def run_session(cfg: Config, run_dir: Path, quiet: bool, continue_with: str | None = None):
     """The frame of a run in a folder its caller claimed and whose data it built: cfg's CPU threads, the
     seeds (seed_run) and the run's logger (run_log); yields the logger."""
-    with cpu_threads(cfg.cpu_threads), run_log(run_dir, quiet) as logger:
+    with cpu_threads(cfg.cpu_threads), run_log(run_dir, quiet, continue_with) as logger:
         seed_run(cfg)
         yield logger
 
@@ -218,13 +251,15 @@ def run_experiment(
     quiet: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    continue_with: str | None = None,
 ) -> RunResult:
     """Trains cfg in a new run folder (claim_new_run_dir(cfg, run_dir, overwrite=...)), or with resume=True
     continues the run in run_dir from its last.pt; returns the summary and history.
 
     Everything a user can get wrong is checked before the folder is claimed (or, on resume, before a
     file in it changes); those mistakes are UserErrors. stop_after: stop after this epoch (a chunked job;
-    continue later with resume=True).
+    continue later with resume=True). continue_with: the command that continues the run if it is cut
+    (run_log; a multi-run command gives its own).
     """
     if stop_after is not None and stop_after < 1:
         raise UserError(f"--run_epochs {stop_after}: must be an epoch >= 1")
@@ -237,7 +272,7 @@ def run_experiment(
         check_model_fits(model, data, cfg)
         loss_fn = build_loss(cfg.loss, data.num_classes, **cfg.loss_params)
         run_dir = Path(run_dir) if resume else claim_new_run_dir(cfg, run_dir, overwrite=overwrite)
-        with run_log(run_dir, quiet) as logger:
+        with run_log(run_dir, quiet, continue_with) as logger:
             if resume:
                 write_config(run_dir, cfg)  # a resume may have changed epochs / eval_freq
             else:
@@ -268,6 +303,7 @@ def run_experiment(
             atomic_write_text(
                 run_dir / "summary.json", json.dumps(summary, indent=1) + "\n"
             )  # read by reruns
+            trainer.finish()
             logger.info(
                 f"done: best {data.eval_split} acc {summary['best_eval_acc']:.2%} (epoch "
                 f"{summary['best_epoch']}), last {summary['last_eval_acc']:.2%}; outputs in {run_dir}"
@@ -306,50 +342,23 @@ def resume_experiment(run_dir: str | Path, overrides=(), **kwargs) -> RunResult:
                 f"{', '.join(RESUMABLE_KEYS)} can); start a new run with --config "
                 f"{run_dir / 'config.json'} --set {item}"
             )
-    cfg = load_config(str(run_dir / "config.json"), list(overrides))
-    return run_experiment(cfg, run_dir, resume=True, **kwargs)
+    from .openset.runs import OPENSET_RECORD
 
-
-def reuse_or_claim(parent: Path, stem: str, cfg: Config) -> tuple[Path, bool, list[str]]:
-    """(run_dir, reused, notes) for a planned run of a multi-run command (sweep, clean).
-
-    Looks at parent/stem, stem-2, ... in order: the first that holds a finished run of exactly cfg
-    (config.json equal to the resolved cfg, summary.json after cfg.epochs epochs) is reused. Otherwise a
-    fresh folder is claimed beside them (claim_run_dir(unique=True)), so a stale, unfinished or running run
-    is never reused, overwritten or mixed. notes: why each existing folder was not reused.
-    """
-    wanted, notes = resolved(cfg), []
-    existing = [p for p in [parent / stem, *parent.glob(f"{stem}-*")] if p.is_dir() and _suffix(p, stem)]
-    for path in sorted(existing, key=lambda p: _suffix(p, stem)):
-        reason = why_not_reusable(path, wanted)
-        if reason is None:
-            return path, True, notes
-        notes.append(f"{path}: not reused, {reason}")
-    return claim_run_dir(parent, stem, unique=True), False, notes
-
-
-def _suffix(path: Path, stem: str) -> int | None:
-    """1 for stem itself, n for stem-n, None for a folder that only starts like stem."""
-    if path.name == stem:
-        return 1
-    tail = path.name[len(stem) + 1 :]
-    return int(tail) if tail.isdigit() else None
-
-
-def why_not_reusable(run_dir: Path, wanted: dict) -> str | None:
-    """None when run_dir holds a finished run of the resolved config `wanted`, else the reason it does not."""
-    try:
-        stored = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except FileNotFoundError as exc:
-        return f"no {Path(exc.filename).name} (unfinished, or running now)"
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"unreadable ({exc})"
-    if stored != wanted:
-        changed = [k for k in wanted if stored.get(k) != wanted[k]] + sorted(set(stored) - set(wanted))
-        return "its config differs: " + ", ".join(
-            f"{k} {stored.get(k)!r} (wanted {wanted.get(k)!r})" for k in changed[:4]
+    if (run_dir / OPENSET_RECORD).is_file():
+        raise UserError(
+            f"--resume {run_dir}: an open-set run (osr, demo789); the command that started it continues "
+            "its cut runs in place: run it again"
         )
-    if summary.get("epochs") != wanted["epochs"]:
-        return f"it stopped after epoch {summary.get('epochs')} of {wanted['epochs']}"
-    return None
+    cfg = load_config(str(run_dir / "config.json"), list(overrides))
+    had_lock_file = (run_dir / LOCK).exists()
+    lock = lock_run_dir(run_dir)
+    if lock is None:
+        raise UserError(f"--resume {run_dir}: another process is training this run now")
+    try:
+        return run_experiment(cfg, run_dir, resume=True, **kwargs)
+    except UserError:
+        if not had_lock_file:  # a refused resume leaves the folder as it was
+            (run_dir / LOCK).unlink(missing_ok=True)
+        raise
+    finally:
+        unlock_run_dir(lock)

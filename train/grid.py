@@ -16,6 +16,7 @@ Every mistake in these arguments is a UserError naming the argument and what it 
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import shlex
@@ -26,7 +27,26 @@ from pathlib import Path
 import numpy as np
 
 from .config import CONFIG_DIR, Config, json_or_word
+from .losses import canonical_loss_name, name_key
 from .run_dirs import UserError, claim_run_dir, timestamp
+
+
+def distinct(flag: str, items: Sequence, key: Callable = lambda item: item) -> list:
+    """items as a list, refusing with a UserError an item given twice (by key: a loss by its canonical
+    name, a noise setting by its parsed rate): the two would be the same runs, trained twice into two
+    folders, and counted twice in the report."""
+    keys = [key(item) for item in items]
+    twice = [item for n, item in enumerate(items) if keys[n] in keys[:n]]
+    if twice:
+        raise UserError(
+            f"{flag} {twice[0]}: given twice (as {items[keys.index(key(twice[0]))]}); give it once"
+        )
+    return list(items)
+
+
+def resolved_path(path: str | Path) -> Path:
+    """The key under which two spellings of one file or folder are the same (runs/a, ./runs/a/)."""
+    return Path(path).resolve()
 
 
 def parse_noise(item: str) -> tuple[str, float]:
@@ -50,6 +70,12 @@ def parse_noise(item: str) -> tuple[str, float]:
     return kind, value
 
 
+def parse_noises(items: list[str]) -> list[tuple[str, float]]:
+    """--noise's settings parsed (parse_noise), refusing one given twice (asym:0.4 and asym:0.40)."""
+    distinct("--noise", items, parse_noise)
+    return [parse_noise(item) for item in items]
+
+
 def parse_grid(items: list[str]) -> list[tuple[str | None, str, list]]:
     """["drainage:loss_params.alpha=0.5,1", "lr=0.1"] -> [("drainage", "loss_params.alpha", [0.5, 1]), ...]
     Values are JSON where they read as JSON (numbers, true, null, [...]), else words; each run's config
@@ -63,14 +89,29 @@ def parse_grid(items: list[str]) -> list[tuple[str | None, str, list]]:
                 f"--grid {item}: an axis is [LOSS:]KEY=V1,V2,..., e.g. lr=0.03,0.1 or "
                 "drainage:loss_params.alpha=0.5,1"
             )
-        axes.append((owner or None, key, [json_or_word(v) for v in values.split(",")]))
+        parsed = distinct(f"--grid {item}: value", [json_or_word(v) for v in values.split(",")])
+        axes.append((owner or None, key, parsed))
+    distinct("--grid", [f"{owner}:{key}" if owner else key for owner, key, _ in axes])
     return axes
 
 
 def grid_points(loss: str, axes) -> list[dict]:
-    """Every combination of the axes that apply to `loss` (one empty point when none do)."""
-    mine = [(key, values) for owner, key, values in axes if owner in (None, loss)]
+    """Every combination of the axes that apply to `loss` (one empty point when none do); an axis's owner
+    names it in any spelling (NCE+MAE:..., losses.name_key)."""
+    mine = [
+        (key, values) for owner, key, values in axes if owner is None or name_key(owner) == name_key(loss)
+    ]
     return [dict(zip([k for k, _ in mine], combo)) for combo in itertools.product(*[v for _, v in mine])]
+
+
+def check_owners(axes, names: list[str], what: str) -> None:
+    """A UserError for a grid axis whose owner is none of `names` (the losses or methods of the job): it
+    would apply to nothing, silently."""
+    for owner, key, _ in axes:
+        if owner is not None and name_key(owner) not in {name_key(n) for n in names}:
+            raise UserError(
+                f"--grid {owner}:{key}=...: {owner} is none of the {what} of this job ({' '.join(names)})"
+            )
 
 
 def point_tag(point: dict) -> str:
@@ -136,8 +177,12 @@ def plan_runs(
     grid: list[str] = (),
     overrides: list[str] = (),
 ) -> list[PlannedRun]:
-    """Every loss x grid point x noise x seed as a validated config (a UserError for any mistake)."""
+    """Every loss x grid point x noise x seed as a validated config (a UserError for any mistake, a loss
+    given twice included)."""
+    given = distinct("--losses", losses, lambda loss: canonical_loss_name(loss, "--losses "))
+    losses = [canonical_loss_name(loss) for loss in given]
     axes = parse_grid(list(grid))
+    check_owners(axes, losses, "losses")
     plan = []
     for loss in losses:
         for point in grid_points(loss, axes):
@@ -177,9 +222,21 @@ def best_points(
     return chosen
 
 
-def reproducing_command(command: str, args, flags: Sequence[str]) -> str:
+# the flags that place a job's outputs (and, --jobs, how it ran): a command that continues the job needs them
+JOB_FLAGS = ("runs_dir", "out", "split_dir", "title", "jobs")
+
+
+def reproducing_command(command: str, args, flags: Sequence[str], continue_in: Path | None = None) -> str:
     """`python -m train <command>` with the given flags as `args` holds them: a list as its items, True as
-    the bare flag; None, False and [] left out. Each word is shell-quoted where it needs to be."""
+    the bare flag; None, False and [] left out. Each word is shell-quoted where it needs to be.
+
+    continue_in: the job's runs_dir; the command then also names it and the JOB_FLAGS that were given
+    (--out, --split_dir, --title; --jobs when not 1): the command that continues the job."""
+    if continue_in is not None:
+        given = {flag: getattr(args, flag, None) for flag in JOB_FLAGS}
+        given |= {"runs_dir": str(continue_in), "jobs": None if given["jobs"] == 1 else given["jobs"]}
+        args = argparse.Namespace(**{**vars(args), **given})
+        flags = [*flags, *JOB_FLAGS]
     words = ["python", "-m", "train", command]
     for flag in flags:
         value = getattr(args, flag)

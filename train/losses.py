@@ -43,6 +43,7 @@ the trainer adds it for every loss when delta > 0 (l1_penalty).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -321,13 +322,26 @@ LOSSES = {
     ),
 }
 ALIASES = {"alpha_dl": "drainage"}  # the Drainage authors' name for it
+# what the help of --losses and the error for an unknown loss both say
+LOSS_NAMES = (
+    f"{', '.join(LOSSES)}; the papers' spellings work too, in any case, with + or - for _ "
+    "(NCE+MAE = nce_mae, ANL-CE = anl_ce)"
+)
 
 
-def canonical_loss_name(name: str) -> str:
-    name = ALIASES.get(name, name)
-    if name not in LOSSES:
-        raise UserError(f"loss={name}: unknown loss; choose from {sorted(LOSSES)}")
-    return name
+def name_key(name: str) -> str:
+    """How loss (and open-set method) names compare: case, "+", "-" and "_" alike, so that the papers'
+    NCE+MAE and ANL-CE name the code's nce_mae and anl_ce."""
+    return re.sub(r"[+\-]", "_", str(name).strip().lower())
+
+
+def canonical_loss_name(name: str, given_as: str = "loss=") -> str:
+    """The LOSSES key of a loss name in any spelling (name_key); a UserError naming it, as `given_as`
+    wrote it (loss=, --losses ), for an unknown one."""
+    key = ALIASES.get(name_key(name), name_key(name))
+    if key not in LOSSES:
+        raise UserError(f"{given_as}{name}: unknown loss; choose from {LOSS_NAMES}")
+    return key
 
 
 def build_loss(name: str, num_classes: int, **params) -> nn.Module:

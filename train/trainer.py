@@ -5,8 +5,11 @@ A batch step: augment (CPU-seeded) -> forward (fp32; bf16 autocast with amp=true
 (+ l1_delta * sum|theta|) -> backward -> clip the global gradient norm -> step. The learning-rate schedule
 steps once per epoch.
 Resuming restores model, optimizer, scheduler, every RNG and the metric history, so 2 epochs + resume
-+ 1 epoch gives the same weights as 3 epochs straight (tested bit for bit on the CPU). best.pt holds the
-weights of the best evaluated epoch (atomic, like last.pt).
++ 1 epoch gives the same weights as 3 epochs straight (tested bit for bit on the CPU). last.pt is written
+before the first epoch and after every epoch, whatever cfg.checkpoint says, so that any run cut by
+Ctrl-C or a crash can be continued; cfg.checkpoint=false only drops it once the run's outputs are
+complete (finish()). best.pt holds the weights of the best evaluated epoch (atomic, like last.pt;
+cfg.checkpoint=true only).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from .data import NoisyDataset, prepare_batch
 from .logs import MetricsLog
 from .losses import l1_penalty, num_outputs
-from .run_dirs import UserError
+from .run_dirs import Interrupted, UserError
 
 CHECKPOINT, BEST = "last.pt", "best.pt"
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "best")
@@ -130,6 +133,7 @@ class Trainer:
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self.eval_x, self.eval_y = data.eval_x.to(device), data.eval_y.to(device)
         self.epoch, self.history, self.best = 0, [], {"eval_acc": -1.0, "epoch": 0}
+        self.saved_epoch = None  # the epoch last.pt holds (None: not written yet)
 
     # ---------------------------------------------------------------- inputs and forward passes
     def _inputs(self, raw: torch.Tensor, augment: bool) -> torch.Tensor:
@@ -237,6 +241,7 @@ class Trainer:
             },
             self.run_dir / CHECKPOINT,
         )
+        self.saved_epoch = self.epoch
 
     def save_best(self) -> None:
         atomic_save(
@@ -262,6 +267,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"], self.gen)
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        self.saved_epoch = self.epoch
         cosine = isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
         if cosine and self.scheduler.T_max != self.cfg.epochs:
             eta_min, self.scheduler.T_max = self.scheduler.eta_min, self.cfg.epochs
@@ -270,6 +276,12 @@ class Trainer:
             for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
                 factor = (1 + math.cos(math.pi * self.epoch / self.cfg.epochs)) / 2
                 group["lr"] = eta_min + (base - eta_min) * factor
+
+    def finish(self) -> None:
+        """Called once the run's outputs are all written: a finished run keeps last.pt only when
+        cfg.checkpoint asks for it (a sweep's runs do not: they are never continued once finished)."""
+        if not self.cfg.checkpoint and self.epoch == self.cfg.epochs:
+            (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
 
     def _progress_bar(self, **kwargs):
         from tqdm import tqdm
@@ -281,7 +293,7 @@ class Trainer:
         """Trains to cfg.epochs (or until epoch `stop_after`, for chunked jobs); returns the history.
 
         state: a checkpoint to continue from (see load_state). Ctrl-C leaves the last completed epoch's
-        checkpoint.
+        checkpoint (epoch 0's before the first ends) and raises Interrupted saying what it holds.
         """
         cfg = self.cfg
         if state is not None:
@@ -289,6 +301,8 @@ class Trainer:
             self.log.info(
                 f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} of {cfg.epochs}"
             )
+        else:
+            self.save_checkpoint()  # a run cut in its first epoch continues from here
         metrics = MetricsLog(self.run_dir, tb=cfg.tb, history=self.history)
         last = min(cfg.epochs, stop_after or cfg.epochs)
         bar = self._progress_bar(
@@ -303,11 +317,11 @@ class Trainer:
                     bar.set_postfix(acc=f"{row['eval_acc']:.3f}", loss=f"{row['train_loss']:.3f}")
                 bar.update(1)
         except KeyboardInterrupt:
-            self.log.warning(
-                f"interrupted during epoch {self.epoch + 1}; the checkpoint holds epoch "
-                f"{self.epoch}. Continue with: python -m train run --resume {self.run_dir}"
-            )
-            raise
+            if self.saved_epoch is None:  # nothing to continue from: the caller says what became of it
+                raise
+            raise Interrupted(
+                f"interrupted; {self.run_dir / CHECKPOINT} holds epoch {self.saved_epoch} of {cfg.epochs}"
+            ) from None
         finally:
             bar.close()
             metrics.close()
@@ -338,8 +352,7 @@ class Trainer:
             every = max(1, cfg.epochs // 10)
             shown = self.epoch % every == 0 or self.epoch in (1, cfg.epochs)
             self.log.info(format_row(row, cfg.epochs), extra={"console": shown})
-        if cfg.checkpoint:
-            self.save_checkpoint()
+        self.save_checkpoint()
         return row if evaluated else None
 
 

@@ -28,6 +28,22 @@ train.trainer.Trainer.train_epoch = slow_epoch
 from train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+# `python -m train` that sends itself SIGINT (Ctrl-C) as training epoch number CUT_AT of the process begins
+# (CUT_AT=0: never): the real signal, delivered mid-epoch
+CUT_CLI = """
+import os, signal, sys
+import train.trainer
+at, calls = int(os.environ["CUT_AT"]), [0]
+epoch = train.trainer.Trainer.train_epoch
+def cut_epoch(self):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGINT)
+    return epoch(self)
+train.trainer.Trainer.train_epoch = cut_epoch
+from train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 # a run that takes about a second: digits, two epochs, no training-set statistics
 TINY = ["--config", "digits", "--quiet", "--set", "epochs=2", "batch_size=256", "train_stats=false"]
 
@@ -47,6 +63,19 @@ def start_overlapping(args: list[str], cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+    )
+
+
+def run_cut(args: list[str], cwd: Path, at: int) -> subprocess.CompletedProcess:
+    """`python -m train *args` in cwd, Ctrl-C as its training epoch number `at` begins (0: never)."""
+    return subprocess.run(
+        [sys.executable, "-c", CUT_CLI, *args],
+        cwd=cwd,
+        env=environment() | {"CUT_AT": str(at)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
 
 

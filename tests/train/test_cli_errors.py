@@ -175,3 +175,41 @@ def test_osr_grid_mistakes_leave_no_split_in_the_package(tmp_path, monkeypatch, 
     assert run_here(["osr", "--splits", "9", "--methods", "ce", "--grid", "drainage_logit=0,1"]) == 2
     assert "drainage_const only" in capsys.readouterr().err
     assert listing(tmp_path) == [] and listing(SPLIT_DIR) == splits
+
+
+# A model whose output count does not fit the loss (issue 20, item 6): a Drainage model with C outputs
+# would train until a batch holds class C - 1 (the drainage index), so it is refused before training.
+WRONG_OUTPUTS = [  # (argv, outputs the model emits, what the line must say)
+    (
+        ["run", "--config", "digits_drainage"],
+        10,
+        "model=digits_mlp: emits 10 outputs per image; loss=drainage on digits (10 classes) needs 11 "
+        "outputs (10 class logits and the drainage output: K = C + 1)",
+    ),
+    (
+        ["sweep", "--losses", "ce"],
+        11,
+        "model=digits_mlp: emits 11 outputs per image; loss=ce on digits (10 classes) needs 10, one a class",
+    ),
+    (
+        ["osr", "--methods", "drainage", "--splits", "0"],
+        6,
+        "emits 6 outputs per image; loss=drainage on digits (6 classes) needs 7 outputs",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, emitted, message", WRONG_OUTPUTS, ids=[" ".join(a) for a, _, _ in WRONG_OUTPUTS]
+)
+def test_a_model_with_the_wrong_output_count_is_refused_before_training(
+    argv, emitted, message, tmp_path, monkeypatch, capsys
+):
+    from train.models import MODELS, digits_mlp
+
+    monkeypatch.setitem(MODELS, "digits_mlp", lambda outputs: digits_mlp(emitted))
+    monkeypatch.chdir(tmp_path)
+    assert run_here(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert listing(tmp_path) == []

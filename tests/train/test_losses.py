@@ -323,3 +323,58 @@ def test_detach_focal_weight_takes_a_boolean_and_only_in_the_focal_family():
         build_loss("nfl", 10, detach_focal_weight=1)
     with pytest.raises(ValueError, match="unknown \\['detach_focal_weight'\\]"):
         build_loss("nce", 10, detach_focal_weight=True)
+
+
+# The papers' spellings of a loss name (NCE+MAE, ANL-CE), in any case, name the code's (issue 20, item 4)
+SPELLINGS = {
+    "NCE+MAE": "nce_mae",
+    "nce_mae": "nce_mae",
+    "NCE_MAE": "nce_mae",
+    "nce+rce": "nce_rce",
+    "NFL+RCE": "nfl_rce",
+    "ANL-CE": "anl_ce",
+    "Anl-Ce-Er": "anl_ce_er",
+    "NCE+AGCE": "nce_agce",
+    "Drainage": "drainage",
+    "alpha_dl": "drainage",  # the Drainage authors' name
+    "CE": "ce",
+}
+
+
+@pytest.mark.parametrize("given", SPELLINGS)
+def test_a_loss_name_in_any_spelling_is_stored_as_the_code_names_it(given):
+    from train.config import load_config
+
+    assert load_config("digits", [f"loss={given}", "loss_params={}"]).loss == SPELLINGS[given]
+
+
+def test_the_help_and_the_error_list_the_same_loss_names(tmp_path, monkeypatch, capsys):
+    from tests.train.support import run_here
+    from train.losses import LOSS_NAMES
+
+    monkeypatch.chdir(tmp_path)
+    for command in ("sweep", "clean"):
+        assert run_here([command, "-h"]) == 0
+        assert LOSS_NAMES in " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+        assert run_here([command, "--losses", "ce", "nce-plus-mae"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1 and f"--losses nce-plus-mae: unknown loss; choose from {LOSS_NAMES}" in err
+        )
+    assert all(name in LOSS_NAMES.split("; ")[0].split(", ") for name in LOSSES)
+    assert run_here(["run", "--set", "loss=nce-plus-mae"]) == 2
+    assert f"loss=nce-plus-mae: unknown loss; choose from {LOSS_NAMES}" in capsys.readouterr().err
+
+
+def test_a_sweep_takes_the_papers_spellings_for_losses_and_grid_owners(tmp_path, monkeypatch, capsys):
+    from tests.train.support import run_here
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["sweep", "--losses", "NCE+RCE", "CE", "--seeds", "1", "--set", "epochs=1"]
+    argv += ["--grid", "nce+rce:loss_params.alpha=0.5,1", "--runs_dir", str(tmp_path / "sw")]
+    assert run_here(argv) == 0
+    capsys.readouterr()
+    folders = sorted(p.relative_to(tmp_path / "sw").parts[0] for p in (tmp_path / "sw").glob("*/*/s1"))
+    assert folders == ["ce", "nce_rce[alpha=0.5]", "nce_rce[alpha=1]"]
+    assert run_here([*argv[:-2], "--grid", "gce:q=0.5,0.7"]) == 2  # gce is not in this sweep
+    assert "--grid gce:q=...: gce is none of the losses of this job (nce_rce ce)" in capsys.readouterr().err

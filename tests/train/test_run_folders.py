@@ -100,12 +100,14 @@ def test_sweep_reuses_only_a_finished_run_of_the_same_config(tmp_path, capsys):
 
     sweep(1, "one")
     text = sweep(2, "two")
-    assert "0 reused, 1 to run" in text and "s1: not reused, its config differs: epochs 1 (wanted 2)" in text
+    assert "1 run: 0 reused, 0 continued from their checkpoint, 1 to run" in text
+    assert "s1: not reused, its config differs: epochs 1 (wanted 2)" in text
     two = json.loads((tmp_path / "sw" / "ce" / "asym0.4" / "s1-2" / "summary.json").read_text())
     assert two["epochs"] == 2
     assert f"{100 * two['last_eval_acc']:.2f}" in (tmp_path / "two.md").read_text()
     text = sweep(2, "again")
-    assert "1 reused, 0 to run" in text and "s1-2: reused (finished, same config)" in text
+    assert "1 reused, 0 continued from their checkpoint, 0 to run" in text
+    assert "s1-2: reused (finished, same config)" in text
 
 
 FAILED_STARTS = [  # the issue's: a bad model (unknown, or one that cannot take the images), loss, dataset, lr

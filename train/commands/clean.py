@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import several
 from ..cleaning import SCORE_LABELS, finished_runs, mean_curves, result_rows, train_runs
 from ..cli import SHARED_FLAGS, positive_int
-from ..grid import best_points, job_dir, parse_noise, plan_runs, reproducing_command
+from ..grid import best_points, distinct, job_dir, parse_noises, plan_runs, reproducing_command
+from ..losses import LOSS_NAMES
 from ..report import write_csv
 from ..report.cleaning import plot_cleaning
 
@@ -33,19 +35,21 @@ FLAGS = SHARED_FLAGS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
-    p.add_argument(
-        "--losses", nargs="+", default=["drainage", "ce"], help="losses to train (default: drainage ce)"
+    several(
+        p,
+        "--losses",
+        default=["drainage", "ce"],
+        metavar="LOSS",
+        help=f"losses to train: {LOSS_NAMES} (default: drainage ce)",
     )
-    p.add_argument(
+    several(
+        p,
         "--runs",
-        nargs="+",
         default=None,
         metavar="RUN_DIR",
         help="finished runs to rank instead of training (any `train run` folder)",
     )
-    p.add_argument(
-        "--ks", nargs="+", type=positive_int, default=[10, 50, 100], help="fixed k for precision / recall"
-    )
+    several(p, "--ks", type=positive_int, default=[10, 50, 100], help="fixed k for precision / recall")
 
 
 def write_report(
@@ -59,7 +63,7 @@ def write_report(
     command: str = "",
 ) -> str:
     """The markdown table (and, with select, each loss's best grid point), CSVs and figure."""
-    from ..report import aggregate, loss_label, pct
+    from ..report import aggregate, loss_label, pct, spread_over
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fixed = [f"{kind}@{k}" for k in ks for kind in ("precision", "recall") if f"precision@{k}" in rows[0]]
@@ -76,8 +80,7 @@ def write_report(
             "probability; Drainage only) or self-confidence (1 - the closed-softmax probability of the given "
             "label, the usual baseline). k_flipped = the number of flipped labels "
             f"({agg[0]['num_flipped_mean']:.0f} on average), where precision = recall. AUROC: the score "
-            "separating flipped from clean labels. Values in %, mean ± std over "
-            f"{agg[0]['n']} seeds."
+            f"separating flipped from clean labels. Values in %, {spread_over(agg[0]['n'], 'seed')}."
         ),
         "",
         "| model / score | precision@k_flipped | " + " | ".join(fixed) + " | AUROC |",
@@ -134,17 +137,19 @@ def plot_report(runs: list[tuple[dict, Path]], path: Path, title: str) -> None:
     )
 
 
-def command_line(args) -> str:
+def command_line(args, continue_in: Path | None = None) -> str:
+    """The job as a command (the report's Reproduce line; with continue_in, its runs_dir: the command that
+    continues it)."""
     if args.runs:
         return reproducing_command("clean", args, ["runs", "ks"])
-    return reproducing_command(
-        "clean", args, ["dataset", "losses", "noise", "seeds", "ks", "tuning", "grid", "set"]
-    )
+    flags = ["dataset", "losses", "noise", "seeds", "ks", "tuning", "grid", "set"]
+    return reproducing_command("clean", args, flags, continue_in=continue_in)
 
 
 def main(args) -> int:
     from ..experiment import check_plan
 
+    distinct("--ks", args.ks)  # before anything is trained
     if args.runs:
         runs = finished_runs(args.runs)
         # only the report goes there
@@ -153,7 +158,7 @@ def main(args) -> int:
         plan = plan_runs(
             args.dataset,
             args.losses,
-            [parse_noise(n) for n in args.noise],
+            parse_noises(args.noise),
             args.seeds,
             tuning=args.tuning,
             grid=args.grid,
@@ -161,7 +166,7 @@ def main(args) -> int:
         )
         check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
         runs_dir = job_dir(args.runs_dir, f"clean-{args.dataset}")
-        runs = train_runs(plan, runs_dir)
+        runs = train_runs(plan, runs_dir, continue_with=command_line(args, continue_in=runs_dir))
     out = Path(args.out) if args.out else runs_dir / "cleaning"
     rows = result_rows(runs, args.ks)
     if not rows:

@@ -74,10 +74,15 @@ def main(args) -> int:
     check_plan(list(configs.values()))
     folder = job_dir(None, "default", parent=args.out_dir)
     summaries, runs = {}, {}
-    for loss, cfg in configs.items():
-        result = run_experiment(cfg, folder / loss, quiet=args.quiet)
-        summaries[loss] = result.summary
-        runs[loss] = {"history": result.history, "scores": dict(np.load(result.run_dir / "scores.npz"))}
+    try:
+        for loss, cfg in configs.items():
+            result = run_experiment(cfg, folder / loss, quiet=args.quiet)
+            summaries[loss] = result.summary
+            runs[loss] = {"history": result.history, "scores": dict(np.load(result.run_dir / "scores.npz"))}
+    except KeyboardInterrupt:  # a run cut before its first checkpoint leaves no folder: nor does the job
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        raise
     elapsed = time.perf_counter() - start
     noise = summaries["drainage"]["realised_noise_rate"]
     title = (

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import several
 from ..cli import SHARED_FLAGS
 from ..grid import job_dir, reproducing_command
 from ..openset.runs import METHODS, aggregate_scores, best_method_points, plan_open_set, run_plan, score_rows
 from ..openset.splits import SPLIT_DIR, load_split
-from ..report import aggregate, pct, write_csv
+from ..report import aggregate, pct, spread_over, write_csv
 from ..report.openset import plot_demo
 
 FLAGS = tuple(flag for flag in SHARED_FLAGS if flag != "noise")  # the relabelling is the noise
@@ -47,9 +48,9 @@ COLUMNS = [  # (key in the run row, header)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+    several(
+        p,
         "--methods",
-        nargs="+",
         default=["drainage", "ce"],
         choices=list(METHODS),
         help="methods to train (default: drainage ce)",
@@ -93,8 +94,8 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
             "Drained = "
             "argmax over all K outputs is the drainage node; AUROC = telling 7/8/9 from 0-6 by the score "
             "(drainage_fast.openset); precision@k on the training set: share of relabelled 7/8/9 among the k "
-            "images with the highest score, k = their number. Values in %, mean ± std over "
-            f"{agg[0]['n']} seeds (relabelling draw and training)."
+            "images with the highest score, k = their number. Values in %, "
+            f"{spread_over(agg[0]['n'], 'seed')} (relabelling draw and training)."
         ),
         "",
         "| method | " + " | ".join(headers) + " |",
@@ -122,8 +123,12 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
     return "\n".join(text)
 
 
-def command_line(args) -> str:
-    return reproducing_command("demo789", args, ["methods", "seeds", "tuning", "grid", "set"])
+def command_line(args, continue_in: Path | None = None) -> str:
+    """The job as a command (the report's Reproduce line; with continue_in, its runs_dir: the command that
+    continues it)."""
+    return reproducing_command(
+        "demo789", args, ["methods", "seeds", "tuning", "grid", "set"], continue_in=continue_in
+    )
 
 
 def main(args) -> int:
@@ -139,7 +144,8 @@ def main(args) -> int:
     )
     runs_dir = job_dir(args.runs_dir, "demo789")
     out = Path(args.out) if args.out else runs_dir / "demo789"
-    runs = run_plan(plan, runs_dir, unknown_train="relabel")
+    continue_with = command_line(args, continue_in=runs_dir)
+    runs = run_plan(plan, runs_dir, unknown_train="relabel", continue_with=continue_with)
     title = (
         f"digits: training 7/8/9 relabelled at random to 0-6 "
         f"({'validation split, tuning' if args.tuning else 'test set'})"

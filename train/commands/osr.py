@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..arguments import several
 from ..cli import SHARED_FLAGS
-from ..grid import job_dir, reproducing_command
+from ..grid import distinct, job_dir, reproducing_command, resolved_path
 from ..openset.runs import (
     EXTRA_METRICS,
     METHODS,
@@ -38,7 +39,7 @@ from ..openset.runs import (
     setting_label,
 )
 from ..openset.splits import SPLIT_DIR, load_split, save_split, seeded_split
-from ..report import mean_std, pct
+from ..report import counted, mean_std, pct, spread_over
 from ..report.openset import plot_osr
 
 FLAGS = tuple(flag for flag in SHARED_FLAGS if flag != "noise")  # open-set runs train on clean labels
@@ -54,25 +55,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset", default="digits", choices=sorted(NUM_CLASSES), help="dataset (default: digits)"
     )
-    p.add_argument(
+    several(
+        p,
         "--methods",
-        nargs="+",
         default=list(METHODS),
         choices=list(METHODS),
         help="open-set methods to train (default: all)",
     )
     p.add_argument("--known", type=int, default=6, help="known classes per seeded split (default 6)")
-    p.add_argument(
+    several(
+        p,
         "--splits",
-        nargs="+",
         type=int,
         default=[0, 1, 2, 3, 4],
         metavar="SEED",
         help="seeded splits (default 0-4), read from --split_dir when their file is there",
     )
-    p.add_argument(
+    several(
+        p,
         "--split_files",
-        nargs="+",
         default=None,
         metavar="JSON",
         help="split files to use instead of --splits (e.g. a published split)",
@@ -101,10 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def splits_from(args) -> tuple[list, list]:
     """(the splits to run, the seeded ones without a file yet: the command saves them beside its results)."""
     if args.split_files:
-        return [load_split(path) for path in args.split_files], []
+        return [load_split(path) for path in distinct("--split_files", args.split_files, resolved_path)], []
     found = [
         seeded_split(args.dataset, NUM_CLASSES[args.dataset], args.known, s, args.split_dir or SPLIT_DIR)
-        for s in args.splits
+        for s in distinct("--splits", args.splits)
     ]
     return [split for split, _ in found], [split for split, on_disk in found if not on_disk]
 
@@ -170,8 +171,8 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
             "conventions (unknown-positive: known images flagged when 95% of the unknown are; "
             "known-positive: unknown images accepted when 95% of the known are). OSCR: area under "
             "correct-classification rate vs false-positive rate. Drained = argmax over all K outputs is "
-            "the drainage node. All values in %, mean ± std over "
-            f"{agg[0]['n']} runs (splits x training seeds)."
+            f"the drainage node. All values in %, {spread_over(agg[0]['n'], 'run')} (splits x training "
+            "seeds)."
         ),
         "",
         "Splits (known / unknown classes):",
@@ -203,13 +204,22 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
     return "\n".join(text)
 
 
-def command_line(args) -> str:
+def command_line(args, continue_in: Path | None = None) -> str:
+    """The job as a command (the report's Reproduce line; with continue_in, its runs_dir: the command that
+    continues it)."""
     splits = ["split_files"] if args.split_files else ["known", "splits"]
-    return reproducing_command(
-        "osr",
-        args,
-        ["dataset", "methods", *splits, "seeds", "drainage_logit", "unknown_train", "tuning", "grid", "set"],
-    )
+    flags = [
+        "dataset",
+        "methods",
+        *splits,
+        "seeds",
+        "drainage_logit",
+        "unknown_train",
+        "tuning",
+        "grid",
+        "set",
+    ]
+    return reproducing_command("osr", args, flags, continue_in=continue_in)
 
 
 def main(args) -> int:
@@ -231,12 +241,13 @@ def main(args) -> int:
     for split in new_splits:
         save_split(split, Path(args.split_dir or runs_dir / "splits") / f"{split.tag}.json")
     out = Path(args.out) if args.out else runs_dir / "osr"
-    runs = run_plan(plan, runs_dir, unknown_train=args.unknown_train)
+    continue_with = command_line(args, continue_in=runs_dir)
+    runs = run_plan(plan, runs_dir, unknown_train=args.unknown_train, continue_with=continue_with)
     k, u = len(splits[0].known), len(splits[0].unknown)
     evaluated = "validation split, tuning" if args.tuning else "test set"
     title = args.title or (
         f"{args.dataset}: open-set recognition, {k} known / {u} unknown classes, "
-        f"{len(splits)} splits ({evaluated})"
+        f"{counted(len(splits), 'split')} ({evaluated})"
     )
     print(write_report(runs, splits, out, title, command_line(args)))
     print(f"wrote {out}.md, {out}.csv, {out}_runs.csv, {out}.png; runs (with scores.csv) in {runs_dir}")

@@ -9,20 +9,23 @@ loss_params.alpha=0.5,1,2); with --tuning the runs evaluate on the clean validat
 set, and the table marks each loss's best setting by mean last-epoch validation accuracy.
 Writes <out>.md, <out>.csv (aggregated), <out>_runs.csv (one row per run) and <out>.png. Run folders
 go under --runs_dir (default: a new runs/sweep-<dataset>-<time>), one per run at
-<loss>[<grid point>]/<noise>/s<seed>. Rerunning a sweep on the same --runs_dir reuses a finished run only
-when its config.json equals the requested config; any other run (stale, unfinished, running in a
-parallel sweep) is left alone and the run goes to a fresh s<seed>-2, -3, ... folder beside it.
+<loss>[<grid point>]/<noise>/s<seed>. Ctrl-C stops the sweep with one line (runs finished, runs cut, the
+command that continues it); that command, the same sweep on the same --runs_dir, reuses every finished
+run whose config.json equals the requested config and continues a cut run in place from its last.pt
+(bit for bit as if never cut, on the CPU); a folder of another config, or one a parallel sweep is
+training, is left alone and the run goes to a fresh s<seed>-2, -3, ... folder beside it (train/jobs.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from ..arguments import several
 from ..cli import SHARED_FLAGS, positive_int
-from ..grid import PlannedRun, best_points, job_dir, parse_noise, plan_runs, point_tag, reproducing_command
+from ..grid import PlannedRun, best_points, job_dir, parse_noises, plan_runs, point_tag, reproducing_command
+from ..losses import LOSS_NAMES
 from ..run_dirs import UserError
 
 FLAGS = SHARED_FLAGS
@@ -43,8 +46,12 @@ METRICS = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="dataset of every run (default: digits)")
-    p.add_argument(
-        "--losses", nargs="+", default=["drainage", "ce"], help="losses to compare (default: drainage ce)"
+    several(
+        p,
+        "--losses",
+        default=["drainage", "ce"],
+        metavar="LOSS",
+        help=f"losses to compare: {LOSS_NAMES} (default: drainage ce)",
     )
     p.add_argument(
         "--jobs", type=positive_int, default=1, help="runs in parallel processes (one CPU thread each)"
@@ -55,50 +62,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed_start", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def _run_one(job: tuple) -> dict:
-    """Worker for --jobs > 1: one run in a fresh process, one CPU thread (tiny models run faster so)."""
-    import torch
+def run_sweep(plan: list[PlannedRun], runs_dir: Path, jobs: int = 1, continue_with: str = "") -> list[dict]:
+    """Runs, reuses or continues (train/jobs.py) every planned run, `jobs` at a time (in worker processes
+    when more than 1); returns one row per run: loss, params, noise, seed and METRICS, in plan order.
+    Ctrl-C: run_dirs.Interrupted, whose line ends with continue_with."""
+    from ..jobs import Job, Workers, plan_experiment, train_planned
 
-    from ..experiment import run_experiment
+    summaries, start, trained = {}, time.perf_counter(), []
+    with Job(continue_with, runs_dir) as job:
+        planned = [plan_experiment(job, run, runs_dir) for run in plan]
+        print(f"{job.counts()} ({jobs} at a time)", flush=True)
+        to_run = sum(not (p.preview and p.preview.state == "reused") for p in planned)
 
-    cfg, run_dir, threads = job
-    if threads:
-        torch.set_num_threads(threads)
-    return run_experiment(cfg, run_dir, quiet=True, progress=False).summary
+        def ended(i: int, summary: dict) -> None:
+            summaries[i] = summary
+            job.release(planned[i].slot)
+            trained.append(i)
+            _progress(len(trained), to_run, plan[i], summary, start)
 
-
-def run_sweep(plan: list[PlannedRun], runs_dir: Path, jobs: int = 1) -> list[dict]:
-    """Runs (or reuses, see the module docstring) every planned run, `jobs` at a time; returns one row per
-    run: loss, params, noise, seed and METRICS, in plan order."""
-    from ..experiment import reuse_or_claim
-
-    jobs_to_run, summaries = {}, {}
-    for i, run in enumerate(plan):
-        run_dir, reused, notes = reuse_or_claim(runs_dir / run.folder, f"s{run.seed}", run.cfg)
-        for note in notes:
-            print(note, flush=True)
-        if reused:
-            print(f"{run_dir}: reused (finished, same config)", flush=True)
-            summaries[i] = json.loads((run_dir / "summary.json").read_text())
-        else:
-            jobs_to_run[i] = (run.cfg, run_dir, 1 if jobs > 1 else 0)
-    print(
-        f"{len(plan)} runs: {len(summaries)} reused, {len(jobs_to_run)} to run ({jobs} at a time)", flush=True
-    )
-    start = time.perf_counter()
-    if jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, job): i for i, job in jobs_to_run.items()}
-            for n, future in enumerate(futures, 1):
-                summaries[futures[future]] = future.result()
-                _progress(n, len(jobs_to_run), plan[futures[future]], summaries[futures[future]], start)
-    else:
-        for n, (i, job) in enumerate(jobs_to_run.items(), 1):
-            summaries[i] = _run_one(job)
-            _progress(n, len(jobs_to_run), plan[i], summaries[i], start)
+        with Workers(jobs if jobs > 1 else 0) as workers:
+            for i, run in enumerate(plan):
+                if jobs > 1 and not workers.idle:
+                    ended(*workers.next_result())
+                slot = job.claim(planned[i])
+                args = (run.cfg, slot.run_dir, slot.state, continue_with)
+                if slot.state == "reused":
+                    summaries[i] = train_planned(*args)  # read back
+                elif jobs > 1:
+                    workers.submit(i, *args)
+                else:
+                    ended(i, train_planned(*args))
+            while workers.busy:
+                ended(*workers.next_result())
     return [
         {
             "loss": run.loss,
@@ -206,11 +201,11 @@ def _cell(agg: dict, metric: str) -> str:
     return pct(agg[f"{metric}_mean"], agg[f"{metric}_std"], digits=1)
 
 
-def command_line(args) -> str:
-    """The sweep as a command (for the report: how to reproduce it)."""
-    return reproducing_command(
-        "sweep", args, ["dataset", "losses", "noise", "seeds", "tuning", "grid", "set"]
-    )
+def command_line(args, continue_in: Path | None = None) -> str:
+    """The sweep as a command (for the report: how to reproduce it; with continue_in, its runs_dir: the
+    command that continues it)."""
+    flags = ["dataset", "losses", "noise", "seeds", "tuning", "grid", "set"]
+    return reproducing_command("sweep", args, flags, continue_in=continue_in)
 
 
 def main(args) -> int:
@@ -225,7 +220,7 @@ def main(args) -> int:
     plan = plan_runs(
         args.dataset,
         args.losses,
-        [parse_noise(n) for n in args.noise],
+        parse_noises(args.noise),
         args.seeds,
         tuning=args.tuning,
         grid=args.grid,
@@ -234,7 +229,7 @@ def main(args) -> int:
     check_plan([run.cfg for run in plan])  # device, backend, dataset files: before the first folder
     runs_dir = job_dir(args.runs_dir, f"sweep-{args.dataset}")
     out = Path(args.out) if args.out else runs_dir / "sweep"
-    rows = run_sweep(plan, runs_dir, jobs=args.jobs)
+    rows = run_sweep(plan, runs_dir, jobs=args.jobs, continue_with=command_line(args, continue_in=runs_dir))
     title = args.title or (
         f"{args.dataset}: robust losses under label noise "
         f"({'validation split, tuning' if args.tuning else 'test set'})"

@@ -32,14 +32,15 @@ from torch import nn
 
 from drainage_fast.openset import open_set_metrics, open_set_scores
 
-from ..config import CONFIG_DIR, Config, load_config, write_run_info
+from ..config import CONFIG_DIR, Config, load_config, resolved, write_run_info
 from ..data import RawDataset, load_raw
-from ..experiment import check_model_fits, check_runtime, run_session, save_noise
-from ..grid import best_points, grid_points, parse_grid, point_overrides, point_tag
+from ..experiment import check_model_fits, check_runtime, resume_state, run_session, save_noise
+from ..grid import best_points, check_owners, distinct, grid_points, parse_grid, point_overrides, point_tag
+from ..jobs import Job, same_json
 from ..losses import build_loss, num_outputs
 from ..models import build_model
 from ..report import aggregate, write_csv
-from ..run_dirs import UserError, claim_run_dir
+from ..run_dirs import UserError, atomic_write_text
 from ..trainer import Trainer, class_predictions
 from .data import OpenSetData, build_open_set_data, check_split_fits
 from .splits import OpenSetSplit
@@ -64,6 +65,7 @@ PAPER_OPEN_SET_PARAMS = {"alpha": 1.0, "beta": 1.0}
 RECIPE_PRESETS = {"svhn": "cifar10"}
 DEFAULT_MODELS = {"mnist": "cnn4"}
 SCORE_LABELS = {"p_d": "p_d", "msp": "MSP", "max_logit": "max-logit", "energy": "energy"}
+OPENSET_RECORD, OPENSET_METRICS = "openset.json", "openset_metrics.json"  # the latter: a finished run
 
 
 class ConstantDrainageLogit(nn.Module):
@@ -164,6 +166,20 @@ def evaluate_open_set(
     return metrics, rows
 
 
+def open_set_record(method: str, split: OpenSetSplit, unknown_train: str, drainage_logit: float) -> dict:
+    """openset.json's content (as JSON reads it back): what, besides config.json, makes an open-set run
+    that run."""
+    m = METHODS[method]
+    record = {
+        "method": method,
+        "description": m.label,
+        "unknown_train": unknown_train,
+        "drainage_logit": drainage_logit if m.drainage == "constant" else None,
+        "split": asdict(split),
+    }
+    return json.loads(json.dumps(record))
+
+
 def run_open_set(
     cfg: Config,
     method: str,
@@ -172,28 +188,22 @@ def run_open_set(
     *,
     drainage_logit: float = 0.0,
     quiet: bool = True,
+    resume: bool = False,
+    continue_with: str | None = None,
 ) -> dict:
     """Trains `method` on osd's known classes, scores the evaluation images, writes the run folder
-    (module docstring; run_dir: claimed by the caller, e.g. train.run_dirs.claim_run_dir); returns
-    openset_metrics.json's content."""
+    (module docstring; run_dir: claimed by the caller, e.g. train.jobs.Job.claim); returns
+    openset_metrics.json's content. resume: continue the cut run in run_dir from its last.pt.
+    continue_with: the command that continues the run if it is cut (experiment.run_log)."""
     m, run_dir = METHODS[method], Path(run_dir)
     device = check_runtime(cfg)
-    with run_session(cfg, run_dir, quiet) as logger:
-        write_run_info(run_dir, cfg, device)
-        save_noise(run_dir, osd.data)
-        (run_dir / "openset.json").write_text(
-            json.dumps(
-                {
-                    "method": method,
-                    "description": m.label,
-                    "unknown_train": osd.unknown_train,
-                    "drainage_logit": drainage_logit if m.drainage == "constant" else None,
-                    "split": asdict(osd.split),
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+    state = resume_state(run_dir, cfg, device) if resume else None
+    with run_session(cfg, run_dir, quiet, continue_with) as logger:
+        if not resume:
+            write_run_info(run_dir, cfg, device)
+            save_noise(run_dir, osd.data)
+            record = open_set_record(method, osd.split, osd.unknown_train, drainage_logit)
+            atomic_write_text(run_dir / OPENSET_RECORD, json.dumps(record, indent=1) + "\n")
         C = osd.data.num_classes
         model = build_method_model(method, cfg.model, C, drainage_logit)
         loss_fn = build_loss(cfg.loss, C, **cfg.loss_params)
@@ -204,14 +214,16 @@ def run_open_set(
             f"images: {osd.unknown_train}); evaluated on {osd.data.eval_split}"
         )
         trainer = Trainer(cfg, osd.data, model, loss_fn, run_dir, device, logger, show_progress=not quiet)
-        trainer.fit()
+        trainer.fit(state)
         known_logits = trainer.logits(trainer.eval_x).cpu()
         unknown_logits = trainer.logits(osd.unknown_x.to(device)).cpu()
         metrics, rows = evaluate_open_set(known_logits, unknown_logits, osd, m.drainage is not None)
         metrics["eval_split"] = osd.data.eval_split
         metrics["training_set"] = trainer.training_set_stats()
         write_csv(run_dir / "scores.csv", rows)
-        (run_dir / "openset_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        # written last: a run with it is finished (run_plan reuses it)
+        atomic_write_text(run_dir / OPENSET_METRICS, json.dumps(metrics, indent=1) + "\n")
+        trainer.finish()
         return metrics
 
 
@@ -244,8 +256,12 @@ def plan_open_set(
 ) -> OpenSetPlan:
     """Every method x grid point x split x seed as a checked config, and the datasets they train on, loaded.
     A grid axis may be `drainage_logit` (drainage_const only); every other axis is a config key as in
-    `train sweep --grid`. Raises UserError for any mistake, before anything is written."""
+    `train sweep --grid`. Raises UserError for any mistake (a method or split given twice included),
+    before anything is written."""
+    distinct("--methods", methods)
+    distinct("split", [split.tag for split in splits])
     axes = parse_grid(list(grid))
+    check_owners(axes, methods, "methods")
     combos = [
         (m, point, split, seed)
         for m in methods
@@ -278,40 +294,72 @@ def plan_open_set(
 
 
 def run_plan(
-    plan: OpenSetPlan, runs_dir: Path, *, unknown_train: str = "drop", quiet: bool = True
+    plan: OpenSetPlan,
+    runs_dir: Path,
+    *,
+    unknown_train: str = "drop",
+    quiet: bool = True,
+    continue_with: str = "",
 ) -> list[dict]:
-    """Runs the plan one run after the other, each in a folder of its own claimed under
-    runs_dir/<method>[<params>]/<split>/s<seed> (-2, -3, ... when that exists: never an earlier run's);
-    one row per run: method, params, split, seed, run_dir and openset_metrics.json's content."""
+    """Runs the plan one run after the other, each in runs_dir/<method>[<params>]/<split>/s<seed>: a
+    finished run of the same config.json and openset.json is reused, a cut one continued in place, any
+    other folder left alone (-2, -3, ...; train/jobs.py); one row per run: method, params, split, seed,
+    run_dir and openset_metrics.json's content. Ctrl-C: run_dirs.Interrupted, whose line ends with
+    continue_with."""
+
+    def finished(run_dir: Path) -> bool:
+        return (run_dir / OPENSET_METRICS).is_file()
+
     rows, start = [], time.perf_counter()
-    for n, run in enumerate(plan.runs, 1):
-        raw: RawDataset = plan.raws[run.cfg.dataset, run.cfg.data_root]
-        osd = build_open_set_data(
-            raw, run.split, seed=run.cfg.seed, tuning=run.cfg.tuning, unknown_train=unknown_train
-        )
-        params = point_tag(run.point)
-        parent = runs_dir / (f"{run.method}[{params}]" if params else run.method) / run.split.tag
-        run_dir = claim_run_dir(parent, f"s{run.seed}", unique=True)
-        result = run_open_set(
-            run.cfg, run.method, osd, run_dir, quiet=quiet, drainage_logit=run.drainage_logit
-        )
-        rows.append(
-            {
-                "method": run.method,
-                "params": params,
-                "split": run.split.tag,
-                "seed": run.seed,
-                "run_dir": str(run_dir),
-                **result,
+    with Job(continue_with, runs_dir) as job:
+        planned = []
+        for run in plan.runs:
+            params = point_tag(run.point)
+            wanted = {
+                "config.json": resolved(run.cfg),
+                OPENSET_RECORD: open_set_record(run.method, run.split, unknown_train, run.drainage_logit),
             }
-        )
-        score = METHODS[run.method].primary_score
-        print(
-            f"[{n}/{len(plan.runs)}] {run.method:>14} {params:<28} {run.split.tag} s{run.seed}: "
-            f"{result['eval_split']} acc {result['closed_set_accuracy']:.4f}, AUROC {score} "
-            f"{result['scores'][score]['AUROC']:.4f} ({time.perf_counter() - start:.0f}s)",
-            flush=True,
-        )
+            parent = runs_dir / (f"{run.method}[{params}]" if params else run.method) / run.split.tag
+            planned.append(job.plan(parent, f"s{run.seed}", lambda d, w=wanted: same_json(d, w), finished))
+        print(job.counts(), flush=True)
+        for n, (run, planned_run) in enumerate(zip(plan.runs, planned), 1):
+            slot = job.claim(planned_run)
+            if slot.state == "reused":
+                result = json.loads((slot.run_dir / OPENSET_METRICS).read_text())
+            else:
+                raw: RawDataset = plan.raws[run.cfg.dataset, run.cfg.data_root]
+                osd = build_open_set_data(
+                    raw, run.split, seed=run.cfg.seed, tuning=run.cfg.tuning, unknown_train=unknown_train
+                )
+                result = run_open_set(
+                    run.cfg,
+                    run.method,
+                    osd,
+                    slot.run_dir,
+                    quiet=quiet,
+                    drainage_logit=run.drainage_logit,
+                    resume=slot.state == "continue",
+                    continue_with=continue_with,
+                )
+                job.release(slot)
+            params = point_tag(run.point)
+            rows.append(
+                {
+                    "method": run.method,
+                    "params": params,
+                    "split": run.split.tag,
+                    "seed": run.seed,
+                    "run_dir": str(slot.run_dir),
+                    **result,
+                }
+            )
+            score = METHODS[run.method].primary_score
+            print(
+                f"[{n}/{len(plan.runs)}] {run.method:>14} {params:<28} {run.split.tag} s{run.seed}: "
+                f"{result['eval_split']} acc {result['closed_set_accuracy']:.4f}, AUROC {score} "
+                f"{result['scores'][score]['AUROC']:.4f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     return rows
 
 

@@ -13,12 +13,23 @@ from .figures import (
     pyplot,
     save_figure,
 )
-from .tables import LOSS_LABELS, aggregate, loss_label, markdown_grid, mean_std, pct, write_csv
+from .tables import (
+    LOSS_LABELS,
+    aggregate,
+    counted,
+    loss_label,
+    markdown_grid,
+    mean_std,
+    pct,
+    spread_over,
+    write_csv,
+)
 
 __all__ = [
     "LOSS_LABELS",
     "aggregate",
     "bar_value_axis",
+    "counted",
     "error_bars",
     "loss_label",
     "markdown_grid",
@@ -31,5 +42,6 @@ __all__ = [
     "precision_panel",
     "pyplot",
     "save_figure",
+    "spread_over",
     "write_csv",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tables import loss_label
+from .tables import loss_label, spread_over
 
 
 def error_bars(stds) -> np.ndarray:
@@ -94,9 +94,7 @@ def plot_sweep(
         ax.set_xticks(np.arange(len(settings)), settings)
         ax.set_xlabel("label noise (type:rate)")
         ax.set_ylabel(f"clean {split} accuracy (%)")
-        ax.set_title(
-            f"{label}, mean ± std over {agg[0]['n']} seeds" if agg[0]["n"] > 1 else f"{label}, one seed"
-        )
+        ax.set_title(f"{label}, {spread_over(agg[0]['n'], 'seed')}")
         bar_value_axis(ax, min(lows), "y")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()

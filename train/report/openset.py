@@ -9,6 +9,7 @@ import numpy as np
 
 from ..openset.runs import METHODS, drained_per_class, read_scores_csv
 from .figures import bar_value_axis, error_bars, pyplot, save_figure
+from .tables import spread_over
 
 
 def plot_osr(agg: list[dict], rows: list[dict], path: Path, title: str) -> None:
@@ -67,7 +68,7 @@ def plot_demo(runs: list[dict], path: Path, title: str) -> None:
             ylim=(0, 100),
             ylabel="drained (%): argmax is the drainage node",
             title=f"Drainage: {split} images drained per class\n(red: 7/8/9, relabelled in training; "
-            f"mean ± std over {len(drainage)} runs)",
+            f"{spread_over(len(drainage), 'run')})",
         )
         axes[0].grid(axis="y", alpha=0.3)
     for ax, method, score, name in (

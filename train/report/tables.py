@@ -29,6 +29,17 @@ def loss_label(name: str) -> str:
     return LOSS_LABELS.get(name, name.upper().replace("_", "+"))
 
 
+def counted(n: int, noun: str) -> str:
+    """ "1 seed", "3 seeds": reports once said "over 1 seeds"."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def spread_over(n: int, noun: str) -> str:
+    """What a table's ± is taken over: "mean ± std over 3 seeds", or "one seed, no spread" for n = 1
+    (one value has no std, see mean_std)."""
+    return f"mean ± std over {counted(n, noun)}" if n > 1 else f"one {noun}, no spread"
+
+
 def mean_std(values) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1, as APL's statistics.stdev); nan-aware. The std of a
     single value is nan (undefined for ddof = 1), not 0."""

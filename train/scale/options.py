@@ -16,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..arguments import several
 from ..config import CONFIG_DIR, load_config, resolve_config_path
 from ..run_dirs import UserError, atomic_write_text
 from .lists import MINI_WEBVISION_CLASSES
@@ -158,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"config preset of train/configs/ ({', '.join(PRESETS)}) or a .json path; needed with "
         f"--data_root (the smoke job has its own)",
     )
-    p.add_argument(
+    several(
+        p,
         "--set",
-        nargs="+",
         default=[],
         metavar="KEY=VALUE",
         help=f"config overrides, e.g. epochs=10 lr=0.2; with --resume only {' and '.join(RESUMABLE_CONFIG)}",
