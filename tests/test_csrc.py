@@ -5,6 +5,7 @@ whole backend matrix (test_backends.py, test_api.py, test_compile.py, through su
 this file checks what only the extension has.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 import torch
 from support import DEVICE, assert_grad_close, random_targets
 
-from drainage_fast import _ext, backends, fused_drainage_loss
+from drainage_fast import _ext, backends, drainage_loss_reference, fused_drainage_loss
+from drainage_fast._inputs import as_rows, from_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DISABLED = os.environ.get("DRAINAGE_FAST_NO_EXT") == "1"
@@ -315,6 +317,176 @@ def test_cpu_rows_do_not_depend_on_their_group_or_the_thread_count(K, dtype):
         assert torch.equal(one[0], loss[r : r + 1])
         assert torch.equal(one[1], stats[:, r : r + 1])
         assert torch.equal(one[2], grad[r : r + 1])
+
+
+# Per-pixel rows (N, K, d1..dk): in contiguous (NCHW) logits the rows of an image are adjacent and a
+# row's outputs lie S apart, and the CPU kernel takes 16 pixels of an image as its lanes and walks
+# the outputs (the pixel layout of csrc/cpu/drainage_cpu.cpp); channels_last rows are contiguous and
+# take the row path. Images of S = 20, 35 and 51 pixels: whole groups of 16 and a partial last one
+# (masked loads and stores), one to three images (groups stop at image boundaries). K: J empty (2),
+# one J entry (3), a partial chunk (17), the paper's class counts + 1, ADE20K's 151 outputs, and a
+# long row (1001 > 256: the row path's four accumulators).
+PIXEL_SHAPES = [(1, 4, 5), (2, 5, 7), (3, 3, 17)]  # (N, H, W)
+PIXEL_K = [2, 3, 17, 51, 151, 1001]
+# The CPU kernel's message when a target is the drainage output (the Python check has the same).
+K_RULE = " (a classifier for C classes needs K = C + 1 outputs: C class logits and the drainage output)"
+
+
+def _pixel_batch(N, K, H, W, dtype, d, seed=0):
+    """NCHW logits and targets that are never d, every fifth pixel ignored (ignore_index -100)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, K, H, W, generator=gen) * 4).to(dtype)
+    t = torch.randint(0, K - 1, (N, H, W), generator=gen)
+    t = t + (t >= d).long()
+    t.view(-1)[::5] = -100
+    return x, t
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("K", PIXEL_K)
+def test_cpu_pixel_rows_match_float64(K, layout):
+    """Per-pixel loss and gradient against the float64 oracle: every reduction, both pass structures
+    (fused, recompute), fp32 / bf16 / fp16, the drainage output in the middle, ignored pixels (their
+    gradient exactly 0), and the gradient in the logits' layout."""
+    from support import assert_loss_close
+
+    alpha, beta, d = 0.1, 0.7, (K - 1) // 2
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for (N, H, W), dtype in itertools.product(PIXEL_SHAPES, [torch.float32, torch.bfloat16, torch.float16]):
+        x, t = _pixel_batch(N, K, H, W, dtype, d)
+        x = x.contiguous(memory_format=fmt)
+        x64 = x.double().requires_grad_()
+        ref = drainage_loss_reference(x64, t, alpha=alpha, beta=beta, drainage_idx=d, reduction="none")
+        upstream = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+        ref.backward(upstream)
+        kept = int((t != -100).sum())
+        for reduction, fused in [("none", True), ("sum", True), ("mean", True), ("mean", False)]:
+            xc = x.clone().requires_grad_()
+            loss = fused_drainage_loss(
+                xc,
+                t,
+                alpha=alpha,
+                beta=beta,
+                drainage_idx=d,
+                reduction=reduction,
+                backend="cpp",
+                _fuse_grad=fused,
+            )
+            expected = x64.grad
+            if reduction == "none":
+                assert_loss_close(loss, ref.detach(), x, alpha, beta)
+                loss.backward(upstream.float())
+            else:
+                per = 1 / kept if reduction == "mean" else 1.0
+                assert_loss_close(loss, ref.detach().sum() * per, x, alpha, beta)
+                loss.backward()
+                expected = x64.grad / upstream[:, None] * per
+            assert_grad_close(xc.grad, expected, x, alpha, beta)
+            assert xc.grad.is_contiguous(memory_format=fmt)
+            assert (xc.grad.movedim(1, -1)[t == -100] == 0).all()
+
+
+def _per_pixel_ops(x, t, up, hp):
+    """Every CPU op on (N, K, H, W) logits, each output per pixel: losses (N, H, W), row terms
+    (4, N, H, W) and gradients (N, K, H, W), whatever the layout; `up` (N, H, W): the upstream
+    gradient of the losses. The targets are not checked."""
+    ops = torch.ops.drainage_fast
+    N, K, H, W = x.shape
+    x3, target = as_rows(x), t.reshape(-1)
+    d, ignore_index = hp[2], hp[3]
+    scale = torch.tensor([0.25])
+    loss, stats = ops.forward(x3, target, *hp)
+    fused_loss, fused_stats, fused_grad = ops.forward_with_grad(x3, target, scale, *hp)
+    return {
+        "loss": loss.view(N, H, W),
+        "stats": stats.view(4, N, H, W),
+        "fused loss": fused_loss.view(N, H, W),
+        "fused stats": fused_stats.view(4, N, H, W),
+        "fused grad": from_rows(fused_grad, x.shape),
+        "grad": from_rows(ops.backward(x3, target, stats, up.reshape(-1), d, ignore_index), x.shape),
+        "scalar grad": from_rows(
+            ops.backward(x3, target, stats, scale.expand(target.numel()), d, ignore_index), x.shape
+        ),
+    }
+
+
+def _specials(x, t, K, d):
+    """The cases the lanes must keep apart: +inf in J (J's max +inf), J all -inf, nan in J, an
+    ignored pixel with inf and nan logits, targets out of range and equal to d (NaN rows); two of
+    them in the last, partial group of an image."""
+    H, W = t.shape[1:]
+    t[0, 0, 2], t[1, H - 1, W - 1], t[0, 1, 1] = K, d, -100
+    x[0, :2, 1, 1] = torch.tensor([float("inf"), float("nan")])
+    for (h, w), value in [((0, 1), "inf"), ((0, 3), "-inf"), ((H - 1, W - 2), "nan")]:
+        t[0, h, w] = (d + 1) % K
+        J = [k for k in range(K) if k not in (d, (d + 1) % K)]
+        if value == "-inf":
+            x[0, J, h, w] = float("-inf")
+        elif J:
+            x[0, J[len(J) // 2], h, w] = float(value)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", PIXEL_K)
+def test_cpu_pixel_rows_are_the_row_path_bits(K, dtype):
+    """Each pixel's loss, row terms and gradient have the same bits in the pixel layout (NCHW) as
+    in the row path (the same values channels_last), on 1 thread and on 2, and when the image is
+    cropped so that its pixels fall in other lanes and groups: the pixel path adds a row's terms in
+    the row path's order. Also with infinities, nan and bad targets (the ops do not check them:
+    those rows are nan)."""
+    N, H, W, d = 2, 5, 7, (K - 1) // 2
+    x, t = _pixel_batch(N, K, H, W, dtype, d, seed=K)
+    _specials(x, t, K, d)
+    hp = (-2.3, -0.35, d, -100)
+    up = torch.linspace(0.5, 2.0, t.numel()).view(t.shape)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert as_rows(x).stride()[1:] == (1, H * W) and H * W >= 16  # the pixel layout
+    assert as_rows(channels_last).stride()[1:] == (K, 1)  # the row path
+    good = t.masked_fill((t >= K) | (t == d), -100)  # forward_reduced checks the targets
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for logits in (x, channels_last):
+                out = _per_pixel_ops(logits, t, up, hp)
+                reduced = torch.ops.drainage_fast.forward_reduced(
+                    as_rows(logits), good.reshape(-1), True, True, *hp
+                )
+                out["mean"], out["mean grad"] = reduced[0], from_rows(reduced[2], x.shape)
+                runs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    expected = runs[0]
+    for run in runs[1:]:
+        for name, value in run.items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    bad = (t >= K) | (t == d)
+    assert expected["loss"][bad].isnan().all() and expected["grad"].movedim(1, -1)[bad].isnan().all()
+    assert (expected["loss"][t == -100] == 0).all() and (
+        expected["grad"].movedim(1, -1)[t == -100] == 0
+    ).all()
+    cropped = _per_pixel_ops(
+        x[..., 1:].contiguous(), t[..., 1:], up[..., 1:].contiguous(), hp
+    )  # S = 30: the pixels one lane over
+    for name, value in cropped.items():
+        torch.testing.assert_close(value, expected[name][..., 1:], rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@needs_cpu_kernel
+def test_cpp_names_the_output_count_when_a_target_is_the_drainage_output():
+    """The eager mean checks the targets in the C++ op: a target equal to the drainage index gets the
+    K = C + 1 hint, one out of range does not."""
+    x = torch.randn(4, 5, 6, requires_grad=True)
+    for bad, what in [(4, "equals drainage_idx"), (7, "is out of range [0, 5)")]:
+        t = torch.zeros(4, 6, dtype=torch.long)
+        t[2, 3] = bad
+        with pytest.raises(IndexError) as err:
+            fused_drainage_loss(x, t, backend="cpp")
+        assert f"target value {bad} {what}" in str(err.value)
+        assert (K_RULE in str(err.value)) == (bad == 4), str(err.value)
 
 
 # The eager mean / sum of the native backends: one op with a C++ autograd node (csrc/reduced_loss.cpp).

@@ -16,6 +16,10 @@
 // Every per-row value comes from the same lane-wise operations whatever group or task the row
 // falls in (no lane reads another, and a row's chunks start at its first value), so the results
 // do not depend on the thread count. float64 rows keep the scalar libm path of row_math.h.
+//
+// Per-pixel rows whose outputs are strided and whose neighbours are adjacent (NCHW logits) take
+// the pixel layout instead (below, "Pixel layout"): 16 pixels in the lanes and a loop over the
+// outputs, with the same bits per row as the row path.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -365,14 +369,17 @@ double sum_exp_J(const double* z, int64_t K, int64_t t, int64_t d, double shift,
 }
 
 // The sum over J for a row whose max is +inf, where exp(inf - inf) would be nan: the terms equal to
-// the shift count 1 (the reference's loss is then inf, its gradient nan). Rare: a scalar loop.
-template <typename T>
-T sum_exp_slow(const T* z, int64_t K, int64_t t, int64_t d, T shift, T* e) {
+// the shift count 1 (the reference's loss is then inf, its gradient nan). Rare: a scalar loop. The
+// row's k-th value is z[k * z_stride]; with e, e[k * e_stride] = its term (k in J). The terms are
+// 0, 1 or nan, so their sum is exact in any order.
+template <typename Z, typename T>
+T sum_exp_slow(const Z* z, int64_t z_stride, int64_t K, int64_t t, int64_t d, T shift, T* e, int64_t e_stride) {
   T s = 0;
   for (int64_t k = 0; k < K; ++k) {
     if (k == t || k == d) continue;
-    const T v = z[k] == shift ? T(1) : fast_exp(z[k] - shift);
-    if (e != nullptr) e[k] = v;
+    const T zk = static_cast<T>(z[k * z_stride]);
+    const T v = zk == shift ? T(1) : fast_exp(zk - shift);
+    if (e != nullptr) e[k * e_stride] = v;
     s += v;
   }
   return s;
@@ -499,6 +506,260 @@ int64_t group_rows(int64_t Kp, bool write_grad) {
   return write_grad ? std::clamp<int64_t>(16384 / Kp, 1, kLanes) : kLanes;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pixel layout. The per-pixel rows of a contiguous (N, K, d1..dk) tensor (NCHW) are the (N, S, K)
+// view with stride_s = 1 and stride_k = S: a row's outputs lie S apart, while output k of 16
+// consecutive pixels is 16 adjacent values. Read row by row, every value costs a cache line (and,
+// from S = 1024 fp32 on, a page): (2, 51, 64, 64) fp32 took 6.7x F.cross_entropy's time (issue 19).
+// So 16 consecutive pixels of one image are the 16 lanes of a pixel group, and the loops run over
+// k with one vector load of column k: J's max, then the sum of the exponentials, then the group's
+// row terms in one row_terms_lanes call, then the gradient column by column (the gradient, from
+// empty_like, has the logits' layout). Groups stop at image boundaries: the last group of an image
+// loads and stores its n < 16 lanes under a mask. Lanes whose row does not count (ignored, bad
+// target, past the image) are computed on whatever they hold and dropped by selects, so inf / nan
+// logits there give a gradient of exactly 0.
+//
+// The sum adds a row's terms in the order of the row path: column k goes to accumulator k % 16 of
+// split u(k) (max_and_sum_J: one split; max_and_sum_long_row: kSplit), and the accumulators are
+// added in that path's tree (sum_lanes). J's max is exact in any order. So every row gets the bits
+// the row path gives it: NCHW and channels_last logits give the same loss, row terms and gradient.
+
+// Column k of a group: its n <= 16 values as float lanes (-inf past n). float16 converts with one
+// instruction where the target has it, rounding to nearest even as c10::Half does (lane by lane,
+// the fp16 op took 1.45 ms at (2, 51, 64, 64) on 1 thread, against 0.45 ms).
+template <typename scalar_t>
+inline vfloat load_lanes(const scalar_t* p, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return n == kLanes ? vload(p) : vload_tail(p, n);
+  } else {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      if (n == kLanes) return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+#endif
+    vfloat v = vsplat(neg_inf<float>());
+    for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
+}
+
+template <typename scalar_t>
+inline void store_lanes(scalar_t* p, vfloat v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vstore_n(p, v, n);
+  } else {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      if (n == kLanes) {
+        const __m256i h = _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+        return;
+      }
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
+  }
+}
+
+// Rows r0 .. r0 + n - 1 of a pixel group and what their targets say.
+struct PixelGroup {
+  int64_t r0, n;
+  vint t;  // the targets of the rows that count; -1 (no column) in the other lanes
+  vint live;  // -1 in the lanes whose row counts (kept, with a valid target)
+  vint bad;  // -1 in the lanes whose target is bad
+  bool any_live;
+
+  PixelGroup(const TargetView& targets, int64_t r0_, int64_t n_, int64_t K, int64_t d, int64_t ignore_index)
+      : r0(r0_), n(n_), t(vint{} - 1), live(vint{}), bad(vint{}) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t target = targets[r0 + i];
+      const TargetCheck check = check_target(target, K, d, ignore_index);
+      live[i] = -static_cast<int32_t>(check.kept && !check.bad);
+      bad[i] = -static_cast<int32_t>(check.bad);
+      t[i] = live[i] ? static_cast<int32_t>(target) : -1;
+    }
+    int32_t any = 0;
+    for (int i = 0; i < kLanes; ++i) any |= live[i];
+    any_live = any != 0;
+  }
+
+  // Where the row does not count: skipped_row's value (0 where ignored or past n, nan where bad).
+  vfloat skipped(float RowTerms<float>::*term) const {
+    return bad ? vsplat(skipped_row<float>(true).*term) : vsplat(skipped_row<float>(false).*term);
+  }
+};
+
+// J's max of each lane (NaN skipped, as in max_and_sum_J), and the lanes' z_t and z_d.
+template <typename scalar_t>
+void max_J_pixels(const scalar_t* z, int64_t stride_k, int64_t K, int64_t d, const PixelGroup& p, vfloat& m,
+                  vfloat& z_t, vfloat& z_d) {
+  vfloat acc = vsplat(neg_inf<float>()), zt = vsplat(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    if (k == d) continue;
+    const vfloat v = load_lanes(z + k * stride_k, p.n);
+    const vint is_t = p.t == static_cast<int32_t>(k);
+    zt = is_t ? v : zt;
+    acc = is_t ? acc : vmax(v, acc);
+  }
+  m = acc;
+  z_t = zt;
+  z_d = load_lanes(z + d * stride_k, p.n);
+}
+
+// The sum over J of exp(z - shift) of each lane, added in the row path's order (kSplits = 1 for
+// K <= kBlockMaxK, else kSplit); with kStore, e[k * 16 + i] = exp(z_k - shift) of lane i.
+template <int kSplits, bool kStore, typename scalar_t>
+vfloat sum_J_pixels(const scalar_t* z, int64_t stride_k, int64_t K, int64_t d, const PixelGroup& p, vfloat shift,
+                    float* e) {
+  static_assert(kSplits == 1 || kSplits == kSplit);
+  vfloat acc[kSplits][kLanes];
+  for (auto& split : acc) {
+    for (vfloat& a : split) a = vsplat(0.0f);
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kLanes) {
+    // max_and_sum_long_row: whole chunk c to split c % kSplit, the partial last one to the last split.
+    const int64_t u = kSplits == 1 || k0 + kLanes > K ? kSplits - 1 : k0 / kLanes % kSplits;
+#pragma GCC unroll 16
+    for (int j = 0; j < kLanes; ++j) {  // unrolled: with one split, the accumulators stay in registers
+      const int64_t k = k0 + j;
+      if (k == K) break;
+      const vfloat ev = fast_exp(load_lanes(z + k * stride_k, p.n) - shift);
+      if constexpr (kStore) vstore(e + k * kLanes, ev);
+      if (k != d) acc[u][j] += p.t == static_cast<int32_t>(k) ? vsplat(0.0f) : ev;
+    }
+  }
+  vfloat lane[kLanes];  // the splits added as in max_and_sum_long_row, then sum_lanes' tree
+  for (int j = 0; j < kLanes; ++j) {
+    if constexpr (kSplits == 1) {
+      lane[j] = acc[0][j];
+    } else {
+      lane[j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+    }
+  }
+  for (int j = 0; j < 8; ++j) lane[j] += lane[j + 8];
+  for (int j = 0; j < 4; ++j) lane[j] += lane[j + 4];
+  return (lane[0] + lane[2]) + (lane[1] + lane[3]);
+}
+
+// The gradient of a pixel group, column by column: e(k) = exp(z_k - shift) of column k's lanes;
+// g = e * factor in J, g_t and g_d at the targets (all scaled), the fill where the row does not count.
+template <typename scalar_t, typename E>
+void store_grad_pixels(scalar_t* g, int64_t stride_k, int64_t K, int64_t d, const PixelGroup& p, vfloat factor,
+                       vfloat g_t, vfloat g_d, E e) {
+  const vfloat fill = p.bad ? vsplat(quiet_nan<float>()) : vsplat(0.0f);  // as fill_row's
+  const vfloat at_d = p.live ? g_d : fill;
+  for (int64_t k = 0; k < K; ++k) {
+    vfloat v = at_d;
+    if (k != d) {
+      v = p.t == static_cast<int32_t>(k) ? g_t : e(k) * factor;
+      v = p.live ? v : fill;
+    }
+    store_lanes(g + k * stride_k, v, p.n);
+  }
+}
+
+// Groups per parallel task: the rows of grain_rows.
+int64_t grain_groups(int64_t K) {
+  const char* env = std::getenv("DF_GRAIN_ELEMS");
+  if (env != nullptr) return std::max<int64_t>(1, std::atoll(env) / (kLanes * (K + 32)));
+  return std::max<int64_t>(1, grain_rows(K) / kLanes);
+}
+
+// Whether the pixel path takes the rows (and the gradient's): consecutive rows adjacent, outputs
+// not, and enough pixels in an image to fill the lanes.
+constexpr int64_t kMinPixels = 16;
+
+bool pixel_layout(const RowLayout& rows, const RowLayout& g_rows) {
+  return rows.stride_s == 1 && rows.stride_k != 1 && rows.S >= kMinPixels && g_rows.stride_s == 1;
+}
+
+// Calls f(group, scratch) for the pixel groups of all images, in parallel; scratch: a 64-byte
+// aligned buffer of scratch_floats floats per task.
+template <typename F>
+void for_pixel_groups(const RowLayout& rows, const TargetView& targets, int64_t d, int64_t ignore_index,
+                      int64_t scratch_floats, F f) {
+  const int64_t S = rows.S, per_image = (S + kLanes - 1) / kLanes;
+  at::parallel_for(0, rows.R / S * per_image, grain_groups(rows.K), [&](int64_t begin, int64_t end) {
+    Scratch<float> scratch(scratch_floats);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s0 = i % per_image * kLanes;
+      const PixelGroup group(targets, i / per_image * S + s0, std::min<int64_t>(kLanes, S - s0), rows.K, d,
+                             ignore_index);
+      f(group, scratch.data);
+    }
+  });
+}
+
+// forward_rows in the pixel layout (float, bfloat16 and float16 logits; float math).
+template <typename scalar_t>
+void forward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& targets, float log_alpha,
+                    float log_beta, int64_t d, int64_t ignore_index, float* loss, float* stats, scalar_t* g,
+                    const RowLayout& g_rows, float scale) {
+  const int64_t K = rows.K;
+  const bool write_grad = g != nullptr;
+  for_pixel_groups(rows, targets, d, ignore_index, write_grad ? K * kLanes : 0, [&](const PixelGroup& p, float* e) {
+    const scalar_t* z = x + rows.start(p.r0);
+    RowLanes<float> q{};  // zeros where no row counts
+    if (p.any_live) {
+      vfloat m, z_t, z_d;
+      max_J_pixels(z, rows.stride_k, K, d, p, m, z_t, z_d);
+      const vfloat shift = m == vsplat(neg_inf<float>()) ? vsplat(0.0f) : m;  // all -inf: exp(-inf - 0) = 0
+      vfloat s;
+      if (K > kBlockMaxK) {
+        s = write_grad ? sum_J_pixels<kSplit, true>(z, rows.stride_k, K, d, p, shift, e)
+                       : sum_J_pixels<kSplit, false>(z, rows.stride_k, K, d, p, shift, e);
+      } else {
+        s = write_grad ? sum_J_pixels<1, true>(z, rows.stride_k, K, d, p, shift, e)
+                       : sum_J_pixels<1, false>(z, rows.stride_k, K, d, p, shift, e);
+      }
+      vstore(q.z_t, z_t);
+      vstore(q.z_d, z_d);
+      vstore(q.m, m);
+      vstore(q.s, s);
+      for (int i = 0; i < kLanes; ++i) {
+        if (!p.live[i]) {
+          q.clear(i);
+        } else if (q.m[i] == -neg_inf<float>()) {
+          q.s[i] = sum_exp_slow(z + i, rows.stride_k, K, p.t[i], d, q.m[i], write_grad ? e + i : nullptr, kLanes);
+        }
+      }
+      row_terms_lanes(q, log_alpha, log_beta);
+    }
+    store_lanes(loss + p.r0, p.live ? vload(q.loss) : p.skipped(&RowTerms<float>::loss), p.n);
+    if (stats != nullptr) {
+      const vfloat terms[kRowTerms] = {p.live ? vload(q.shift) : p.skipped(&RowTerms<float>::shift),
+                                       p.live ? vload(q.c) : p.skipped(&RowTerms<float>::c),
+                                       p.live ? vload(q.g_t) : p.skipped(&RowTerms<float>::g_t),
+                                       p.live ? vload(q.g_d) : p.skipped(&RowTerms<float>::g_d)};
+      for (int j = 0; j < kRowTerms; ++j) store_lanes(stats + j * rows.R + p.r0, terms[j], p.n);
+    }
+    if (!write_grad) return;
+    store_grad_pixels(g + g_rows.start(p.r0), g_rows.stride_k, K, d, p, vload(q.c) * scale, vload(q.g_t) * scale,
+                      vload(q.g_d) * scale, [&](int64_t k) { return vload(e + k * kLanes); });
+  });
+}
+
+// backward_rows in the pixel layout: the terms of the group's rows and the upstream gradient in
+// lanes, then the gradient column by column, exp(z - shift) * (c * scale) as in grad_row_direct.
+template <typename scalar_t>
+void backward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& targets, const float* stats,
+                     const float* dy, int64_t dy_stride, int64_t d, int64_t ignore_index, scalar_t* g,
+                     const RowLayout& g_rows) {
+  const int64_t K = rows.K, R = rows.R;
+  for_pixel_groups(rows, targets, d, ignore_index, 0, [&](const PixelGroup& p, float*) {
+    alignas(64) float terms[kRowTerms][kLanes] = {}, scale[kLanes] = {};
+    for (int i = 0; i < p.n; ++i) {
+      for (int j = 0; j < kRowTerms; ++j) terms[j][i] = stats[j * R + p.r0 + i];
+      scale[i] = dy[(p.r0 + i) * dy_stride];
+    }
+    const vfloat shift = vload(terms[0]), sc = vload(scale);
+    const scalar_t* z = x + rows.start(p.r0);
+    store_grad_pixels(g + g_rows.start(p.r0), g_rows.stride_k, K, d, p, vload(terms[1]) * sc, vload(terms[2]) * sc,
+                      vload(terms[3]) * sc,
+                      [&](int64_t k) { return fast_exp(load_lanes(z + k * rows.stride_k, p.n) - shift); });
+  });
+}
+
 // forward, and forward_with_grad when `grad` is defined: then grad = grad_scale * d(sum loss)/dx.
 // An undefined `stats` is not written (the reduced path keeps no row terms).
 template <typename scalar_t>
@@ -517,6 +778,12 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
   const int64_t R = rows.R, K = rows.K, Kp = padded(K);
   const int64_t G = group_rows(Kp, write_grad);
   const T la = static_cast<T>(log_alpha), lb = static_cast<T>(log_beta), scale = static_cast<T>(grad_scale);
+  if constexpr (std::is_same_v<T, float>) {
+    if (pixel_layout(rows, g_rows)) {
+      forward_pixels(rows, x, targets, la, lb, d, ignore_index, loss_p, stats_p, g, g_rows, scale);
+      return;
+    }
+  }
 
   at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
     std::vector<T> z_buffer(kBlock * K);  // rows converted to T (only when not float, unit stride)
@@ -553,7 +820,7 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
           q.z_t[i] = z[j][t[j]];
           q.z_d[i] = z[j][d];
           q.m[i] = m[j];
-          q.s[i] = m[j] == -neg_inf<T>() ? sum_exp_slow(z[j], K, t[j], d, m[j], e[j]) : s[j];
+          q.s[i] = m[j] == -neg_inf<T>() ? sum_exp_slow(z[j], 1, K, t[j], d, m[j], e[j], 1) : s[j];
         }
         b += nb;
       }
@@ -595,6 +862,12 @@ void backward_rows(const at::Tensor& x3, const at::Tensor& target, const at::Ten
   const int64_t dy_stride = grad_rows.stride(0);  // 0 for a broadcast upstream scalar
   scalar_t* g = grad.mutable_data_ptr<scalar_t>();
   const int64_t R = rows.R, K = rows.K, Kp = padded(K);
+  if constexpr (std::is_same_v<T, float>) {
+    if (pixel_layout(rows, g_rows)) {
+      backward_pixels(rows, x, targets, stats_p, dy, dy_stride, d, ignore_index, g, g_rows);
+      return;
+    }
+  }
 
   at::parallel_for(0, R, grain_rows(K), [&](int64_t begin, int64_t end) {
     std::vector<T> z_buffer(K);
@@ -705,21 +978,45 @@ double sum_in_order(const T* values, int64_t n) {
   return total.value();
 }
 
+// The kept targets of t[r * stride], r < n, and whether any is bad: check_target's test in integer
+// arithmetic (a negative target is a huge unsigned one), so that the loop vectorises: in a profile
+// of forward_reduced at (2, 21, 128, 128) on 1 thread, 2.0% of the samples with TargetCheck, 0.3%.
+template <typename I>
+std::pair<int64_t, bool> count_targets(const I* t, int64_t stride, int64_t n, int64_t K, int64_t d,
+                                       int64_t ignore_index) {
+  int64_t kept = 0, bad = 0;
+  auto add = [&](int64_t target) {
+    const int64_t k = target != ignore_index;
+    kept += k;
+    bad |= k & ((static_cast<uint64_t>(target) >= static_cast<uint64_t>(K)) | (target == d));
+  };
+  if (stride == 1) {
+    for (int64_t r = 0; r < n; ++r) add(t[r]);
+  } else {
+    for (int64_t r = 0; r < n; ++r) add(t[r * stride]);
+  }
+  return {kept, bad != 0};
+}
+
 // The kept count, after checking every target as the Python API does (drainage_fast/_inputs.py,
 // check_target_values, with the same message): the eager mean / sum of the "cpp" backend skips the
-// host check there, because a small batch pays per op, and here it is one pass over 8 bytes a row.
+// host check there, because a small batch pays per op, and here it is one pass over 8 bytes a row
+// (a per-pixel loss has millions of rows); the first bad target is looked for only when there is one.
 int64_t check_and_count_targets(const at::Tensor& target, int64_t K, int64_t d, int64_t ignore_index) {
   const TargetView targets = target_view(target);
-  int64_t kept = 0;
-  for (int64_t r = 0; r < target.numel(); ++r) {
+  const int64_t R = target.numel();
+  const auto [kept, any_bad] =
+      targets.is_int64 ? count_targets(static_cast<const int64_t*>(targets.ptr), targets.stride, R, K, d, ignore_index)
+                       : count_targets(static_cast<const int32_t*>(targets.ptr), targets.stride, R, K, d, ignore_index);
+  for (int64_t r = 0; any_bad && r < R; ++r) {
     const int64_t t = targets[r];
-    if (t == ignore_index) continue;
-    if (t < 0 || t >= K || t == d) {
-      const std::string what = t == d ? "equals drainage_idx" : "is out of range [0, " + std::to_string(K) + ")";
-      TORCH_CHECK_INDEX(false, "target value ", t, " ", what, "; targets must be class indices in [0, ", K,
-                        ") other than drainage_idx=", d, ", or ignore_index=", ignore_index);
-    }
-    ++kept;
+    if (!check_target(t, K, d, ignore_index).bad) continue;
+    const std::string what = t == d ? "equals drainage_idx" : "is out of range [0, " + std::to_string(K) + ")";
+    const char* hint = t == d ? " (a classifier for C classes needs K = C + 1 outputs: C class logits and the "
+                                "drainage output)"
+                              : "";
+    TORCH_CHECK_INDEX(false, "target value ", t, " ", what, "; targets must be class indices in [0, ", K,
+                      ") other than drainage_idx=", d, ", or ignore_index=", ignore_index, hint);
   }
   return kept;
 }
