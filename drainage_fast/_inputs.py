@@ -7,7 +7,7 @@ the argument and the offending value.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import NamedTuple
 
 import torch
@@ -18,12 +18,14 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 class Hyper(NamedTuple):
-    """Resolved hyper-parameters, as the kernels take them."""
+    """Resolved hyper-parameters, as the kernels take them (_members.py says what h1, h2 are for each
+    member: log alpha and log beta for Drainage)."""
 
-    log_alpha: float
-    log_beta: float
+    h1: float
+    h2: float
     drainage_idx: int  # normalised to [0, K)
     ignore_index: int
+    member: int = 0  # _members.Member
 
 
 def _is_int(value) -> bool:
@@ -31,36 +33,35 @@ def _is_int(value) -> bool:
     return type(value) is int or (not isinstance(value, bool) and isinstance(value, Integral))
 
 
-def _positive_float(name: str, value) -> float:
-    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
-        raise ValueError(f"{name} must be a positive real number, got {value!r}")
-    if not 0.0 < value < math.inf:  # also false for nan; comparisons work on traced SymFloats too
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def check_hyper(alpha, beta, reduction: str, ignore_index) -> tuple[float, float]:
-    """Checks the tensor-independent arguments; returns (alpha, beta) with beta = 1/alpha by default."""
-    alpha = _positive_float("alpha", alpha)
-    beta = 1.0 / alpha if beta is None else _positive_float("beta", beta)
+def check_options(reduction: str, ignore_index) -> None:
+    """The tensor-independent arguments every member shares."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not _is_int(ignore_index):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    return alpha, beta
 
 
 def check_inputs(
-    logits, target, *, alpha, beta, drainage_idx, reduction, ignore_index, check_targets: bool = True
+    logits,
+    target,
+    *,
+    params: tuple[float, float],
+    member: int = 0,
+    drainage_idx,
+    reduction,
+    ignore_index,
+    sample_weight=None,
+    check_targets: bool = True,
 ) -> Hyper:
-    """Validates every argument of the loss; returns the resolved hyper-parameters.
+    """Validates every argument of a loss of the family; returns the resolved hyper-parameters.
+    `params` are the member's (h1, h2), already checked (_members.py).
 
     Raises:
-        ValueError: bad dtype, shape, device, alpha, beta, reduction or ignore_index.
+        ValueError: bad dtype, shape, device, reduction, ignore_index or sample_weight.
         IndexError: drainage_idx out of range; target out of [0, K) or equal to drainage_idx
             (checked here for CPU tensors; on other devices the forward asserts on the device).
     """
-    alpha, beta = check_hyper(alpha, beta, reduction, ignore_index)
+    check_options(reduction, ignore_index)
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -82,6 +83,8 @@ def check_inputs(
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if sample_weight is not None:
+        check_sample_weight(sample_weight, target)
     if not _is_int(drainage_idx):
         raise ValueError(f"drainage_idx must be an int, got {drainage_idx!r}")
     if not -K <= drainage_idx < K:
@@ -89,7 +92,32 @@ def check_inputs(
     d = int(drainage_idx) % K
     if check_targets:  # False: the caller checks them later, or a kernel does (cpp's forward_reduced)
         check_target_values(target, K, d, int(ignore_index))
-    return Hyper(math.log(alpha), math.log(beta), d, int(ignore_index))
+    return Hyper(float(params[0]), float(params[1]), d, int(ignore_index), int(member))
+
+
+WEIGHT_MESSAGE = "drainage_fast: every sample_weight must be finite and >= 0"
+
+
+def check_sample_weight(weight, target: torch.Tensor) -> None:
+    """A tensor shaped like target, of a floating dtype, on its device; on the CPU (eager) also
+    finite and >= 0 (elsewhere the kernels assert that on the device: the host never waits)."""
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"sample_weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"sample_weight must have a floating dtype in {FLOAT_DTYPES}, got {weight.dtype}")
+    if tuple(weight.shape) != tuple(target.shape):
+        raise ValueError(
+            f"sample_weight must have the shape of target, {tuple(target.shape)}, got {tuple(weight.shape)}"
+        )
+    if weight.device != target.device:
+        raise ValueError(f"sample_weight is on {weight.device} but target is on {target.device}")
+    if weight.device.type != "cpu" or torch.compiler.is_compiling() or weight.numel() == 0:
+        return
+    w = weight.detach()
+    bad = ~(torch.isfinite(w) & (w >= 0))
+    if bad.any():
+        value = w[bad].flatten()[0].item()
+        raise ValueError(f"sample_weight must be finite and >= 0, got {value!r}")
 
 
 # Device-side asserts carry a fixed message (the failing value is not known on the host; under
@@ -125,18 +153,24 @@ def check_target_values(target: torch.Tensor, K: int, d: int, ignore_index: int)
         )
 
 
-def check_targets_torch(target: torch.Tensor, K: int, hp: "Hyper") -> None:
-    """Device-side target check in torch ops (an assert, no host sync)."""
+def check_targets_torch(
+    target: torch.Tensor, K: int, hp: "Hyper", weight: torch.Tensor | None = None
+) -> None:
+    """Device-side target (and sample weight) check in torch ops (asserts, no host sync)."""
     kept = target != hp.ignore_index
     bad = kept & ((target < 0) | (target >= K) | (target == hp.drainage_idx))
     torch._assert_async(~bad.any(), TARGET_MESSAGE)
+    if weight is not None:
+        torch._assert_async((torch.isfinite(weight) & (weight >= 0)).all(), WEIGHT_MESSAGE)
 
 
-def check_targets_unless_checked(target: torch.Tensor, K: int, hp: "Hyper") -> None:
+def check_targets_unless_checked(
+    target: torch.Tensor, K: int, hp: "Hyper", weight: torch.Tensor | None = None
+) -> None:
     """check_targets_torch where check_target_values did not run (GPU tensors, torch.compile), for
     the backends whose kernels do not check the targets themselves."""
     if target.device.type != "cpu" or torch.compiler.is_compiling():
-        check_targets_torch(target, K, hp)
+        check_targets_torch(target, K, hp, weight)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +195,16 @@ def from_rows(t3: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 # Per-row terms a forward saves for the backward: (ROW_TERMS, R) = [shift, c, g_t, g_d], see
 # backends/triton_kernels.py for the formulas.
 ROW_TERMS = 4
+
+
+def kept_total(
+    target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The divisor of a mean: the kept rows' count, or the sum of their sample weights, in `dtype`."""
+    kept = target != hp.ignore_index
+    if weight is None:
+        return kept.sum().to(dtype)
+    return torch.where(kept, weight.to(dtype), 0.0).sum()
 
 
 def loss_dtype(x: torch.Tensor) -> torch.dtype:

@@ -18,8 +18,10 @@ class Backend(Protocol):
     """What DrainageFunction needs from a backend module.
 
     x3 is the (N, S, K) row view of the logits (see _inputs.as_rows), target the (R,) flat targets
-    (R = N * S), hp the checked hyper-parameters. Losses and row terms are float32 (float64 for
-    float64 logits); gradients have the dtype of the logits and the layout of torch.empty_like(x3).
+    (R = N * S), hp the checked hyper-parameters (the member and its h1, h2 among them), weight None
+    or the (R,) sample weights. Losses and row terms are float32 (float64 for float64 logits), those
+    of the weighted loss w_r l_r when there are weights; gradients have the dtype of the logits and
+    the layout of torch.empty_like(x3).
     """
 
     NAME: str
@@ -30,9 +32,11 @@ class Backend(Protocol):
     def availability(self, device: torch.device | None = None) -> tuple[bool, str]:
         """Whether the backend can run on `device` (None: on this machine), and why (not)."""
 
-    def forward(self, x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x3: torch.Tensor, target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row losses (R,) and row terms (4, R) = [shift, c, g_t, g_d] for the backward. On a
-        GPU the targets are checked on the device (an assert, no host sync)."""
+        GPU the targets (and weights) are checked on the device (an assert, no host sync)."""
 
     def backward(
         self, x3: torch.Tensor, target: torch.Tensor, stats: torch.Tensor, grad_rows: torch.Tensor, hp: Hyper
@@ -42,16 +46,24 @@ class Backend(Protocol):
         that order (see forward_reduced)."""
 
     def forward_reduced(
-        self, x3: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool, with_grad: bool
+        self,
+        x3: torch.Tensor,
+        target: torch.Tensor,
+        hp: Hyper,
+        mean: bool,
+        with_grad: bool,
+        weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(out, inv_count, grad, pending), eager mode only.
 
-        out: the 0-dim sum of the row losses, or their mean over the kept rows (nan if none).
-        inv_count: (1,) 1 / count for a mean, else None. grad (with_grad): the gradient of out
-        times 1 / pending; pending: the factor the backward must still apply besides the upstream
-        gradient (None when the pass applied everything). For float32 / float64 logits the grad
-        with scale_(grad, 1, pending) has the same bits as backward(..., grad_rows = inv_count or
-        1): gradcheck's second backward recomputes and compares exactly.
+        out: the 0-dim sum of the (weighted) row losses, or their mean over the kept rows (nan if
+        none): divided by the count, or by the sum of the kept rows' weights.
+        inv_count: (1,) 1 / count (or 1 / that sum) for a mean, else None. grad (with_grad): the
+        gradient of out times 1 / pending; pending: the factor the backward must still apply
+        besides the upstream gradient (None when the pass applied everything). For float32 /
+        float64 logits the grad with scale_(grad, 1, pending) has the same bits as
+        backward(..., grad_rows = inv_count or 1): gradcheck's second backward recomputes and
+        compares exactly.
         """
 
     def scale_(

@@ -24,16 +24,28 @@ def availability(device: torch.device | None = None) -> tuple[bool, str]:
     return True, "C++ CPU kernels (csrc/cpu), at::parallel_for over rows"
 
 
-def forward(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(
+    x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """See backends.Backend (eager CPU calls had their targets checked on the host by the API)."""
-    _inputs.check_targets_unless_checked(target, x3.shape[-1], hp)
-    return native.forward(x3, target, hp)
+    _inputs.check_targets_unless_checked(target, x3.shape[-1], hp, weight)
+    return native.forward(x3, target, hp, weight)
 
 
-def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, mean: bool, with_grad: bool):
-    """See backends.Backend: one op (csrc/cpu), which checks the targets (the API leaves this path's
-    check to it), counts them, applies 1 / count in the pass and reduces; nothing is pending."""
-    out, inv_count, grad = torch.ops.drainage_fast.forward_reduced.default(x3, target, mean, with_grad, *hp)
+def forward_reduced(
+    x3: torch.Tensor,
+    target: torch.Tensor,
+    hp: _inputs.Hyper,
+    mean: bool,
+    with_grad: bool,
+    weight: torch.Tensor | None = None,
+):
+    """See backends.Backend: one op (csrc/cpu), which checks the targets and weights (the API leaves
+    this path's check to it), makes the divisor (count or weight sum), applies its inverse in the pass
+    and reduces; nothing is pending."""
+    out, inv_count, grad = torch.ops.drainage_fast.forward_reduced.default(
+        x3, target, mean, with_grad, *hp, weight
+    )
     return out, inv_count, grad, None
 
 

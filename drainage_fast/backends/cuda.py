@@ -19,13 +19,22 @@ NAME = "cuda"
 FUSED_GRAD = True  # forward_reduced(with_grad=True): the gradient is written in the forward pass
 
 
-def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
-    """backends.Backend.forward: one launch; its kernel checks the targets (a device-side assert, once
-    per block, no host sync), as forward_reduced's finalize does."""
-    return native.forward(x3, target, hp)
+def forward(
+    x3: torch.Tensor, target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """backends.Backend.forward: one launch; its kernel checks the targets and weights (a device-side
+    assert, once per block, no host sync), as forward_reduced's finalize does."""
+    return native.forward(x3, target, hp, weight)
 
 
-def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool, with_grad: bool):
+def forward_reduced(
+    x3: torch.Tensor,
+    target: torch.Tensor,
+    hp: Hyper,
+    mean: bool,
+    with_grad: bool,
+    weight: torch.Tensor | None = None,
+):
     """-> (out, inv_count, grad, pending): out the sum of the row losses or their mean over the kept
     rows (0-dim, loss dtype; nan for a mean with no kept row), inv_count (1,) = 1 / count for a mean
     (else None), grad the gradient of the SUM of the row losses when with_grad (else None), pending
@@ -35,7 +44,9 @@ def forward_reduced(x3: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: boo
     The count is known only when the pass ends, so a mean's gradient leaves 1 / count pending: the
     backward's scale then reads and writes the gradient once more (the Triton backend counts the
     targets in a first small kernel and applies 1 / count in the pass instead)."""
-    out, inv_count, grad = torch.ops.drainage_fast.forward_reduced.default(x3, target, mean, with_grad, *hp)
+    out, inv_count, grad = torch.ops.drainage_fast.forward_reduced.default(
+        x3, target, mean, with_grad, *hp, weight
+    )
     return out, inv_count, grad, inv_count
 
 

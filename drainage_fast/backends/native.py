@@ -24,7 +24,7 @@ LOAD_ERROR = _ext.load_cpu()
 
 def _register_python_parts() -> None:
     @torch.library.register_fake("drainage_fast::forward")
-    def _(x3, target, log_alpha, log_beta, drainage_idx, ignore_index):
+    def _(x3, target, h1, h2, drainage_idx, ignore_index, member, weight):
         R = x3.shape[0] * x3.shape[1]
         return x3.new_empty(R, dtype=loss_dtype(x3)), x3.new_empty((ROW_TERMS, R), dtype=loss_dtype(x3))
 
@@ -33,7 +33,7 @@ def _register_python_parts() -> None:
         return torch.empty_like(x3)
 
     @torch.library.register_fake("drainage_fast::forward_with_grad")
-    def _(x3, target, scale, log_alpha, log_beta, drainage_idx, ignore_index):
+    def _(x3, target, scale, h1, h2, drainage_idx, ignore_index, member, weight):
         R = x3.shape[0] * x3.shape[1]
         loss = x3.new_empty(R, dtype=loss_dtype(x3))
         return loss, x3.new_empty((ROW_TERMS, R), dtype=loss_dtype(x3)), torch.empty_like(x3)
@@ -44,7 +44,7 @@ def _register_python_parts() -> None:
 
     # The mean / sum path of the backend contract.
     @torch.library.register_fake("drainage_fast::forward_reduced")
-    def _(x3, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index):
+    def _(x3, target, mean, with_grad, h1, h2, drainage_idx, ignore_index, member, weight):
         out = x3.new_empty((), dtype=loss_dtype(x3))
         inv_count = x3.new_empty((1,), dtype=loss_dtype(x3)) if mean else None
         return out, inv_count, torch.empty_like(x3) if with_grad else None
@@ -55,7 +55,7 @@ def _register_python_parts() -> None:
 
     # The eager mean / sum of the native backends, with its own C++ autograd node (csrc/reduced_loss.cpp).
     @torch.library.register_fake("drainage_fast::reduced_loss")
-    def _(logits, target, mean, log_alpha, log_beta, drainage_idx, ignore_index):
+    def _(logits, target, mean, h1, h2, drainage_idx, ignore_index, member, weight):
         return logits.new_empty((), dtype=loss_dtype(logits))
 
 
@@ -63,9 +63,13 @@ if LOAD_ERROR is None:
     _register_python_parts()
 
 
-def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (4, R)."""
-    return torch.ops.drainage_fast.forward.default(x3, target, *hp)
+def forward(
+    x3: torch.Tensor, target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S, K) logits view, (R,) targets, (R,) sample weights or None -> per-row (weighted) loss
+    (R,) and row terms (4, R). hp is (h1, h2, drainage_idx, ignore_index, member), as the ops take
+    them."""
+    return torch.ops.drainage_fast.forward.default(x3, target, *hp, weight)
 
 
 def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
@@ -75,19 +79,22 @@ def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
     )
 
 
-def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None):
+def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None, weight: torch.Tensor | None = None):
     """Forward that also writes the gradient of the summed loss times `scale` (one element of the
     loss dtype, 1 / count for a mean; None: 1) while each row is still in cache: one read and one
     write of the logits in all."""
-    return torch.ops.drainage_fast.forward_with_grad.default(x3, target, scale, *hp)
+    return torch.ops.drainage_fast.forward_with_grad.default(x3, target, scale, *hp, weight)
 
 
-def reduced_loss(logits: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool) -> torch.Tensor:
+def reduced_loss(
+    logits: torch.Tensor, target: torch.Tensor, hp: Hyper, mean: bool, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """The eager mean / sum loss of the user's (N, K, d1..dk) logits as one op with a C++ autograd
     node (csrc/reduced_loss.cpp) over forward_reduced and scale_by_: DrainageFunction's fused path
     with no Python in the step, which at (512, 51) on the CPU cost more than the kernels. The
-    kernels check the targets (CPU: IndexError; CUDA: a device-side assert). Eager only."""
-    return _REDUCED_LOSS(logits, target, mean, *hp)
+    kernels check the targets (CPU: IndexError; CUDA: a device-side assert) and the sample weights
+    (shaped like the target, no gradient). Eager only."""
+    return _REDUCED_LOSS(logits, target, mean, *hp, weight)
 
 
 _REDUCED_LOSS = torch.ops.drainage_fast.reduced_loss.default if LOAD_ERROR is None else None

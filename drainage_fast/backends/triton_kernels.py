@@ -42,7 +42,7 @@ tile of 2V elements (V per 16 bytes) for the head before that boundary and the t
 import triton
 import triton.language as tl
 
-from .._inputs import TARGET_MESSAGE
+from .._inputs import TARGET_MESSAGE, WEIGHT_MESSAGE
 
 # A global that a @triton.jit function reads must be a tl.constexpr instance (an annotation is not
 # enough: the code generator rejects the plain float).
@@ -51,6 +51,7 @@ NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
 FINAL_BLOCK = tl.constexpr(1024)  # partials the last program adds per step (one per program)
 TARGET_ASSERT = tl.constexpr(TARGET_MESSAGE)
+WEIGHT_ASSERT = tl.constexpr(WEIGHT_MESSAGE)
 # The column index of a tile position that holds no element of the row: it matches neither a target
 # (-1 for ignored rows) nor the drainage output.
 NO_COLUMN = tl.constexpr(-2)
@@ -61,14 +62,22 @@ PIXEL_VECTOR = tl.constexpr(4)
 COLUMNS = tl.constexpr(0)  # one row per thread, loops over the columns
 TILE = tl.constexpr(1)  # a [BLOCK_ROWS, BLOCK_K] tile of rows in registers
 STREAM = tl.constexpr(2)  # one row at a time in BLOCK_K-wide tiles, online log-sum-exp
+# Members of the family (_members.Member).
+DRAINAGE = tl.constexpr(0)
+GAMBLERS = tl.constexpr(1)
+DAC = tl.constexpr(2)
+CE_ALL = tl.constexpr(3)
+CE_CLASSES = tl.constexpr(4)
 # Row modes (module docstring).
 FLAT_ROWS = tl.constexpr(0)
 DIV_ROWS = tl.constexpr(1)
 PIXEL_ROWS = tl.constexpr(2)
-# The workspace of a (device, stream, thread): int64 [kept count, last-program ticket, bad targets].
+# The workspace of a (device, stream, thread): int64 slots, zero between calls.
 WS_COUNT = tl.constexpr(0)
 WS_TICKET = tl.constexpr(1)
 WS_BAD = tl.constexpr(2)
+WS_TICKET2 = tl.constexpr(3)  # the targets kernel's ticket (a weighted mean's divisor)
+WS_BAD_WEIGHT = tl.constexpr(4)
 
 
 @triton.jit
@@ -230,20 +239,32 @@ def _online_max_sum(m, s, x, cols, t, d):
 
 
 @triton.jit
-def _row_terms(z_t, z_d, m, s, log_alpha, log_beta):
-    """Loss and gradient terms of rows with the given z_t, z_d and J's (max m, sum s).
+def _softplus(x):
+    """log(1 + exp(x)): exact for large x, full relative precision for very negative x; nan stays."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) + _log1p(tl.exp(-tl.abs(x)))
 
-    Returns (loss, shift, c, g_t, g_d): dl/dz_j = exp(z_j - shift) * c for j in J.
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _one_minus_exp_neg(x):
+    """1 - exp(-x) for x >= 0, of full relative precision for tiny x (Kahan: (1 - u) x / -log u)."""
+    u = tl.exp(-x)
+    safe = tl.where((u == 1.0) | (u == 0.0), 0.5, u)
+    return tl.where(u == 1.0, x, tl.where(u == 0.0, 1.0, (1.0 - safe) * (x / -tl.log(safe))))
+
+
+@triton.jit
+def _softplus2(a, b):
+    """(l, log pi_a, log pi_b) of l = logsumexp(0, a, b), (pi_a, pi_b) = exp((a, b) - l).
+
+    l = mx + log1p(the two smaller terms): exact for the largest term, and a confident row (mx = 0)
+    keeps the full relative precision of its tiny loss. a = b = +inf leaves the split undefined: nan.
     """
-    J_empty = s == 0.0  # K = 2, or every z_j is -inf
-    shift = tl.where(m == NEG_INF, 0.0, m)
-    log_s = tl.log(tl.where(J_empty, 1.0, s))
-    lse_J = tl.where(J_empty, NEG_INF, shift + log_s)
-    L = _logaddexp(z_d, lse_J)
-    a = log_alpha + L - z_t
-    b = log_beta + lse_J - z_d
-    # l = logsumexp(0, a, b) = mx + log1p(sum of the two smaller terms): exact for the largest term,
-    # and a confident row (mx = 0) keeps the full relative precision of its tiny loss.
     mx = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
     mx = tl.maximum(mx, 0.0, propagate_nan=tl.PropagateNan.ALL)
     da = _sub(a, mx)
@@ -252,16 +273,65 @@ def _row_terms(z_t, z_d, m, s, log_alpha, log_beta):
     eb = tl.exp(db)
     e0 = tl.exp(-mx)
     log_z = _log1p(tl.where(a == mx, e0 + eb, tl.where(b == mx, e0 + ea, ea + eb)))
-    loss = mx + log_z
-    # a = b = +inf (z_t = z_d = -inf): the split between them is undefined, nan as in the reference
     undefined = (a == POS_INF) & (b == POS_INF)
     log_pa = tl.where(undefined, float("nan"), da - log_z)
     log_pb = tl.where(undefined, float("nan"), db - log_z)
-    g_t = -tl.exp(log_pa)
-    g_d = tl.exp(log_pa + _sub(z_d, L)) - tl.exp(log_pb)
-    log_c = _logaddexp(log_pa + _sub(m, L), log_pb - log_s)
-    c = tl.where(J_empty, 0.0, tl.exp(log_c))
-    return loss, shift, c, g_t, g_d
+    return mx + log_z, log_pa, log_pb
+
+
+@triton.jit
+def _row_terms(z_t, z_d, m, s, h1, h2, MEMBER: tl.constexpr):
+    """Loss and gradient terms of rows of a member (MEMBER, _members.Member; h1, h2 its runtime
+    hyper-parameters) with the given z_t, z_d and J's (max m, sum s). backends/reference.py states
+    the same formulas in plain PyTorch, with their derivations.
+
+    Returns (loss, shift, c, g_t, g_d): dl/dz_t = g_t, dl/dz_d = g_d, dl/dz_j = exp(z_j - shift) * c
+    for j in J. Every exponent is a difference of nearby values.
+    """
+    J_empty = s == 0.0  # K = 2, or every z_j is -inf
+    shift = tl.where(m == NEG_INF, 0.0, m)
+    log_s = tl.log(tl.where(J_empty, 1.0, s))
+    lse_J = tl.where(J_empty, NEG_INF, shift + log_s)
+    if MEMBER == DRAINAGE:  # h1, h2 = log alpha, log beta
+        L = _logaddexp(z_d, lse_J)
+        loss, log_pa, log_pb = _softplus2(h1 + L - z_t, h2 + lse_J - z_d)
+        g_t = -tl.exp(log_pa)
+        g_d = tl.exp(log_pa + _sub(z_d, L)) - tl.exp(log_pb)
+        c = tl.exp(_logaddexp(log_pa + _sub(m, L), log_pb - log_s))
+    elif MEMBER == GAMBLERS:  # h1, h2 = log o, log(1 - 1 / o)
+        A = _logaddexp(z_t, z_d - h1)
+        loss, log_pa, log_pb = _softplus2(h2 + _sub(z_d, A), _sub(lse_J, A))
+        kept_mass = _one_minus_exp_neg(loss)  # pi_a + pi_b
+        g_t = -kept_mass * _exp_sub(z_t, A)
+        g_d = tl.exp(log_pa) - kept_mass * tl.exp(_sub(z_d - h1, A))
+        c = tl.exp(log_pb - log_s)
+    elif MEMBER == DAC:  # h1 = alpha
+        B = _logaddexp(z_t, lse_J)
+        ce = _softplus(_sub(lse_J, z_t))
+        sp = _softplus(_sub(z_d, B))
+        p_d = _sigmoid(_sub(z_d, B))
+        q = tl.exp(-sp)
+        r = h1 - q * ce
+        loss = q * ce + h1 * sp
+        g_d = p_d * r
+        g_t = -p_d * r * _exp_sub(z_t, B) - q * tl.exp(_sub(lse_J, B))
+        c = tl.exp(_sub(m, B)) * (q - p_d * r)
+    elif MEMBER == CE_ALL:
+        L = _logaddexp(z_d, lse_J)
+        D = _sub(L, z_t)
+        loss = _softplus(D)
+        sigma = _sigmoid(D)  # 1 - p_t
+        g_t = -sigma
+        g_d = sigma * tl.exp(_sub(z_d, L))
+        c = sigma * tl.exp(_sub(m, L))
+    else:  # CE_CLASSES
+        D = _sub(lse_J, z_t)
+        loss = _softplus(D)
+        sigma = _sigmoid(D)
+        g_t = -sigma
+        g_d = tl.zeros_like(sigma)
+        c = tl.exp(_sub(m, _logaddexp(z_t, lse_J)))
+    return loss, shift, tl.where(J_empty, 0.0, c), g_t, g_d
 
 
 @triton.jit
@@ -324,7 +394,9 @@ def _drainage_fwd_kernel(
     WS_ptr,
     Part_ptr,
     Out_ptr,
-    Inv_ptr,  # data, see the flags
+    Inv_ptr,
+    W_ptr,
+    WSum_ptr,  # data, see the flags
     n_rows,
     K,
     S,
@@ -333,16 +405,19 @@ def _drainage_fwd_kernel(
     x_stride_n,
     x_stride_s,
     x_stride_k,
-    t_stride,  # input strides (FLAT_ROWS: x_stride_s is the row stride)
+    t_stride,
+    w_stride,  # input strides (FLAT_ROWS: x_stride_s is the row stride)
     g_stride_n,
     g_stride_s,
     g_stride_k,  # gradient strides (WRITE_GRAD)
     drainage_idx,
-    ignore_index,  # hyper-parameters; log(alpha), log(beta) as fp32 hi + lo pairs
-    log_alpha_hi,
-    log_alpha_lo,
-    log_beta_hi,
-    log_beta_lo,
+    ignore_index,  # hyper-parameters; the member's h1, h2 as fp32 hi + lo pairs
+    h1_hi,
+    h1_lo,
+    h2_hi,
+    h2_lo,
+    MEMBER: tl.constexpr,  # the loss (_members.Member)
+    HAS_WEIGHT: tl.constexpr,  # per-row sample weights at W_ptr; a mean divides by their sum
     BLOCK_ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,  # COLUMNS: the columns a step of its column loops
     LAYOUT: tl.constexpr,  # COLUMNS, TILE or STREAM
@@ -353,7 +428,7 @@ def _drainage_fwd_kernel(
     V: tl.constexpr,  # elements per 16 bytes
     WRITE_ROWS: tl.constexpr,  # per-row loss (R,) and row terms (4, R) = [shift, c, g_t, g_d]
     WRITE_GRAD: tl.constexpr,  # the gradient of the reduced loss, while the row is at hand
-    REDUCE: tl.constexpr,  # 0: none; 1: sum; 2: mean (WS_ptr[WS_COUNT] holds the kept count)
+    REDUCE: tl.constexpr,  # 0: none; 1: sum; 2: mean (the divisor at WS_ptr[WS_COUNT] or WSum_ptr)
     COMPUTE: tl.constexpr,
 ):
     """The forward over a grid-stride loop of row blocks.
@@ -362,12 +437,13 @@ def _drainage_fwd_kernel(
     program to finish (an integer ticket in the workspace) adds the partials in program order into
     Out_ptr, writes 1 / count (mean) into Inv_ptr and zeroes the workspace for the next call: the
     reduction is deterministic and needs no other launch. The gradient of a mean is scaled by
-    1 / count here, from the count the targets kernel wrote before this launch.
+    1 / count here, from the count the targets kernel wrote before this launch (with sample weights:
+    the sum of the kept rows' weights, which the targets kernel wrote into WSum_ptr).
     """
     # Triton passes Python floats as fp32 (Inductor-generated calls as fp64: the casts pin the math
     # to COMPUTE either way). The lo parts restore ~48 bits for fp64 inputs; in fp32 they vanish.
-    log_alpha = tl.cast(log_alpha_hi, COMPUTE) + tl.cast(log_alpha_lo, COMPUTE)
-    log_beta = tl.cast(log_beta_hi, COMPUTE) + tl.cast(log_beta_lo, COMPUTE)
+    h1 = tl.cast(h1_hi, COMPUTE) + tl.cast(h1_lo, COMPUTE)
+    h2 = tl.cast(h2_hi, COMPUTE) + tl.cast(h2_lo, COMPUTE)
     # Column indices are compared as int32 (d < K < 2^31); addresses are int64: (K - 1) * stride_k
     # passes 2^31 for strided rows (NCHW) with many pixels.
     d = tl.cast(drainage_idx, tl.int32)
@@ -377,7 +453,11 @@ def _drainage_fwd_kernel(
         # div_rn: a correctly rounded 1 / count, the bits torch.reciprocal gives the recompute path
         # (a plain fp32 division is approximate on a GPU). count 0 (every row ignored): inf, and
         # every gradient is 0 all the same (the kept select in _grad_tile).
-        scale = _div_rn(tl.full([], 1.0, COMPUTE), tl.load(WS_ptr + WS_COUNT).to(COMPUTE), COMPUTE)
+        if HAS_WEIGHT:
+            divisor = tl.load(WSum_ptr).to(COMPUTE)
+        else:
+            divisor = tl.load(WS_ptr + WS_COUNT).to(COMPUTE)
+        scale = _div_rn(tl.full([], 1.0, COMPUTE), divisor, COMPUTE)
     else:
         scale = tl.full([], 1.0, COMPUTE)
     loss_acc = tl.zeros([BLOCK_ROWS], COMPUTE)
@@ -447,7 +527,10 @@ def _drainage_fwd_kernel(
                     x = _load_tile(X_ptr, x_row, row_ok, k0 + j, K, x_stride_k, COMPUTE)
                     m, s, _ = _online_max_sum(m, s, x, k0 + j, t, d)
 
-        loss, shift, c, g_t, g_d = _row_terms(z_t, z_d, m, s, log_alpha, log_beta)
+        loss, shift, c, g_t, g_d = _row_terms(z_t, z_d, m, s, h1, h2, MEMBER)
+        if HAS_WEIGHT:  # the weighted loss w_r l_r: its row terms scale by w_r
+            w = tl.load(W_ptr + rows * w_stride, mask=row_ok & kept, other=0.0).to(COMPUTE)
+            loss, c, g_t, g_d = loss * w, c * w, g_t * w, g_d * w
         nan = float("nan")
         loss = tl.where(bad, nan, tl.where(kept, loss, 0.0))
         c = tl.where(bad, nan, c)
@@ -522,9 +605,8 @@ def _drainage_fwd_kernel(
                 total += tl.load(Part_ptr + offs, mask=offs < tl.num_programs(0), other=0.0, volatile=True)
             out = tl.sum(total)
             if REDUCE == 2:
-                count = tl.load(WS_ptr + WS_COUNT, volatile=True).to(COMPUTE)
-                out = _div_rn(out, count, COMPUTE)  # correctly rounded, as torch's total / count
-                tl.store(Inv_ptr, _div_rn(tl.full([], 1.0, COMPUTE), count, COMPUTE))
+                out = _div_rn(out, divisor, COMPUTE)  # correctly rounded, as torch's total / count
+                tl.store(Inv_ptr, scale)
             tl.store(Out_ptr, out)
             # The workspace is zero again for the next call of this (device, stream, thread).
             tl.store(WS_ptr + WS_COUNT, 0)
@@ -538,18 +620,37 @@ def _one_lane_reports(n_bad, BLOCK: tl.constexpr):
     return (tl.arange(0, BLOCK) != 0) | (n_bad == 0)
 
 
-@triton.jit(debug=True)  # debug: the device-side assert is compiled in (this kernel only)
+@triton.jit(debug=True)  # debug: the device-side asserts are compiled in (this kernel only)
 def _targets_kernel(
-    T_ptr, WS_ptr, n, t_stride, K, drainage_idx, ignore_index, COUNT: tl.constexpr, BLOCK: tl.constexpr
+    T_ptr,
+    W_ptr,
+    WS_ptr,
+    WPart_ptr,
+    WSum_ptr,
+    n,
+    t_stride,
+    w_stride,
+    K,
+    drainage_idx,
+    ignore_index,
+    COUNT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
-    """Asserts that every target is ignore_index or in [0, K) and != drainage_idx, and adds the bad
-    ones into WS_ptr[WS_BAD] (the interpreter ignores device asserts: the launcher reads this count
-    there); with COUNT adds the kept targets into WS_ptr[WS_COUNT]. Integer atomics: the sums do not
-    depend on the order. int64: a per-pixel batch can hold more than 2^31 kept targets.
+    """Asserts that every target is ignore_index or in [0, K) and != drainage_idx (and with
+    HAS_WEIGHT that every weight is finite and >= 0), and adds the bad ones into WS_ptr[WS_BAD]
+    (WS_BAD_WEIGHT): the interpreter ignores device asserts, so the launcher reads these counts
+    there. With COUNT it makes the divisor of a mean: the kept targets added into WS_ptr[WS_COUNT]
+    (int64 atomics: the sum does not depend on the order, and a per-pixel batch can keep more than
+    2^31 targets); with HAS_WEIGHT too, the sum of the kept rows' weights into WSum_ptr, made without
+    a float atomic: each program writes its partial to WPart_ptr, and the last one to finish (a
+    ticket in WS_ptr[WS_TICKET2]) adds them in program order. The number of programs depends on n
+    alone, so the sum has the same bits on every GPU.
 
-    It reads only the targets (8 bytes a row), before the forward: a mean's gradient needs the
-    count while the forward writes it. A bad target stops the kernel; the error surfaces at the
-    next synchronisation, as from torch._assert_async, without a host sync here.
+    It reads only the targets (and weights), before the forward: a mean's gradient needs the divisor
+    while the forward writes it. A bad target stops the kernel; the error surfaces at the next
+    synchronisation, as from torch._assert_async, without a host sync here.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 before the multiply
     in_range = offs < n
@@ -560,8 +661,31 @@ def _targets_kernel(
     tl.device_assert(_one_lane_reports(n_bad, BLOCK), TARGET_ASSERT)
     if n_bad > 0:
         tl.atomic_add(WS_ptr + WS_BAD, n_bad, sem="relaxed")
+    if HAS_WEIGHT:
+        w = tl.load(W_ptr + offs * w_stride, mask=in_range, other=0.0).to(COMPUTE)
+        bad_w = in_range & ~((w >= 0.0) & (w < POS_INF))  # also true for nan
+        n_bad_w = tl.sum(bad_w.to(tl.int64))
+        tl.device_assert(_one_lane_reports(n_bad_w, BLOCK), WEIGHT_ASSERT)
+        if n_bad_w > 0:
+            tl.atomic_add(WS_ptr + WS_BAD_WEIGHT, n_bad_w, sem="relaxed")
     if COUNT:
-        tl.atomic_add(WS_ptr + WS_COUNT, tl.sum(kept.to(tl.int64)), sem="relaxed")
+        if HAS_WEIGHT:
+            program = tl.program_id(0)
+            tl.store(WPart_ptr + program, tl.sum(tl.where(kept, w, 0.0)))
+            # acq_rel: this program's partial is visible before its ticket; the last program sees all.
+            ticket = tl.atomic_add(WS_ptr + WS_TICKET2, 1, sem="acq_rel", scope="gpu")
+            if ticket == tl.num_programs(0) - 1:
+                total = tl.zeros([BLOCK], COMPUTE)
+                for p0 in range(0, tl.num_programs(0), BLOCK):
+                    parts = p0 + tl.arange(0, BLOCK)
+                    # volatile: from L2, where the other programs' partials are
+                    total += tl.load(
+                        WPart_ptr + parts, mask=parts < tl.num_programs(0), other=0.0, volatile=True
+                    )
+                tl.store(WSum_ptr, tl.sum(total))
+                tl.store(WS_ptr + WS_TICKET2, 0)
+        else:
+            tl.atomic_add(WS_ptr + WS_COUNT, tl.sum(kept.to(tl.int64)), sem="relaxed")
 
 
 @triton.jit

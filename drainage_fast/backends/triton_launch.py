@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._inputs import ROW_TERMS, TARGET_MESSAGE, Hyper, check_target_values, loss_dtype
+from .._inputs import ROW_TERMS, TARGET_MESSAGE, WEIGHT_MESSAGE, Hyper, check_target_values, loss_dtype
 from . import triton_kernels as kernels
 from .triton_kernels import _drainage_bwd_kernel, _drainage_fwd_kernel, _scale_grad_kernel, _targets_kernel
 
@@ -307,7 +307,9 @@ def availability(device: torch.device | None = None) -> tuple[bool, str]:
 
 
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
-WORKSPACE_SLOTS = 3  # int64 [kept count, last-program ticket, bad targets] (triton_kernels.WS_*)
+# int64 [kept count, last-program ticket, bad targets, the targets kernel's ticket, bad weights]
+# (triton_kernels.WS_*)
+WORKSPACE_SLOTS = 5
 
 
 def _workspace(device: torch.device) -> torch.Tensor:
@@ -331,21 +333,42 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return _WORKSPACES[key]
 
 
-def _launch_targets(target: torch.Tensor, K: int, hp: Hyper, workspace: torch.Tensor, count: bool) -> None:
-    """The targets kernel: the device-side check of every target (bad ones also counted into the
-    workspace) and, with `count`, the kept count of a mean."""
+def _launch_targets(
+    target: torch.Tensor,
+    K: int,
+    hp: Hyper,
+    workspace: torch.Tensor,
+    count: bool,
+    weight: torch.Tensor | None = None,
+    weight_sum: torch.Tensor | None = None,
+) -> None:
+    """The targets kernel: the device-side check of every target (and sample weight; bad ones also
+    counted into the workspace) and, with `count`, the divisor of a mean: the kept count into the
+    workspace, or with weights the sum of the kept rows' weights into weight_sum (one element of the
+    loss dtype)."""
     n = target.numel()
+    programs = triton.cdiv(n, SUM_BLOCK)
+    dtype = weight_sum.dtype if weight_sum is not None else torch.float32
+    partials = (
+        torch.empty(programs, dtype=dtype, device=target.device) if weight is not None and count else None
+    )
     with _device_guard(target):
-        _targets_kernel[(triton.cdiv(n, SUM_BLOCK),)](
+        _targets_kernel[(programs,)](
             target,
+            weight,
             workspace,
+            partials,
+            weight_sum,
             n,
             target.stride(0),
+            weight.stride(0) if weight is not None else 0,
             K,
             hp.drainage_idx,
             hp.ignore_index,
             COUNT=count,
+            HAS_WEIGHT=weight is not None,
             BLOCK=SUM_BLOCK,
+            COMPUTE=_compute_dtype(dtype),
             **_options(4),
         )
     if target.device.type == "cpu":
@@ -353,18 +376,26 @@ def _launch_targets(target: torch.Tensor, K: int, hp: Hyper, workspace: torch.Te
 
 
 def _raise_on_bad_targets(target: torch.Tensor, K: int, hp: Hyper, workspace: torch.Tensor) -> None:
-    """The interpreter ignores device asserts: there the targets kernel's count of bad targets is
-    read back (a CPU tensor; a GPU never waits for this) and raised as the IndexError the API gives
-    on the host, naming the value. The API leaves this backend's CPU targets to its kernel, so this
-    is the check that the tests of bad targets exercise."""
-    if workspace.numpy()[kernels.WS_BAD.value] == 0:  # numpy: no dispatcher op (a GPU has no such read)
+    """The interpreter ignores device asserts: there the targets kernel's counts of bad targets and
+    weights are read back (a CPU tensor; a GPU never waits for this) and raised as the errors the API
+    gives on the host, naming the value. The API leaves this backend's CPU targets to its kernel, so
+    this is the check that the tests of bad targets exercise."""
+    counts = workspace.numpy()  # numpy: no dispatcher op (a GPU has no such read)
+    bad_targets, bad_weights = counts[kernels.WS_BAD.value], counts[kernels.WS_BAD_WEIGHT.value]
+    if bad_targets == 0 and bad_weights == 0:
         return
     workspace.zero_()
-    check_target_values(target, K, hp.drainage_idx, hp.ignore_index)  # raises, naming the value
-    raise IndexError(f"{TARGET_MESSAGE} (the targets kernel found bad targets that the host check did not)")
+    if bad_targets:
+        check_target_values(target, K, hp.drainage_idx, hp.ignore_index)  # raises, naming the value
+        raise IndexError(
+            f"{TARGET_MESSAGE} (the targets kernel found bad targets that the host check did not)"
+        )
+    raise ValueError(WEIGHT_MESSAGE)
 
 
-def _prepare_forward(x3, target, hp: Hyper, rows, grad3, reduce, workspace, out, inv):
+def _prepare_forward(
+    x3, target, hp: Hyper, rows, grad3, reduce, workspace, out, inv, weight=None, weight_sum=None
+):
     """Everything of a forward launch that can fail on the host (the config, the compile, the
     partials' allocation), done now; returns the launch itself."""
     N, S, K = x3.shape
@@ -381,6 +412,8 @@ def _prepare_forward(x3, target, hp: Hyper, rows, grad3, reduce, workspace, out,
         None,  # partials, below
         out,
         inv,
+        weight,
+        weight_sum,
         N * S,
         K,
         S,
@@ -388,13 +421,16 @@ def _prepare_forward(x3, target, hp: Hyper, rows, grad3, reduce, workspace, out,
         plan.blocks_per_image,
         *plan.x_strides,
         target.stride(0),
+        weight.stride(0) if weight is not None else 0,
         *plan.g_strides,
         hp.drainage_idx,
         hp.ignore_index,
-        *_hi_lo(hp.log_alpha),
-        *_hi_lo(hp.log_beta),
+        *_hi_lo(hp.h1),
+        *_hi_lo(hp.h2),
     ]
     kwargs = dict(
+        MEMBER=hp.member,
+        HAS_WEIGHT=weight is not None,
         LAYOUT=cfg.layout,
         **_block_constexprs(cfg, plan, x3),
         WRITE_ROWS=rows is not None,
@@ -432,13 +468,14 @@ def _forward_grid(cfg: _Config, plan: _Rows, x3: torch.Tensor, args, kwargs) -> 
     return min(plan.n_blocks, _sm_count(x3.device) * per_sm)
 
 
-def _forward_rows(x3, target, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_rows(x3, target, hp: Hyper, weight=None) -> tuple[torch.Tensor, torch.Tensor]:
     R = x3.shape[0] * x3.shape[1]
     loss = torch.empty(R, dtype=loss_dtype(x3), device=x3.device)
     stats = torch.empty(ROW_TERMS, R, dtype=loss.dtype, device=x3.device)
     if R:
-        launch = _prepare_forward(x3, target, hp, (loss, stats), None, 0, None, None, None)
-        _launch_targets(target, x3.shape[-1], hp, _workspace(x3.device), count=False)  # the check alone
+        launch = _prepare_forward(x3, target, hp, (loss, stats), None, 0, None, None, None, weight)
+        # the check alone
+        _launch_targets(target, x3.shape[-1], hp, _workspace(x3.device), count=False, weight=weight)
         launch()
     return loss, stats
 
@@ -476,11 +513,14 @@ def _launch_backward(x3, target, stats, grad_rows, hp: Hyper):
     return grad3
 
 
-def forward(x3: torch.Tensor, target: torch.Tensor, hp: Hyper) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, K) logits view, (R,) targets -> per-row loss (R,) and row terms (4, R)."""
+def forward(
+    x3: torch.Tensor, target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S, K) logits view, (R,) targets, (R,) sample weights or None -> per-row (weighted) loss
+    (R,) and row terms (4, R)."""
     if torch.compiler.is_compiling():
-        return torch.ops.drainage_fast.triton_forward(x3, target, *hp)
-    return _forward_rows(x3, target, hp)
+        return torch.ops.drainage_fast.triton_forward(x3, target, *hp, weight)
+    return _forward_rows(x3, target, hp, weight)
 
 
 def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
@@ -492,10 +532,11 @@ def backward(x3, target, stats, grad_rows, hp: Hyper) -> torch.Tensor:
     return _launch_backward(x3, target, stats, grad_rows, hp)
 
 
-def forward_reduced(x3, target, hp: Hyper, mean: bool, with_grad: bool):
-    """The sum or mean of the row losses, (1 / count for a mean), and with_grad the gradient of that
-    reduced loss, written while each row is at hand: two launches (the targets kernel, the forward
-    with its reduction) and one read of the logits. Eager mode only (see backends.Backend)."""
+def forward_reduced(x3, target, hp: Hyper, mean: bool, with_grad: bool, weight: torch.Tensor | None = None):
+    """The sum or mean of the (weighted) row losses, (1 / divisor for a mean), and with_grad the
+    gradient of that reduced loss, written while each row is at hand: two launches (the targets
+    kernel, the forward with its reduction) and one read of the logits. Eager mode only (see
+    backends.Backend)."""
     R = x3.shape[0] * x3.shape[1]
     grad3 = torch.empty_like(x3) if with_grad else None
     dtype = loss_dtype(x3)
@@ -510,12 +551,15 @@ def forward_reduced(x3, target, hp: Hyper, mean: bool, with_grad: bool):
             grad3.zero_()
         return out, inv, grad3, None
     workspace = _workspace(x3.device)
+    weight_sum = torch.empty(1, dtype=dtype, device=x3.device) if weight is not None else None
     # Everything that can fail on the host (the partials' allocation, the compile) comes before the
     # targets kernel adds the count into the workspace; anything after it (Ctrl-C included) zeroes
     # the workspace again, or the next call's mean would divide by the sum of two counts.
-    launch = _prepare_forward(x3, target, hp, None, grad3, 2 if mean else 1, workspace, out, inv)
+    launch = _prepare_forward(
+        x3, target, hp, None, grad3, 2 if mean else 1, workspace, out, inv, weight, weight_sum
+    )
     try:
-        _launch_targets(target, x3.shape[-1], hp, workspace, count=mean)
+        _launch_targets(target, x3.shape[-1], hp, workspace, count=mean, weight=weight, weight_sum=weight_sum)
         launch()
     except BaseException:
         workspace.zero_()
@@ -545,16 +589,18 @@ def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | N
 def _forward_op(
     x3: torch.Tensor,
     target: torch.Tensor,
-    log_alpha: float,
-    log_beta: float,
+    h1: float,
+    h2: float,
     drainage_idx: int,
     ignore_index: int,
+    member: int,
+    weight: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_rows(x3, target, Hyper(log_alpha, log_beta, drainage_idx, ignore_index))
+    return _forward_rows(x3, target, Hyper(h1, h2, drainage_idx, ignore_index, member), weight)
 
 
 @_forward_op.register_fake
-def _(x3, target, log_alpha, log_beta, drainage_idx, ignore_index):
+def _(x3, target, h1, h2, drainage_idx, ignore_index, member, weight):
     R = x3.shape[0] * x3.shape[1]
     return x3.new_empty(R, dtype=loss_dtype(x3)), x3.new_empty((ROW_TERMS, R), dtype=loss_dtype(x3))
 
@@ -568,7 +614,7 @@ def _backward_op(
     drainage_idx: int,
     ignore_index: int,
 ) -> torch.Tensor:
-    hp = Hyper(0.0, 0.0, drainage_idx, ignore_index)  # the backward needs no alpha / beta
+    hp = Hyper(0.0, 0.0, drainage_idx, ignore_index)  # the backward needs no member nor its parameters
     return _launch_backward(x3, target, stats, grad_rows, hp)
 
 
