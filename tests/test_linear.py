@@ -35,6 +35,8 @@ def materialised(member, hidden, weight, bias, target, **kw):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
 def test_matches_materialised_logits(backend, member, reduction, weighted):
+    if reduction == "sum" and backend != "reference":
+        pytest.skip("sum and mean differ in linear.py's scaling alone, shared by every backend")
     B, T, H, K = 3, 7, 16, 23
     hidden = torch.randn(B, T, H, device=DEVICE, dtype=torch.float64, requires_grad=True)
     weight = (torch.randn(K, H, device=DEVICE, dtype=torch.float64) / 4).requires_grad_()
@@ -70,6 +72,7 @@ def test_gradcheck(backend):
                 h, w, target, bias=b, alpha=0.3, reduction=reduction, chunk_rows=2, backend=backend
             ),
             (hidden, weight, bias),
+            fast_mode=backend != "reference",  # a random projection: 2 calls, not 2 per input element
         )
 
 
