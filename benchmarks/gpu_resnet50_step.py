@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_resnet50_step.py   # on a GPU; writes benchmarks/results/gpu_resnet50_step.{json,md}
 
-Step: train/resnet.py ResNet-50 with 1001 outputs (1000 classes + the drainage node), the fused Drainage
+Step: train/models/resnet.py ResNet-50, 1001 outputs (1000 classes + the drainage node), the fused Drainage
 loss (alpha 0.1), SGD nesterov, gradient-norm clip 5.0, bf16 autocast, channels_last, batch 256, 224 px:
 the WebVision recipe's step at ImageNet scale. Anchor: about 2,470 img/s on one A100 (NVIDIA's PyTorch
 RN50 v1.5, AMP, real data; the performance tables of github.com/NVIDIA/DeepLearningExamples,
@@ -47,7 +47,7 @@ from cases import Case, RotatingInputs
 from providers import make_step
 
 from train.losses import build_loss
-from train.resnet import resnet50
+from train.models.resnet import resnet50
 
 CLASSES = 1000
 SHORT_OUTPUTS = 51  # mini-WebVision: 50 classes + the drainage node

@@ -1,6 +1,6 @@
 """Dataset cleaning: rank every training sample of a finished run by a suspicion score (higher = more
-suspect): p_d for a drainage model, and self-confidence (1 - the closed-softmax probability of the given
-label, the usual baseline). Used by `train clean`.
+suspect): p_d for a model with an abstain output (Drainage, Deep Gamblers, DAC), and self-confidence
+(1 - the closed-softmax probability of the given label, the usual baseline). Used by `train clean`.
 
     rank_run(run_dir, ks)       cleaning_ranked.csv, and where labels were flipped cleaning.json (metrics of
                                 drainage_fast.openset.cleaning_metrics) and cleaning.png
@@ -27,7 +27,7 @@ SCORE_LABELS = {"p_d": "p_d", "self_confidence": "self-confidence"}
 
 
 def suspicion_scores(scores: dict) -> dict[str, np.ndarray]:
-    """Higher = more suspect: p_d (drainage models) and 1 - p(given label)."""
+    """Higher = more suspect: p_d (models with an abstain output) and 1 - p(given label)."""
     out = {"p_d": scores["p_drain"]} if "p_drain" in scores else {}
     return out | {"self_confidence": 1.0 - scores["p_given"]}
 

@@ -47,6 +47,9 @@ class Config:
     noise_rate: float = 0.4
     human_label: str | None = None  # CIFAR-N key or CLI name (worst, aggre, rand1..3); None: the paper's
     tuning: bool = False  # 80/20 split of the training set, evaluate on the clean 20%
+    coverage: float | None = None  # the abstention rule: train on the 80%, choose on the other 20% the
+    # threshold of the model's confidence that accepts this share, apply it to the test set
+    # (predictions.csv); null: train on all of the training set, no rule
     # model and loss
     model: str = "digits_mlp"
     pretrained: str | None = None  # resnet50: IMAGENET1K_V1 | IMAGENET1K_V2
@@ -92,18 +95,25 @@ class Config:
         from drainage_fast import backends
 
         from .data import DATASETS, HUMAN_NOISE_ALIASES, LARGE_SCALE
-        from .losses import build_loss, canonical_loss_name
+        from .losses import build_loss, canonical_loss_name, check_schedule
         from .models import canonical_model_name
         from .models.resnet import RESNET50_WEIGHTS
         from .noise import NOISE_TYPES, has_asymmetric_map
 
         self.loss = canonical_loss_name(self.loss)
         self.model = canonical_model_name(self.model)
-        build_loss(self.loss, 2, **self.loss_params)  # rejects unknown loss parameters and non-numbers
+        loss = build_loss(self.loss, 2, **self.loss_params)  # rejects unknown parameters and non-numbers
         checks = [
             ("dataset", self.dataset in DATASETS + LARGE_SCALE, f"one of {DATASETS + LARGE_SCALE}"),
             ("noise_type", self.noise_type in NOISE_TYPES, f"one of {NOISE_TYPES}"),
             ("noise_rate", 0.0 <= self.noise_rate <= 1.0, "a number in [0, 1]"),
+            ("coverage", self.coverage is None or 0.0 < self.coverage <= 1.0, "null or a number in (0, 1]"),
+            (
+                "coverage",
+                self.coverage is None or not self.tuning,
+                "null when tuning=true (the rule is chosen on the tuning split and applied to the test "
+                "set, which a tuning run never touches)",
+            ),
             (
                 "noise_type",
                 self.noise_type != "asym"
@@ -160,6 +170,7 @@ class Config:
                     self.loss_params.get("backend") if key == "loss_params.backend" else getattr(self, key)
                 )
                 raise UserError(f"{key}={shown(value)}: must be {accepted}")
+        check_schedule(loss, self.epochs)  # a warm-up that leaves the loss itself no epoch
         return self
 
 

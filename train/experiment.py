@@ -8,7 +8,13 @@ Run folder (runs/<name>/):
     metrics.jsonl metrics.csv    one row per evaluated epoch
     last.pt      best.pt         the atomic per-epoch checkpoint (--resume); the best epoch's weights
     scores.npz                   final per-sample training-set scores (p_d, p_given, pred, labels)
-    summary.json                 best / last accuracy and the final training-set statistics (a finished run)
+    eval_scores.npz              per evaluation image: label, pred, correct, drained, each confidence
+                                 as its logarithm (the selective metrics recompute from it)
+    predictions.csv              with coverage set: per test image the predicted class, its (log)
+                                 confidence and whether the abstention rule abstains
+                                 (Trainer.coverage_rule)
+    summary.json                 best / last accuracy, AURC and the selective risks, the final
+                                 training-set statistics (a finished run); the coverage rule's numbers
 
 A run folder belongs to one run (train/run_dirs.py): a new run claims a fresh folder, and only after
 everything a user can get wrong (config, device, loss backend, TensorBoard, dataset files) was checked,
@@ -31,8 +37,9 @@ from .checkpoint import read_checkpoint
 from .config import Config, load_config, parse_override, resolved, write_config, write_run_info
 from .data import NoisyDataset, build_data, load_labelled, noise_type_of, prepare_batch
 from .logs import close_logger, run_logger, tensorboard_writer_class
-from .losses import build_loss, num_outputs
+from .losses import ABSTAINING, build_loss, num_outputs
 from .models import build_model
+from .report.tables import write_csv
 from .run_dirs import (
     LOCK,
     Interrupted,
@@ -81,11 +88,12 @@ def claim_new_run_dir(cfg: Config, run_dir: str | Path | None = None, *, overwri
 
 
 def check_runtime(cfg: Config) -> torch.device:
-    """What Config.validate cannot check without the machine: the device exists, the Drainage backend runs
-    on it, TensorBoard is installed when tb=true. Returns the device; raises UserError."""
+    """What Config.validate cannot check without the machine: the device exists, the backend of a fused
+    (abstaining) loss runs on it, TensorBoard is installed when tb=true. Returns the device; raises
+    UserError."""
     device = resolve_device(cfg.device)
     backend = cfg.loss_params.get("backend", "auto")
-    if cfg.loss == "drainage" and backend != "auto":
+    if cfg.loss in ABSTAINING and backend != "auto":
         from drainage_fast import backends
 
         ok, reason = backends.availability(backend, device)
@@ -123,7 +131,7 @@ def check_model_fits(model: nn.Module, data, cfg: Config) -> None:
         # checked here, before training: the library would only object to a batch holding class C - 1
         # (then the drainage index), possibly epochs in
         need = (
-            f"{K} outputs ({C} class logits and the drainage output: K = C + 1)"
+            f"{K} outputs ({C} class logits and the abstain (drainage) output: K = C + 1)"
             if K > C
             else f"{C}, one a class"
         )
@@ -231,13 +239,16 @@ def summarise(trainer: Trainer, scores: dict) -> dict:
         "realised_noise_rate": float(trainer.data.flipped.float().mean()),
         "train_time_s": last.get("elapsed_s"),
     }
-    summary.update(
-        {
-            k: v
-            for k, v in last.items()
-            if k.startswith(("pd_", "precision_at_k", "memorized", "eval_drained", "train_acc_clean"))
-        }
+    kept = (
+        "pd_",
+        "precision_at_k",
+        "memorized",
+        "eval_drained",
+        "train_acc_clean",
+        "eval_aurc",
+        "eval_e_aurc",
     )
+    summary.update({k: v for k, v in last.items() if k.startswith((*kept, "eval_risk@"))})
     summary.update(trainer.training_set_stats(scores))
     return summary
 
@@ -278,7 +289,7 @@ def run_experiment(
             else:
                 write_run_info(run_dir, cfg, device)
                 save_noise(run_dir, data)
-            if cfg.loss == "drainage":  # resolving "auto" may build the C++ kernels once (cached per machine)
+            if cfg.loss in ABSTAINING:  # resolving "auto" may build the C++ kernels once (cached per machine)
                 from drainage_fast import backends
 
                 logger.info(f"drainage_fast backend: {backends.resolve(loss_fn.backend, device).NAME}")
@@ -299,7 +310,13 @@ def run_experiment(
                 clean=data.train_y_clean.numpy(),
                 **{k: v.numpy() for k, v in scores.items()},
             )
+            eval_scores = trainer.eval_scores()
+            np.savez(run_dir / "eval_scores.npz", **eval_scores)
             summary = summarise(trainer, scores)
+            if cfg.coverage is not None:
+                summary["coverage_rule"], rows = trainer.coverage_rule(cfg.coverage, eval_scores)
+                write_csv(run_dir / "predictions.csv", rows)
+                logger.info(describe_rule(summary["coverage_rule"]))
             atomic_write_text(
                 run_dir / "summary.json", json.dumps(summary, indent=1) + "\n"
             )  # read by reruns
@@ -309,6 +326,16 @@ def run_experiment(
                 f"{summary['best_epoch']}), last {summary['last_eval_acc']:.2%}; outputs in {run_dir}"
             )
             return RunResult(run_dir, summary, history)
+
+
+def describe_rule(rule: dict) -> str:
+    """Trainer.coverage_rule's summary as one log line."""
+    return (
+        f"abstention rule: accept when log({rule['confidence']}) >= {rule['log_threshold']:.6g} (it accepts "
+        f"{rule['calibration_coverage']:.1%} of the {rule['calibration_images']} held-out calibration "
+        f"images, target {rule['target_coverage']:.0%}); test: {rule['test_coverage']:.1%} accepted, "
+        f"selective risk {rule['test_selective_risk']:.2%}; per image: predictions.csv"
+    )
 
 
 def resume_state(run_dir: Path, cfg: Config, device: torch.device) -> dict:

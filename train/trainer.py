@@ -1,11 +1,16 @@
 """The training loop: Trainer(cfg, data, model, loss, run_dir).fit(), per-epoch atomic checkpoints and an
-exact resume, evaluation by argmax over the C class logits, and drainage-probability (p_d) statistics.
+exact resume, evaluation by argmax over the C class logits, selective classification (AURC, the risk at
+a coverage) and abstain-probability (p_d) statistics.
 
-A batch step: augment (CPU-seeded) -> forward (fp32; bf16 autocast with amp=true on CUDA) -> loss
-(+ l1_delta * sum|theta|) -> backward -> clip the global gradient norm -> step. The learning-rate schedule
-steps once per epoch.
-Resuming restores model, optimizer, scheduler, every RNG and the metric history, so 2 epochs + resume
-+ 1 epoch gives the same weights as 3 epochs straight (tested bit for bit on the CPU). last.pt is written
+An epoch, one named method a step: _start_epoch (the loss's schedule moves to the epoch: Deep Gamblers'
+pre-training, DAC's warm-up and alpha ramp; the seeded batch order) -> _train_step per batch (augment,
+CPU-seeded -> forward, fp32; bf16 autocast with amp=true on CUDA -> loss (+ l1_delta * sum|theta|) ->
+backward -> clip the global gradient norm -> step) -> _end_epoch (the learning rate steps, once per
+epoch) -> _evaluation_row (evaluate, training-set statistics, the best epoch) -> _log_row ->
+save_checkpoint.
+Resuming restores model, optimizer, scheduler, the loss's schedule, every RNG and the metric history, so
+2 epochs + resume + 1 epoch gives the same weights as 3 epochs straight (tested bit for bit on the
+CPU). last.pt is written
 before the first epoch and after every epoch, whatever cfg.checkpoint says, so that any run cut by
 Ctrl-C or a crash can be continued; cfg.checkpoint=false only drops it once the run's outputs are
 complete (finish()). best.pt holds the weights of the best evaluated epoch (atomic, like last.pt;
@@ -25,16 +30,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from drainage_fast.openset import drainage_probability, precision_at_k
+from drainage_fast.openset import (
+    drainage_probability,
+    precision_at_k,
+    selective_confidences,
+    selective_metrics,
+    selective_threshold,
+)
 
 from .checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from .data import NoisyDataset, prepare_batch
 from .logs import MetricsLog
-from .losses import l1_penalty, num_outputs
+from .losses import Abstaining, l1_penalty, num_outputs, phase_text
 from .run_dirs import Interrupted, UserError
 
 CHECKPOINT, BEST = "last.pt", "best.pt"
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "best")
+LOSS_SCHEDULE = "loss_schedule"  # the checkpoint's key for Abstaining.schedule_state()
 # the per-batch bar appears only on epochs that run longer than this (a digits epoch takes 0.1 s)
 BATCH_BAR_DELAY_S = 2.0
 
@@ -63,6 +75,29 @@ def resolve_device(name: str = "auto") -> torch.device:
 def class_predictions(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N, K) -> (N,): argmax over the C class logits (the drainage node never is a prediction)."""
     return logits[:, :num_classes].argmax(dim=1)
+
+
+def own_confidence(abstaining: bool) -> str:
+    """The confidence a model abstains by (drainage_fast.openset.selective_confidences): 1 - p_d with an
+    abstain output, else the maximum softmax probability."""
+    return "1-p_d" if abstaining else "msp"
+
+
+def evaluation_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, abstaining: bool
+) -> dict:
+    """Clean accuracy of (N, K) logits against labels; with an abstain output, the share whose argmax
+    over all K outputs is that output (eval_drained_frac); and for each confidence (1 - p_d with an
+    abstain output, the MSP always) AURC, E-AURC and the selective risk at REPORTED_COVERAGES, keyed
+    eval_aurc[<confidence>], eval_e_aurc[...], eval_risk@90[...]."""
+    correct = class_predictions(logits, num_classes) == labels
+    row = {"eval_acc": correct.float().mean().item()}
+    if abstaining:
+        row["eval_drained_frac"] = (logits.argmax(1) == num_classes).float().mean().item()
+    for score, confidence in selective_confidences(logits, -1 if abstaining else None).items():
+        for name, value in selective_metrics(confidence, correct).items():
+            row[f"eval_{name.lower().replace('-', '_')}[{score}]"] = value
+    return row
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
@@ -117,7 +152,8 @@ class Trainer:
             logger,
         )
         self.C = data.num_classes
-        self.drainage = cfg.loss == "drainage"
+        self.abstaining = num_outputs(cfg.loss, self.C) > self.C  # the abstain (drainage) output
+        self.schedule = loss_fn if isinstance(loss_fn, Abstaining) else None
         self.amp = cfg.amp and device.type == "cuda"
         self.memory_format = (
             torch.channels_last
@@ -160,13 +196,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- one epoch
     def train_epoch(self) -> dict:
-        cfg, model = self.cfg, self.model
-        model.train()
-        order = torch.randperm(len(self.train_y), generator=self.gen)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        """One pass over the training set: _start_epoch, a _train_step per batch, _end_epoch."""
+        batches = self._start_epoch()
+        sums = {"loss": torch.zeros((), device=self.device), "correct": torch.zeros((), device=self.device)}
         seen = 0
-        batches = order.split(cfg.batch_size)
         bar = self._progress_bar(
             total=len(batches), desc=f"epoch {self.epoch + 1}", unit="batch", delay=BATCH_BAR_DELAY_S
         )
@@ -174,28 +207,98 @@ class Trainer:
             bar.update(1)
             if len(idx) < 2:  # BatchNorm cannot train on one sample; happens only for N = 1 mod batch
                 continue
-            idx = idx.to(self.device)
-            x, y = self._inputs(self.train_x[idx], augment=True), self.train_y[idx]
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = model(x)
-            loss = self.loss_fn(logits, y)
-            optimisation_step(cfg, loss, self.raw_model, self.optimizer)
-            loss_sum += loss.detach() * len(idx)
-            correct += (class_predictions(logits.detach(), self.C) == y).sum()
+            self._train_step(idx.to(self.device), sums)
             seen += len(idx)
         bar.close()
+        return self._end_epoch(sums, seen)
+
+    def _start_epoch(self) -> tuple[torch.Tensor, ...]:
+        """The loss's schedule moves to the epoch about to train; returns its batches (a seeded order)."""
+        self.model.train()
+        if self.schedule is not None:
+            self.schedule.start_epoch(self.epoch + 1, self.cfg.epochs)
+        return torch.randperm(len(self.train_y), generator=self.gen).split(self.cfg.batch_size)
+
+    def _train_step(self, idx: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+        """One optimisation step on the training samples idx; adds its loss * n and correct count to
+        sums (on the device: no host synchronisation)."""
+        x, y = self._inputs(self.train_x[idx], augment=True), self.train_y[idx]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        optimisation_step(self.cfg, loss, self.raw_model, self.optimizer)
+        sums["loss"] += loss.detach() * len(idx)
+        sums["correct"] += (class_predictions(logits.detach(), self.C) == y).sum()
+
+    def _end_epoch(self, sums: dict[str, torch.Tensor], seen: int) -> dict:
+        """The learning rate steps; returns the epoch's training row (with the loss's phase)."""
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         seen = max(seen, 1)
-        return {"lr": lr, "train_loss": loss_sum.item() / seen, "train_acc_noisy": correct.item() / seen}
+        row = {
+            "lr": lr,
+            "train_loss": sums["loss"].item() / seen,
+            "train_acc_noisy": sums["correct"].item() / seen,
+        }
+        return row | (self.schedule.phase() if self.schedule is not None else {})
 
     def evaluate(self) -> dict:
-        """Clean accuracy on the evaluation split; with a drainage node, the fraction drained."""
-        logits = self.logits(self.eval_x)
-        row = {"eval_acc": (class_predictions(logits, self.C) == self.eval_y).float().mean().item()}
-        if self.drainage:
-            row["eval_drained_frac"] = (logits.argmax(1) == self.C).float().mean().item()
-        return row
+        """evaluation_metrics on the evaluation split (the test set, or the validation split)."""
+        return evaluation_metrics(self.logits(self.eval_x), self.eval_y, self.C, self.abstaining)
+
+    def eval_scores(self) -> dict[str, np.ndarray]:
+        """Per evaluation image: label, pred (over the C classes), correct, drained (argmax over all K is
+        the abstain output; abstaining models) and each confidence as confidence[<name>] (the natural
+        logarithms of selective_confidences): what every selective metric recomputes from (the run
+        folder's eval_scores.npz)."""
+        logits = self.logits(self.eval_x).cpu()
+        pred = class_predictions(logits, self.C)
+        out = {
+            "label": self.data.eval_y.numpy(),
+            "pred": pred.numpy(),
+            "correct": (pred == self.data.eval_y).numpy(),
+        }
+        if self.abstaining:
+            out["drained"] = (logits.argmax(1) == self.C).numpy()
+        confidences = selective_confidences(logits, -1 if self.abstaining else None)
+        return out | {f"confidence[{k}]": v.numpy() for k, v in confidences.items()}
+
+    def coverage_rule(self, coverage: float, scores: dict[str, np.ndarray]) -> tuple[dict, list[dict]]:
+        """The rule a deployed model abstains by: the threshold of its own confidence (own_confidence, as
+        its logarithm: log(1 - p_d) or log(MSP)) that accepts `coverage` of the calibration images (held
+        out of training, data.calib_x; labels not needed), applied to every test image (a run with a
+        coverage evaluates on the test set; scores: their eval_scores()). Returns (what the rule did: the
+        log threshold, coverage on both splits, the test share abstained and selective risk; one row per
+        test image: index, label, pred, log_confidence, abstain, correct)."""
+        score = own_confidence(self.abstaining)
+        calib_logits = self.logits(self.data.calib_x).cpu()
+        calib = selective_confidences(calib_logits, -1 if self.abstaining else None)[score]
+        threshold = selective_threshold(calib, coverage)
+        confidence = scores[f"confidence[{score}]"]
+        accepted = confidence >= threshold
+        correct = scores["correct"]
+        summary = {
+            "target_coverage": coverage,
+            "confidence": score,
+            "log_threshold": threshold,
+            "calibration_images": len(calib),
+            "calibration_coverage": float((calib >= threshold).double().mean()),
+            "test_coverage": float(accepted.mean()),
+            "test_abstained": float(1 - accepted.mean()),
+            "test_selective_risk": float(1 - correct[accepted].mean()) if accepted.any() else math.nan,
+        }
+        rows = [
+            {
+                "index": i,
+                "label": int(scores["label"][i]),
+                "pred": int(scores["pred"][i]),
+                "log_confidence": float(confidence[i]),
+                "abstain": int(not accepted[i]),
+                "correct": int(correct[i]),
+            }
+            for i in range(len(confidence))
+        ]
+        return summary, rows
 
     def training_set_scores(self) -> dict[str, torch.Tensor]:
         """Per training sample (eval mode, no augmentation): predicted class, the closed-softmax
@@ -206,7 +309,7 @@ class Trainer:
             "pred": class_predictions(logits, self.C),
             "p_given": logits[:, : self.C].softmax(1).gather(1, y[:, None])[:, 0],
         }
-        if self.drainage:
+        if self.abstaining:
             scores["p_drain"] = drainage_probability(logits)
         return scores
 
@@ -219,7 +322,7 @@ class Trainer:
             "memorized_frac": (s["pred"] == y)[flipped].float().mean().item() if flipped.any() else math.nan,
             "precision_at_k_self_conf": precision_at_k(1 - s["p_given"], flipped),
         }
-        if self.drainage:
+        if self.abstaining:
             p = s["p_drain"]
             row["pd_clean"] = p[~flipped].mean().item() if (~flipped).any() else math.nan
             row["pd_flipped"] = p[flipped].mean().item() if flipped.any() else math.nan
@@ -238,6 +341,7 @@ class Trainer:
                 "history": self.history,
                 "best": self.best,
                 "config": asdict(self.cfg),
+                LOSS_SCHEDULE: self.schedule.schedule_state() if self.schedule is not None else {},
             },
             self.run_dir / CHECKPOINT,
         )
@@ -266,6 +370,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"], self.gen)
+        if self.schedule is not None:
+            self.schedule.load_schedule_state(state[LOSS_SCHEDULE])
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
         self.saved_epoch = self.epoch
         cosine = isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
@@ -328,32 +434,42 @@ class Trainer:
         return self.history
 
     def _run_epoch(self, start: float) -> dict | None:
-        cfg = self.cfg
+        """Trains an epoch; evaluates it when eval_freq says so (then returns its row, else None); writes
+        the checkpoint."""
         t0 = time.perf_counter()
         row = self.train_epoch()
         self.epoch += 1
-        evaluated = self.epoch % cfg.eval_freq == 0 or self.epoch in (1, cfg.epochs)
+        evaluated = self.epoch % self.cfg.eval_freq == 0 or self.epoch in (1, self.cfg.epochs)
         if evaluated:
-            row = {"epoch": self.epoch, **row, **self.evaluate(), "eval_split": self.data.eval_split}
-            if cfg.train_stats:
-                row.update(self.training_set_stats())
-            if row["eval_acc"] > self.best["eval_acc"]:
-                self.best = {"eval_acc": row["eval_acc"], "epoch": self.epoch}
-                if cfg.checkpoint:
-                    self.save_best()
-            row.update(
-                best_eval_acc=self.best["eval_acc"],
-                best_epoch=self.best["epoch"],
-                epoch_s=time.perf_counter() - t0,
-                elapsed_s=time.perf_counter() - start,
-            )
-            self.history.append(row)
-            # every evaluation goes to train.log; the console gets about ten of them per run
-            every = max(1, cfg.epochs // 10)
-            shown = self.epoch % every == 0 or self.epoch in (1, cfg.epochs)
-            self.log.info(format_row(row, cfg.epochs), extra={"console": shown})
+            row = self._evaluation_row(row, t0, start)
+            self._log_row(row)
         self.save_checkpoint()
         return row if evaluated else None
+
+    def _evaluation_row(self, row: dict, t0: float, start: float) -> dict:
+        """The epoch's training row with its evaluation, training-set statistics, the best epoch so far
+        (best.pt written when it is this one) and timings; appended to the history."""
+        row = {"epoch": self.epoch, **row, **self.evaluate(), "eval_split": self.data.eval_split}
+        if self.cfg.train_stats:
+            row.update(self.training_set_stats())
+        if row["eval_acc"] > self.best["eval_acc"]:
+            self.best = {"eval_acc": row["eval_acc"], "epoch": self.epoch}
+            if self.cfg.checkpoint:
+                self.save_best()
+        row.update(
+            best_eval_acc=self.best["eval_acc"],
+            best_epoch=self.best["epoch"],
+            epoch_s=time.perf_counter() - t0,
+            elapsed_s=time.perf_counter() - start,
+        )
+        self.history.append(row)
+        return row
+
+    def _log_row(self, row: dict) -> None:
+        """Every evaluation goes to train.log; the console gets about ten of them per run."""
+        every = max(1, self.cfg.epochs // 10)
+        shown = self.epoch % every == 0 or self.epoch in (1, self.cfg.epochs)
+        self.log.info(format_row(row, self.cfg.epochs), extra={"console": shown})
 
 
 def format_row(row: dict, epochs: int) -> str:
@@ -365,10 +481,14 @@ def format_row(row: dict, epochs: int) -> str:
             f"(best {row['best_eval_acc']:.2%} @{row['best_epoch']})"
         ),
     ]
+    score = own_confidence("eval_drained_frac" in row)
+    parts.append(f"AURC[{score}] {row[f'eval_aurc[{score}]']:.4f}")
     if "pd_clean" in row:
         parts.append(f"p_d clean {row['pd_clean']:.3f} flipped {row['pd_flipped']:.3f}")
     if "eval_drained_frac" in row:
-        parts.append(f"drained {row['eval_drained_frac']:.1%}")
+        parts.append(f"abstained {row['eval_drained_frac']:.1%}")
+    if phase_text(row):
+        parts.append(phase_text(row))
     if "memorized_frac" in row:
         parts.append(f"memorized {row['memorized_frac']:.1%}")
     parts.append(f"lr {row['lr']:.4g} | {row['epoch_s']:.2f}s")

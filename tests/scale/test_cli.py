@@ -126,7 +126,7 @@ def test_flags_and_smoke_defaults_resolve():
     [
         (
             ["--data_root", "/data/webvision"],
-            "--data_root /data/webvision: needs --config, one of clothing1m_drainage",
+            "--data_root /data/webvision: needs --config, one of clothing1m_dac, clothing1m_drainage",
         ),
         (["--crop", "64", "--resize", "32"], r"--resize 32: must be at least --crop \(64\)"),
         (["--set", "dataset=clothing1m"], "generated WebVision tree"),

@@ -197,7 +197,7 @@ MISTAKES = {
     ),
     "unknown config": (
         lambda tree, out: ["--config", "nosuch"],
-        ["--config nosuch: no such preset or .json file; presets: clothing1m_drainage"],
+        ["--config nosuch: no such preset or .json file; presets: clothing1m_dac, clothing1m_drainage"],
     ),
     "resume of a missing folder": (
         lambda tree, out: ["--resume", str(out / "nowhere")],

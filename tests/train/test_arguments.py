@@ -28,6 +28,7 @@ REPEATS = {
     "--methods": (["drainage_const"], ["ce"], ["drainage_const", "ce"]),
     "--splits": (["7"], ["9"], [7, 9]),
     "--split_files": (["a.json"], ["b.json"], ["a.json", "b.json"]),
+    "--openset_splits": (["0-1"], ["4"], [0, 1, 4]),
 }
 PARSERS = {**subparsers(), "imagenet_scale": scale_parser()}
 

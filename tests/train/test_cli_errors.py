@@ -42,6 +42,20 @@ MISTAKES = [  # (argv, what the one line must say)
     (["sweep", "--noise", "asym"], "--noise asym: a noise setting is TYPE:RATE"),
     (["sweep", "--set", "epochs=abc"], "epochs=abc: epochs takes an integer"),
     (["osr", "--set", "amp=perhaps"], "amp=perhaps: amp takes true or false"),
+    # issue 22: the abstention rule, the schedules' epochs, the new losses in every command
+    (["run", "--set", "coverage=0.9", "tuning=true"], "coverage=0.9: must be null when tuning=true"),
+    (["run", "--set", "coverage=0"], "coverage=0: must be null or a number in (0, 1]"),
+    (
+        ["run", "--config", "digits_dac", "--set", "loss_params.learn_epochs=3", "epochs=3"],
+        "loss_params.learn_epochs=3: must be < epochs=3",
+    ),
+    (
+        ["sweep", "--losses", "gamblers", "--set", "loss_params.reward=1"],
+        "reward must be a finite number > 1",
+    ),
+    (["clean", "--losses", "dac", "--set", "loss_params.pretrain=2"], "got unknown ['pretrain']"),
+    (["osr", "--methods", "dac", "nonsense"], "--methods nonsense: unknown loss"),
+    (["sweep", "--openset_splits", "0-2", "2"], "argument --openset_splits: seed 2 given twice"),
 ]
 
 
@@ -184,7 +198,17 @@ WRONG_OUTPUTS = [  # (argv, outputs the model emits, what the line must say)
         ["run", "--config", "digits_drainage"],
         10,
         "model=digits_mlp: emits 10 outputs per image; loss=drainage on digits (10 classes) needs 11 "
-        "outputs (10 class logits and the drainage output: K = C + 1)",
+        "outputs (10 class logits and the abstain (drainage) output: K = C + 1)",
+    ),
+    (
+        ["run", "--config", "digits_dac"],
+        10,
+        "model=digits_mlp: emits 10 outputs per image; loss=dac on digits (10 classes) needs 11 outputs",
+    ),
+    (
+        ["osr", "--methods", "gamblers", "--splits", "0"],
+        6,
+        "emits 6 outputs per image; loss=gamblers on digits (6 classes) needs 7 outputs",
     ),
     (
         ["sweep", "--losses", "ce"],

@@ -81,6 +81,15 @@ HOMES = {
     "pd_histograms": "train/report/figures.py",
     "pyplot": "train/report/figures.py",
     "as_long": "train/data/core.py",
+    # selective classification (issue 22): the metrics in the library, the tables in the report
+    "risk_coverage_curve": "drainage_fast/openset.py",
+    "aurc": "drainage_fast/openset.py",
+    "selective_risk": "drainage_fast/openset.py",
+    "selective_threshold": "drainage_fast/openset.py",
+    "selective_confidences": "drainage_fast/openset.py",
+    "selective_table": "train/report/tables.py",
+    "mean_risk_coverage": "train/selective.py",
+    "plot_risk_coverage": "train/report/figures.py",
 }
 GONE = (
     "_as_long",
@@ -108,6 +117,24 @@ def test_every_shared_helper_has_one_home():
     defs = definitions()
     assert {name: defs.get(name) for name in HOMES} == {name: [home] for name, home in HOMES.items()}
     assert {name: defs[name] for name in GONE if name in defs} == {}
+
+
+def test_the_report_imports_nothing_of_the_train_library_but_itself():
+    """train/report/ once imported train/openset/ (its method table and score readers), the one import
+    against the layer order: a figure now draws what its caller read and passes in."""
+    offenders = {
+        str(p.relative_to(REPO)): sorted(
+            m for m in imported_modules(p) if m.startswith("train.") and not m.startswith("train.report")
+        )
+        for p in (TRAIN / "report").glob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_resnet_alias_is_gone_and_nothing_imports_it():
+    assert not (TRAIN / "resnet.py").exists()
+    sources = [*TRAIN.rglob("*.py"), *(REPO / "benchmarks").rglob("*.py"), *(REPO / "tests").rglob("*.py")]
+    assert [str(p) for p in sources if "train.resnet" in imported_modules(p)] == []
 
 
 def test_only_the_grid_helper_writes_a_reproducing_command():

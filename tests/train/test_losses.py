@@ -2,6 +2,7 @@
 transcription of the paper formula on random logits (independent of train/losses.py)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -40,6 +41,10 @@ UNIFORM_3 = {
     "anl_ce_er": 1 / 3 + 2 / 3,  # the batch-mean prediction is uniform: the entropy term is 0
     # K = 4 outputs, uniform: p_t = p_d = 1/4, p_J = 2/4 -> log(1 + alpha * 3 + beta * 2), alpha = beta = 1
     "drainage": math.log(1 + 3 + 2),
+    # K = 4, the first epoch: Deep Gamblers with pretrain 0 gambles, -log(p_t + p_d / 2.2) ...
+    "gamblers": -math.log(1 / 4 + 1 / 4 / 2.2),
+    # ... DAC is in its 10-epoch warm-up, cross-entropy over all K = 4 outputs
+    "dac": math.log(4),
 }
 
 
@@ -205,6 +210,7 @@ def test_unknown_names_and_parameters_are_rejected():
 
 def test_num_outputs_adds_the_drainage_node():
     assert num_outputs("drainage", 10) == 11 and num_outputs("alpha_dl", 100) == 101
+    assert num_outputs("gamblers", 10) == 11 and num_outputs("DAC", 10) == 11
     assert num_outputs("ce", 10) == 10 and num_outputs("anl_ce", 100) == 100
 
 
@@ -378,3 +384,159 @@ def test_a_sweep_takes_the_papers_spellings_for_losses_and_grid_owners(tmp_path,
     assert folders == ["ce", "nce_rce[alpha=0.5]", "nce_rce[alpha=1]"]
     assert run_here([*argv[:-2], "--grid", "gce:q=0.5,0.7"]) == 2  # gce is not in this sweep
     assert "--grid gce:q=...: gce is none of the losses of this job (nce_rce ce)" in capsys.readouterr().err
+
+
+# ---- Deep Gamblers and DAC: their formulas, and the schedules of the official code
+# Formulas in numpy float64 on the probabilities, p = softmax over all K outputs, the abstain output last.
+
+
+def gamblers_formula(z, t, reward):
+    p = softmax(z)
+    return -np.log(p[np.arange(len(t)), t] + p[:, -1] / reward)
+
+
+def ce_over_classes(z, t):
+    return -np.log(softmax(z[:, :-1])[np.arange(len(t)), t])
+
+
+def dac_formula(z, t, alpha, clamp=False):
+    """(1 - p_d) h_c - alpha log(1 - p_d); clamp: p_d <= 1 - 1e-7 first, as dac_loss.py does."""
+    p = softmax(z)
+    p_d = np.minimum(p[:, -1], 1 - 1e-7) if clamp else p[:, -1]
+    return (1 - p_d) * ce_over_classes(z, t) - alpha * np.log(1 - p_d)
+
+
+@pytest.mark.parametrize("reward", [1.5, 2.2, 9.0])
+def test_gamblers_pretrains_on_the_classes_then_gambles(reward):
+    """Z-T-WANG/NIPS2019DeepGamblers main.py: cross-entropy over outputs[:, :-1] while epoch < pretrain
+    (0-based), then -log(p_t + p_d / reward)."""
+    z, t = random_batch(C=6, seed=4)
+    t = t % 5
+    loss = build_loss("gamblers", 5, reward=reward, pretrain=2)
+    for epoch, expected in ((1, ce_over_classes), (2, ce_over_classes), (3, None), (7, None)):
+        loss.start_epoch(epoch, 7)
+        want = expected(z.numpy(), t.numpy()) if expected else gamblers_formula(z.numpy(), t.numpy(), reward)
+        assert loss(z, t).item() == pytest.approx(want.mean(), rel=1e-10)
+        assert loss.phase() == {"loss_phase": "pretrain" if expected else "gamblers"}
+
+
+class OfficialDAC:
+    """thulas/dac-label-noise dac_loss.py (03f9ec6) transcribed in numpy float64, called per batch as
+    train_dac.py does: the warm-up's EWMA, alpha set on the first batch after it, alpha += alpha_inc on
+    the first batch of each later epoch; p_d clamped at 1 - 1e-7 in the abstention phase."""
+
+    def __init__(self, learn_epochs, total_epochs, alpha_final=1.0, alpha_init_factor=64.0):
+        self.learn_epochs, self.total_epochs = learn_epochs, total_epochs
+        self.alpha_final, self.alpha_init_factor = alpha_final, alpha_init_factor
+        self.ewma = self.alpha = self.alpha_inc = self.alpha_set_epoch = None
+
+    def _track(self, p_abstain, h_c):
+        value = ((1 - p_abstain) * h_c).mean()
+        self.ewma = value if self.ewma is None else 0.05 * value + 0.95 * self.ewma
+
+    def __call__(self, z, t, epoch):
+        p = softmax(z)
+        h_c = ce_over_classes(z, t)
+        if epoch <= self.learn_epochs:
+            self._track(p[:, -1], h_c)
+            return -np.log(p[np.arange(len(t)), t]).mean()
+        p_abstain = np.minimum(p[:, -1], 1 - 1e-7)
+        self._track(p_abstain, h_c)
+        if self.alpha is None:
+            self.alpha = self.ewma / self.alpha_init_factor
+            self.alpha_inc = (self.alpha_final - self.alpha) / (self.total_epochs - epoch)
+            self.alpha_set_epoch = epoch
+        elif epoch > self.alpha_set_epoch:
+            self.alpha += self.alpha_inc
+            self.alpha_set_epoch = epoch
+        return ((1 - p_abstain) * h_c - self.alpha * np.log(1 - p_abstain)).mean()
+
+
+def dac_batches(epochs, per_epoch=3, C=5, seed=5):
+    """Fixed random batches (float64 logits, 16 rows, K = C + 1) for each epoch."""
+    return [
+        [random_batch(C=C + 1, N=16, seed=seed + 100 * e + b) for b in range(per_epoch)]
+        for e in range(epochs)
+    ]
+
+
+def test_dac_follows_the_official_warm_up_ewma_and_alpha_ramp():
+    epochs, official = 6, OfficialDAC(learn_epochs=2, total_epochs=6)
+    loss = build_loss("dac", 5, learn_epochs=2)
+    for epoch, batches in enumerate(dac_batches(epochs), start=1):
+        loss.start_epoch(epoch, epochs)
+        for z, t in batches:
+            t = t % 5
+            # the EWMA is float32 here (a device tensor), float64 there: alpha agrees to ~1e-7
+            assert loss(z, t).item() == pytest.approx(official(z.numpy(), t.numpy(), epoch), rel=1e-6)
+        assert loss.phase()["loss_phase"] == ("warm-up" if epoch <= 2 else "abstain")
+        if epoch > 2:
+            assert loss.alpha == pytest.approx(official.alpha, rel=1e-6)
+    assert loss.alpha == 1.0 and official.alpha == pytest.approx(1.0)  # alpha_final at the last epoch
+    assert loss.alpha_epoch == 3
+
+
+def test_dac_after_its_warm_up_is_the_formula_at_the_scheduled_alpha():
+    z, t = random_batch(C=8, seed=6)
+    t = t % 7
+    loss = build_loss("dac", 7, learn_epochs=0, alpha_init_factor=16.0)
+    loss.start_epoch(1, 5)
+    first = loss(z, t).item()
+    alpha_0 = loss.alpha
+    p = softmax(z.numpy())
+    ewma = ((1 - p[:, -1]) * ce_over_classes(z.numpy(), t.numpy())).mean()  # one batch: its mean
+    assert alpha_0 == pytest.approx(ewma / 16.0, rel=1e-6)
+    assert first == pytest.approx(dac_formula(z.numpy(), t.numpy(), alpha_0).mean(), rel=1e-6)
+    loss.start_epoch(3, 5)  # alpha_0 + (1 - alpha_0) * (3 - 1) / (5 - 1)
+    assert loss.alpha == pytest.approx(alpha_0 + (1 - alpha_0) / 2)
+    assert loss(z, t).item() == pytest.approx(dac_formula(z.numpy(), t.numpy(), loss.alpha).mean(), rel=1e-10)
+    loss.start_epoch(5, 8)  # a resume that extends the run to 8 epochs re-plans the ramp
+    assert loss.alpha == pytest.approx(alpha_0 + (1 - alpha_0) * 4 / 7)
+
+
+def test_dac_schedule_state_survives_a_weights_only_checkpoint(tmp_path):
+    """Continued from its saved state, the schedule gives the losses of one never interrupted, bit for bit."""
+    batches = dac_batches(5)
+    straight, cut = build_loss("dac", 5, learn_epochs=1), build_loss("dac", 5, learn_epochs=1)
+
+    def train(loss, epochs):
+        out = []
+        for epoch in epochs:
+            loss.start_epoch(epoch, 5)
+            out += [loss(z, t % 5).item() for z, t in batches[epoch - 1]]
+        return out
+
+    expected = train(straight, range(1, 6))
+    for stop in (1, 3):  # in the warm-up, and after alpha was set
+        first = build_loss("dac", 5, learn_epochs=1)
+        done = train(first, range(1, stop + 1))
+        torch.save(first.schedule_state(), tmp_path / "state.pt")
+        cut = build_loss("dac", 5, learn_epochs=1)
+        cut.load_schedule_state(torch.load(tmp_path / "state.pt", weights_only=True))
+        assert done + train(cut, range(stop + 1, 6)) == expected
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("gamblers", {"reward": 1.0}, "reward must be a finite number > 1"),
+        ("gamblers", {"pretrain": 2.5}, "loss_params.pretrain=2.5: gamblers takes an integer >= 0 (epochs)"),
+        ("gamblers", {"pretrain": -1}, "loss_params.pretrain=-1"),
+        ("dac", {"learn_epochs": True}, "loss_params.learn_epochs=True: dac takes an integer >= 0"),
+        ("dac", {"alpha_final": -0.5}, "alpha must be a finite number >= 0"),
+        ("dac", {"alpha_init_factor": 0}, "loss_params.alpha_init_factor=0: dac takes a number > 0"),
+    ],
+)
+def test_schedule_parameters_are_checked_naming_them(name, params, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_loss(name, 10, **params)
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused():
+    from train.config import load_config
+
+    with pytest.raises(ValueError, match=re.escape("loss_params.learn_epochs=10: must be < epochs=10")):
+        load_config("digits", ["loss=dac", "loss_params={}", "epochs=10"])
+    with pytest.raises(ValueError, match=re.escape("loss_params.pretrain=5: must be < epochs=5")):
+        load_config("digits", ["loss=gamblers", "loss_params={}", "loss_params.pretrain=5", "epochs=5"])
+    assert load_config("digits", ["loss=dac", "loss_params={}", "epochs=11"]).loss == "dac"

@@ -1,6 +1,7 @@
 """The trainer end to end on digits: a short run must learn, resume must be exact, outputs must exist;
 the CLI commands (run, sweep, default job) on tiny settings."""
 
+import csv
 import json
 
 import numpy as np
@@ -83,6 +84,42 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert_same_training(a, b)
     rows = [json.loads(line) for line in (tmp_path / "chunked" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "loss, params, stop",
+    [
+        ("dac", {"learn_epochs": 1}, 1),  # cut at the end of the warm-up: alpha not set yet
+        ("dac", {"learn_epochs": 1}, 2),  # cut on the ramp: alpha_0 and its epoch come from the checkpoint
+        ("gamblers", {"reward": 2.2, "pretrain": 2}, 1),  # cut in the pre-training
+    ],
+)
+def test_resume_continues_a_loss_schedule_bit_for_bit(loss, params, stop, tmp_path):
+    cfg = small_config(loss=loss, loss_params=params, epochs=4, eval_freq=1)
+    run_experiment(cfg, tmp_path / "straight", quiet=True)
+    run_experiment(cfg, tmp_path / "chunked", quiet=True, stop_after=stop)
+    state = final_state(tmp_path / "chunked")
+    assert state["epoch"] == stop and set(state["loss_schedule"]) == (
+        {"ewma", "alpha_0", "alpha_epoch"} if loss == "dac" else set()
+    )
+    run_experiment(cfg, tmp_path / "chunked", quiet=True, resume=True)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "chunked")
+    assert_same_training(a, b)
+    for key, value in a["loss_schedule"].items():  # the schedule's state itself, bit for bit
+        same = (
+            torch.equal(value, b["loss_schedule"][key])
+            if torch.is_tensor(value)
+            else value == b["loss_schedule"][key]
+        )
+        assert same, key
+    phases = [row["loss_phase"] for row in a["history"]]
+    if loss == "dac":  # the warm-up, then alpha from EWMA / 64 up to 1.0 at the last epoch
+        assert phases == ["warm-up", "abstain", "abstain", "abstain"]
+        alphas = [row["dac_alpha"] for row in a["history"][1:]]
+        assert alphas[0] == pytest.approx(a["loss_schedule"]["ewma"].item() / 64) and alphas[-1] == 1.0
+        assert alphas[1] - alphas[0] == pytest.approx(alphas[2] - alphas[1])
+    else:
+        assert phases == ["pretrain", "pretrain", "gamblers", "gamblers"]
 
 
 def test_resume_after_ctrl_c_with_augmentation(tmp_path, monkeypatch):
@@ -233,6 +270,16 @@ def test_cli_sweep_writes_tables_and_figure(tmp_path):
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 and len(out.with_name("report_runs.csv").read_text().splitlines()) == 1 + 8
     assert out.with_suffix(".png").stat().st_size > 10_000
+    assert out.with_name("report_risk_coverage.png").stat().st_size > 10_000
+    # the selective tables: AURC and the risks of each confidence, the mean over the seeds' summaries
+    assert "| Drainage / 1 - p_d |" in text and "| Drainage / MSP |" in text and "| CE / MSP |" in text
+    assert "| CE / 1 - p_d |" not in text
+    runs = list(csv.DictReader(open(out.with_name("report_runs.csv"))))
+    mine = [r for r in runs if r["loss"] == "drainage" and r["noise"] == "asym:0.4"]
+    summaries = [json.loads((tmp_path / r["run_dir"] / "summary.json").read_text()) for r in mine]
+    mean_aurc = np.mean([s["eval_aurc[1-p_d]"] for s in summaries])
+    comparison = next(line for line in text.splitlines() if line.startswith("| Drainage | asym:0.4 |"))
+    assert f"{100 * mean_aurc:.2f} ± " in comparison
 
 
 def test_grid_axes_apply_per_loss():
@@ -242,11 +289,30 @@ def test_grid_axes_apply_per_loss():
 
 
 def test_default_job_writes_table_and_figure(tmp_path, capsys):
-    assert main(["--set", "epochs=2", "--out_dir", str(tmp_path), "--quiet"]) == 0  # no command: default job
+    # 21 epochs: the fewest that leave Deep Gamblers (pretrain 20) an epoch of its own loss
+    assert main(["--set", "epochs=21", "--out_dir", str(tmp_path), "--quiet"]) == 0  # no command: default job
     job = next(tmp_path.glob("default-*"))
     assert (job / "results.png").stat().st_size > 10_000
+    assert (job / "results_risk_coverage.png").stat().st_size > 10_000
+    assert sorted(p.name for p in job.iterdir() if p.is_dir()) == ["ce", "dac", "drainage", "gamblers"]
     table = (job / "results.md").read_text()
-    assert "| Drainage |" in table and "| CE |" in table and "precision@k" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    for row in ("Drainage / p_d", "Deep Gamblers / p_d", "DAC / p_d", "CE / softmax", "DAC / softmax"):
+        assert row in rows, row
+    assert "CE / p_d" not in rows
+    # the numbers are the runs' summaries: accuracy, AURC, risk at 90%, precision@k, abstained
+    summary = json.loads((job / "dac" / "summary.json").read_text())
+    cells = [c.strip() for c in rows["DAC / p_d"].strip("| ").split(" | ")]
+    expected = [
+        summary["last_eval_acc"],
+        summary["best_eval_acc"],
+        summary["eval_aurc[1-p_d]"],
+        summary["eval_risk@90[1-p_d]"],
+        summary["precision_at_k_pd"],
+        summary["eval_drained_frac"],
+    ]
+    assert cells[1:] == [f"{100 * v:.2f}" for v in expected]
+    assert "AURC (%)" in table and "selective risk at 90% coverage (%)" in table
     assert "Outputs:" in capsys.readouterr().out
 
 

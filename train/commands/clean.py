@@ -1,5 +1,6 @@
 """`python -m train clean`: dataset cleaning. After training, rank every training sample by p_d (most
-suspect first) and by self-confidence (1 - p(given label) over the C class outputs, the usual baseline);
+suspect first; the abstain output's probability of Drainage, Deep Gamblers and DAC) and by
+self-confidence (1 - p(given label) over the C class outputs, the usual baseline, for every loss);
 where the clean labels are known, report how well each ranking finds the flipped labels.
 
     python -m train clean                                   # digits, Drainage and CE, 40% asym noise, seed 1
@@ -76,9 +77,9 @@ def write_report(
         f"# {title}",
         "",
         (
-            "Every training sample ranked by a suspicion score, most suspect first: p_d (the drainage "
-            "probability; Drainage only) or self-confidence (1 - the closed-softmax probability of the given "
-            "label, the usual baseline). k_flipped = the number of flipped labels "
+            "Every training sample ranked by a suspicion score, most suspect first: p_d (the probability of "
+            "the abstain output: Drainage, Deep Gamblers, DAC) or self-confidence (1 - the closed-softmax "
+            "probability of the given label, the usual baseline). k_flipped = the number of flipped labels "
             f"({agg[0]['num_flipped_mean']:.0f} on average), where precision = recall. AUROC: the score "
             f"separating flipped from clean labels. Values in %, {spread_over(agg[0]['n'], 'seed')}."
         ),
@@ -118,7 +119,8 @@ def write_report(
 
 
 def plot_report(runs: list[tuple[dict, Path]], path: Path, title: str) -> None:
-    """Mean precision@k curve per model / score over the runs; p_d histograms of the first Drainage run."""
+    """Mean precision@k curve per model / score over the runs; p_d histograms of the first run with an
+    abstain output."""
     curves, k_flipped = mean_curves(runs)
     drainage = next((r for r in runs if "p_drain" in np.load(r[1] / "scores.npz")), None)
     histogram, seen = None, None

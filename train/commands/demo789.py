@@ -26,7 +26,16 @@ import numpy as np
 from ..arguments import several
 from ..cli import SHARED_FLAGS
 from ..grid import job_dir, reproducing_command
-from ..openset.runs import METHODS, aggregate_scores, best_method_points, plan_open_set, run_plan, score_rows
+from ..openset.runs import (
+    aggregate_scores,
+    best_method_points,
+    drained_per_class,
+    method_of,
+    plan_open_set,
+    read_scores_csv,
+    run_plan,
+    score_rows,
+)
 from ..openset.splits import SPLIT_DIR, load_split
 from ..report import aggregate, pct, spread_over, write_csv
 from ..report.openset import plot_demo
@@ -52,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p,
         "--methods",
         default=["drainage", "ce"],
-        choices=list(METHODS),
-        help="methods to train (default: drainage ce)",
+        metavar="METHOD",
+        help="methods to train: drainage_const or any loss of `train sweep --losses` (default: drainage ce)",
     )
 
 
@@ -102,7 +111,7 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
         "|---|" + "---:|" * len(headers),
     ]
     for a in agg:
-        name = METHODS[a["method"]].label + (f" [{a['params']}]" if a["params"] else "")
+        name = method_of(a["method"]).label + (f" [{a['params']}]" if a["params"] else "")
         text.append(f"| {name} | " + " | ".join(pct(a[f"{k}_mean"], a[f"{k}_std"]) for k in keys) + " |")
     text.append("")
     shown = runs
@@ -113,14 +122,39 @@ def write_report(runs: list[dict], out: Path, title: str, command: str) -> str:
             "",
         ]
         text += [
-            f"- {METHODS[m].label}: `{p or 'preset'}` (AUROC {100 * s:.2f})" for m, (p, s) in chosen.items()
+            f"- {method_of(m).label}: `{p or 'preset'}` (AUROC {100 * s:.2f})" for m, (p, s) in chosen.items()
         ]
         text.append("")
         shown = [r for r in runs if r["params"] == chosen[r["method"]][0]]
     text += ["## Reproduce", "", f"    {command}", ""]
     out.with_suffix(".md").write_text("\n".join(text))
-    plot_demo(shown, out.with_suffix(".png"), title)
+    plot_demo(*figure_data(shown), split, out.with_suffix(".png"), title)
     return "\n".join(text)
+
+
+# the figure's histogram panels: (method, score, axis label)
+PANELS = (
+    ("drainage", "p_d", "p_d (drainage probability)"),
+    ("ce", "msp", "1 - max softmax (MSP outlier score)"),
+)
+
+
+def figure_data(runs: list[dict]) -> tuple[np.ndarray | None, list[tuple]]:
+    """What plot_demo draws, read from the runs' scores.csv: the drained share per true class of the
+    drainage runs (None without one), and a histogram panel per method of PANELS that ran."""
+    drainage = [r for r in runs if r["method"] == "drainage"]
+    drained = np.array([drained_per_class(r["run_dir"]) for r in drainage]) if drainage else None
+    panels = []
+    for method, score, name in PANELS:
+        mine = [r for r in runs if r["method"] == method]
+        if mine:
+            dumps = [read_scores_csv(r["run_dir"]) for r in mine]
+            values = np.concatenate([d[score].astype(float) for d in dumps])
+            unknown = np.concatenate([d["set"] == "unknown" for d in dumps])
+            auroc = np.mean([r["scores"][score]["AUROC"] for r in mine])
+            title = f"{method_of(method).label}: AUROC {100 * auroc:.1f}% ({len(mine)} runs pooled)"
+            panels.append((name, values[~unknown], values[unknown], title))
+    return drained, panels
 
 
 def command_line(args, continue_in: Path | None = None) -> str:

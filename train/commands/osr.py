@@ -8,7 +8,9 @@ images of the known and unknown classes, report AUROC / OSCR (mean +- std over s
     python -m train osr --tuning --splits 100 --grid drainage_const:drainage_logit=0,4,40
 
 Methods (train/openset/runs.py): ce, drainage_const (the paper's open-set variant: constant drainage logit,
-alpha = beta = 1), drainage (learned drainage node). Each method starts from the preset
+alpha = beta = 1), drainage (learned drainage node) by default; any loss of `train sweep --losses` too
+(gamblers and dac with a learned abstain node, scored by p_d; the others by msp). Each method starts from
+the preset
 train/configs/osr_<dataset>_<method>.json when there is one (the digits ones were chosen with --tuning),
 else <dataset>_<loss>.json, with clean labels. Splits: train/openset/split_files/ (train/openset/splits.py); a
 seeded split without a file there is written to <runs_dir>/splits/ (or --split_dir), never into the package.
@@ -27,24 +29,24 @@ from ..arguments import several
 from ..cli import SHARED_FLAGS
 from ..grid import distinct, job_dir, reproducing_command, resolved_path
 from ..openset.runs import (
+    DEFAULT_METHODS,
     EXTRA_METRICS,
-    METHODS,
     METRICS,
     SCORE_LABELS,
     aggregate_scores,
     best_method_points,
+    method_of,
     plan_open_set,
     run_plan,
     score_rows,
     setting_label,
 )
-from ..openset.splits import SPLIT_DIR, load_split, save_split, seeded_split
+from ..openset.splits import DATASET_CLASSES, SPLIT_DIR, load_split, save_split, seeded_splits
 from ..report import counted, mean_std, pct, spread_over
 from ..report.openset import plot_osr
 
 FLAGS = tuple(flag for flag in SHARED_FLAGS if flag != "noise")  # open-set runs train on clean labels
 
-NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "svhn": 10, "cifar100": 100}
 # drainage_const's constant drainage logit when --drainage_logit is not given. Not a config key (the
 # network never sees it), so it lives here; digits: chosen with --tuning, validation AUROC of p_d rose
 # from 90.6 (c = 0) to 93.5 (c = 40) and fell beyond (benchmarks/results/tuning/digits_osr_tuning_stage3.md)
@@ -53,14 +55,15 @@ TUNED_DRAINAGE_LOGIT = {"digits": 40.0}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dataset", default="digits", choices=sorted(NUM_CLASSES), help="dataset (default: digits)"
+        "--dataset", default="digits", choices=sorted(DATASET_CLASSES), help="dataset (default: digits)"
     )
     several(
         p,
         "--methods",
-        default=list(METHODS),
-        choices=list(METHODS),
-        help="open-set methods to train (default: all)",
+        default=list(DEFAULT_METHODS),
+        metavar="METHOD",
+        help="open-set methods to train: drainage_const, or any loss of `train sweep --losses` (drainage, "
+        "gamblers and dac learn an abstain node) (default: %(default)s)",
     )
     p.add_argument("--known", type=int, default=6, help="known classes per seeded split (default 6)")
     several(
@@ -103,11 +106,7 @@ def splits_from(args) -> tuple[list, list]:
     """(the splits to run, the seeded ones without a file yet: the command saves them beside its results)."""
     if args.split_files:
         return [load_split(path) for path in distinct("--split_files", args.split_files, resolved_path)], []
-    found = [
-        seeded_split(args.dataset, NUM_CLASSES[args.dataset], args.known, s, args.split_dir or SPLIT_DIR)
-        for s in distinct("--splits", args.splits)
-    ]
-    return [split for split, _ in found], [split for split, on_disk in found if not on_disk]
+    return seeded_splits(args.dataset, args.known, distinct("--splits", args.splits), args.split_dir)
 
 
 def metrics_table(agg: list[dict]) -> str:
@@ -189,12 +188,12 @@ def write_report(runs: list[dict], splits: list, out: Path, title: str, command:
         text += [
             (
                 f"## Selected: highest mean {split_eval} AUROC of each method's own score "
-                f"({', '.join(f'{m}: {SCORE_LABELS[METHODS[m].primary_score]}' for m in chosen)})"
+                f"({', '.join(f'{m}: {SCORE_LABELS[method_of(m).primary_score]}' for m in chosen)})"
             ),
             "",
         ]
         text += [
-            f"- {METHODS[m].label}: `{params or 'preset'}` (AUROC {100 * score:.2f})"
+            f"- {method_of(m).label}: `{params or 'preset'}` (AUROC {100 * score:.2f})"
             for m, (params, score) in chosen.items()
         ]
         text.append("")

@@ -7,7 +7,9 @@
 
 Each new run gets a folder of its own under --out_dir: --name names it (an existing folder is refused
 unless --overwrite), otherwise <time>-<dataset>-<loss>-<noise>-s<seed>-<config hash>, with -2, -3, ...
-for an equal run started in the same second.
+for an equal run started in the same second. At the end it prints the selective-classification table
+(AURC, E-AURC, the selective risk at 100/95/90/80/70% coverage, per confidence) and writes
+risk_coverage.png into the run folder; `--set coverage=0.9` adds the abstention rule (predictions.csv).
 """
 
 from __future__ import annotations
@@ -131,10 +133,34 @@ def main(args) -> int:
                 "always a new folder)"
             )
         result = run_experiment(cfg, overwrite=args.overwrite, quiet=args.quiet, stop_after=args.run_epochs)
+    s = result.summary
     if args.quiet:
-        s = result.summary
         print(
             f"{result.run_dir}: best {s['eval_split']} acc {s['best_eval_acc']:.4f}, "
             f"last {s['last_eval_acc']:.4f}"
         )
+    else:
+        print(selective_report(result))
     return 0
+
+
+def selective_report(result) -> str:
+    """The run's selective-classification table, and its risk-coverage figure (risk_coverage.png in the
+    run folder)."""
+    import json
+
+    from ..report import confidences_in, loss_label, plot_risk_coverage, selective_table
+    from ..selective import mean_risk_coverage
+
+    s, cfg = result.summary, json.loads((result.run_dir / "config.json").read_text())
+    label = loss_label(cfg["loss"])
+    split = s["eval_split"]
+    figure = result.run_dir / "risk_coverage.png"
+    plot_risk_coverage(
+        {f"{split} set": mean_risk_coverage({label: [result.run_dir]})}, figure, result.run_dir.name
+    )
+    table = selective_table([(label, c, s) for c in confidences_in(s)])
+    return (
+        f"\nselective classification, {split} set, last epoch (%; AURC: mean selective risk over every "
+        f"coverage, lower is better):\n\n{table}\n\nrisk-coverage curves: {figure}"
+    )

@@ -80,7 +80,9 @@ def load_labelled(cfg) -> tuple[RawDataset, np.ndarray | None, str]:
 
 def build_data(cfg) -> NoisyDataset:
     """Loads cfg.dataset, corrupts the training labels (cfg.noise_type / noise_rate / seed) and, with
-    cfg.tuning, holds out 20% of the training set as a clean-labelled validation split."""
+    cfg.tuning, holds out 20% of the training set as a clean-labelled validation split; with
+    cfg.coverage, holds out the same 20% as the calibration split of the abstention rule and evaluates
+    on the test set."""
     noise_type = noise_type_of(cfg)
     raw, human, source = load_labelled(cfg)
     noisy, record = apply_noise(
@@ -95,14 +97,19 @@ def build_data(cfg) -> NoisyDataset:
         human_labels=human,
         human_source=source,
     )
-    if cfg.tuning:
+    calib_x = calib_y = None
+    if cfg.tuning or cfg.coverage is not None:
         train_idx, val_idx = tuning_split(len(raw.train_y))
-        eval_x, eval_y, split = raw.train_x[torch.from_numpy(val_idx)], raw.train_y[val_idx], "val"
         train_part = noisy[train_idx] != raw.train_y[train_idx]
         record.extra["tuning_train_realised_rate"] = float(train_part.mean())
     else:
         train_idx = np.arange(len(raw.train_y))
+    if cfg.tuning:
+        eval_x, eval_y, split = raw.train_x[torch.from_numpy(val_idx)], raw.train_y[val_idx], "val"
+    else:
         eval_x, eval_y, split = raw.test_x, raw.test_y, "test"
+    if cfg.coverage is not None:
+        calib_x, calib_y = raw.train_x[torch.from_numpy(val_idx)], as_long(raw.train_y[val_idx])
     return NoisyDataset(
         name=raw.name,
         num_classes=raw.num_classes,
@@ -118,4 +125,6 @@ def build_data(cfg) -> NoisyDataset:
         std=raw.std,
         augment=raw.augment,
         noise=record,
+        calib_x=calib_x,
+        calib_y=calib_y,
     )

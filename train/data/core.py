@@ -53,6 +53,10 @@ class NoisyDataset:
     std: tuple[float, ...]
     augment: str
     noise: NoiseRecord
+    # held-out training images (the tuning split's 20%, clean labels) on which a run with a coverage
+    # chooses its abstention threshold; None otherwise
+    calib_x: torch.Tensor | None = None
+    calib_y: torch.Tensor | None = None
 
     @property
     def flipped(self) -> torch.Tensor:

@@ -1,12 +1,13 @@
-"""Open-set training runs: the three methods, the paper's constant-drainage model, one run end to end
-(train on the known classes, score known and unknown evaluation images, dump every score), and a plan
-of methods x hyper-parameter points x splits x seeds, checked whole before the first folder is made
-(plan_open_set), then run (run_plan). Used by `train osr` and `train demo789`.
+"""Open-set training runs: the methods, the paper's constant-drainage model, one run end to end (train on
+the known classes, score known and unknown evaluation images, dump every score), and a plan of methods x
+hyper-parameter points x splits x seeds, checked whole before the first folder is made (plan_open_set),
+then run (run_plan). Used by `train osr`, `train demo789` and `train sweep --openset_splits`.
 
-    ce              cross-entropy, C outputs; scores msp, max_logit, energy
     drainage_const  the paper's open-set variant: the network emits the C class logits, the drainage
                     logit is held at a constant (ConstantDrainageLogit), alpha = beta = 1; + p_d
-    drainage        a learned drainage node: the network emits C + 1 logits; alpha, beta from the config
+    <any loss>      that loss (train/losses.py) on its preset: with an abstain output (drainage,
+                    gamblers, dac: a learned node, C + 1 logits), scored by p_d too; ce, nce_rce, ...:
+                    C outputs; every method gets msp, max_logit, energy
 
 Run folder: config.json, env.json, noise.json, labels.npz, train.log, metrics.jsonl (as `train run`),
 openset.json (method, split, drainage logit), openset_metrics.json (every metric of every score) and
@@ -37,9 +38,9 @@ from ..data import RawDataset, load_raw
 from ..experiment import check_model_fits, check_runtime, resume_state, run_session, save_noise
 from ..grid import best_points, check_owners, distinct, grid_points, parse_grid, point_overrides, point_tag
 from ..jobs import Job, same_json
-from ..losses import build_loss, num_outputs
+from ..losses import build_loss, canonical_loss_name, is_abstaining, num_outputs
 from ..models import build_model
-from ..report import aggregate, write_csv
+from ..report import aggregate, loss_label, write_csv
 from ..run_dirs import UserError, atomic_write_text
 from ..trainer import Trainer, class_predictions
 from .data import OpenSetData, build_open_set_data, check_split_fits
@@ -54,11 +55,27 @@ class Method:
     label: str
 
 
-METHODS = {
-    "ce": Method("ce", None, "msp", "CE"),
-    "drainage_const": Method("drainage", "constant", "p_d", "Drainage (constant z_d)"),
-    "drainage": Method("drainage", "learned", "p_d", "Drainage (learned node)"),
-}
+# the methods that are not a loss's own name; `osr`'s default methods are ce, drainage_const, drainage
+METHODS = {"drainage_const": Method("drainage", "constant", "p_d", "Drainage (constant z_d)")}
+DEFAULT_METHODS = ("ce", "drainage_const", "drainage")
+
+
+def method_of(name: str) -> Method:
+    """drainage_const, or a loss in any spelling (train/losses.py): with an abstain output a learned node
+    judged by p_d, else C outputs judged by msp. A UserError names an unknown one."""
+    if name in METHODS:
+        return METHODS[name]
+    loss = canonical_loss_name(name, "--methods ")
+    if is_abstaining(loss):
+        return Method(loss, "learned", "p_d", f"{loss_label(loss)} (learned node)")
+    return Method(loss, None, "msp", loss_label(loss))
+
+
+def method_name(name: str) -> str:
+    """The name a method's run folders and report rows use: drainage_const, or the loss's code name."""
+    return name if name in METHODS else canonical_loss_name(name, "--methods ")
+
+
 PAPER_OPEN_SET_PARAMS = {"alpha": 1.0, "beta": 1.0}
 # Datasets without presets of their own borrow a similar dataset's (SVHN: CIFAR-10's recipe and 8-layer
 # CNN, both 3 x 32 x 32); MNIST has none and trains the Config defaults with the paper's MNIST model.
@@ -92,21 +109,20 @@ class ConstantDrainageLogit(nn.Module):
 def build_method_model(
     method: str, model_name: str, num_known: int, drainage_logit: float = 0.0
 ) -> nn.Module:
-    m = METHODS[method]
+    m = method_of(method)
     if m.drainage == "constant":
         return ConstantDrainageLogit(build_model(model_name, num_known), drainage_logit)
     return build_model(model_name, num_outputs(m.loss, num_known))
 
 
-def config_for_method(method: str, dataset: str, overrides=(), preset_prefix: str = "osr") -> Config:
-    """The first preset of <prefix>_<dataset>_<method>, <recipe>_<loss>, <recipe> (train/configs/; the
-    recipe is the dataset or RECIPE_PRESETS's stand-in), with clean labels and the method's loss
-    (drainage_const: alpha = beta = 1), then `overrides`."""
-    if method not in METHODS:
-        raise UserError(f"method {method!r}: unknown open-set method; choose from {sorted(METHODS)}")
-    m = METHODS[method]
+def config_for_method(method: str, dataset: str, overrides=(), preset_prefix: str | None = "osr") -> Config:
+    """The first preset of <prefix>_<dataset>_<method> (none without a prefix), <recipe>_<loss>,
+    <recipe> (train/configs/; the recipe is the dataset or RECIPE_PRESETS's stand-in), with clean labels
+    and the method's loss (drainage_const: alpha = beta = 1), then `overrides`."""
+    m = method_of(method)
     recipe = RECIPE_PRESETS.get(dataset, dataset)
-    names = [f"{preset_prefix}_{dataset}_{method}", f"{recipe}_{m.loss}", recipe]
+    names = [f"{preset_prefix}_{dataset}_{method}"] if preset_prefix else []
+    names += [f"{recipe}_{m.loss}", recipe]
     preset = next((n for n in names if (CONFIG_DIR / f"{n}.json").exists()), None)
     forced = {"dataset": dataset, "noise_type": "none", "noise_rate": 0.0, "loss": m.loss}
     if preset is None and dataset in DEFAULT_MODELS:
@@ -169,7 +185,7 @@ def evaluate_open_set(
 def open_set_record(method: str, split: OpenSetSplit, unknown_train: str, drainage_logit: float) -> dict:
     """openset.json's content (as JSON reads it back): what, besides config.json, makes an open-set run
     that run."""
-    m = METHODS[method]
+    m = method_of(method)
     record = {
         "method": method,
         "description": m.label,
@@ -195,7 +211,7 @@ def run_open_set(
     (module docstring; run_dir: claimed by the caller, e.g. train.jobs.Job.claim); returns
     openset_metrics.json's content. resume: continue the cut run in run_dir from its last.pt.
     continue_with: the command that continues the run if it is cut (experiment.run_log)."""
-    m, run_dir = METHODS[method], Path(run_dir)
+    m, run_dir = method_of(method), Path(run_dir)
     device = check_runtime(cfg)
     state = resume_state(run_dir, cfg, device) if resume else None
     with run_session(cfg, run_dir, quiet, continue_with) as logger:
@@ -252,13 +268,13 @@ def plan_open_set(
     grid=(),
     overrides=(),
     drainage_logit: float = 0.0,
-    preset_prefix: str = "osr",
+    preset_prefix: str | None = "osr",
 ) -> OpenSetPlan:
     """Every method x grid point x split x seed as a checked config, and the datasets they train on, loaded.
     A grid axis may be `drainage_logit` (drainage_const only); every other axis is a config key as in
     `train sweep --grid`. Raises UserError for any mistake (a method or split given twice included),
-    before anything is written."""
-    distinct("--methods", methods)
+    before anything is written. preset_prefix: see config_for_method."""
+    methods = [method_name(m) for m in distinct("--methods", methods, method_name)]
     distinct("split", [split.tag for split in splits])
     axes = parse_grid(list(grid))
     check_owners(axes, methods, "methods")
@@ -271,7 +287,7 @@ def plan_open_set(
     ]
     runs, raws, fitted = [], {}, set()
     for method, point, split, seed in combos:
-        if "drainage_logit" in point and METHODS[method].drainage != "constant":
+        if "drainage_logit" in point and method_of(method).drainage != "constant":
             raise UserError(
                 "--grid drainage_logit=...: the drainage_logit axis applies to drainage_const "
                 "only: write --grid drainage_const:drainage_logit=..."
@@ -353,7 +369,7 @@ def run_plan(
                     **result,
                 }
             )
-            score = METHODS[run.method].primary_score
+            score = method_of(run.method).primary_score
             print(
                 f"[{n}/{len(plan.runs)}] {run.method:>14} {params:<28} {run.split.tag} s{run.seed}: "
                 f"{result['eval_split']} acc {result['closed_set_accuracy']:.4f}, AUROC {score} "
@@ -397,7 +413,7 @@ def score_rows(runs: list[dict]) -> list[dict]:
 
 
 def setting_label(method: str, score: str) -> str:
-    return f"{METHODS[method].label} / {SCORE_LABELS[score]}"
+    return f"{method_of(method).label} / {SCORE_LABELS[score]}"
 
 
 def aggregate_scores(rows: list[dict]) -> list[dict]:
@@ -406,14 +422,13 @@ def aggregate_scores(rows: list[dict]) -> list[dict]:
     agg = aggregate(rows, ["method", "params", "score", "eval_split"], [*METRICS, *EXTRA_METRICS])
     for a in agg:
         a["setting"] = setting_label(a["method"], a["score"]) + (f" [{a['params']}]" if a["params"] else "")
+        a["primary"] = a["score"] == method_of(a["method"]).primary_score
     return agg
 
 
 def best_method_points(agg: list[dict]) -> dict[str, tuple[str, float]]:
     """method -> (params, mean AUROC of its primary score): each method's best grid point (--tuning)."""
-    return best_points(
-        agg, "method", "AUROC_mean", keep=lambda a: a["score"] == METHODS[a["method"]].primary_score
-    )
+    return best_points(agg, "method", "AUROC_mean", keep=lambda a: a["primary"])
 
 
 def read_scores_csv(run_dir: str | Path) -> dict[str, np.ndarray]:

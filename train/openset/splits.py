@@ -23,6 +23,8 @@ import numpy as np
 from ..run_dirs import UserError
 
 SPLIT_DIR = Path(__file__).parent / "split_files"
+# the datasets an open-set job can split, and their number of classes
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "svhn": 10, "cifar100": 100}
 RULE = "known = sorted(numpy.random.default_rng(seed).permutation(num_classes)[:num_known])"
 
 
@@ -110,3 +112,14 @@ def seeded_split(
     if path.exists():
         return load_split(path), True
     return split, False
+
+
+def seeded_splits(
+    dataset: str, num_known: int, seeds: list[int], split_dir: str | Path | None = None
+) -> tuple[list[OpenSetSplit], list[OpenSetSplit]]:
+    """(the seeded splits of `dataset`, those of them without a file in split_dir yet: the caller saves
+    them beside its results); split_dir None: the committed SPLIT_DIR."""
+    found = [
+        seeded_split(dataset, DATASET_CLASSES[dataset], num_known, s, split_dir or SPLIT_DIR) for s in seeds
+    ]
+    return [split for split, _ in found], [split for split, on_disk in found if not on_disk]

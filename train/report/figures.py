@@ -9,6 +9,7 @@ bar axis starts at 0 or, zoomed in, carries a break mark (bar_value_axis).
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -153,32 +154,82 @@ def plot_grid(
 
 def plot_default_job(runs: dict[str, dict], path: Path, title: str) -> None:
     """runs: loss -> {"history": [...], "scores": npz dict}. Three panels: clean test accuracy per epoch;
-    mean p_d of clean vs flipped training samples per epoch; final p_d histogram (Drainage)."""
+    mean p_d of clean (solid) vs flipped (dashed) training samples per epoch, one colour per loss with an
+    abstain output; the final p_d histogram of Drainage's training samples."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    colors = {loss: plt.get_cmap("tab10")(i) for i, loss in enumerate(runs)}
     for loss, run in runs.items():
         h = run["history"]
-        axes[0].plot([r["epoch"] for r in h], [100 * r["eval_acc"] for r in h], label=loss_label(loss), lw=2)
+        epochs = [r["epoch"] for r in h]
+        axes[0].plot(
+            epochs, [100 * r["eval_acc"] for r in h], label=loss_label(loss), lw=2, color=colors[loss]
+        )
+        if "pd_clean" in h[-1]:
+            axes[1].plot(epochs, [r["pd_clean"] for r in h], color=colors[loss], lw=2, label=loss_label(loss))
+            axes[1].plot(epochs, [r["pd_flipped"] for r in h], color=colors[loss], lw=2, ls="--")
     axes[0].set(xlabel="epoch", ylabel="clean test accuracy (%)", title="Accuracy on the clean test set")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
+    axes[1].set(
+        xlabel="epoch",
+        ylabel="mean p_d",
+        title="Abstain probability p_d on the training set\n(solid: clean labels, dashed: flipped)",
+    )
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
     drain = runs.get("drainage")
     if drain:
-        h = drain["history"]
-        epochs = [r["epoch"] for r in h]
-        axes[1].plot(epochs, [r["pd_clean"] for r in h], label="clean-label samples", color="tab:green", lw=2)
-        axes[1].plot(
-            epochs, [r["pd_flipped"] for r in h], label="flipped-label samples", color="tab:red", lw=2
-        )
-        axes[1].set(xlabel="epoch", ylabel="mean p_d", title="Drainage probability on the training set")
-        axes[1].legend()
-        axes[1].grid(alpha=0.3)
         pd_histograms(axes[2], drain["scores"], drain["scores"]["p_drain"])
-        axes[2].set(xlabel="p_d (drainage probability), last epoch", title="p_d of training samples")
+        axes[2].set(
+            xlabel="p_d (drainage probability), last epoch", title="Drainage: p_d of training samples"
+        )
+    else:
+        axes[2].axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def risk_coverage_panel(ax, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "") -> None:
+    """Selective risk (%) against coverage (%), one line per label -> (coverage, risk) (arrays of one
+    length, as drainage_fast.openset.risk_coverage_curve gives them); a label ending in "/ MSP" is dashed,
+    in the colour of the label before it. The reported coverages are marked."""
+    from drainage_fast.openset import REPORTED_COVERAGES
+
+    colors, seen = pyplot().get_cmap("tab10"), {}
+    for label, (coverage, risk) in curves.items():
+        model = label.rsplit(" / ", 1)[0]
+        color = colors(seen.setdefault(model, len(seen)) % 10)
+        ax.plot(
+            100 * coverage,
+            100 * risk,
+            lw=1.8,
+            color=color,
+            ls="--" if label.endswith("/ MSP") else "-",
+            label=label,
+        )
+    for c in REPORTED_COVERAGES:
+        ax.axvline(100 * c, color="grey", lw=0.6, alpha=0.5)
+    ax.set(
+        xlabel="coverage (%): share accepted, most confident first",
+        ylabel="selective risk (%)",
+        xlim=(0, 100),
+    )
+    ax.set_ylim(bottom=0)
+    ax.set_title(title or "Risk-coverage (lower is better)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_risk_coverage(panels: dict[str, dict], path: Path, title: str) -> None:
+    """One risk_coverage_panel per panel title -> {label: (coverage, risk)}."""
+    width = max(9.0, 6.5 * len(panels))
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(width, 4.8), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], panels.items()):
+        risk_coverage_panel(ax, curves, name)
+    save_figure(fig, textwrap.fill(title, int(14 * width)), path)
 
 
 def pd_histograms(ax, scores: dict, p_d: np.ndarray) -> None:

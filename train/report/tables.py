@@ -12,8 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from drainage_fast.openset import REPORTED_COVERAGES
+
 LOSS_LABELS = {
     "drainage": "Drainage",
+    "gamblers": "Deep Gamblers",
+    "dac": "DAC",
     "ce": "CE",
     "gce": "GCE",
     "sce": "SCE",
@@ -100,3 +104,44 @@ def markdown_grid(agg: list[dict], row_key: str, col_key: str, metric: str, bold
             cells.append(f"**{text}**" if a and bold_max and a[f"{metric}_mean"] == best[c] else text)
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# (summary / metrics-row key stem, header) of the selective-classification columns; the key of a
+# confidence is "<stem>[<confidence>]", e.g. eval_risk@90[1-p_d] (train/trainer.py evaluation_metrics)
+SELECTIVE_COLUMNS = [
+    ("eval_aurc", "AURC"),
+    ("eval_e_aurc", "E-AURC"),
+    *((f"eval_risk@{100 * c:g}", f"risk@{100 * c:g}%") for c in REPORTED_COVERAGES),
+]
+CONFIDENCE_LABELS = {"1-p_d": "1 - p_d", "msp": "MSP"}
+
+
+def selective_table(rows: list[tuple[str, str, dict]]) -> str:
+    """A markdown table of AURC, E-AURC and the selective risk at each reported coverage, in %, one row
+    per (label, confidence, values): values hold "<stem>[<confidence>]" (one run's summary) or its
+    aggregate's "<stem>[<confidence>]_mean" / "_std" (mean ± std)."""
+
+    def cell(values: dict, key: str) -> str:
+        if f"{key}_mean" in values:
+            return pct(values[f"{key}_mean"], values[f"{key}_std"])
+        return pct(values.get(key, math.nan))
+
+    lines = [
+        "| model / confidence | " + " | ".join(h for _, h in SELECTIVE_COLUMNS) + " |",
+        "|---|" + "---:|" * len(SELECTIVE_COLUMNS),
+    ]
+    for label, confidence, values in rows:
+        cells = [cell(values, f"{stem}[{confidence}]") for stem, _ in SELECTIVE_COLUMNS]
+        lines.append(f"| {label} / {CONFIDENCE_LABELS[confidence]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def confidences_in(values: dict) -> list[str]:
+    """The confidences a summary (or its aggregate) has selective metrics of: 1-p_d (models with an abstain
+    output), then msp."""
+
+    def known(key: str) -> bool:
+        value = values.get(key, values.get(f"{key}_mean"))
+        return value is not None and not math.isnan(value)
+
+    return [c for c in CONFIDENCE_LABELS if known(f"eval_aurc[{c}]")]

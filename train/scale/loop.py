@@ -1,16 +1,19 @@
 """The training loop of a large run: ScaleTrainer(cfg, options, ctx, run_dir, log, spec).fit().
 
 A step: batch -> device input (bf16 / fp16 / fp32, channels_last on CUDA) -> forward (fp32; bf16
-autocast with amp=true on CUDA) through DDP -> loss (the fused Drainage loss for drainage configs;
-+ l1_delta * sum|theta|) -> backward (DDP averages gradients: with equal per-rank batches the loss is the
-global-batch mean) -> clip the global gradient norm -> step. The learning rate steps once per epoch.
+autocast with amp=true on CUDA) through DDP -> loss (drainage_fast's fused kernels for drainage, gamblers
+and dac configs; + l1_delta * sum|theta|) -> backward (DDP averages gradients: with equal per-rank
+batches the loss is the global-batch mean) -> clip the global gradient norm -> step. The learning rate
+steps once per epoch; before an epoch, the loss's schedule moves to it (Deep Gamblers' pre-training,
+DAC's warm-up and alpha ramp: train/losses.py). DAC's batch statistic is averaged over the ranks, so
+every rank ramps the same alpha.
 
 Metrics are all-reduced as sums and counts. Evaluation runs on the unwrapped model (no DDP collectives
 per batch) after averaging BatchNorm statistics over ranks. Rank 0 logs images/s and the fraction of
 time spent waiting for data, shows the progress bar and writes the atomic checkpoint; every rank loads
-it on --resume. The checkpoint holds only global state (epoch, model, optimizer, scheduler, metric
-history and rank 0's RNG); the data order of epoch e depends on (seed, e) alone, so a run resumes at
-the next epoch on any world size.
+it on --resume. The checkpoint holds only global state (epoch, model, optimizer, scheduler, the loss's
+schedule, metric history and rank 0's RNG); the data order of epoch e depends on (seed, e) alone, so a
+run resumes at the next epoch on any world size.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_save, capture_rng_state, restore_rng_state
-from ..losses import build_loss
-from ..trainer import build_optimizer, build_scheduler, class_predictions, optimisation_step
+from ..losses import DeepAbstainingClassifier, build_loss, is_abstaining, phase_text
+from ..trainer import LOSS_SCHEDULE, build_optimizer, build_scheduler, class_predictions, optimisation_step
 from . import data as scale_data
 from .distributed import DistContext, all_reduce_sum, average_batchnorm_statistics
 from .lists import DatasetSpec
@@ -60,9 +63,11 @@ class ScaleTrainer:
             compile_model=cfg.compile,
         )
         self.loss_fn = build_loss(cfg.loss, self.C, **cfg.loss_params)
+        if isinstance(self.loss_fn, DeepAbstainingClassifier) and ctx.distributed:
+            self.loss_fn.reduce_mean = lambda value: all_reduce_sum(value, ctx) / ctx.world_size
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.drainage = cfg.loss == "drainage"
+        self.abstaining = is_abstaining(cfg.loss)
         self.show_progress = show_progress and ctx.is_main and sys.stderr.isatty()
         self.epoch, self.history, self.best = 0, [], {"epoch": 0, f"{self.spec.select}_top1": -1.0}
 
@@ -83,6 +88,8 @@ class ScaleTrainer:
         from tqdm import tqdm
 
         self.train_model.train()
+        if self.abstaining:
+            self.loss_fn.start_epoch(self.epoch + 1, self.cfg.epochs)
         indices = scale_data.epoch_indices(self.spec, self.options, self.cfg.seed, self.epoch)
         batches = self.loaders.train.epoch(self.epoch, indices)
         sums, seen = torch.zeros(2, dtype=torch.float64, device=self.ctx.device), 0
@@ -127,6 +134,7 @@ class ScaleTrainer:
             "train_bad_files": int(bad),
             "images_per_s": seen / seconds,
             "data_wait_frac": wait / seconds,
+            **(self.loss_fn.phase() if self.abstaining else {}),
         }
 
     def _report_bad_files(self, images, bad: list[int], what: str, examples: int = 3) -> None:
@@ -169,7 +177,7 @@ class ScaleTrainer:
             )
             if bad:
                 row[f"{name}_bad_files"] = int(bad)
-            if self.drainage:
+            if self.abstaining:
                 row[f"{name}_drained_frac"] = drained / max(n, 1)
         return row
 
@@ -187,6 +195,7 @@ class ScaleTrainer:
                 "history": self.history,
                 "best": self.best,
                 "config": asdict(self.cfg),
+                LOSS_SCHEDULE: self.loss_fn.schedule_state() if self.abstaining else {},
                 "options": asdict(self.options),
                 "world_size": self.ctx.world_size,
             },
@@ -201,6 +210,8 @@ class ScaleTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         # CPU generators only: per-device CUDA states do not carry over to another GPU count
         restore_rng_state({**state["rng"], "cuda": []})
+        if self.abstaining:
+            self.loss_fn.load_schedule_state(state[LOSS_SCHEDULE])
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
         self.log.info(
             f"resumed from {self.run_dir / CHECKPOINT} after epoch {self.epoch} "
@@ -287,6 +298,8 @@ def format_row(row: dict, epochs: int, select: str) -> str:
         name = key[: -len("_top1")]
         mark = "*" if name == select else ""
         parts.append(f"{name}{mark} {row[key]:.2%} (top5 {row[name + '_top5']:.2%})")
+    if phase_text(row):  # Deep Gamblers' pre-training, DAC's warm-up and alpha
+        parts.append(phase_text(row))
     parts.append(f"{row['images_per_s']:.0f} img/s, data wait {row['data_wait_frac']:.0%}")
     parts.append(f"lr {row['lr']:.4g}")
     return " | ".join(parts)

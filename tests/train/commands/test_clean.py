@@ -139,3 +139,32 @@ def test_clean_takes_a_list_of_noise_settings_as_sweep_does(tmp_path):
     text = (tmp_path / "a.md").read_text()
     assert "| CE, asym:0.2 / self-confidence |" in text and "| CE, sym:0.4 / self-confidence |" in text
     assert "--noise asym:0.2 sym:0.4" in text
+
+
+def test_clean_ranks_the_abstaining_ancestors_by_their_p_d(tmp_path):
+    runs = tmp_path / "runs"
+    argv = [
+        "clean",
+        "--losses",
+        "dac",
+        "gamblers",
+        "--set",
+        "epochs=3",
+        "--grid",
+        "gamblers:loss_params.pretrain=1",
+    ]
+    assert main([*argv, "--runs_dir", str(runs), "--out", str(tmp_path / "a")]) == 0
+    with open(tmp_path / "a_runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["loss"], r["score"]) for r in rows] == [
+        ("dac", "p_d"),
+        ("dac", "self_confidence"),
+        ("gamblers", "p_d"),
+        ("gamblers", "self_confidence"),
+    ]
+    scores = dict(np.load(runs / "dac" / "asym0.4" / "s1" / "scores.npz"))
+    flipped = scores["noisy"] != scores["clean"]
+    top = np.argsort(-scores["p_drain"], kind="stable")[: flipped.sum()]  # p_d, the most suspect first
+    assert float(rows[0]["precision@k_flipped"]) == pytest.approx(flipped[top].mean())
+    text = (tmp_path / "a.md").read_text()
+    assert "| DAC / p_d |" in text and "| Deep Gamblers [pretrain=1] / p_d |" in text

@@ -112,8 +112,70 @@ def test_method_configs_force_clean_labels_and_the_papers_alpha_beta():
     assert (mnist.dataset, mnist.model) == ("mnist", "cnn4")
     with pytest.raises(ValueError, match="clean labels"):
         config_for_method("ce", "digits", ["noise_type=asym"])
-    with pytest.raises(ValueError, match="unknown open-set method"):
-        config_for_method("gce", "digits")
+    with pytest.raises(ValueError, match="--methods nonsense: unknown loss"):
+        config_for_method("nonsense", "digits")
+    # any loss is a method: its own digits preset, on clean labels (sweep --openset_splits: no osr_ preset)
+    dac = config_for_method("DAC", "digits", preset_prefix=None)
+    assert (dac.loss, dac.loss_params["learn_epochs"], dac.noise_type, dac.lr) == ("dac", 1, "none", 0.03)
+    drainage = config_for_method("drainage", "digits", preset_prefix=None)
+    assert drainage.loss_params == {"alpha": 0.03}  # digits_drainage.json, not osr_digits_drainage.json
+
+
+def test_osr_trains_the_abstaining_ancestors_and_any_loss(tmp_path):
+    """Deep Gamblers and DAC learn an abstain node and are scored by p_d too; NCE+RCE by the softmax."""
+    argv = ["osr", "--splits", "3", "--methods", "gamblers", "DAC", "nce+rce", "--set", "epochs=3"]
+    argv += ["--grid", "gamblers:loss_params.pretrain=1", "--runs_dir", str(tmp_path / "runs")]
+    assert main([*argv, "--out", str(tmp_path / "report")]) == 0
+    methods = {}
+    for run_dir in sorted(p.parent for p in (tmp_path / "runs").rglob("scores.csv")):
+        rows = read_dump(run_dir / "scores.csv")
+        reported = json.loads((run_dir / "openset_metrics.json").read_text())
+        metrics, drained, accuracy = recompute(rows)
+        for score, values in metrics.items():
+            assert values == pytest.approx(reported["scores"][score], abs=1e-12), score
+        methods[run_dir.parts[-3]] = set(metrics), set(drained)
+    both = ({"p_d", "msp", "max_logit", "energy"}, {"drained_known", "drained_unknown"})
+    assert methods == {
+        "gamblers[pretrain=1]": both,
+        "dac": both,
+        "nce_rce": ({"msp", "max_logit", "energy"}, set()),
+    }
+    text = (tmp_path / "report.md").read_text()
+    assert "| Deep Gamblers (learned node) / p_d [pretrain=1] |" in text
+    assert "| DAC (learned node) / p_d |" in text and "| NCE+RCE / MSP |" in text
+
+
+def test_sweep_reports_each_losss_open_set_auroc(tmp_path):
+    """sweep --openset_splits trains every loss on the known classes of the splits (its preset, clean
+    labels) and puts the AUROC of its own score (p_d, or the MSP) into the comparison table."""
+    argv = [
+        "sweep",
+        "--losses",
+        "dac",
+        "ce",
+        "--seeds",
+        "1",
+        "--set",
+        "epochs=3",
+        "--openset_splits",
+        "3",
+        "4",
+    ]
+    assert main([*argv, "--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "open-set AUROC, own score" in text
+    for loss, score in (("dac", "p_d"), ("ce", "msp")):
+        aurocs = []
+        for split in ("digits_6-4_seed3", "digits_6-4_seed4"):
+            run_dir = tmp_path / "runs" / "openset" / loss / split / "s1"
+            assert json.loads((run_dir / "config.json").read_text())["noise_type"] == "none"
+            aurocs.append(
+                json.loads((run_dir / "openset_metrics.json").read_text())["scores"][score]["AUROC"]
+            )
+        label = {"dac": "DAC", "ce": "CE"}[loss]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} | asym:0.4 |"))
+        assert row.endswith(f" {100 * np.mean(aurocs):.2f} ± {100 * np.std(aurocs, ddof=1):.2f} |"), row
+    assert "--openset_splits 3 4 --openset_known 6" in text  # the Reproduce line
 
 
 def test_drainage_logit_axis_is_refused_for_ce(tmp_path):
