@@ -1,10 +1,10 @@
 """One GPU check on an 8-minute budget: the environment, the core tests on CUDA tensors, compute-sanitizer
-on every kernel, fwd+bwd timings.
+on every kernel, fwd+bwd timings, the fused linear losses against materialising the logits.
 
     PYTHONPATH=. python3 -m benchmarks.gpu_check --out /tmp/gpu      # on a GPU machine
     python benchmarks/gpu_check.py --dry-run --out /tmp/plan          # anywhere: the plan, no GPU
 
-Parts (--parts env,tests,sanitize,timings), run in that order, each within the time left to it; what
+Parts (--parts env,tests,sanitize,timings,linear), run in that order, each within the time left to it; what
 does not fit is recorded as "skipped: time budget" instead of overrunning:
   env      device, driver, CUDA, versions, SMs, L2, the backends (this builds the CUDA extension on
            first use), the device-to-device copy bandwidth
@@ -16,22 +16,28 @@ does not fit is recorded as "skipped: time budget" instead of overrunning:
   timings  fwd+bwd (reduction mean, upstream gradient 1) per case x provider: CUDA-event median, GB/s
            on 1 read + 1 write of the logits, % of the copy bandwidth, CUDA-graph replay, wall time,
            kernels per step, peak memory. A provider failing on a case is that cell's error.
+  linear   one training step of a language model's output layer, 8,192 tokens x H = 4,096 x V = 128,257
+           in bf16 (benchmarks/linear_case.py): the materialised logits + the fused loss, the fused
+           linear loss, materialised + F.cross_entropy, Liger's fused linear cross-entropy when
+           installed; per provider the CUDA-event median, TFLOP/s, peak memory, and the fused linear
+           loss's differences from the materialised one. A provider failing is that cell's error.
 The budget: env takes what it takes (its build is needed by every later part); tests get at most
-TESTS_CAP_S and leave SANITIZE_RESERVE_S + TIMINGS_RESERVE_S; sanitize gets at most SANITIZE_CAP_S and
-leaves TIMINGS_RESERVE_S; the timings fill what is left, cell by cell, up to the deadline. So sanitize
-runs before the timings (after them it would never get a second), and after the tests, which leave
-many of the same Triton kernels compiled in Triton's cache: correctness first, then speed. A short
-budget loses the tests' tail, then synccheck and racecheck, before the timings lose their reserve.
-results.json and results.md in --out are rewritten after each part, sanitizer run and timing case, so a run
-cut short loses only what was running. Exit status 1 when a test failed, a sanitizer run found errors
-or failed, or a part raised (the files are complete either way), 2 when nothing could run (a bad plan,
-no GPU without --dry-run).
+TESTS_CAP_S and leave SANITIZE_RESERVE_S + TIMINGS_RESERVE_S + LINEAR_RESERVE_S; sanitize gets at most
+SANITIZE_CAP_S and leaves TIMINGS_RESERVE_S + LINEAR_RESERVE_S; the timings fill what is left, cell by
+cell, up to LINEAR_RESERVE_S before the deadline; linear gets at most LINEAR_CAP_S, up to the deadline.
+(A reserve is left only for a part that --parts selects.) So sanitize runs before the timings (after
+them it would never get a second), and after the tests, which leave many of the same Triton kernels
+compiled in Triton's cache: correctness first, then speed. A short budget loses the tests' tail, then
+synccheck and racecheck, before the timings and linear lose their reserves.
+results.json and results.md in --out are rewritten after each part, sanitizer run, timing case and
+linear cell, so a run cut short loses only what was running. Exit status 1 when a test failed, a
+sanitizer run found errors or failed, or a part raised (the files are complete either way), 2 when
+nothing could run (a bad plan, no GPU without --dry-run).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -48,6 +54,7 @@ REPO = HERE.parent
 # `python benchmarks/x.py` see them; `python -m benchmarks.gpu_check` must see them the same way.
 sys.path[:0] = [str(HERE), str(REPO)]
 
+import linear_case
 import measure
 import pytest_run
 import sanitize
@@ -55,6 +62,8 @@ import torch
 from cases import Case, RotatingInputs
 from gpu_env import ENV_KEYS, copy_bandwidth, environment, ready_backends
 from gpu_markdown import markdown
+from linear_case import run_linear
+from measure import describe, recover, time_cap
 from providers import all_providers, make_step, unavailable
 from report import slug
 
@@ -68,6 +77,10 @@ TIMINGS_RESERVE_S = 150  # what the tests and sanitize parts leave to the timing
 # Triton run also compiles the kernels the tests did not (each is cached for the runs after it).
 SANITIZE_CAP_S = 120
 SANITIZE_RESERVE_S = 60  # what the tests part leaves to the sanitize part: memcheck on both backends
+# The linear part: 4 providers x (3 + 30 + 2) steps of ~26 TFLOP (~40 ms each on an H200) and their first
+# calls (Triton compiling); it runs last, so it keeps what the earlier parts leave, up to its cap.
+LINEAR_RESERVE_S = 40
+LINEAR_CAP_S = 120
 CELL_CAP_S = 60  # one provider on one case, its first call (Triton / Inductor compilation) included
 CELL_MIN_S = 5  # a cell is not started with less time left
 
@@ -95,7 +108,7 @@ TEST_FILES = [
     "tests/test_csrc.py",
     "tests/test_gpu.py",
 ]
-PARTS = ("env", "tests", "sanitize", "timings")
+PARTS = ("env", "tests", "sanitize", "timings", "linear")
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,8 @@ def plan(args) -> dict:
             "sanitize_reserve": SANITIZE_RESERVE_S,
             "sanitize_run_min": sanitize.RUN_MIN_S,
             "timings_reserve": TIMINGS_RESERVE_S,
+            "linear": LINEAR_CAP_S,
+            "linear_reserve": LINEAR_RESERVE_S,
             "cell": CELL_CAP_S,
         },
         "test_files": tests,
@@ -160,31 +175,8 @@ def plan(args) -> dict:
         "cases": cases,
         "providers": providers,
         "mode": "fwd+bwd, mean, upstream 1",
+        "linear": linear_case.plan(),
     }
-
-
-class CellTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_cap(seconds: float):
-    """Raises CellTimeout in the main thread after `seconds` (SIGALRM; checked between Python bytecodes)."""
-
-    def expire(signum, frame):
-        raise CellTimeout(f"over its {seconds:.0f} s time cap")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {str(err).strip()[:500]}"
 
 
 def child_env() -> dict:
@@ -231,14 +223,8 @@ def measure_cell(loss, case: Case, inputs: RotatingInputs, device: torch.device,
         cell["graph_us"] = measure.graph_us(step, inputs, device, reps.graph)
     except Exception as err:  # noqa: BLE001 -- recorded beside the eager figures
         cell["graph_error"] = describe(err)
-        _recover(device)
+        recover(device)
     return cell
-
-
-def _recover(device: torch.device) -> None:
-    """After a failure: drain the device so the next cell starts clean (a sticky error stays sticky)."""
-    with contextlib.suppress(Exception):
-        measure.sync(device)
 
 
 def run_timings(
@@ -289,7 +275,7 @@ def _time_case(
             record["pct_copy"] = 100 * record["GBps"] / copy_gbps
         except Exception as err:  # noqa: BLE001 -- one cell's error, never the run's
             record["status"] = f"error: {describe(err)}"
-            _recover(device)
+            recover(device)
     del inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the next case's inputs and graph pools start from a clean allocator
@@ -332,6 +318,10 @@ def new_report(args, the_plan: dict, gpu: str, command: str) -> tuple[dict, list
             ],
         },
         "timings": {"status": initial, "cells": [record for _, record in cells]},
+        "linear": {
+            "status": initial,
+            "cells": [{"provider": p, "status": initial} for p in the_plan["linear"]["providers"]],
+        },
     }
     for part in PARTS:
         if part not in the_plan["parts"]:
@@ -340,12 +330,14 @@ def new_report(args, the_plan: dict, gpu: str, command: str) -> tuple[dict, list
 
 
 def mark(report: dict, part: str, status: str) -> None:
-    """Sets a part's status and that of each of its items (test files, sanitizer runs, timing cells)."""
+    """Sets a part's status and that of each of its items (test files, sanitizer runs, timing and linear
+    cells)."""
     report[part]["status"] = status
     items = {
         "tests": report["tests"]["files"].values(),
         "sanitize": report["sanitize"]["runs"],
         "timings": report["timings"]["cells"],
+        "linear": report["linear"]["cells"],
     }.get(part, [])
     for item in items:
         item["status"] = status
@@ -377,7 +369,7 @@ class Check:
             self.report[part].update(result, status=result.get("status", "done"))
         except Exception as err:  # noqa: BLE001 -- one part failing must not lose the others
             self.report[part]["status"] = f"error: {describe(err)}"
-            _recover(self.device)
+            recover(self.device)
         self.report[part]["seconds"] = round(time.monotonic() - t0, 1)
         self.save()
 
@@ -386,7 +378,7 @@ class Check:
 
     def tests(self) -> dict:
         ready_backends(self.device)  # the CUDA extension built once, here, not by every test process at once
-        cap = min(TESTS_CAP_S, self.seconds_left() - self.reserve("sanitize", "timings"))
+        cap = min(TESTS_CAP_S, self.seconds_left() - self.reserve("sanitize", "timings", "linear"))
         if cap < TESTS_MIN_S:
             mark(self.report, "tests", "skipped: time budget")
             return {"status": "skipped: time budget"}
@@ -399,22 +391,48 @@ class Check:
             for b in sanitize.BACKENDS
             if ready.get(f"backend_{b}", "").startswith("unavailable")
         }
-        cap = min(SANITIZE_CAP_S, self.seconds_left() - self.reserve("timings"))
+        cap = min(SANITIZE_CAP_S, self.seconds_left() - self.reserve("timings", "linear"))
         out = self.args.out / "sanitize"
         return sanitize.run_all(self.report["sanitize"], cannot_run, child_env(), out, cap, self.save)
 
     def reserve(self, *parts: str) -> float:
         """The seconds kept for those of `parts` that this run will run later."""
-        reserves = {"sanitize": SANITIZE_RESERVE_S, "timings": TIMINGS_RESERVE_S}
+        reserves = {"sanitize": SANITIZE_RESERVE_S, "timings": TIMINGS_RESERVE_S, "linear": LINEAR_RESERVE_S}
         return sum(reserves[p] for p in parts if p in self.report["plan"]["parts"])
 
     def timings(self) -> dict:
         ready_backends(self.device)  # the CUDA extension build, outside every cell's time cap
         copy = self.report["env"].get("values", {}).get("copy_GBps") or copy_bandwidth(self.device)
         self.report["timings"]["copy_GBps"] = copy
-        run_timings(self.cells, all_providers(), self.device, self.reps, copy, self.seconds_left, self.save)
-        counts = Counter(record["status"].split(":")[0] for _, record in self.cells)
-        return {"status": "done: " + ", ".join(f"{n} {status}" for status, n in counts.items())}
+        run_timings(self.cells, all_providers(), self.device, self.reps, copy, self.timings_left, self.save)
+        return {"status": done([record for _, record in self.cells])}
+
+    def timings_left(self) -> float:
+        """The timings' seconds: they stop LINEAR_RESERVE_S before the deadline when linear runs after."""
+        return self.seconds_left() - self.reserve("linear")
+
+    def linear(self) -> dict:
+        deadline = time.monotonic() + min(LINEAR_CAP_S, self.seconds_left())
+        records = self.report["linear"]["cells"]
+        run_linear(
+            records,
+            linear_case.loss_functions("triton"),
+            linear_case.SHAPE,
+            linear_case.DTYPE,
+            self.device,
+            self.reps,
+            lambda: deadline - time.monotonic(),
+            self.save,
+            CELL_CAP_S,
+            CELL_MIN_S,
+        )
+        return {"status": done(records)}
+
+
+def done(records: list[dict]) -> str:
+    """A part's status from its cells': "done: 10 ok, 2 skipped"."""
+    counts = Counter(record["status"].split(":")[0] for record in records)
+    return "done: " + ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
 # -- main ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ def _cell_text(value, width: int = 160) -> str:
 
 def markdown(r: dict) -> str:
     """The report of gpu_check.main as markdown: a header naming the GPU, then environment,
-    correctness, sanitizers and timings, each a table."""
+    correctness, sanitizers, timings and the fused linear losses, each a table."""
     dry = " (dry-run: the plan only, nothing measured)" if r["dry_run"] else ""
     lines = [
         f"# GPU check — {r['gpu']}{dry}",
@@ -88,7 +88,49 @@ def markdown(r: dict) -> str:
             f"{fmt(c.get('pct_copy'), '.0f')} | {fmt(c.get('graph_us'))} | {fmt(c.get('wall_us'))} | "
             f"{fmt(c.get('kernels'), 'd')} | {fmt(c.get('peak_MB'))} | {_cell_text(note)} |"
         )
+    if "linear" in r:
+        lines += _linear(r["linear"], r["plan"]["linear"])
     return "\n".join(lines) + "\n"
+
+
+def _linear(part: dict, plan: dict) -> list[str]:
+    """One row per provider of the fused linear step, then the published figures it compares with."""
+    shape = plan["shape"]
+    lines = [
+        "",
+        (
+            f"## Fused linear losses: {shape['N']:,} tokens × H = {shape['H']:,} × V = {shape['V']:,}, "
+            f"{plan['dtype']}"
+        ),
+        "",
+        (
+            "One training step of a language model's output layer: logits = hidden @ weight.T, the loss "
+            f"(Drainage with alpha = {plan['alpha']}; cross-entropy for the last two), backward to hidden "
+            f"and weight; every {plan['ignored_every']}th target ignored. ms: median of CUDA events around "
+            "one step after warm-up. TFLOP/s: the three GEMMs' 6 N H V "
+            f"({plan['flop_per_step'] / 1e12:.1f} TFLOP) over that time. peak GiB: memory allocated during "
+            "one step beyond what was allocated before it (the inputs; the .grad tensors are set to None "
+            "before each step, so each provider's peak includes its gradients). Δ: max |difference| / "
+            f"max |value| of the loss and gradients against {plan['reference']}. "
+            f"Status: {part['status']}."
+        ),
+        "",
+        "| provider | ms | TFLOP/s | peak GiB | Δ loss | Δ grad hidden | Δ grad weight | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in part["cells"]:
+        diff = c.get("vs_reference", {})
+        peak = c.get("peak_MB")
+        note = c["status"] if c["status"] != "ok" else c.get("vs_reference_error", "")
+        lines.append(
+            f"| {c['provider']} | {fmt(c.get('ms'))} | {fmt(c.get('TFLOPs'), '.0f')} | "
+            f"{fmt(None if peak is None else peak / 1024, '.2f')} | {fmt(diff.get('loss'), '.1e')} | "
+            f"{fmt(diff.get('grad_hidden'), '.1e')} | {fmt(diff.get('grad_weight'), '.1e')} | "
+            f"{_cell_text(note)} |"
+        )
+    lines += ["", "Published, not measured here (their GPUs, shapes and units):", ""]
+    lines += [f"- {line}" for line in plan["published"]]
+    return lines
 
 
 def _sanitizers(part: dict, plan: dict) -> list[str]:

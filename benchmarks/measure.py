@@ -4,11 +4,14 @@ the CPU scripts (cpu_samples, cpu_model).
 `step(*inputs.next())` is one unit of work (providers.make_step); `inputs` is a cases.RotatingInputs
 (`.next()` cycles through the copies in `.items`). Every function takes the device: on the CPU a time
 is the wall clock, and what only CUDA has (kernel count, peak memory) is None; CUDA graphs raise.
+Also what a run of many cells needs around each: a time cap, an error as one line, a clean device after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -20,6 +23,37 @@ import torch
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class CellTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_cap(seconds: float):
+    """Raises CellTimeout in the main thread after `seconds` (SIGALRM; checked between Python bytecodes)."""
+
+    def expire(signum, frame):
+        raise CellTimeout(f"over its {seconds:.0f} s time cap")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def describe(err: BaseException) -> str:
+    """An error as one line of a report: its type and the start of its message."""
+    return f"{type(err).__name__}: {str(err).strip()[:500]}"
+
+
+def recover(device: torch.device) -> None:
+    """After a failure: drain the device so the next cell starts clean (a sticky error stays sticky)."""
+    with contextlib.suppress(Exception):
+        sync(device)
 
 
 def device_us(step, inputs, device: torch.device, reps: int) -> float:

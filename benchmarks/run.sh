@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a benchmark machine; outputs go to $OUT as well when it is set.
-#   GPU machine: benchmarks/gpu_check.py (environment, the core tests on the GPU, sanitizers, timings;
-#                < 8 minutes)
+#   GPU machine: benchmarks/gpu_check.py (environment, the core tests on the GPU, sanitizers, timings,
+#                the fused linear losses; < 8 minutes)
 #   CPU machine: the test suite, every benchmark, then the report (benchmarks/results/<device>.*)
 #   bash benchmarks/run.sh [arguments for gpu_check.py, or for the benchmarks' pytest run on a CPU]
 # No step stops the script: every output is written and copied out, then the exit status says

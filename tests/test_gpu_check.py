@@ -1,8 +1,8 @@
 """benchmarks/gpu_check.py without a GPU: the dry-run plan through both entry points, and on CPU tensors
 the pieces a GPU run goes through (timing cells, their errors and time budget, the pytest runner and its
 junit parser, the sanitizer runner with a stand-in compute-sanitizer and its report parser, the
-sanitizer cases in Triton's interpreter, the markdown). No number measured here is a GPU number; none
-is written to the repo."""
+sanitizer cases in Triton's interpreter, the fused linear cells on a tiny shape, the markdown). No number
+measured here is a GPU number; none is written to the repo."""
 
 import json
 import os
@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check
 import gpu_markdown
+import linear_case
 import measure
 import pytest_run
 import sanitize
@@ -57,7 +58,7 @@ def run_check(args, tmp_path):
 def test_dry_run_writes_the_whole_plan(tmp_path):
     report, md = run_check(["-m", "benchmarks.gpu_check"], tmp_path)
     plan = report["plan"]
-    assert report["dry_run"] and plan["parts"] == ["env", "tests", "sanitize", "timings"]
+    assert report["dry_run"] and plan["parts"] == ["env", "tests", "sanitize", "timings", "linear"]
     assert [c["case"] for c in plan["cases"]] == ISSUE_CASES
     assert [c["dtype"] for c in plan["cases"]] == ["bfloat16", "float32"] * 5 + ["bfloat16"] * 2
     assert plan["cases"][0]["bytes"] == 2 * 32768 * 1001 * 2 + 8 * 32768  # 1 read + 1 write + targets
@@ -69,8 +70,25 @@ def test_dry_run_writes_the_whole_plan(tmp_path):
     assert set(report["env"]["values"]) == set(gpu_check.ENV_KEYS)
     assert md.startswith("# GPU check — dry-run (no GPU)")
     assert {r["status"] for r in report["sanitize"]["runs"]} == {"dry-run"}
-    for section in ("## Environment", "## Correctness", "## Sanitizers", "## Timings"):
+    for section in ("## Environment", "## Correctness", "## Sanitizers", "## Timings", "## Fused linear"):
         assert section in md
+    linear = plan["linear"]
+    assert linear["shape"] == {"N": 8192, "H": 4096, "V": 128257} and linear["dtype"] == "bfloat16"
+    assert (
+        linear["flop_per_step"] == 6 * 8192 * 4096 * 128257 and linear["reference"] == linear_case.REFERENCE
+    )
+    assert plan["caps_s"]["linear_reserve"] == gpu_check.LINEAR_RESERVE_S
+    assert [c["provider"] for c in report["linear"]["cells"]] == [
+        "materialised + fused loss",
+        "fused linear",
+        "materialised + F.cross_entropy",
+        "liger fused linear CE",
+    ]
+    assert report["linear"]["status"] == "dry-run" and {c["status"] for c in report["linear"]["cells"]} == {
+        "dry-run"
+    }
+    assert "| fused linear | – | – | – | – | – | – | dry-run |" in md
+    assert "27.6 GB" in md and "1,164 MB / 134.8 ms" in md  # the published figures, quoted
     assert "| 8 × 19 × 512 × 1024 channels_last | bfloat16 | drainage_fast[triton,recompute] |" in md
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -81,9 +99,18 @@ def test_dry_run_as_a_script_with_some_parts(tmp_path):
         tmp_path,
     )
     assert report["quick"] and report["plan"]["reps"] == {"warmup": 1, "events": 5, "wall": 3, "graph": 2}
-    assert report["tests"]["status"] == "not selected (--parts)"
+    assert report["tests"]["status"] == report["linear"]["status"] == "not selected (--parts)"
     assert {c["provider"] for c in report["timings"]["cells"]} == {"F.cross_entropy"}
     assert "fewer repeats" in md
+
+
+def test_dry_run_of_the_linear_part_alone(tmp_path):
+    assert gpu_check.main(["--parts", "linear", "--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "results.md").read_text()
+    assert report["plan"]["parts"] == ["linear"] and report["linear"]["status"] == "dry-run"
+    assert report["timings"]["status"] == "not selected (--parts)"
+    assert "## Fused linear losses: 8,192 tokens × H = 4,096 × V = 128,257, bfloat16" in md
 
 
 @pytest.mark.parametrize(
@@ -123,8 +150,13 @@ def fake_gpu(monkeypatch, environment, tool=None):
             record.update(status="ok", us=10.0, GBps=copy_gbps / 2, pct_copy=50.0)
         save()
 
+    def linear(records, losses, shape, dtype, device, reps, seconds_left, *rest):
+        for record in records:
+            record.update(status="ok", ms=40.0, TFLOPs=640.0, peak_MB=2048.0)
+
     monkeypatch.setattr(gpu_check, "run_tests", tests)
     monkeypatch.setattr(gpu_check, "run_timings", timings)
+    monkeypatch.setattr(gpu_check, "run_linear", linear)
 
 
 def test_a_failing_part_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
@@ -140,11 +172,13 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(monkeypatch, tmp_pa
         report["tests"]["files"]
     )
     assert report["timings"]["status"] == "done: 12 ok" and report["timings"]["copy_GBps"] == 1000.0
+    assert report["linear"]["status"] == "done: 4 ok"
     md = (tmp_path / "results.md").read_text()
     assert (
         md.startswith("# GPU check — Fake GPU 80GB\n")
         and "| 256 × 51 | float32 | F.cross_entropy | 10.0 |" in md
     )
+    assert "| fused linear | 40.0 | 640 | 2.00 | – | – | – |  |" in md
 
 
 def test_the_tests_part_gives_way_to_the_timings_on_a_short_budget(monkeypatch, tmp_path):
@@ -159,10 +193,11 @@ def test_the_tests_part_gives_way_to_the_timings_on_a_short_budget(monkeypatch, 
 @pytest.mark.parametrize(
     "budget, tests_cap, sanitize_cap",
     [
-        (450, gpu_check.TESTS_CAP_S, gpu_check.SANITIZE_CAP_S),  # the default: both caps in full
-        # the tests leave the sanitizers' 60 s and the timings' 150 s; the sanitizers the timings'
-        (250, 250 - 60 - 150, 250 - 150),
-        (200, None, 200 - 150),  # under TESTS_MIN_S left: no tests
+        (450, 450 - 60 - 150 - 40, gpu_check.SANITIZE_CAP_S),  # the default: the sanitizers' cap in full
+        # the tests leave the sanitizers' 60 s, the timings' 150 s and linear's 40 s; the sanitizers
+        # the timings' and linear's
+        (290, 290 - 60 - 150 - 40, 290 - 150 - 40),
+        (240, None, 240 - 150 - 40),  # under TESTS_MIN_S left: no tests
     ],
 )
 def test_each_part_leaves_the_later_parts_their_reserve(
@@ -170,6 +205,12 @@ def test_each_part_leaves_the_later_parts_their_reserve(
 ):
     fake_gpu(monkeypatch, lambda device: {"copy_GBps": 2000.0})
     caps = {}
+
+    def timings(cells, losses, device, reps, copy_gbps, seconds_left, save):
+        caps["timings"] = seconds_left()
+
+    def linear(records, losses, shape, dtype, device, reps, seconds_left, *rest):
+        caps["linear"] = seconds_left()
 
     def tests(files, out, cap_s):  # takes no time: the caps below are the budget's arithmetic alone
         caps["tests"] = cap_s
@@ -181,12 +222,29 @@ def test_each_part_leaves_the_later_parts_their_reserve(
 
     monkeypatch.setattr(gpu_check, "run_tests", tests)
     monkeypatch.setattr(sanitize, "run_all", sanitizers)
+    monkeypatch.setattr(gpu_check, "run_timings", timings)
+    monkeypatch.setattr(gpu_check, "run_linear", linear)
     assert (
         gpu_check.main(["--out", str(tmp_path), "--budget", str(budget), "--providers", "F.cross_entropy"])
         == 0
     )
     assert caps.get("tests") == (None if tests_cap is None else pytest.approx(tests_cap, abs=3))
     assert caps["sanitize"] == pytest.approx(sanitize_cap, abs=3)
+    # the timings stop linear's reserve before the deadline; linear has that reserve (the parts take no time)
+    assert caps["timings"] == pytest.approx(budget - gpu_check.LINEAR_RESERVE_S, abs=3)
+    assert caps["linear"] == pytest.approx(min(gpu_check.LINEAR_CAP_S, budget), abs=3)
+
+
+def test_without_the_linear_part_the_timings_keep_its_reserve(monkeypatch, tmp_path):
+    fake_gpu(monkeypatch, lambda device: {})
+    left = {}
+
+    def timings(cells, losses, device, reps, copy_gbps, seconds_left, save):
+        left["timings"] = seconds_left()
+
+    monkeypatch.setattr(gpu_check, "run_timings", timings)
+    assert gpu_check.main(["--out", str(tmp_path), "--budget", "100", "--parts", "timings"]) == 0
+    assert left["timings"] == pytest.approx(100, abs=3)
 
 
 def test_measure_helpers_on_the_cpu():
@@ -284,6 +342,103 @@ def test_timing_cells_record_numbers_errors_and_skips():
     assert f"| 64 × 11 | float32 | F.cross_entropy | {by[('64 × 11', 'F.cross_entropy')]['us']:.1f} |" in md
 
 
+# -- the linear part ---------------------------------------------------------------------------------
+
+TINY = (64, 16, 33)  # N, H, V: 32 classes + [IDK]; rows 0, 17, 34, 51 ignored
+
+
+def no_save():
+    pass
+
+
+def linear_records(*providers):
+    return [{"provider": p, "status": "pending"} for p in providers]
+
+
+def test_linear_cells_on_a_tiny_shape_on_the_cpu():
+    records = linear_records(*linear_case.PROVIDERS, "boom")
+    losses = {**linear_case.loss_functions("reference"), "boom": boom}
+    saves = []
+    gpu_check.run_linear(
+        records,
+        losses,
+        TINY,
+        torch.float32,
+        CPU,
+        gpu_check.QUICK,
+        lambda: 100.0,
+        lambda: saves.append(1),
+        60,
+        5,
+    )
+    by = {r["provider"]: r for r in records}
+    for name in (linear_case.REFERENCE, linear_case.COMPARED, "materialised + F.cross_entropy"):
+        cell = by[name]
+        assert cell["status"] == "ok" and cell["ms"] > 0 and cell["TFLOPs"] > 0 and cell["peak_MB"] is None
+    # the same loss and gradients, in fp32 to rounding
+    assert set(by[linear_case.COMPARED]["vs_reference"]) == {"loss", "grad_hidden", "grad_weight"}
+    assert max(by[linear_case.COMPARED]["vs_reference"].values()) < 1e-5
+    assert by[linear_case.LIGER]["status"].startswith("skipped: ")  # not installed, or no CUDA
+    assert by["boom"]["status"] == "error: RuntimeError: this provider is broken"
+    assert len(saves) == 4  # after each cell that ran
+
+    md = "\n".join(gpu_markdown._linear({"status": "done", "cells": records}, linear_case.plan()))
+    ms = by[linear_case.COMPARED]["ms"]
+    assert f"| fused linear | {ms:.1f} |" in md and "| boom | – |" in md and "Published, not measured" in md
+
+
+def test_linear_cells_see_a_wrong_loss_or_gradient():
+    """The comparison is against the materialised loss's own figures: a 1% steeper loss shows as 1e-2."""
+    losses = linear_case.loss_functions("reference")
+    right = losses[linear_case.COMPARED]
+    losses[linear_case.COMPARED] = lambda h, w, t: 1.01 * right(h, w, t)
+    records = linear_records(linear_case.REFERENCE, linear_case.COMPARED)
+    gpu_check.run_linear(
+        records, losses, TINY, torch.float32, CPU, gpu_check.QUICK, lambda: 100.0, no_save, 60, 5
+    )
+    for value in records[1]["vs_reference"].values():
+        assert value == pytest.approx(0.01, rel=1e-3)
+
+
+def test_linear_cells_past_the_budget_or_without_inputs():
+    losses = linear_case.loss_functions("reference")
+    late = linear_records(linear_case.REFERENCE, linear_case.COMPARED)
+    gpu_check.run_linear(late, losses, TINY, torch.float32, CPU, gpu_check.QUICK, lambda: 1.0, no_save, 60, 5)
+    assert [r["status"] for r in late] == ["skipped: time budget"] * 2
+    no_inputs = linear_records(linear_case.REFERENCE)
+    # integer hidden states cannot be drawn: every cell says why
+    gpu_check.run_linear(
+        no_inputs, losses, TINY, torch.int64, CPU, gpu_check.QUICK, lambda: 100.0, no_save, 60, 5
+    )
+    assert no_inputs[0]["status"].startswith("error: inputs: ")
+    # the reference cell failing leaves the compared cell its figures, and says why it has no differences
+    broken = {**losses, linear_case.REFERENCE: boom}
+    alone = linear_records(linear_case.REFERENCE, linear_case.COMPARED)
+    gpu_check.run_linear(
+        alone, broken, TINY, torch.float32, CPU, gpu_check.QUICK, lambda: 100.0, no_save, 60, 5
+    )
+    assert alone[0]["status"].startswith("error: ") and alone[1]["status"] == "ok"
+    assert alone[1]["vs_reference_error"].startswith("no reference")
+
+
+def test_linear_inputs_and_differences():
+    hidden, weight, target = linear_case.make_inputs(*TINY, torch.bfloat16, CPU)
+    assert (
+        hidden.shape == (64, 16)
+        and weight.shape == (33, 16)
+        and hidden.dtype == weight.dtype == torch.bfloat16
+    )
+    assert hidden.requires_grad and weight.requires_grad
+    assert (target[::17] == -100).all() and target[1:17].min() >= 0 and target.max() < 32  # never [IDK]
+    inputs = linear_case.FreshGrads(hidden, weight, target)
+    hidden.grad = torch.ones_like(hidden)
+    assert inputs.next()[0] is hidden and hidden.grad is None and weight.grad is None
+    assert linear_case.relative_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])) == 0.5
+    a, b = torch.arange(10.0), torch.arange(10.0)
+    b[7] += 0.9  # in the last of 4 chunks of 3
+    assert linear_case.relative_difference(a, b, chunk=3) == pytest.approx(0.9 / 9.0)
+
+
 def sanitizer_runs():
     excerpt = ["Invalid __global__ read of size 4 bytes"]
     return [
@@ -317,7 +472,7 @@ def test_cells_past_the_budget_are_skipped_not_run():
 
 def test_time_cap_interrupts_a_cell():
     t0 = time.monotonic()
-    with pytest.raises(gpu_check.CellTimeout), gpu_check.time_cap(0.2):
+    with pytest.raises(measure.CellTimeout), measure.time_cap(0.2):
         while True:
             time.sleep(0.01)
     assert time.monotonic() - t0 < 2
