@@ -1,7 +1,7 @@
 """Backend "cpp" against F.cross_entropy (and the pure-PyTorch reference) on the CPU, fp32, 2 threads.
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_vs_cross_entropy.py \
-        [--repeats 15] [--before-rev REV] [--out DIR]
+        [--repeats 15] [--before-rev REV] [--out DIR] [--members]
 
 One training step of the loss on (N, K) fp32 logits that require grad, reduction "mean", forward +
 backward, at the shapes of the CPU table of issue 11. Providers, measured in turns (one sample of
@@ -23,6 +23,11 @@ each per round, so load from other processes falls on all of them alike):
 Writes cpu_vs_cross_entropy.json (every sample, the machine) and cpu_vs_cross_entropy.md
 (--report-only rewrites the .md from the .json). --kernels-only --before-rev REV times the
 forward_with_grad op of this tree against REV's alone, in turns (cpu_kernels_vs_REV.{json,md}).
+
+--members times the whole eager step of every member of the abstention family on "cpp" (Drainage,
+Deep Gamblers, DAC, cross-entropy over all K outputs and over the C classes) in turns with
+F.cross_entropy, at the same shapes, fp32, mean, 2 threads (cpu_members_vs_cross_entropy.{json,md}):
+the goal of issue 21 is every member within 1.1x of Drainage's time and faster than F.cross_entropy.
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ import torch
 import torch.nn.functional as F
 
 import drainage_fast.backends.cpp as cpp_backend
-from drainage_fast import _ext, _inputs, fused_drainage_loss
+from drainage_fast import (
+    _ext,
+    _inputs,
+    fused_cross_entropy_loss,
+    fused_dac_loss,
+    fused_drainage_loss,
+    fused_gamblers_loss,
+)
 from drainage_fast._function import DrainageFunction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +63,16 @@ SHAPES = [(8192, 11), (512, 51), (4096, 101), (4096, 1001), (512, 32001)]
 BEFORE_REV = "ef588fc"  # the kernels before the rows-in-lanes CPU kernel (issue 11, item 6)
 ALPHA = 0.1
 PROVIDERS = ["F.cross_entropy", "reference", "cpp", "cpp op", "cpp (before)", "cpp op (before)"]
+# --members: each member's eager step (hyper-parameters as the papers' CIFAR-10 runs: Deep Gamblers'
+# reward 2.2, a DAC alpha inside its ramp to 1).
+MEMBERS = {
+    "Drainage": lambda x, t: fused_drainage_loss(x, t, alpha=ALPHA, backend="cpp"),
+    "Deep Gamblers": lambda x, t: fused_gamblers_loss(x, t, reward=2.2, backend="cpp"),
+    "DAC": lambda x, t: fused_dac_loss(x, t, alpha=0.5, backend="cpp"),
+    "CE over K": lambda x, t: fused_cross_entropy_loss(x, t, over="all", backend="cpp"),
+    "CE over C": lambda x, t: fused_cross_entropy_loss(x, t, over="classes", backend="cpp"),
+}
+MEMBER_GOAL = 1.1  # every member within 1.1x of Drainage's time
 
 
 def build_before(rev: str) -> None:
@@ -94,14 +116,17 @@ def before_functions() -> dict:
     """The cpp backend's functions (backends/native.py) on the old ops."""
     ops = torch.ops.drainage_fast_before
 
+    def old_hp(hp):  # the old schemas: Drainage's log alpha, log beta, no member, no weights
+        return hp.h1, hp.h2, hp.drainage_idx, hp.ignore_index
+
     def forward(x3, target, hp):
-        return ops.forward.default(x3, target, *hp)
+        return ops.forward.default(x3, target, *old_hp(hp))
 
     def backward(x3, target, stats, grad_rows, hp):
         return ops.backward.default(x3, target, stats, grad_rows, hp.drainage_idx, hp.ignore_index)
 
     def forward_with_grad(x3, target, hp, scale):
-        return ops.forward_with_grad.default(x3, target, scale, *hp)
+        return ops.forward_with_grad.default(x3, target, scale, *old_hp(hp))
 
     def scale_(grad, scale):
         ops.scale_.default(grad, scale)
@@ -121,16 +146,11 @@ def make_steps(N, K):
     x3 = x.detach().view(N, 1, K)
     inv_count = torch.tensor([1.0 / N])
     one = torch.ones(())
-    hp = (
-        float(torch.log(torch.tensor(ALPHA))),
-        0.0,
-        K - 1,
-        -100,
-    )  # log_alpha, log_beta (beta = 1), d, ignore
+    hp = _inputs.Hyper(float(torch.log(torch.tensor(ALPHA))), 0.0, K - 1, -100)  # beta = 1
     new_forward_reduced, new_reduced_loss = cpp_backend.forward_reduced, cpp_backend.reduced_loss
     old = before_functions()
 
-    def old_forward_reduced(x3, target, hp, mean, with_grad):
+    def old_forward_reduced(x3, target, hp, mean, with_grad, weight=None):
         # The path as it was before the one-op forward_reduced: the host target check, the count
         # and the reduction in torch ops, around the old kernels.
         _inputs.check_target_values(target, x3.shape[-1], hp.drainage_idx, hp.ignore_index)
@@ -140,10 +160,6 @@ def make_steps(N, K):
         total = loss.sum()
         return (total / count if mean else total), inv_count, grad, None
 
-    def ce():
-        F.cross_entropy(x, target).backward()
-        x.grad = None
-
     def fused(backend):
         def step():
             fused_drainage_loss(x, target, alpha=ALPHA, backend=backend).backward()
@@ -151,10 +167,10 @@ def make_steps(N, K):
 
         return step
 
-    def old_reduced_loss(logits, target, hp, mean):
+    def old_reduced_loss(logits, target, hp, mean, weight=None):
         # The Python autograd Function the step went through before the C++ node.
         reduction = "mean" if mean else "sum"
-        return DrainageFunction.apply(logits, target, hp, reduction, "cpp", True, True)
+        return DrainageFunction.apply(logits, target, weight, hp, reduction, "cpp", True, True)
 
     def fused_before():
         cpp_backend.forward_reduced, cpp_backend.reduced_loss = old_forward_reduced, old_reduced_loss
@@ -165,14 +181,14 @@ def make_steps(N, K):
 
     def op():
         # the op the eager path calls (its backward scale is skipped for an upstream gradient of 1)
-        torch.ops.drainage_fast.forward_reduced.default(x3, target, True, True, *hp)
+        torch.ops.drainage_fast.forward_reduced.default(x3, target, True, True, *hp, None)
 
     def op_before():
-        grad = torch.ops.drainage_fast_before.forward_with_grad.default(x3, target, inv_count, *hp)[2]
+        grad = old["forward_with_grad"](x3, target, hp, inv_count)[2]
         torch.ops.drainage_fast_before.scale_.default(grad, one)
 
     return {
-        "F.cross_entropy": ce,
+        "F.cross_entropy": ce_step(x, target),
         "reference": fused("reference"),
         "cpp": fused("cpp"),
         "cpp op": op,
@@ -181,12 +197,37 @@ def make_steps(N, K):
     }
 
 
+def ce_step(x, target):
+    """F.cross_entropy's training step on logits x that require grad: the price users already pay."""
+
+    def step():
+        F.cross_entropy(x, target).backward()
+        x.grad = None
+
+    return step
+
+
+def member_steps(N, K):
+    """F.cross_entropy's step and every member's eager "cpp" step on the same fp32 (N, K) logits."""
+    x = (torch.randn(N, K) * 3).requires_grad_()
+    target = torch.randint(0, K - 1, (N,))  # never the drainage output (the last one)
+
+    def member(loss):
+        def step():
+            loss(x, target).backward()
+            x.grad = None
+
+        return step
+
+    return {"F.cross_entropy": ce_step(x, target), **{name: member(loss) for name, loss in MEMBERS.items()}}
+
+
 def check_same_values(N, K):
     """The new and the old kernel agree (the float64 test matrix checks the numbers themselves)."""
     x3 = torch.randn(N, 1, K) * 3
     target = torch.randint(0, K - 1, (N,))
     args = (x3, target, torch.tensor([1.0 / N]), -2.3, 0.0, K - 1, -100)
-    new = torch.ops.drainage_fast.forward_with_grad.default(*args)
+    new = torch.ops.drainage_fast.forward_with_grad.default(*args, 0, None)  # Drainage, no weights
     old = torch.ops.drainage_fast_before.forward_with_grad.default(*args)
     for a, b in zip(new, old):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -204,8 +245,10 @@ def kernels_only(shapes, repeats: int, rev: str, out: Path) -> None:
         x3 = torch.randn(N, 1, K) * 3
         target = torch.randint(0, K - 1, (N,))
         args = (x3, target, torch.tensor([1.0 / N]), -2.3, 0.0, K - 1, -100)
-        ops = {"this tree": torch.ops.drainage_fast, rev: torch.ops.drainage_fast_before}
-        steps = {name: (lambda ns=ns: ns.forward_with_grad.default(*args)) for name, ns in ops.items()}
+        steps = {
+            "this tree": lambda: torch.ops.drainage_fast.forward_with_grad.default(*args, 0, None),
+            rev: lambda: torch.ops.drainage_fast_before.forward_with_grad.default(*args),
+        }
         samples = measure.cpu_samples(steps, repeats)
         stats = {name: (min(v) * 1e3, statistics.median(v) * 1e3) for name, v in samples.items()}
         rows.append(
@@ -236,6 +279,110 @@ def kernels_only(shapes, repeats: int, rev: str, out: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def members(shapes, repeats: int, out: Path) -> None:
+    """--members: every member's step in turns with F.cross_entropy (cpu_members_vs_cross_entropy)."""
+    info = {**machine(), "repeats": repeats}
+    rows = []
+    for N, K in shapes:
+        rows += sample_rows(N, K, measure.cpu_samples(member_steps(N, K), repeats))
+        print(members_table(rows, "min_ms").splitlines()[-1], flush=True)
+    info["loadavg_1min_at_end"] = os.getloadavg()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{MEMBERS_STEM}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    write_members_report(out)
+
+
+MEMBERS_STEM = "cpu_members_vs_cross_entropy"
+
+
+def members_table(rows, stat: str) -> str:
+    """Each member's time (µs), then its ratio to Drainage's (< 1.1: the goal) and F.cross_entropy's
+    time over it (> 1: faster)."""
+    by = {(r["N"], r["K"], r["provider"]): r[stat] for r in rows}
+    lines = [
+        "| shape (N, K) | F.cross_entropy µs | "
+        + " | ".join(f"{m} µs (vs Drainage, F.ce / it)" for m in MEMBERS)
+        + " |",
+        "|---|" + "---:|" * (len(MEMBERS) + 1),
+    ]
+    for N, K in _shapes_of(rows):
+        ce, drainage = by[(N, K, "F.cross_entropy")], by[(N, K, "Drainage")]
+        cells = [
+            f"{fmt_us(by[(N, K, m)])} ({by[(N, K, m)] / drainage:.2f}x, {ce / by[(N, K, m)]:.2f}x)"
+            for m in MEMBERS
+        ]
+        lines.append(f"| ({N}, {K}) | {fmt_us(ce)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def members_summary(rows) -> str:
+    by = {(r["N"], r["K"], r["provider"]): r["min_ms"] for r in rows}
+    shapes = _shapes_of(rows)
+    slow = [(m, s) for s in shapes for m in MEMBERS if by[(*s, m)] > MEMBER_GOAL * by[(*s, "Drainage")]]
+    behind = [(m, s) for s in shapes for m in MEMBERS if by[(*s, m)] >= by[(*s, "F.cross_entropy")]]
+    worst = max(by[(*s, m)] / by[(*s, "Drainage")] for s in shapes for m in MEMBERS)
+    return "\n".join(
+        [
+            f"- Every member within {MEMBER_GOAL}x of Drainage's time at every shape (min): "
+            + ("**met**" if not slow else f"**NOT met** ({', '.join(f'{m} at {s}' for m, s in slow)})")
+            + f"; the largest ratio is {worst:.2f}x.",
+            "- Every member faster than F.cross_entropy at every shape (min): "
+            + ("**met**." if not behind else f"**NOT met** ({', '.join(f'{m} at {s}' for m, s in behind)})."),
+        ]
+    )
+
+
+def write_members_report(out: Path) -> None:
+    data = json.loads((out / f"{MEMBERS_STEM}.json").read_text())
+    info, rows = data["machine"], data["rows"]
+    header = (
+        "# The abstention family on the CPU (`cpp`): every member against Drainage and F.cross_entropy\n\n"
+        "fp32, forward + backward, reduction mean, 2 threads: the whole eager step "
+        '(`fused_*_loss(x, t, backend="cpp").backward()`, one op with a C++ autograd node), and '
+        "`F.cross_entropy(x, t).backward()`, on the same logits (N(0, 9), targets never the last, "
+        "drainage output). Drainage alpha 0.1, Deep Gamblers reward 2.2, DAC alpha 0.5.\n\n"
+        f"Machine: {info['cpu']} (`lscpu`), {info['logical_cpus']} logical CPUs, "
+        f"torch.set_num_threads({info['threads']}), torch {info['torch']}, Python {info['python']}. "
+        f"1-minute load average {info['loadavg_1min_at_start']:.2f} at the start, "
+        f"{info['loadavg_1min_at_end']:.2f} at the end (the machine is shared). {info['repeats']} rounds, "
+        "providers in turns; each sample averages enough calls to last >= 20 ms; the first table gives "
+        "the min over the rounds, the second the median. Generated by "
+        "`benchmarks/cpu_vs_cross_entropy.py --members`; every sample is in the .json beside this file.\n\n"
+        "Each cell: the member's time, its ratio to Drainage's (goal: <= 1.1x) and F.cross_entropy's "
+        "time over it (> 1: the member is faster).\n\n"
+    )
+    body = (
+        members_table(rows, "min_ms")
+        + "\n\n"
+        + members_summary(rows)
+        + "\n\nMedians:\n\n"
+        + members_table(rows, "median_ms")
+        + "\n"
+    )
+    (out / f"{MEMBERS_STEM}.md").write_text(header + body)
+
+
+def sample_rows(N, K, samples: dict) -> list[dict]:
+    """The result rows of one shape: each provider's samples (seconds) as min / median / all in ms."""
+    return [
+        {
+            "N": N,
+            "K": K,
+            "dtype": "float32",
+            "reduction": "mean",
+            "provider": name,
+            "min_ms": min(s) * 1e3,
+            "median_ms": statistics.median(s) * 1e3,
+            "samples_ms": [v * 1e3 for v in s],
+        }
+        for name, s in samples.items()
+    ]
+
+
+def _shapes_of(rows) -> list[tuple[int, int]]:
+    return sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+
+
 def machine() -> dict:
     return {
         "cpu": measure.cpu_model(),
@@ -253,7 +400,7 @@ def fmt_us(ms: float) -> str:
 
 def table(rows) -> str:
     by = {(r["N"], r["K"], r["provider"]): r for r in rows}
-    shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    shapes = _shapes_of(rows)
     lines = [
         "| shape (N, K) | F.cross_entropy µs | reference µs | cpp µs | cpp op µs | cpp (before) µs "
         "| cpp op (before) µs | cpp vs F.ce before → after | cpp op vs F.ce before → after "
@@ -275,7 +422,7 @@ def table(rows) -> str:
 
 def median_table(rows) -> str:
     by = {(r["N"], r["K"], r["provider"]): r for r in rows}
-    shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    shapes = _shapes_of(rows)
     lines = [
         "| shape (N, K) | " + " | ".join(f"{p} µs" for p in PROVIDERS) + " | cpp vs F.ce (median) |",
         "|---|" + "---:|" * (len(PROVIDERS) + 1),
@@ -292,7 +439,7 @@ def median_table(rows) -> str:
 
 def summary(rows) -> str:
     by = {(r["N"], r["K"], r["provider"]): r["min_ms"] for r in rows}
-    shapes = sorted({(r["N"], r["K"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    shapes = _shapes_of(rows)
     lines = []
     behind = [s for s in shapes if by[(*s, "cpp")] >= by[(*s, "F.cross_entropy")]]
     behind_op = [s for s in shapes if by[(*s, "cpp op")] >= by[(*s, "F.cross_entropy")]]
@@ -356,9 +503,14 @@ def main():
         action="store_true",
         help="time forward_with_grad of this tree against --before-rev's alone (cpu_kernels_vs_REV.md)",
     )
+    parser.add_argument(
+        "--members",
+        action="store_true",
+        help="every member against Drainage and F.cross_entropy (cpu_members_vs_cross_entropy.md)",
+    )
     args = parser.parse_args()
     if args.report_only:
-        write_report(args.out)
+        (write_members_report if args.members else write_report)(args.out)
         return
     shapes = (
         SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -366,6 +518,9 @@ def main():
     torch.set_num_threads(2)
     torch.manual_seed(0)
     assert _ext.load_cpu() is None, _ext.load_cpu()
+    if args.members:
+        members(shapes, args.repeats, args.out)
+        return
     build_before(args.before_rev)
     if args.kernels_only:
         kernels_only(shapes, args.repeats, args.before_rev, args.out)
@@ -374,20 +529,7 @@ def main():
     rows = []
     for N, K in shapes:
         check_same_values(N, K)
-        samples = measure_shape(N, K, args.repeats)
-        for name, s in samples.items():
-            rows.append(
-                {
-                    "N": N,
-                    "K": K,
-                    "dtype": "float32",
-                    "reduction": "mean",
-                    "provider": name,
-                    "min_ms": min(s) * 1e3,
-                    "median_ms": statistics.median(s) * 1e3,
-                    "samples_ms": [v * 1e3 for v in s],
-                }
-            )
+        rows += sample_rows(N, K, measure_shape(N, K, args.repeats))
         print(table(rows).splitlines()[-1], flush=True)
     info["loadavg_1min_at_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
