@@ -8,15 +8,15 @@
 //
 //     dl/dz_t = g_t        dl/dz_d = g_d        dl/dz_j = exp(z_j - shift) * c   (j in J, shift = m)
 //
-// Drainage, with L = logaddexp(z_d, lse_J):
+// Precision at any logit scale: every member is written in three differences of the inputs,
+// z_t - z_d, m - z_t and m - z_d (each rounded once, relative to itself), and log s (at most log K).
+// No constant is added to a number of the logits' magnitude, and no two such numbers are
+// subtracted: at |z| ~ 1e4 that would put an fp32 error of ~1e-3 into every exponent. Drainage,
+// with L = logaddexp(z_d, lse_J):
 //
 //     a = log(alpha) + L - z_t        b = log(beta) + lse_J - z_d        l = logsumexp(0, a, b)
 //     g_t = -pi_a        g_d = pi_a exp(z_d - L) - pi_b        (pi_a, pi_b) = exp((a, b) - l)
 //     c = pi_a exp(m - L) + pi_b / s
-//
-// Every exponent is a difference of nearby values, so the gradient keeps its precision at any
-// logit scale. x - x is taken as 0 where both are the same infinity, which gives the reference's
-// results for infinite logits.
 //
 // Each member is written once, on a value type V with its math in M (ScalarMath below: one row in
 // float or double, on the host or in CUDA device code; the CPU kernel's LaneMath: 16 rows in the
@@ -97,12 +97,6 @@ DRAINAGE_HD V logaddexp(V x, V y) {
   return M::select((x != x) | (y != y), x + y, hi + M::log1p(M::exp(sub<M>(lo, hi))));
 }
 
-// exp(x - y), and 1 where x == y.
-template <class M, class V>
-DRAINAGE_HD V exp_sub(V x, V y) {
-  return M::select(x == y, M::splat(1), M::exp(x - y));
-}
-
 // max(x, y), NaN where either is (as torch.maximum).
 template <class M, class V>
 DRAINAGE_HD V max_nan(V x, V y) {
@@ -153,70 +147,71 @@ struct RowTerms {
   T loss, shift, c, g_t, g_d;
 };
 
-// What a member reads of a row: z_t, z_d, J's max m and log-sum-exp lse_J = m + log_s (-inf when
-// J is empty or all -inf, log_s = 0 then).
+// What a member reads of a row: the differences d_td = z_t - z_d, and J_t = lse_J - z_t,
+// J_d = lse_J - z_d (-inf when J is empty or all -inf), log_s, and m_L = m - L (L = logaddexp(z_d,
+// lse_J), the mass off t).
 template <class V>
 struct RowInputs {
-  V z_t, z_d, m, log_s, lse_J;
+  V d_td, J_t, J_d, log_s, m_L;
 };
 
 // Each member: (loss, c, g_t, g_d) (the shift is m, set by row_terms), reference.py's row_terms.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> drainage_terms(const RowInputs<V>& r, V log_alpha, V log_beta) {
-  const V L = logaddexp<M>(r.z_d, r.lse_J);
-  const Softplus2<V> p = softplus2<M>(log_alpha + L - r.z_t, log_beta + r.lse_J - r.z_d);
-  const V c = M::exp(logaddexp<M>(p.log_pa + sub<M>(r.m, L), p.log_pb - r.log_s));
-  return {p.l, V{}, c, -M::exp(p.log_pa), M::exp(p.log_pa + sub<M>(r.z_d, L)) - M::exp(p.log_pb)};
+  const Softplus2<V> p = softplus2<M>(log_alpha + logaddexp<M>(-r.d_td, r.J_t), log_beta + r.J_d);
+  const V g_d = M::exp(p.log_pa - logaddexp<M>(M::splat(0), r.J_d)) - M::exp(p.log_pb);
+  const V c = M::exp(logaddexp<M>(p.log_pa + r.m_L, p.log_pb - r.log_s));
+  return {p.l, V{}, c, -M::exp(p.log_pa), g_d};
 }
 
 // l = -log(p_t + p_d / o) = log1p((p_d (1 - 1/o) + p_J) / (p_t + p_d / o)): softplus2 of
-// a = log(1 - 1/o) + z_d - A and b = lse_J - A, A = logaddexp(z_t, z_d - log o).
-//
-// g_d: reference.py has pi_a - (pi_a + pi_b) e^(z_d - log o - A), which is (p_d / P)(P - 1/o) with
-// P = p_t + p_d / o: when the row abstains (p_d -> 1, P -> 1/o) it subtracts two terms near
-// 1 - 1/o, and fp32 leaves an error of ~1e-8 in a gradient that may be far smaller (30% of it in
-// the tests). The same value as e^(z_d - log o - A) ((o - 1) p_t - p_J), with (o - 1) p_t =
-// e^(log o + log(1 - 1/o) + z_t - A - l) and p_J = pi_b: a difference of two terms no larger than
-// the gradient.
+// a = log(1 - 1/o) + z_d - A and b = lse_J - A, A = logaddexp(z_t, z_d - log o), each formed against
+// the larger term of A. sigma_u = e^(z_t - A), sigma_v = e^(z_d - log o - A) add to 1, and
+// dl/dz_d = pi_a sigma_u - pi_b sigma_v: no cancellation of two terms near pi_a when sigma_v ~ 1.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> gamblers_terms(const RowInputs<V>& r, V log_reward, V log_keep) {
-  const V A = logaddexp<M>(r.z_t, r.z_d - log_reward);
-  const Softplus2<V> p = softplus2<M>(log_keep + sub<M>(r.z_d, A), sub<M>(r.lse_J, A));
+  const auto t_leads = r.d_td + log_reward >= M::splat(0);
+  const V A_t = softplus<M>(-r.d_td - log_reward);  // A - z_t
+  const V A_v = softplus<M>(r.d_td + log_reward);  // A - (z_d - log o)
+  const V z_d_A = M::select(t_leads, -r.d_td - A_t, log_reward - A_v);
+  const V lse_J_A = M::select(t_leads, r.J_t - A_t, r.J_d + log_reward - A_v);
+  const Softplus2<V> p = softplus2<M>(log_keep + z_d_A, lse_J_A);
+  const V sigma_u = M::exp(M::select(t_leads, -A_t, r.d_td + log_reward - A_v));
+  const V sigma_v = M::exp(M::select(t_leads, -r.d_td - log_reward - A_t, -A_v));
   const V kept_mass = -M::expm1(-p.l);  // pi_a + pi_b = 1 - exp(-l), precise for tiny losses
-  const V g_t = -kept_mass * exp_sub<M>(r.z_t, A);
-  const V p_t_rest = M::exp(log_reward + log_keep + sub<M>(r.z_t, A) - p.l);  // (o - 1) p_t
-  const V g_d = M::exp(sub<M>(r.z_d - log_reward, A)) * (p_t_rest - M::exp(p.log_pb));
-  return {p.l, V{}, M::exp(p.log_pb - r.log_s), g_t, g_d};
+  const V g_d = M::exp(p.log_pa) * sigma_u - M::exp(p.log_pb) * sigma_v;
+  return {p.l, V{}, M::exp(p.log_pb - r.log_s), -kept_mass * sigma_u, g_d};
 }
 
-// l = q CE_C + alpha sp, B = logaddexp(z_t, lse_J) (the C classes), CE_C = B - z_t,
-// sp = -log(1 - p_d) = softplus(z_d - B), q = 1 - p_d; with r = alpha - q CE_C:
-// dl/dz_d = p_d r, dl/dz_t = -p_d r e^(z_t - B) - q e^(lse_J - B), dl/dlse_J = e^(lse_J - B) (q - p_d r).
+// l = q CE_C + alpha sp, B = logaddexp(z_t, lse_J) (the C classes), CE_C = B - z_t =
+// softplus(lse_J - z_t), sp = -log(1 - p_d) = softplus(z_d - B), q = 1 - p_d; with
+// r = alpha - q CE_C: dl/dz_d = p_d r, dl/dz_t = -p_d r e^(z_t - B) - q e^(lse_J - B),
+// dl/dlse_J = e^(lse_J - B) (q - p_d r); e^(z_t - B) = sigmoid(z_t - lse_J).
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> dac_terms(const RowInputs<V>& r, V alpha) {
-  const V B = logaddexp<M>(r.z_t, r.lse_J);
-  const V ce = softplus<M>(sub<M>(r.lse_J, r.z_t));
-  const V sp = softplus<M>(sub<M>(r.z_d, B));
-  const V p_d = sigmoid<M>(sub<M>(r.z_d, B)), q = M::exp(-sp);
+  const V ce = softplus<M>(r.J_t);
+  const V z_d_B = M::select(r.J_t <= M::splat(0), -r.d_td - ce, -r.J_d - softplus<M>(-r.J_t));  // B's larger term
+  const V sp = softplus<M>(z_d_B);
+  const V p_d = sigmoid<M>(z_d_B), q = M::exp(-sp);
   const V rest = alpha - q * ce;
-  const V g_t = -p_d * rest * exp_sub<M>(r.z_t, B) - q * M::exp(sub<M>(r.lse_J, B));
-  return {q * ce + alpha * sp, V{}, M::exp(sub<M>(r.m, B)) * (q - p_d * rest), g_t, p_d * rest};
+  const V g_t = -p_d * rest * sigmoid<M>(-r.J_t) - q * sigmoid<M>(r.J_t);
+  const V c = M::exp(-r.log_s) * sigmoid<M>(r.J_t) * (q - p_d * rest);
+  return {q * ce + alpha * sp, V{}, c, g_t, p_d * rest};
 }
 
 // l = softplus(D), D = L - z_t; sigma = 1 - p_t.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> ce_all_terms(const RowInputs<V>& r) {
-  const V L = logaddexp<M>(r.z_d, r.lse_J);
-  const V D = sub<M>(L, r.z_t), sigma = sigmoid<M>(D);
-  return {softplus<M>(D), V{}, sigma * M::exp(sub<M>(r.m, L)), -sigma, sigma * M::exp(sub<M>(r.z_d, L))};
+  const V D = logaddexp<M>(-r.d_td, r.J_t), sigma = sigmoid<M>(D);
+  const V g_d = sigma * M::exp(-logaddexp<M>(M::splat(0), r.J_d));  // sigma e^(z_d - L)
+  return {softplus<M>(D), V{}, sigma * M::exp(r.m_L), -sigma, g_d};
 }
 
-// CE_C = softplus(D), D = lse_J - z_t; z_d takes no part.
+// CE_C = softplus(lse_J - z_t); z_d takes no part.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> ce_classes_terms(const RowInputs<V>& r) {
-  const V D = sub<M>(r.lse_J, r.z_t), sigma = sigmoid<M>(D);
-  const V c = M::exp(sub<M>(r.m, logaddexp<M>(r.z_t, r.lse_J)));
-  return {softplus<M>(D), V{}, c, -sigma, M::splat(0)};
+  const V sigma = sigmoid<M>(r.J_t);
+  return {softplus<M>(r.J_t), V{}, M::exp(-r.log_s) * sigma, -sigma, M::splat(0)};  // c = e^(m - B)
 }
 
 // The loss and the gradient's row terms of a member from z_t, z_d and J's max m and sum s (s = 0:
@@ -226,8 +221,13 @@ DRAINAGE_HD RowTerms<V> row_terms(int member, V z_t, V z_d, V m, V s, V h1, V h2
   const V zero = M::splat(0), ninf = M::splat(neg_inf<float>());
   const auto J_empty = s == zero;
   const V shift = M::select(m == ninf, zero, m);
-  const V log_s = M::select(J_empty, zero, M::log(s));
-  const RowInputs<V> r = {z_t, z_d, m, log_s, M::select(J_empty, ninf, shift + log_s)};
+  const V log_s = M::log(s);  // -inf when J is empty
+  // Plain differences, so that an infinity meets an infinity as in the oracle (nan), but for two
+  // -inf (no mass at t nor d: the row's loss is inf, as the oracle's).
+  const V d_td = M::select((z_t == ninf) & (z_d == ninf), zero, z_t - z_d);
+  const V d_md = shift - z_d;
+  const RowInputs<V> r = {d_td, M::select(J_empty, ninf, (shift - z_t) + log_s),
+                          M::select(J_empty, ninf, d_md + log_s), log_s, -logaddexp<M>(-d_md, log_s)};
   RowTerms<V> t;
   switch (member) {
     case kGamblers: t = gamblers_terms<M>(r, h1, h2); break;

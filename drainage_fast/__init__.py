@@ -14,6 +14,13 @@ from .api import (
     fused_drainage_loss,
     fused_gamblers_loss,
 )
+from .linear import (
+    FusedLinearLoss,
+    fused_linear_cross_entropy_loss,
+    fused_linear_dac_loss,
+    fused_linear_drainage_loss,
+    fused_linear_gamblers_loss,
+)
 from .reference import (
     cross_entropy_loss_reference,
     dac_loss_reference,
@@ -26,6 +33,7 @@ __all__ = [
     "DACLoss",
     "DrainageLoss",
     "FusedCrossEntropyLoss",
+    "FusedLinearLoss",
     "GamblersLoss",
     "NativeBuildWarning",
     "available_backends",
@@ -36,6 +44,10 @@ __all__ = [
     "fused_dac_loss",
     "fused_drainage_loss",
     "fused_gamblers_loss",
+    "fused_linear_cross_entropy_loss",
+    "fused_linear_dac_loss",
+    "fused_linear_drainage_loss",
+    "fused_linear_gamblers_loss",
     "gamblers_loss_reference",
     "openset",
 ]

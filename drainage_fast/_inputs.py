@@ -92,6 +92,7 @@ def check_inputs(
     d = int(drainage_idx) % K
     if check_targets:  # False: the caller checks them later, or a kernel does (cpp's forward_reduced)
         check_target_values(target, K, d, int(ignore_index))
+        check_sample_weight_values(sample_weight)
     return Hyper(float(params[0]), float(params[1]), d, int(ignore_index), int(member))
 
 
@@ -99,8 +100,7 @@ WEIGHT_MESSAGE = "drainage_fast: every sample_weight must be finite and >= 0"
 
 
 def check_sample_weight(weight, target: torch.Tensor) -> None:
-    """A tensor shaped like target, of a floating dtype, on its device; on the CPU (eager) also
-    finite and >= 0 (elsewhere the kernels assert that on the device: the host never waits)."""
+    """A tensor shaped like target, of a floating dtype, on its device (its values: below)."""
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"sample_weight must be a torch.Tensor or None, got {type(weight).__name__}")
     if weight.dtype not in FLOAT_DTYPES:
@@ -111,7 +111,12 @@ def check_sample_weight(weight, target: torch.Tensor) -> None:
         )
     if weight.device != target.device:
         raise ValueError(f"sample_weight is on {weight.device} but target is on {target.device}")
-    if weight.device.type != "cpu" or torch.compiler.is_compiling() or weight.numel() == 0:
+
+
+def check_sample_weight_values(weight: torch.Tensor | None) -> None:
+    """Host check that every weight is finite and >= 0, for CPU tensors in eager mode only, as
+    check_target_values: elsewhere the kernels assert it on the device, and the host never waits."""
+    if weight is None or weight.device.type != "cpu" or torch.compiler.is_compiling() or weight.numel() == 0:
         return
     w = weight.detach()
     bad = ~(torch.isfinite(w) & (w >= 0))

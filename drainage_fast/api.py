@@ -11,7 +11,13 @@ import torch
 
 from . import backends
 from ._function import HIGHER_ORDER_MESSAGE, DrainageFunction
-from ._inputs import check_inputs, check_options, check_target_values
+from ._inputs import (
+    WEIGHT_MESSAGE,
+    check_inputs,
+    check_options,
+    check_sample_weight_values,
+    check_target_values,
+)
 from ._members import Member, ce_member, dac_params, drainage_params, gamblers_params
 
 # The backends of csrc/: their eager mean / sum is one op with a C++ autograd node.
@@ -48,6 +54,10 @@ def family_loss(
     if sample_weight is not None and sample_weight.requires_grad and torch.is_grad_enabled():
         # d loss / d w_r is the row's loss: the kernels give the rows, torch weighs them, and autograd
         # takes both gradients. (The fused reduction never holds the rows' losses.)
+        check_sample_weight_values(sample_weight)
+        if sample_weight.device.type != "cpu" or torch.compiler.is_compiling():
+            w = sample_weight.detach()
+            torch._assert_async((torch.isfinite(w) & (w >= 0)).all(), WEIGHT_MESSAGE)
         rows = family_loss(
             member,
             params,
@@ -77,8 +87,9 @@ def family_loss(
         # DrainageFunction's fused path as one op with a C++ autograd node, whose kernels check and
         # count the targets: a small batch pays per Python call (backends/native.py).
         return impl.reduced_loss(logits, target, hp, reduction == "mean", sample_weight)
-    if impl.NAME != "triton":  # its targets kernel checks them, and raises the same error on the CPU
+    if impl.NAME != "triton":  # its targets kernel checks them, and raises the same errors on the CPU
         check_target_values(target, logits.shape[1], hp.drainage_idx, hp.ignore_index)
+        check_sample_weight_values(sample_weight)
     return DrainageFunction.apply(
         logits, target, sample_weight, hp, reduction, impl.NAME, fuse_grad, needs_grad
     )
@@ -158,6 +169,7 @@ def fused_gamblers_loss(
     ignore_index: int = -100,
     sample_weight: torch.Tensor | None = None,
     backend: str = "auto",
+    _fuse_grad: bool = True,
 ) -> torch.Tensor:
     """Deep Gamblers loss (Liu et al., NeurIPS 2019): l = -log(p_t + p_d / reward), reward > 1, p the
     softmax over all K outputs and d the abstain ("reservation") output.
@@ -176,6 +188,7 @@ def fused_gamblers_loss(
         ignore_index=ignore_index,
         sample_weight=sample_weight,
         backend=backend,
+        _fuse_grad=_fuse_grad,
     )
 
 
@@ -189,6 +202,7 @@ def fused_dac_loss(
     ignore_index: int = -100,
     sample_weight: torch.Tensor | None = None,
     backend: str = "auto",
+    _fuse_grad: bool = True,
 ) -> torch.Tensor:
     """Deep Abstaining Classifier loss (Thulasidasan et al., ICML 2019), for label noise:
     l = (1 - p_d) CE_C - alpha log(1 - p_d), alpha >= 0, CE_C the cross-entropy over the C classes.
@@ -210,6 +224,7 @@ def fused_dac_loss(
         ignore_index=ignore_index,
         sample_weight=sample_weight,
         backend=backend,
+        _fuse_grad=_fuse_grad,
     )
 
 
@@ -223,6 +238,7 @@ def fused_cross_entropy_loss(
     ignore_index: int = -100,
     sample_weight: torch.Tensor | None = None,
     backend: str = "auto",
+    _fuse_grad: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy through the family's fused kernel: over="all" K outputs (F.cross_entropy, DAC's
     warm-up) or over the C "classes", the drainage output left out (Deep Gamblers' pre-training),
@@ -237,6 +253,7 @@ def fused_cross_entropy_loss(
         ignore_index=ignore_index,
         sample_weight=sample_weight,
         backend=backend,
+        _fuse_grad=_fuse_grad,
     )
 
 

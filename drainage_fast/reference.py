@@ -8,8 +8,8 @@ With p = softmax(z) over all K outputs, target t, drainage index d and J = {0..K
     CE over all    l = -log p_t
     CE over C      l = CE_C
 
-Each is written here the plain way, from log-sum-exps of the logits (Drainage's: the softmax normaliser
-cancels from its ratios):
+Each is written here the plain way, from log-sum-exps of the logits, each row shifted by its max first
+(they are all shift-invariant). Drainage's (the softmax normaliser cancels from its ratios):
 
     lse_J = logsumexp(z_J)                              (-inf when J is empty, K = 2)
     a     = log(alpha) + logaddexp(z_d, lse_J) - z_t
@@ -98,6 +98,11 @@ def family_loss_reference(
     if logits.device.type != "cpu" or torch.compiler.is_compiling():
         check_targets_torch(target, logits.shape[1], hp, sample_weight)  # on the device: no host sync
     z = logits.movedim(1, -1).to(loss_dtype(logits))  # (N, d1..dk, K)
+    # Every member is invariant to adding a constant to a row: shift each row by its (constant) max,
+    # so that no log-sum-exp of large magnitude is rounded (at |z| ~ 1e5 a float64 logsumexp of 1e5
+    # errs by ~1e-11). A row with an infinity is left as it is.
+    row_max = z.detach().amax(-1, keepdim=True)
+    z = z - torch.where(torch.isfinite(row_max), row_max, 0.0)
     valid = target != hp.ignore_index
     # Ignored rows get a harmless stand-in class (any class but d) and are zeroed below.
     t = torch.where(valid, target, (hp.drainage_idx + 1) % z.shape[-1])

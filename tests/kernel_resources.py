@@ -38,6 +38,9 @@ ARCHS = (90, 80)
 K_VALUES = (2, 11, 19, 51, 101, 1001, 4097, 32001, 32769, 128256, 128257, 262147)
 # Per-pixel (NCHW) K: the columns layout, and the pixel tiles of 64, 256 and 1024 columns.
 PIXEL_K_VALUES = (19, 51, 151, 1001)
+# The members of the family beside Drainage: one K per forward layout (columns, tile of rows, a
+# one-row tile, stream).
+MEMBER_K_VALUES = (11, 101, 1001, 32001)
 DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
@@ -152,6 +155,43 @@ def _triton_variants(launch):
                 lambda g=grad, d=stats_dtype: launch.scale_(g, torch.ones(1, dtype=d), None),
             )
         )
+    # The other members of the family and sample weights: the member is a constexpr (MEMBER), the
+    # weights a flag (HAS_WEIGHT); K through every layout, fp32 and bf16 (the row math in fp32).
+    from drainage_fast._members import Member
+
+    for member in Member:
+        for dtype_name in ("bfloat16", "float32"):
+            dtype = getattr(torch, dtype_name)
+            member_hp = Hyper(0.8, -1.4, 1, -100, int(member))
+            for K in MEMBER_K_VALUES:
+                x3 = torch.zeros(2, 1, K, dtype=dtype)
+                t = torch.zeros(2, dtype=torch.int64)
+                w = torch.ones(2, dtype=torch.float32)
+                modes = {
+                    "mean+grad": lambda x3=x3, t=t, hp=member_hp: launch.forward_reduced(
+                        x3, t, hp, True, True
+                    ),
+                    "weighted mean+grad": lambda x3=x3, t=t, w=w, hp=member_hp: launch.forward_reduced(
+                        x3, t, hp, True, True, w
+                    ),
+                    "forward rows": lambda x3=x3, t=t, hp=member_hp: launch.forward(x3, t, hp),
+                }
+                if member == Member.DRAINAGE:
+                    modes = {"weighted mean+grad": modes["weighted mean+grad"]}
+                variants += [
+                    (f"{dtype_name} K={K} {member.name} {mode}", issue) for mode, issue in modes.items()
+                ]
+            x = torch.zeros(2, 151, 4, 8, dtype=dtype)
+            x3 = x.movedim(1, -1).reshape(2, 32, 151)
+            t = torch.zeros(64, dtype=torch.int64)
+            variants.append(
+                (
+                    f"{dtype_name} K=151 NCHW {member.name} weighted mean+grad",
+                    lambda x3=x3, t=t, hp=member_hp: launch.forward_reduced(
+                        x3, t, hp, True, True, torch.ones(64)
+                    ),
+                )
+            )
     for index_dtype in ("int32", "int64"):
         t = torch.zeros(10, dtype=getattr(torch, index_dtype))
         for count in (False, True):

@@ -52,16 +52,17 @@ def exponent_scale(logits: torch.Tensor, alpha: float, beta: float) -> float:
     return m + math.log(logits.shape[1]) + abs(math.log(alpha)) + abs(math.log(beta)) + 1.0
 
 
-def assert_loss_close(loss, ref, logits, alpha, beta):
-    """|loss - ref| <= OPS * u_compute * (E + |ref|), losses being fp32 (fp64 for fp64 input)."""
+def assert_loss_close(loss, ref, logits, alpha, beta, factor=1.0):
+    """|loss - ref| <= factor * OPS * u_compute * (E + |ref|), losses being fp32 (fp64 for fp64
+    input); factor: how much a member's hyper-parameters scale its terms (DAC: 1 + alpha)."""
     u = compute_roundoff(logits.dtype)
     E = exponent_scale(logits, alpha, beta)
     loss, ref = loss.double(), ref.double()
-    bound = OPS * u * (E + ref.abs())
+    bound = factor * OPS * u * (E + ref.abs())
     _assert_within(loss, ref, bound, "loss")
 
 
-def assert_grad_close(grad, ref, logits, alpha, beta, roundings=1):
+def assert_grad_close(grad, ref, logits, alpha, beta, roundings=1, factor=1.0):
     """Gradient in the input dtype: `roundings` roundings to it (1, or 2 when the forward-written
     gradient is scaled again in the backward by an upstream gradient != 1) plus the compute error,
     which is relative to the largest entry of the row because g_d is a difference of two terms."""
@@ -74,7 +75,7 @@ def assert_grad_close(grad, ref, logits, alpha, beta, roundings=1):
     # Below the smallest normal number (fp16: 6.1e-5) a rounding errs by up to half the subnormal
     # spacing, an absolute amount.
     subnormal = 0.5 * info.tiny * info.eps
-    bound = roundings * (u_in * ref.abs() + subnormal) + OPS * u * E * row_scale
+    bound = roundings * (u_in * ref.abs() + subnormal) + factor * OPS * u * E * row_scale
     _assert_within(grad, ref, bound, "gradient")
 
 
@@ -98,3 +99,59 @@ def random_targets(N, K, drainage_idx, *shape, device=DEVICE, dtype=torch.int64)
     d = drainage_idx % K
     t = torch.randint(0, K - 1, (N, *shape), device=device)
     return (t + (t >= d).long()).to(dtype)
+
+
+class Member:
+    """One member of the abstention family as the tests run it: its fused loss and its oracle with
+    the same hyper-parameters, and what those add to the error bounds."""
+
+    def __init__(self, name, fused, reference, **params):
+        self.name, self.fused, self.reference, self.params = name, fused, reference, params
+
+    def __repr__(self):
+        return self.name
+
+    def loss(self, logits, target, **kw):
+        return self.fused(logits, target, **self.params, **kw)
+
+    def oracle(self, logits, target, **kw):
+        return self.reference(logits, target, **self.params, **kw)
+
+    def bounds(self) -> dict:
+        """The keyword arguments of assert_loss_close / assert_grad_close for this member: alpha and
+        beta whose logs are the constants its exponents add (log alpha, log beta; log o and
+        log(1 - 1/o)), and the factor its hyper-parameters put on its terms (DAC's loss is
+        q CE + alpha sp: 1 + alpha)."""
+        if self.name == "drainage":
+            alpha = self.params["alpha"]
+            return dict(alpha=alpha, beta=1 / alpha)
+        if self.name == "gamblers":
+            o = self.params["reward"]
+            return dict(alpha=o, beta=1 / (1 - 1 / o))
+        if self.name == "dac":
+            return dict(alpha=1.0, beta=1.0, factor=1 + self.params["alpha"])
+        return dict(alpha=1.0, beta=1.0)
+
+
+def members():
+    from drainage_fast import (
+        cross_entropy_loss_reference,
+        dac_loss_reference,
+        drainage_loss_reference,
+        fused_cross_entropy_loss,
+        fused_dac_loss,
+        fused_drainage_loss,
+        fused_gamblers_loss,
+        gamblers_loss_reference,
+    )
+
+    return [
+        Member("drainage", fused_drainage_loss, drainage_loss_reference, alpha=0.3),
+        Member("gamblers", fused_gamblers_loss, gamblers_loss_reference, reward=2.2),
+        Member("dac", fused_dac_loss, dac_loss_reference, alpha=0.7),
+        Member("ce_all", fused_cross_entropy_loss, cross_entropy_loss_reference, over="all"),
+        Member("ce_classes", fused_cross_entropy_loss, cross_entropy_loss_reference, over="classes"),
+    ]
+
+
+MEMBERS = members()

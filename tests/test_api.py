@@ -67,6 +67,84 @@ BAD_INPUTS = [
 ]
 
 
+# Bad sample weights and member hyper-parameters, for every loss of the family.
+BAD_WEIGHTS = [
+    (lambda t: t.float()[:, None], ValueError, ["sample_weight", "shape", "(4,)", "(4, 1)"]),
+    (lambda t: t, ValueError, ["sample_weight", "torch.int64"]),
+    (lambda t: torch.full(t.shape, -0.5, device=t.device), ValueError, ["sample_weight", ">= 0", "-0.5"]),
+    (lambda t: torch.full(t.shape, float("nan"), device=t.device), ValueError, ["sample_weight", "nan"]),
+    (lambda t: torch.full(t.shape, float("inf"), device=t.device), ValueError, ["sample_weight", "inf"]),
+    (
+        lambda t: torch.full(t.shape, -2.0, device=t.device, requires_grad=True),
+        ValueError,
+        ["sample_weight", "-2.0"],
+    ),
+    (lambda t: t.tolist(), ValueError, ["sample_weight", "list"]),
+    (lambda t: torch.ones(t.shape, device="meta"), ValueError, ["sample_weight", "meta"]),
+]
+FAMILY = [
+    (drainage_fast.fused_drainage_loss, {}),
+    (drainage_fast.fused_gamblers_loss, {"reward": 2.0}),
+    (drainage_fast.fused_dac_loss, {"alpha": 0.5}),
+    (drainage_fast.fused_cross_entropy_loss, {}),
+    (drainage_fast.gamblers_loss_reference, {"reward": 2.0}),
+]
+BAD_PARAMS = [
+    (drainage_fast.fused_gamblers_loss, {"reward": 1.0}, ["reward", "> 1", "1.0"]),
+    (drainage_fast.fused_gamblers_loss, {"reward": float("inf")}, ["reward", "inf"]),
+    (drainage_fast.gamblers_loss_reference, {"reward": "2"}, ["reward", "'2'"]),
+    (drainage_fast.fused_dac_loss, {"alpha": -0.1}, ["alpha", ">= 0", "-0.1"]),
+    (drainage_fast.dac_loss_reference, {"alpha": float("nan")}, ["alpha", "nan"]),
+    (drainage_fast.fused_cross_entropy_loss, {"over": "C"}, ["over", "'C'", "'classes'"]),
+]
+
+
+@pytest.mark.parametrize("loss_fn, params", FAMILY, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("make, error, words", BAD_WEIGHTS)
+def test_bad_sample_weight_raises_a_clear_error(loss_fn, params, make, error, words):
+    if DEVICE.type != "cpu" and words[1] in (">= 0", "nan", "inf"):
+        pytest.skip("on GPU a bad weight value is a device-side assert (no host sync)")
+    logits, target = good_inputs()
+    with pytest.raises(error) as info:
+        loss_fn(logits, target, sample_weight=make(target), **params)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+@pytest.mark.parametrize("loss_fn, params, words", BAD_PARAMS, ids=lambda v: getattr(v, "__name__", ""))
+def test_bad_member_hyper_parameters_raise_a_clear_error(loss_fn, params, words):
+    with pytest.raises(ValueError) as info:
+        loss_fn(*good_inputs(), **params)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+def test_member_modules_match_their_functions():
+    logits, target = good_inputs()
+    weight = torch.rand(4, device=DEVICE)
+    pairs = [
+        (drainage_fast.GamblersLoss(reward=3.0), drainage_fast.fused_gamblers_loss, {"reward": 3.0}),
+        (drainage_fast.DACLoss(alpha=0.2), drainage_fast.fused_dac_loss, {"alpha": 0.2}),
+        (
+            drainage_fast.FusedCrossEntropyLoss(over="classes"),
+            drainage_fast.fused_cross_entropy_loss,
+            {"over": "classes"},
+        ),
+    ]
+    for module, fn, params in pairs:
+        assert (
+            module(logits, target, weight).item() == fn(logits, target, sample_weight=weight, **params).item()
+        )
+        assert all(f"{k}={v!r}" in repr(module) for k, v in params.items())
+    dac = drainage_fast.DACLoss(alpha=0.2)
+    dac.alpha = 0.9  # the schedule's way to change it
+    assert dac(logits, target).item() == drainage_fast.fused_dac_loss(logits, target, alpha=0.9).item()
+    with pytest.raises(ValueError, match="alpha"):
+        dac.alpha = -1.0
+    with pytest.raises(ValueError, match="reward"):
+        drainage_fast.GamblersLoss(reward=0.5)
+
+
 @pytest.mark.parametrize("loss_fn", LOSSES, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("kwargs, transform, error, words", BAD_INPUTS)
 def test_bad_input_raises_a_clear_error(loss_fn, kwargs, transform, error, words):
@@ -164,10 +242,25 @@ def test_default_beta_is_one_over_alpha():
 def test_public_names():
     assert set(drainage_fast.__all__) == {
         "DrainageLoss",
+        "GamblersLoss",
+        "DACLoss",
+        "FusedCrossEntropyLoss",
         "NativeBuildWarning",  # a failed C++ build: a warning a user can filter (test_csrc.py)
         "available_backends",
         "drainage_loss_reference",
+        "gamblers_loss_reference",
+        "dac_loss_reference",
+        "cross_entropy_loss_reference",
         "fused_drainage_loss",
+        "fused_gamblers_loss",
+        "fused_dac_loss",
+        "fused_cross_entropy_loss",
+        # the fused linear head (docs/large_outputs.md): the logits never held whole
+        "FusedLinearLoss",
+        "fused_linear_drainage_loss",
+        "fused_linear_gamblers_loss",
+        "fused_linear_dac_loss",
+        "fused_linear_cross_entropy_loss",
         "openset",  # the open-set and cleaning metrics, an attribute of the package
     }
     assert math.isfinite(fused_drainage_loss(*good_inputs()).item())

@@ -72,17 +72,24 @@ def test_compiled_with_dynamic_batch_size(backend):
 
 FIRST_CALL = """
 import sys, torch
-from drainage_fast import drainage_loss_reference, fused_drainage_loss
+import drainage_fast
 
-backend, device = sys.argv[1], sys.argv[2]
+backend, device, member = sys.argv[1], sys.argv[2], sys.argv[3]
+fused, oracle, params = {
+    "drainage": ("fused_drainage_loss", "drainage_loss_reference", {"alpha": 0.5}),
+    "gamblers": ("fused_gamblers_loss", "gamblers_loss_reference", {"reward": 2.5}),
+    "dac": ("fused_dac_loss", "dac_loss_reference", {"alpha": 0.5}),
+}[member]
+fused, oracle = getattr(drainage_fast, fused), getattr(drainage_fast, oracle)
 torch.manual_seed(0)
 x = torch.randn(9, 7, device=device, requires_grad=True)
 t = torch.randint(0, 6, (9,), device=device)
-fn = torch.compile(lambda x, t: fused_drainage_loss(x, t, alpha=0.5, backend=backend), fullgraph=True)
-loss = fn(x, t)  # the very first call of the library in this process
+w = torch.rand(9, device=device)
+fn = torch.compile(lambda x, t, w: fused(x, t, sample_weight=w, backend=backend, **params), fullgraph=True)
+loss = fn(x, t, w)  # the very first call of the library in this process
 loss.backward()
 x64 = x.detach().double().requires_grad_()
-ref = drainage_loss_reference(x64, t, alpha=0.5)
+ref = oracle(x64, t, sample_weight=w.double(), **params)
 ref.backward()
 torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
 torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
@@ -91,14 +98,15 @@ print("OK")
 
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-def test_compiled_call_can_be_the_first_use_of_the_library(backend):
+@pytest.mark.parametrize("member", ["drainage", "gamblers", "dac"])
+def test_compiled_call_can_be_the_first_use_of_the_library(backend, member):
     """Dynamo cannot trace an import: the backend must be resolved (and imported) outside the trace.
 
     In a test process an earlier test has always loaded the backend, so this runs in a fresh one.
     """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-c", FIRST_CALL, backend, DEVICE.type],
+        [sys.executable, "-c", FIRST_CALL, backend, DEVICE.type, member],
         capture_output=True,
         text=True,
         env=env,

@@ -453,10 +453,12 @@ def _per_pixel_ops(x, t, up, hp, weight):
 def _specials(x, t, K, d):
     """The cases the lanes must keep apart: +inf in J (J's max +inf), J all -inf, nan in J, an
     ignored pixel with inf and nan logits, targets out of range and equal to d (NaN rows); two of
-    them in the last, partial group of an image."""
+    them in the last, partial group of an image. And a group of 16 pixels that are all ignored."""
     H, W = t.shape[1:]
     t[0, 0, 2], t[1, H - 1, W - 1], t[0, 1, 1] = K, d, -100
     x[0, :2, 1, 1] = torch.tensor([float("inf"), float("nan")])
+    t[1].view(-1)[16:32] = -100
+    x[1, 0].view(-1)[16:32] = float("inf")
     for (h, w), value in [((0, 1), "inf"), ((0, 3), "-inf"), ((H - 1, W - 2), "nan")]:
         t[0, h, w] = (d + 1) % K
         J = [k for k in range(K) if k not in (d, (d + 1) % K)]

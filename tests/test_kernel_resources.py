@@ -237,3 +237,39 @@ def test_cuda_kernels_compile_for_sm90_and_sm80_without_spills():
         assert len(names) == 8 * rows_per_group + 6, names  # nothing else, nothing uncounted
     found = kernel_resources.problems(rows)
     assert not found, "\n".join(found)
+
+
+def test_every_member_costs_what_drainage_costs(triton_rows):
+    """Issue 21: each member of the family (and sample weights) compiles to about the same warp
+    instructions per element as Drainage's forward with gradient, within 10%, at every layout
+    (streamed rows: the whole kernel's instructions, its loops being the same)."""
+    costs = {}
+    pattern = re.compile(
+        r"(\w+) K=(\d+) (?:(GAMBLERS|DAC|CE_ALL|CE_CLASSES|DRAINAGE) )?(weighted )?mean\+grad$"
+    )
+    for row in triton_rows:
+        if row.get("kernel") != "_drainage_fwd_kernel":
+            continue
+        for label in row["variants"]:
+            m = pattern.match(label)
+            if m is None or int(m.group(2)) not in kernel_resources.MEMBER_K_VALUES:
+                continue
+            dtype, K, member, weighted = (
+                m.group(1),
+                int(m.group(2)),
+                m.group(3) or "DRAINAGE",
+                bool(m.group(4)),
+            )
+            per_element = kernel_resources.instructions_per_element(row, K)
+            cost = per_element if per_element is not None else row["sass_instructions"]
+            costs[(row["arch"], dtype, K, weighted, member)] = cost
+    compared = 0
+    for (arch, dtype, K, weighted, member), cost in costs.items():
+        base = costs.get((arch, dtype, K, False, "DRAINAGE"))
+        if member == "DRAINAGE" and not weighted or base is None:
+            continue
+        assert cost <= 1.10 * base, (
+            f"{arch} {dtype} K={K} {member} {'weighted ' * weighted}: {cost} vs {base}"
+        )
+        compared += 1
+    assert compared >= 2 * 2 * len(kernel_resources.MEMBER_K_VALUES) * 9

@@ -8,7 +8,7 @@ the same launches (the interpreter runs the same launchers), so these counts are
 
 import pytest
 import torch
-from support import DEVICE
+from support import DEVICE, MEMBERS
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import drainage_fast.api
@@ -109,6 +109,27 @@ def test_a_reduced_step_is_three_launches_and_no_sync(counter, reduction, K):
     upstream = torch.ones((), device=DEVICE)
     _step(x, target, reduction, upstream=upstream)  # the first call makes the stream's workspace
     _step(x, target, reduction, counter, upstream)
+    assert counter.launches == [
+        "triton _targets_kernel",
+        "triton _drainage_fwd_kernel",
+        "triton _scale_grad_kernel",
+    ]
+    assert counter.syncs == []
+
+
+@pytest.mark.parametrize("member", MEMBERS, ids=repr)
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
+def test_every_member_s_mean_step_is_three_launches(counter, member, weighted):
+    """The member is a constexpr of the same kernels; sample weights are read by the same two forward
+    launches (the targets kernel also sums them for the mean's divisor)."""
+    x = torch.randn(40, 51, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 50, (40,), device=DEVICE)
+    weight = torch.rand(40, device=DEVICE) if weighted else None
+    upstream = torch.ones((), device=DEVICE)
+    member.loss(x, target, backend="triton", sample_weight=weight).backward(upstream)
+    x.grad = None
+    with counter:
+        member.loss(x, target, backend="triton", sample_weight=weight).backward(upstream)
     assert counter.launches == [
         "triton _targets_kernel",
         "triton _drainage_fwd_kernel",

@@ -29,12 +29,12 @@ def _targets_with_bad_and_ignored():
 def test_targets_kernel_counts_the_kept_targets_across_programs():
     target = _targets_with_bad_and_ignored()
     target[target == 4] = 5  # 4 is the drainage output
-    workspace = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    workspace = torch.zeros(triton_launch.WORKSPACE_SLOTS, dtype=torch.int64, device=DEVICE)
     triton_launch._launch_targets(target, 10, Hyper(0.0, 0.0, 4, -100), workspace, count=True)
-    assert workspace.tolist() == [target.numel() - 3, 0, 0]
+    assert workspace.tolist() == [target.numel() - 3, 0, 0, 0, 0]
     workspace.zero_()
     triton_launch._launch_targets(target, 10, Hyper(0.0, 0.0, 4, -100), workspace, count=False)  # check only
-    assert workspace.tolist() == [0, 0, 0]
+    assert workspace.tolist() == [0] * triton_launch.WORKSPACE_SLOTS
 
 
 @pytest.mark.parametrize("bad", [10, -1, 4], ids=["past-K", "negative", "drainage"])
@@ -44,12 +44,26 @@ def test_targets_kernel_counts_each_kind_of_bad_target(bad):
     target = _targets_with_bad_and_ignored()
     target[target == 4] = 5
     target[[1, 4_000, 9_999]] = bad  # three bad targets, in different programs
-    workspace = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    workspace = torch.zeros(triton_launch.WORKSPACE_SLOTS, dtype=torch.int64, device=DEVICE)
     n = target.numel()
     triton_launch._targets_kernel[(triton.cdiv(n, triton_launch.SUM_BLOCK),)](
-        target, workspace, n, target.stride(0), 10, 4, -100, COUNT=True, BLOCK=triton_launch.SUM_BLOCK
+        target,
+        None,
+        workspace,
+        None,
+        None,
+        n,
+        target.stride(0),
+        0,
+        10,
+        4,
+        -100,
+        COUNT=True,
+        HAS_WEIGHT=False,
+        BLOCK=triton_launch.SUM_BLOCK,
+        COMPUTE=tl.float32,
     )
-    assert workspace.tolist() == [n - 3, 0, 3]  # the bad ones are kept rows too (not ignore_index)
+    assert workspace.tolist() == [n - 3, 0, 3, 0, 0]  # the bad ones are kept rows too (not ignore_index)
 
 
 @pytest.mark.parametrize("bad", [10, 4], ids=["past-K", "drainage"])
@@ -64,7 +78,7 @@ def test_a_bad_target_raises_from_the_kernels_count_on_the_cpu(bad, reduction):
     target = torch.tensor([0, 1, 2, bad, 3, 5], device=DEVICE)
     with pytest.raises(IndexError, match=f"target value {bad} "):
         fused_drainage_loss(x, target, drainage_idx=4, reduction=reduction, backend="triton")
-    assert triton_launch._workspace(DEVICE).tolist() == [0, 0, 0]
+    assert triton_launch._workspace(DEVICE).tolist() == [0] * triton_launch.WORKSPACE_SLOTS
     target[3] = 6
     fused_drainage_loss(x, target, drainage_idx=4, reduction=reduction, backend="triton").sum().backward()
 
@@ -178,7 +192,7 @@ def test_reduction_in_the_forward_is_the_sum_of_the_rows_and_leaves_the_workspac
         assert torch.equal(inv_count.cpu(), torch.reciprocal(torch.tensor([kept], dtype=torch.float32)))
     else:
         assert inv_count is None
-    assert triton_launch._workspace(x3.device).tolist() == [0, 0, 0]
+    assert triton_launch._workspace(x3.device).tolist() == [0] * triton_launch.WORKSPACE_SLOTS
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -224,7 +238,7 @@ def test_a_failure_between_the_two_launches_leaves_the_workspace_zero(monkeypatc
         with pytest.raises(KeyboardInterrupt):
             triton_launch.forward_reduced(x3, target, hp, True, True)
     assert triton_launch._drainage_fwd_kernel is real_kernel
-    assert triton_launch._workspace(x3.device).tolist() == [0, 0, 0]
+    assert triton_launch._workspace(x3.device).tolist() == [0] * triton_launch.WORKSPACE_SLOTS
     again = triton_launch.forward_reduced(x3, target, hp, True, True)
     assert torch.equal(good[0], again[0]) and torch.equal(good[2], again[2])
 
@@ -295,3 +309,61 @@ def test_the_reduced_loss_is_its_own_tensor():
     loss /= 2  # in place, on the autograd output
     loss.backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_a_weighted_mean_divides_by_the_kept_weights_summed_in_program_order():
+    """The targets kernel sums the kept rows' weights without a float atomic: per-program partials,
+    added in order by the last program (its own ticket, zeroed again). 10_000 weights span 3 programs."""
+    target = _targets_with_bad_and_ignored()  # 3 ignored
+    target[target == 4] = 5
+    weight = torch.rand(20_000, device=DEVICE, dtype=torch.float64)[::2]  # stride 2
+    workspace = torch.zeros(triton_launch.WORKSPACE_SLOTS, dtype=torch.int64, device=DEVICE)
+    total = torch.empty(1, dtype=torch.float64, device=DEVICE)
+    hp = Hyper(0.0, 0.0, 4, -100)
+    triton_launch._launch_targets(target, 10, hp, workspace, True, weight=weight, weight_sum=total)
+    kept = target != -100
+    parts = [
+        weight[i : i + triton_launch.SUM_BLOCK][kept[i : i + triton_launch.SUM_BLOCK]].sum()
+        for i in (0, 4096, 8192)
+    ]
+    assert abs(total.item() - float(sum(parts))) <= 1e-12 * total.item()
+    assert workspace.tolist() == [0] * triton_launch.WORKSPACE_SLOTS  # no count: the weights are the divisor
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_the_targets_kernel_checks_the_weights(bad):
+    """Bad weights are a device-side assert on a GPU; the kernel also counts them, and under the
+    interpreter the launcher raises the API's ValueError from that count."""
+    target = torch.randint(0, 10, (50,), device=DEVICE)
+    weight = torch.rand(50, device=DEVICE)
+    weight[[3, 40]] = bad
+    workspace = triton_launch._workspace(DEVICE)
+    with pytest.raises(ValueError, match="sample_weight"):
+        triton_launch._launch_targets(target, 11, Hyper(0.0, 0.0, 10, -100), workspace, False, weight=weight)
+    assert workspace.tolist() == [0] * triton_launch.WORKSPACE_SLOTS
+
+
+def test_hyper_parameters_are_runtime_arguments(monkeypatch):
+    """DAC's alpha changes every epoch: the launches differ in their float arguments only, never in a
+    constexpr or compile option, so a GPU compiles the kernel once (Triton keys its cache on those)."""
+    from drainage_fast import fused_dac_loss, fused_drainage_loss
+
+    seen = []
+    run = triton_launch._drainage_fwd_kernel.__class__.run
+
+    def spy(kernel, *args, **kwargs):
+        if kernel.fn.__name__ == "_drainage_fwd_kernel":
+            seen.append(({k: str(v) for k, v in kwargs.items() if k not in ("grid", "warmup")}, args))
+        return run(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(triton_launch._drainage_fwd_kernel.__class__, "run", spy)
+    x = torch.randn(16, 11, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 10, (16,), device=DEVICE)
+    for alpha in (0.01, 0.5, 1.0):
+        fused_dac_loss(x, target, alpha=alpha, backend="triton").backward()
+    for alpha in (0.1, 3.0):
+        fused_drainage_loss(x, target, alpha=alpha, backend="triton").backward()
+    dac, drainage = seen[:3], seen[3:]
+    assert all(kw == dac[0][0] for kw, _ in dac) and all(kw == drainage[0][0] for kw, _ in drainage)
+    assert dac[0][0]["MEMBER"] != drainage[0][0]["MEMBER"]  # the member is the one constexpr
+    assert len({tuple(args[-4:]) for _, args in dac}) == 3  # h1 (alpha) as hi + lo floats: three values

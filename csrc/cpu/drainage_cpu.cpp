@@ -547,14 +547,21 @@ inline void store_lanes(scalar_t* p, vfloat v, int64_t n) {
 
 // Rows r0 .. r0 + n - 1 of a pixel group and what their targets say.
 struct PixelGroup {
-  int64_t r0, n;
+  int64_t image, s0, r0, n;  // pixels s0 .. s0 + n - 1 of an image: rows r0 = image * S + s0 ...
   vint t;  // the targets of the rows that count; -1 (no column) in the other lanes
   vint live;  // -1 in the lanes whose row counts (kept, with a valid target)
   vint bad;  // -1 in the lanes whose target is bad
   bool any_live;
 
-  PixelGroup(const TargetView& targets, int64_t r0_, int64_t n_, int64_t K, int64_t d, int64_t ignore_index)
-      : r0(r0_), n(n_), t(vint{} - 1), live(vint{}), bad(vint{}) {
+  PixelGroup(const TargetView& targets, int64_t image_, int64_t s0_, int64_t S, int64_t K, int64_t d,
+             int64_t ignore_index)
+      : image(image_),
+        s0(s0_),
+        r0(image_ * S + s0_),
+        n(std::min<int64_t>(kLanes, S - s0_)),
+        t(vint{} - 1),
+        live(vint{}),
+        bad(vint{}) {
     for (int i = 0; i < n; ++i) {
       const int64_t target = targets[r0 + i];
       const TargetCheck check = check_target(target, K, d, ignore_index);
@@ -566,6 +573,9 @@ struct PixelGroup {
     for (int i = 0; i < kLanes; ++i) any |= live[i];
     any_live = any != 0;
   }
+
+  // The group's first value in a (N, S, K) tensor of the pixel layout (no division).
+  int64_t start(const RowLayout& rows) const { return image * rows.stride_n + s0 * rows.stride_s; }
 
   // Where the row does not count: skipped_row's value (0 where ignored or past n, nan where bad).
   vfloat skipped(float RowTerms<float>::*term) const {
@@ -591,7 +601,7 @@ void max_J_pixels(const scalar_t* z, int64_t stride_k, int64_t K, int64_t d, con
 }
 
 // The sum over J of exp(z - shift) of each lane, added in the row path's order (kSplits = 1 for
-// K <= kBlockMaxK, else kSplit); with kStore, e[k * 16 + i] = exp(z_k - shift) of lane i.
+// K <= kBlockMaxK, else kSplit); with kStore, e[k * 16 + i] = exp(z_k - shift) of lane i (k != d).
 template <int kSplits, bool kStore, typename scalar_t>
 vfloat sum_J_pixels(const scalar_t* z, int64_t stride_k, int64_t K, int64_t d, const PixelGroup& p, vfloat shift,
                     float* e) {
@@ -607,9 +617,10 @@ vfloat sum_J_pixels(const scalar_t* z, int64_t stride_k, int64_t K, int64_t d, c
     for (int j = 0; j < kLanes; ++j) {  // unrolled: with one split, the accumulators stay in registers
       const int64_t k = k0 + j;
       if (k == K) break;
+      if (k == d) continue;  // the gradient at d is g_d: no exponential needed
       const vfloat ev = fast_exp(load_lanes(z + k * stride_k, p.n) - shift);
       if constexpr (kStore) vstore(e + k * kLanes, ev);
-      if (k != d) acc[u][j] += p.t == static_cast<int32_t>(k) ? vsplat(0.0f) : ev;
+      acc[u][j] += p.t == static_cast<int32_t>(k) ? vsplat(0.0f) : ev;
     }
   }
   vfloat lane[kLanes];  // the splits added as in max_and_sum_long_row, then sum_lanes' tree
@@ -642,12 +653,10 @@ void store_grad_pixels(scalar_t* g, int64_t stride_k, int64_t K, int64_t d, cons
   }
 }
 
-// Groups per parallel task: the rows of grain_rows.
-int64_t grain_groups(int64_t K) {
-  const char* env = std::getenv("DF_GRAIN_ELEMS");
-  if (env != nullptr) return std::max<int64_t>(1, std::atoll(env) / (kLanes * (K + 32)));
-  return std::max<int64_t>(1, grain_rows(K) / kLanes);
-}
+// Groups per parallel task: the rows of grain_rows (~16k elements). forward_reduced with gradient
+// on 2 threads, min of 15: (1, 151, 16, 16) 18.6 us, against 28.0 with a 64k-element grain (one
+// task) and 18.7 with one group a task; (1, 51, 32, 32) 32.4 us, 54.6 on 1 thread.
+int64_t grain_groups(int64_t K) { return std::max<int64_t>(1, grain_rows(K) / kLanes); }
 
 // Whether the pixel path takes the rows (and the gradient's): consecutive rows adjacent, outputs
 // not, and enough pixels in an image to fill the lanes.
@@ -665,14 +674,21 @@ void for_pixel_groups(const RowLayout& rows, const TargetView& targets, int64_t 
   const int64_t S = rows.S, per_image = (S + kLanes - 1) / kLanes;
   at::parallel_for(0, rows.R / S * per_image, grain_groups(rows.K), [&](int64_t begin, int64_t end) {
     Scratch<float> scratch(scratch_floats);
+    int64_t image = begin / per_image, s0 = begin % per_image * kLanes;  // one division a task, not a group
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t s0 = i % per_image * kLanes;
-      const PixelGroup group(targets, i / per_image * S + s0, std::min<int64_t>(kLanes, S - s0), rows.K, d,
-                             ignore_index);
-      f(group, scratch.data);
+      f(PixelGroup(targets, image, s0, S, rows.K, d, ignore_index), scratch.data);
+      s0 += kLanes;
+      if (s0 >= S) s0 = 0, ++image;
     }
   });
 }
+
+// RowLanes::clear()'s values in every lane, for the lanes of a group whose row does not count.
+const RowLanes<float> kCleared = [] {
+  RowLanes<float> q{};
+  for (int i = 0; i < kLanes; ++i) q.clear(i);
+  return q;
+}();
 
 // forward_rows in the pixel layout (float, bfloat16 and float16 logits; float math).
 template <typename scalar_t>
@@ -681,7 +697,7 @@ void forward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& 
   const int64_t K = rows.K, d = hp.drainage_idx, ignore_index = hp.ignore_index;
   const bool write_grad = g != nullptr;
   for_pixel_groups(rows, targets, d, ignore_index, write_grad ? K * kLanes : 0, [&](const PixelGroup& p, float* e) {
-    const scalar_t* z = x + rows.start(p.r0);
+    const scalar_t* z = x + p.start(rows);
     RowLanes<float> q{};  // zeros where no row counts
     if (p.any_live) {
       vfloat m, z_t, z_d;
@@ -695,19 +711,18 @@ void forward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& 
         s = write_grad ? sum_J_pixels<1, true>(z, rows.stride_k, K, d, p, shift, e)
                        : sum_J_pixels<1, false>(z, rows.stride_k, K, d, p, shift, e);
       }
-      vstore(q.z_t, z_t);
-      vstore(q.z_d, z_d);
-      vstore(q.m, m);
-      vstore(q.s, s);
+      vstore(q.z_t, p.live ? z_t : vload(kCleared.z_t));
+      vstore(q.z_d, p.live ? z_d : vload(kCleared.z_d));
+      vstore(q.m, p.live ? m : vload(kCleared.m));
+      vstore(q.s, p.live ? s : vload(kCleared.s));
+      const vint infinite_max = p.live & (m == vsplat(-neg_inf<float>()));
       for (int i = 0; i < kLanes; ++i) {
-        if (!p.live[i]) {
-          q.clear(i);
-          continue;
-        }
-        if (q.m[i] == -neg_inf<float>()) {
+        if (infinite_max[i]) {
           q.s[i] = sum_exp_slow(z + i, rows.stride_k, K, p.t[i], d, q.m[i], write_grad ? e + i : nullptr, kLanes);
         }
-        if (hp.weight.ptr != nullptr) q.w[i] = hp.weight.at<float>(p.r0 + i);
+      }
+      for (int i = 0; hp.weight.ptr != nullptr && i < p.n; ++i) {
+        if (p.live[i]) q.w[i] = hp.weight.at<float>(p.r0 + i);
       }
       row_terms_lanes(q, hp);
     }
@@ -720,7 +735,7 @@ void forward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& 
       for (int j = 0; j < kRowTerms; ++j) store_lanes(stats + j * rows.R + p.r0, terms[j], p.n);
     }
     if (!write_grad) return;
-    store_grad_pixels(g + g_rows.start(p.r0), g_rows.stride_k, K, d, p, vload(q.c) * scale, vload(q.g_t) * scale,
+    store_grad_pixels(g + p.start(g_rows), g_rows.stride_k, K, d, p, vload(q.c) * scale, vload(q.g_t) * scale,
                       vload(q.g_d) * scale, [&](int64_t k) { return vload(e + k * kLanes); });
   });
 }
@@ -741,8 +756,8 @@ void backward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView&
     const vfloat shift = vload(terms[0]), sc = vload(scale);
     bool inf_shift = false;  // some lane's J has +inf: 1 where z == shift, as backward_rows
     for (int i = 0; i < p.n; ++i) inf_shift |= terms[0][i] == -neg_inf<float>();
-    const scalar_t* z = x + rows.start(p.r0);
-    store_grad_pixels(g + g_rows.start(p.r0), g_rows.stride_k, K, d, p, vload(terms[1]) * sc, vload(terms[2]) * sc,
+    const scalar_t* z = x + p.start(rows);
+    store_grad_pixels(g + p.start(g_rows), g_rows.stride_k, K, d, p, vload(terms[1]) * sc, vload(terms[2]) * sc,
                       vload(terms[3]) * sc, [&](int64_t k) {
                         const vfloat v = load_lanes(z + k * rows.stride_k, p.n), e = fast_exp(v - shift);
                         return inf_shift ? (v == shift ? vsplat(1.0f) : e) : e;

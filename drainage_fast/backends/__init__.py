@@ -66,6 +66,12 @@ class Backend(Protocol):
         compares exactly.
         """
 
+    def forward_grad_(
+        self, x3: torch.Tensor, target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The per-row (weighted) losses (R,), and x3 overwritten in place with the gradient of their
+        sum (the fused linear path's chunk buffer, drainage_fast/linear.py)."""
+
     def scale_(
         self, grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None
     ) -> torch.Tensor:

@@ -66,53 +66,73 @@ def _softplus2(a: torch.Tensor, b: torch.Tensor):
 
 def row_terms(member: int, z_t, z_d, m, s, h1: float, h2: float):
     """(loss, shift, c, g_t, g_d) of rows of the given member with z_t, z_d and J's max m and sum s
-    (s = 0: J is empty or all -inf)."""
+    (s = 0: J is empty or all -inf).
+
+    Precision at any logit scale: every member is written in three differences of the inputs,
+    z_t - z_d, m - z_t and m - z_d (each rounded once, relative to itself), and log s (at most log K).
+    No constant is added to a number of the logits' magnitude, and no two such numbers are
+    subtracted: at |z| ~ 1e4 that would put an fp32 error of ~1e-3 into every exponent.
+    """
     J_empty = s == 0
     shift = torch.where(m == _NEG_INF, 0.0, m)
-    log_s = torch.log(torch.where(J_empty, 1.0, s))
-    lse_J = torch.where(J_empty, _NEG_INF, shift + log_s)
+    log_s = torch.where(J_empty, _NEG_INF, torch.log(torch.where(J_empty, 1.0, s)))
+    # Plain differences, so that an infinity meets an infinity as in the oracle (nan), but for two
+    # -inf (no mass at t nor d: the row's loss is inf, as the oracle's).
+    d_td = torch.where((z_t == _NEG_INF) & (z_d == _NEG_INF), 0.0, z_t - z_d)
+    d_mt, d_md = shift - z_t, shift - z_d
+    J_t = torch.where(J_empty, _NEG_INF, d_mt + log_s)  # lse_J - z_t
+    J_d = torch.where(J_empty, _NEG_INF, d_md + log_s)  # lse_J - z_d
+    m_L = -torch.logaddexp(-d_md, log_s)  # m - L, L = logaddexp(z_d, lse_J) (the mass off t)
     if member == Member.DRAINAGE:  # h1, h2 = log alpha, log beta
-        L = torch.logaddexp(z_d, lse_J)
-        loss, log_pa, log_pb = _softplus2(h1 + L - z_t, h2 + lse_J - z_d)
+        loss, log_pa, log_pb = _softplus2(h1 + torch.logaddexp(-d_td, J_t), h2 + J_d)
         g_t = -torch.exp(log_pa)
-        g_d = torch.exp(log_pa + _sub(z_d, L)) - torch.exp(log_pb)
-        c = torch.exp(torch.logaddexp(log_pa + _sub(m, L), log_pb - log_s))
+        g_d = torch.exp(log_pa - torch.logaddexp(torch.zeros_like(J_d), J_d)) - torch.exp(log_pb)
+        c = torch.exp(torch.logaddexp(log_pa + m_L, log_pb - log_s))
     elif member == Member.GAMBLERS:
         # l = -log(p_t + p_d / o) = log1p((p_d (1 - 1/o) + p_J) / (p_t + p_d / o)): softplus2 of
-        # a = log(1 - 1/o) + z_d - A and b = lse_J - A, A = logaddexp(z_t, z_d - log o).
-        A = torch.logaddexp(z_t, z_d - h1)
-        loss, log_pa, log_pb = _softplus2(h2 + _sub(z_d, A), _sub(lse_J, A))
-        kept_mass = -torch.expm1(-loss)  # pi_a + pi_b = 1 - exp(-l), precise for tiny losses
-        g_t = -kept_mass * _exp_sub(z_t, A)
-        g_d = torch.exp(log_pa) - kept_mass * torch.exp(_sub(z_d - h1, A))
+        # a = log(1 - 1/o) + z_d - A and b = lse_J - A, A = logaddexp(z_t, z_d - log o), each
+        # formed against the larger term of A: A - z_t = softplus(z_d - log o - z_t) when z_t leads,
+        # A - (z_d - log o) = softplus(z_t - z_d + log o) when z_d - log o does.
+        t_leads = d_td + h1 >= 0
+        A_t = _softplus(-d_td - h1)  # A - z_t
+        A_v = _softplus(d_td + h1)  # A - (z_d - log o)
+        z_d_A = torch.where(t_leads, -d_td - A_t, h1 - A_v)  # z_d - A
+        lse_J_A = torch.where(t_leads, J_t - A_t, J_d + h1 - A_v)  # lse_J - A
+        loss, log_pa, log_pb = _softplus2(h2 + z_d_A, lse_J_A)
+        # d l / d(z_t, z_d) through A: sigma_u = e^(z_t - A), sigma_v = e^(z_d - log o - A), which add
+        # to 1; pi_a + pi_b = 1 - exp(-l). dl/dz_d = pi_a - (pi_a + pi_b) sigma_v is written
+        # pi_a sigma_u - pi_b sigma_v: no cancellation of two terms near pi_a when sigma_v ~ 1.
+        sigma_u = torch.exp(torch.where(t_leads, -A_t, d_td + h1 - A_v))
+        sigma_v = torch.exp(torch.where(t_leads, -d_td - h1 - A_t, -A_v))
+        kept_mass = -torch.expm1(-loss)  # pi_a + pi_b, precise for tiny losses
+        g_t = -kept_mass * sigma_u
+        g_d = torch.exp(log_pa) * sigma_u - torch.exp(log_pb) * sigma_v
         c = torch.exp(log_pb - log_s)
     elif member == Member.DAC:
-        # l = q CE_C + alpha sp, B = logaddexp(z_t, lse_J) (the C classes), CE_C = B - z_t,
-        # sp = -log(1 - p_d) = softplus(z_d - B), q = 1 - p_d; with r = alpha - q CE_C:
-        # dl/dz_d = p_d r, dl/dz_t = -p_d r e^(z_t - B) - q e^(lse_J - B),
-        # dl/dlse_J = e^(lse_J - B) (q - p_d r).
-        B = torch.logaddexp(z_t, lse_J)
-        ce = _softplus(_sub(lse_J, z_t))
-        sp = _softplus(_sub(z_d, B))
-        p_d, q = _sigmoid(_sub(z_d, B)), torch.exp(-sp)
+        # l = q CE_C + alpha sp, B = logaddexp(z_t, lse_J) (the C classes), CE_C = B - z_t =
+        # softplus(lse_J - z_t), sp = -log(1 - p_d) = softplus(z_d - B), q = 1 - p_d; with
+        # r = alpha - q CE_C: dl/dz_d = p_d r, dl/dz_t = -p_d r e^(z_t - B) - q e^(lse_J - B),
+        # dl/dlse_J = e^(lse_J - B) (q - p_d r); e^(z_t - B) = sigmoid(z_t - lse_J).
+        ce = _softplus(J_t)
+        z_d_B = torch.where(J_t <= 0, -d_td - ce, -J_d - _softplus(-J_t))  # against B's larger term
+        sp = _softplus(z_d_B)
+        p_d, q = _sigmoid(z_d_B), torch.exp(-sp)
         r = h1 - q * ce
         loss = q * ce + h1 * sp
         g_d = p_d * r
-        g_t = -p_d * r * _exp_sub(z_t, B) - q * torch.exp(_sub(lse_J, B))
-        c = torch.exp(_sub(m, B)) * (q - p_d * r)
+        g_t = -p_d * r * _sigmoid(-J_t) - q * _sigmoid(J_t)
+        c = torch.exp(-log_s) * _sigmoid(J_t) * (q - p_d * r)
     elif member == Member.CE_ALL:
-        L = torch.logaddexp(z_d, lse_J)
-        D = _sub(L, z_t)
+        D = torch.logaddexp(-d_td, J_t)  # L - z_t
         loss, sigma = _softplus(D), _sigmoid(D)  # sigma = 1 - p_t
         g_t = -sigma
-        g_d = sigma * torch.exp(_sub(z_d, L))
-        c = sigma * torch.exp(_sub(m, L))
-    else:  # CE_CLASSES
-        D = _sub(lse_J, z_t)
-        loss, sigma = _softplus(D), _sigmoid(D)
+        g_d = sigma * torch.exp(-torch.logaddexp(torch.zeros_like(J_d), J_d))  # sigma e^(z_d - L)
+        c = sigma * torch.exp(m_L)
+    else:  # CE_CLASSES: softplus(lse_J - z_t)
+        loss, sigma = _softplus(J_t), _sigmoid(J_t)
         g_t = -sigma
         g_d = torch.zeros_like(sigma)
-        c = torch.exp(_sub(m, torch.logaddexp(z_t, lse_J)))
+        c = torch.exp(-log_s) * sigma  # e^(m - B)
     return loss, shift, torch.where(J_empty, 0.0, c), g_t, g_d
 
 
@@ -183,6 +203,16 @@ def forward_reduced(
         scalar = inv_count if mean else torch.ones(1, dtype=loss.dtype, device=loss.device)
         grad = backward(x3, target, stats, scalar.expand(target.numel()), hp)
     return (total / divisor if mean else total), inv_count, grad, None
+
+
+def forward_grad_(
+    x3: torch.Tensor, target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See backends.Backend: the row losses, and x3 overwritten with the gradient of their sum."""
+    loss, stats = forward(x3, target, hp, weight)
+    ones = torch.ones(1, dtype=loss.dtype, device=loss.device).expand(target.numel())
+    x3.copy_(backward(x3, target, stats, ones, hp))
+    return loss
 
 
 def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:

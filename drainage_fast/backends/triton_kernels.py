@@ -107,7 +107,8 @@ def _logaddexp(x, y):
     hi = tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
     lo = tl.minimum(x, y, propagate_nan=tl.PropagateNan.ALL)
     empty = hi == NEG_INF  # both -inf (e.g. J empty): the result is -inf, not nan
-    return tl.where(empty, hi, hi + _log1p(tl.exp(lo - tl.where(empty, 0.0, hi))))
+    # _exp_sub: two equal infinities add to that infinity (exp(inf - inf) would be nan).
+    return tl.where(empty, hi, hi + _log1p(_exp_sub(lo, tl.where(empty, 0.0, hi))))
 
 
 @triton.jit
@@ -252,10 +253,13 @@ def _sigmoid(x):
 
 @triton.jit
 def _one_minus_exp_neg(x):
-    """1 - exp(-x) for x >= 0, of full relative precision for tiny x (Kahan: (1 - u) x / -log u)."""
+    """1 - exp(-x) for x >= 0, of full relative precision for tiny x (Kahan: (1 - u) x / -log u with
+    u = exp(-x)); from x = 1/2 on, 1 - u directly (u may be subnormal there, too coarse to take the
+    log of)."""
     u = tl.exp(-x)
-    safe = tl.where((u == 1.0) | (u == 0.0), 0.5, u)
-    return tl.where(u == 1.0, x, tl.where(u == 0.0, 1.0, (1.0 - safe) * (x / -tl.log(safe))))
+    safe = tl.where((u == 1.0) | (x > 0.5), 0.5, u)
+    kahan = tl.where(u == 1.0, x, (1.0 - safe) * (x / -tl.log(safe)))
+    return tl.where(x > 0.5, 1.0 - u, kahan)
 
 
 @triton.jit
@@ -286,51 +290,62 @@ def _row_terms(z_t, z_d, m, s, h1, h2, MEMBER: tl.constexpr):
     the same formulas in plain PyTorch, with their derivations.
 
     Returns (loss, shift, c, g_t, g_d): dl/dz_t = g_t, dl/dz_d = g_d, dl/dz_j = exp(z_j - shift) * c
-    for j in J. Every exponent is a difference of nearby values.
+    for j in J. Every member is written in three differences of the inputs (z_t - z_d, m - z_t,
+    m - z_d) and log s: no constant is added to a number of the logits' magnitude, and no two such
+    numbers are subtracted, so the terms keep their precision at any logit scale.
     """
     J_empty = s == 0.0  # K = 2, or every z_j is -inf
     shift = tl.where(m == NEG_INF, 0.0, m)
-    log_s = tl.log(tl.where(J_empty, 1.0, s))
-    lse_J = tl.where(J_empty, NEG_INF, shift + log_s)
+    log_s = tl.where(J_empty, NEG_INF, tl.log(tl.where(J_empty, 1.0, s)))
+    # Plain differences: an infinity meets an infinity as in the oracle (nan), but for two -inf.
+    d_td = tl.where((z_t == NEG_INF) & (z_d == NEG_INF), 0.0, z_t - z_d)
+    d_mt = shift - z_t
+    d_md = shift - z_d
+    J_t = tl.where(J_empty, NEG_INF, d_mt + log_s)  # lse_J - z_t
+    J_d = tl.where(J_empty, NEG_INF, d_md + log_s)  # lse_J - z_d
+    m_L = -_logaddexp(-d_md, log_s)  # m - L, L = logaddexp(z_d, lse_J)
     if MEMBER == DRAINAGE:  # h1, h2 = log alpha, log beta
-        L = _logaddexp(z_d, lse_J)
-        loss, log_pa, log_pb = _softplus2(h1 + L - z_t, h2 + lse_J - z_d)
+        loss, log_pa, log_pb = _softplus2(h1 + _logaddexp(-d_td, J_t), h2 + J_d)
         g_t = -tl.exp(log_pa)
-        g_d = tl.exp(log_pa + _sub(z_d, L)) - tl.exp(log_pb)
-        c = tl.exp(_logaddexp(log_pa + _sub(m, L), log_pb - log_s))
-    elif MEMBER == GAMBLERS:  # h1, h2 = log o, log(1 - 1 / o)
-        A = _logaddexp(z_t, z_d - h1)
-        loss, log_pa, log_pb = _softplus2(h2 + _sub(z_d, A), _sub(lse_J, A))
+        g_d = tl.exp(log_pa - _logaddexp(tl.zeros_like(J_d), J_d)) - tl.exp(log_pb)
+        c = tl.exp(_logaddexp(log_pa + m_L, log_pb - log_s))
+    elif MEMBER == GAMBLERS:  # h1, h2 = log o, log(1 - 1 / o); A formed against its larger term
+        t_leads = d_td + h1 >= 0
+        A_t = _softplus(-d_td - h1)  # A - z_t
+        A_v = _softplus(d_td + h1)  # A - (z_d - log o)
+        z_d_A = tl.where(t_leads, -d_td - A_t, h1 - A_v)
+        lse_J_A = tl.where(t_leads, J_t - A_t, J_d + h1 - A_v)
+        loss, log_pa, log_pb = _softplus2(h2 + z_d_A, lse_J_A)
+        sigma_u = tl.exp(tl.where(t_leads, -A_t, d_td + h1 - A_v))
+        sigma_v = tl.exp(tl.where(t_leads, -d_td - h1 - A_t, -A_v))
         kept_mass = _one_minus_exp_neg(loss)  # pi_a + pi_b
-        g_t = -kept_mass * _exp_sub(z_t, A)
-        g_d = tl.exp(log_pa) - kept_mass * tl.exp(_sub(z_d - h1, A))
+        g_t = -kept_mass * sigma_u
+        g_d = tl.exp(log_pa) * sigma_u - tl.exp(log_pb) * sigma_v  # no cancellation near sigma_v ~ 1
         c = tl.exp(log_pb - log_s)
     elif MEMBER == DAC:  # h1 = alpha
-        B = _logaddexp(z_t, lse_J)
-        ce = _softplus(_sub(lse_J, z_t))
-        sp = _softplus(_sub(z_d, B))
-        p_d = _sigmoid(_sub(z_d, B))
+        ce = _softplus(J_t)
+        z_d_B = tl.where(J_t <= 0, -d_td - ce, -J_d - _softplus(-J_t))  # against B's larger term
+        sp = _softplus(z_d_B)
+        p_d = _sigmoid(z_d_B)
         q = tl.exp(-sp)
         r = h1 - q * ce
         loss = q * ce + h1 * sp
         g_d = p_d * r
-        g_t = -p_d * r * _exp_sub(z_t, B) - q * tl.exp(_sub(lse_J, B))
-        c = tl.exp(_sub(m, B)) * (q - p_d * r)
+        g_t = -p_d * r * _sigmoid(-J_t) - q * _sigmoid(J_t)
+        c = tl.exp(-log_s) * _sigmoid(J_t) * (q - p_d * r)
     elif MEMBER == CE_ALL:
-        L = _logaddexp(z_d, lse_J)
-        D = _sub(L, z_t)
+        D = _logaddexp(-d_td, J_t)  # L - z_t
         loss = _softplus(D)
         sigma = _sigmoid(D)  # 1 - p_t
         g_t = -sigma
-        g_d = sigma * tl.exp(_sub(z_d, L))
-        c = sigma * tl.exp(_sub(m, L))
-    else:  # CE_CLASSES
-        D = _sub(lse_J, z_t)
-        loss = _softplus(D)
-        sigma = _sigmoid(D)
+        g_d = sigma * tl.exp(-_logaddexp(tl.zeros_like(J_d), J_d))
+        c = sigma * tl.exp(m_L)
+    else:  # CE_CLASSES: softplus(lse_J - z_t)
+        loss = _softplus(J_t)
+        sigma = _sigmoid(J_t)
         g_t = -sigma
         g_d = tl.zeros_like(sigma)
-        c = tl.exp(_sub(m, _logaddexp(z_t, lse_J)))
+        c = tl.exp(-log_s) * sigma
     return loss, shift, tl.where(J_empty, 0.0, c), g_t, g_d
 
 

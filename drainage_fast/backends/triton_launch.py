@@ -567,6 +567,22 @@ def forward_reduced(x3, target, hp: Hyper, mean: bool, with_grad: bool, weight: 
     return out, inv, grad3, None
 
 
+def forward_grad_(
+    x3: torch.Tensor, target: torch.Tensor, hp: Hyper, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See backends.Backend: the row losses, and x3 overwritten with the gradient of their sum, in
+    place (each program reads a row, or a tile of it, before it writes there). Two launches."""
+    R = x3.shape[0] * x3.shape[1]
+    loss = torch.empty(R, dtype=loss_dtype(x3), device=x3.device)
+    if R == 0:
+        return loss
+    stats = torch.empty(ROW_TERMS, R, dtype=loss.dtype, device=x3.device)
+    launch = _prepare_forward(x3, target, hp, (loss, stats), x3, 0, None, None, None, weight)
+    _launch_targets(target, x3.shape[-1], hp, _workspace(x3.device), count=False, weight=weight)
+    launch()
+    return loss
+
+
 def scale_(grad: torch.Tensor, grad_out: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
     """grad *= grad_out in place (pending is always None here: the forward applied 1 / count);
     one launch that reads nothing but the scalar when grad_out == 1."""
