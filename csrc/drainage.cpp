@@ -12,6 +12,10 @@
 //   backward -> the gradient of sum_r grad_rows[r] * loss[r], shaped and typed like x3.
 //   forward_with_grad -> loss, stats and the gradient of the summed loss times scale (a one-element
 //     tensor of the loss dtype: 1 / count for a mean; none: 1) in one pass over the logits.
+//   forward_grad_ -> loss (R,), and x3 overwritten with the gradient of the summed (weighted) loss:
+//     the fused linear path's chunk of logits becomes its gradient with no second buffer
+//     (drainage_fast/linear.py). Each row (CPU: each group of rows) is read whole before it is
+//     written. No row terms are kept.
 //   scale_ multiplies a gradient by a one-element tensor in place; nothing happens when it is 1.
 //   forward_reduced (the contract's mean / sum path) -> out (0-dim loss dtype: the sum of the
 //     (weighted) row losses, or their mean over the kept rows, nan when none is kept: divided by the
@@ -48,6 +52,9 @@ TORCH_LIBRARY(drainage_fast, m) {
   m.def(
       "forward_with_grad(Tensor x3, Tensor target, Tensor? scale, float h1, float h2, int drainage_idx, "
       "int ignore_index, int member, Tensor? weight) -> (Tensor loss, Tensor stats, Tensor grad)");
+  m.def(
+      "forward_grad_(Tensor(a!) x3, Tensor target, float h1, float h2, int drainage_idx, int ignore_index, "
+      "int member, Tensor? weight) -> Tensor loss");
   m.def("scale_(Tensor(a!) grad, Tensor scale) -> ()");
   m.def(
       "forward_reduced(Tensor x3, Tensor target, bool mean, bool with_grad, float h1, float h2, int drainage_idx, "

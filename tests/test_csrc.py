@@ -121,6 +121,33 @@ def test_forward_with_grad_is_the_gradient_of_the_mean(dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "long"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("member", list(Member))
+def test_forward_grad_in_place_is_forward_then_backward(layout, dtype, member):
+    """forward_grad_ (the fused linear path's chunk) overwrites the logits with the gradient of the
+    summed (weighted) row losses: the same bits as forward, then backward with upstream 1, on the
+    short-row groups, the pixel layout and long rows (one row a group, the CUDA block-per-row path),
+    with ignored rows and weights."""
+    if layout == "long":
+        x3 = (3 * torch.randn(5, 1, 3001, device=DEVICE)).to(dtype)
+        target = random_targets(5, 3001, 10)
+        target[1] = -100
+    else:
+        x3, target = _rows(layout, dtype, False)
+    weight = strided_weights(target.numel())
+    hp = op_args(member, 10, weight)
+    loss_ref, stats = torch.ops.drainage_fast.forward(x3, target, *hp)
+    ones = loss_ref.new_ones(()).expand(target.numel())
+    grad_ref = torch.ops.drainage_fast.backward(x3, target, stats, ones, 10, -100)
+    buffer = x3.clone()
+    loss = torch.ops.drainage_fast.forward_grad_(buffer, target, *hp)
+    assert torch.equal(loss, loss_ref)
+    assert torch.equal(buffer, grad_ref)
+    torch.library.opcheck(torch.ops.drainage_fast.forward_grad_.default, (x3.clone(), target, *hp))
+
+
+@needs_ext
 def test_forward_with_grad_refuses_a_scale_of_the_wrong_type():
     x3, target = _rows("contiguous", torch.float32, False)
     with pytest.raises(RuntimeError, match="scale must be a one-element Float tensor"):

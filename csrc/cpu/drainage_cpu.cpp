@@ -938,6 +938,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu(
   return {loss, stats, grad};
 }
 
+// The row losses, and x3 overwritten with the gradient of their sum. In place is safe in forward_rows:
+// a group of rows (or of pixels) is read whole (max, sum, z_t, z_d, the exponentials into a scratch
+// buffer) before its gradient is stored, and a group writes only its own rows.
+at::Tensor forward_grad_cpu(at::Tensor& x3, const at::Tensor& target, double h1, double h2, int64_t drainage_idx,
+                            int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
+  at::Tensor loss = at::empty({x3.size(0) * x3.size(1)}, x3.options().dtype(loss_type(x3)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_grad_cpu", [&] {
+    forward_rows<scalar_t>(x3, target, hp, loss, at::Tensor(), x3, 1.0);
+  });
+  return loss;
+}
+
 at::Tensor backward_cpu(const at::Tensor& x3, const at::Tensor& target, const at::Tensor& stats,
                         const at::Tensor& grad_rows, int64_t drainage_idx, int64_t ignore_index) {
   check_rows(x3, target);
@@ -1113,6 +1126,7 @@ TORCH_LIBRARY_IMPL(drainage_fast, CPU, m) {
   m.impl("forward", &drainage::cpu::forward_cpu);
   m.impl("backward", &drainage::cpu::backward_cpu);
   m.impl("forward_with_grad", &drainage::cpu::forward_with_grad_cpu);
+  m.impl("forward_grad_", &drainage::cpu::forward_grad_cpu);
   m.impl("scale_", &drainage::cpu::scale_cpu);
   m.impl("forward_reduced", &drainage::cpu::forward_reduced_cpu);
   m.impl("scale_by_", &drainage::cpu::scale_by_cpu);

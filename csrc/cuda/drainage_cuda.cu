@@ -372,6 +372,10 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), forward_bound_
       bad_rows += check.bad ? 1 : 0;
       bad_weights += w >= T(0) && isfinite(w) ? 0 : 1;  // nan: not >= 0
     }
+    // forward_grad_ writes the gradient over the logits: the lanes of a row must all have read z_t
+    // and z_d (terms_of) before any of them stores there (the block-per-row path's barrier (2)
+    // already orders them).
+    if constexpr (TPR > 0) __syncwarp();
     if (a.grad != nullptr && row_ok) {
       // The row was just read: this second read mostly hits L1 / L2, so DRAM sees one read and
       // one write of the logits for the whole forward + backward.
@@ -619,6 +623,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cuda(
   return {loss, stats, grad};
 }
 
+// The row losses, and x3 overwritten with the gradient of their sum, in one launch: each element
+// is read and then written by the same thread, and z_t / z_d are read by every lane of a row before
+// the warp's (or block's) barrier that precedes the stores. Targets and weights: the device assert.
+at::Tensor forward_grad_cuda(at::Tensor& x3, const at::Tensor& target, double h1, double h2, int64_t drainage_idx,
+                             int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_cuda_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
+  const c10::cuda::CUDAGuard guard(x3.device());
+  at::Tensor loss = at::empty({x3.size(0) * x3.size(1)}, x3.options().dtype(loss_type(x3)));
+  run_forward(x3, target, hp, loss, at::Tensor(), x3, nullptr, nullptr, config_of(x3));
+  return loss;
+}
+
 // The mean / sum forward in two launches and no host sync: the forward kernel (per-block partials,
 // the gradient of the summed (weighted) loss when with_grad, no per-row output) and the one-block
 // finalize (the target and weight asserts, out, inv_count). out: 0-dim loss dtype; inv_count: (1,)
@@ -713,6 +729,7 @@ TORCH_LIBRARY_IMPL(drainage_fast, CUDA, m) {
   m.impl("forward", &drainage::cuda::forward_cuda);
   m.impl("backward", &drainage::cuda::backward_cuda);
   m.impl("forward_with_grad", &drainage::cuda::forward_with_grad_cuda);
+  m.impl("forward_grad_", &drainage::cuda::forward_grad_cuda);
   m.impl("scale_", &drainage::cuda::scale_cuda);
   m.impl("forward_reduced", &drainage::cuda::forward_reduced_cuda);
   m.impl("scale_by_", &drainage::cuda::scale_by_cuda);
