@@ -1,7 +1,7 @@
 """Backend "cpp" against F.cross_entropy (and the pure-PyTorch reference) on the CPU, fp32, 2 threads.
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_vs_cross_entropy.py \
-        [--repeats 15] [--before-rev REV] [--out DIR]
+        [--repeats 15] [--before-rev REV] [--out DIR] [--members]
 
 One training step of the loss on (N, K) fp32 logits that require grad, reduction "mean", forward +
 backward, at the shapes of the CPU table of issue 11. Providers, measured in turns (one sample of
@@ -27,6 +27,11 @@ Writes cpu_vs_cross_entropy.json (every sample, the machine) and cpu_vs_cross_en
 (--report-only rewrites the .md from the .json). --kernels-only --before-rev REV times the
 forward_with_grad op of this tree against REV's alone, in turns, at both kinds of shape
 (cpu_kernels_vs_REV.{json,md}).
+
+--members times the whole eager step of every member of the abstention family on "cpp" (Drainage,
+Deep Gamblers, DAC, cross-entropy over all K outputs and over the C classes) in turns with
+F.cross_entropy, at the (N, K) shapes, fp32, mean, 2 threads (cpu_members_vs_cross_entropy.{json,md}):
+the goal of issue 21 is every member within 1.1x of Drainage's time and faster than F.cross_entropy.
 """
 
 from __future__ import annotations
@@ -48,7 +53,14 @@ import torch
 import torch.nn.functional as F
 
 import drainage_fast.backends.cpp as cpp_backend
-from drainage_fast import _ext, _inputs, fused_drainage_loss
+from drainage_fast import (
+    _ext,
+    _inputs,
+    fused_cross_entropy_loss,
+    fused_dac_loss,
+    fused_drainage_loss,
+    fused_gamblers_loss,
+)
 from drainage_fast._function import DrainageFunction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +72,17 @@ BEFORE_REV = "ef588fc"  # the kernels before the rows-in-lanes CPU kernel (issue
 ALPHA = 0.1
 PROVIDERS = ["F.cross_entropy", "reference", "cpp", "cpp op", "cpp (before)", "cpp op (before)"]
 PIXEL_PROVIDERS = ["F.cross_entropy", "cpp", "cpp op"]
+# --members: each member's eager step (hyper-parameters as the papers' CIFAR-10 runs: Deep Gamblers'
+# reward 2.2, a DAC alpha inside its ramp to 1).
+MEMBERS = {
+    "Drainage": lambda x, t: fused_drainage_loss(x, t, alpha=ALPHA, backend="cpp"),
+    "Deep Gamblers": lambda x, t: fused_gamblers_loss(x, t, reward=2.2, backend="cpp"),
+    "DAC": lambda x, t: fused_dac_loss(x, t, alpha=0.5, backend="cpp"),
+    "CE over K": lambda x, t: fused_cross_entropy_loss(x, t, over="all", backend="cpp"),
+    "CE over C": lambda x, t: fused_cross_entropy_loss(x, t, over="classes", backend="cpp"),
+}
+MEMBER_GOAL = 1.1  # every member within 1.1x of Drainage's time
+MEMBERS_STEM = "cpu_members_vs_cross_entropy"
 
 
 def build_before(rev: str) -> None:
@@ -100,17 +123,18 @@ def build_before(rev: str) -> None:
 
 
 def before_functions() -> dict:
-    """The cpp backend's functions (backends/native.py) on the old ops."""
+    """The cpp backend's functions (backends/native.py) on the old ops (their schemas take
+    Drainage's h1, h2, d, ignore_index: no member, no weights)."""
     ops = torch.ops.drainage_fast_before
 
     def forward(x3, target, hp):
-        return ops.forward.default(x3, target, *hp)
+        return ops.forward.default(x3, target, *hp[:4])
 
     def backward(x3, target, stats, grad_rows, hp):
         return ops.backward.default(x3, target, stats, grad_rows, hp.drainage_idx, hp.ignore_index)
 
     def forward_with_grad(x3, target, hp, scale):
-        return ops.forward_with_grad.default(x3, target, scale, *hp)
+        return ops.forward_with_grad.default(x3, target, scale, *hp[:4])
 
     def scale_(grad, scale):
         ops.scale_.default(grad, scale)
@@ -139,16 +163,11 @@ def make_steps(shape, layout="NCHW", providers=PROVIDERS):
     x3, t = _inputs.as_rows(x.detach()), target.reshape(-1)
     inv_count = torch.tensor([1.0 / t.numel()])
     one = torch.ones(())
-    hp = (
-        float(torch.log(torch.tensor(ALPHA))),
-        0.0,
-        K - 1,
-        -100,
-    )  # log_alpha, log_beta (beta = 1), d, ignore
+    hp = _inputs.Hyper(float(torch.log(torch.tensor(ALPHA))), 0.0, K - 1, -100)  # beta = 1
     new_forward_reduced, new_reduced_loss = cpp_backend.forward_reduced, cpp_backend.reduced_loss
     old = before_functions() if "cpp (before)" in providers else None
 
-    def old_forward_reduced(x3, target, hp, mean, with_grad):
+    def old_forward_reduced(x3, target, hp, mean, with_grad, weight=None):
         # The path as it was before the one-op forward_reduced: the host target check, the count
         # and the reduction in torch ops, around the old kernels.
         _inputs.check_target_values(target, x3.shape[-1], hp.drainage_idx, hp.ignore_index)
@@ -158,10 +177,6 @@ def make_steps(shape, layout="NCHW", providers=PROVIDERS):
         total = loss.sum()
         return (total / count if mean else total), inv_count, grad, None
 
-    def ce():
-        F.cross_entropy(x, target).backward()
-        x.grad = None
-
     def fused(backend):
         def step():
             fused_drainage_loss(x, target, alpha=ALPHA, backend=backend).backward()
@@ -169,10 +184,10 @@ def make_steps(shape, layout="NCHW", providers=PROVIDERS):
 
         return step
 
-    def old_reduced_loss(logits, target, hp, mean):
+    def old_reduced_loss(logits, target, hp, mean, weight=None):
         # The Python autograd Function the step went through before the C++ node.
         reduction = "mean" if mean else "sum"
-        return DrainageFunction.apply(logits, target, hp, reduction, "cpp", True, True)
+        return DrainageFunction.apply(logits, target, weight, hp, reduction, "cpp", True, True)
 
     def fused_before():
         cpp_backend.forward_reduced, cpp_backend.reduced_loss = old_forward_reduced, old_reduced_loss
@@ -183,14 +198,14 @@ def make_steps(shape, layout="NCHW", providers=PROVIDERS):
 
     def op():
         # the op the eager path calls (its backward scale is skipped for an upstream gradient of 1)
-        torch.ops.drainage_fast.forward_reduced.default(x3, t, True, True, *hp)
+        torch.ops.drainage_fast.forward_reduced.default(x3, t, True, True, *hp, None)
 
     def op_before():
-        grad = torch.ops.drainage_fast_before.forward_with_grad.default(x3, t, inv_count, *hp)[2]
+        grad = torch.ops.drainage_fast_before.forward_with_grad.default(x3, t, inv_count, *hp[:4])[2]
         torch.ops.drainage_fast_before.scale_.default(grad, one)
 
     steps = {
-        "F.cross_entropy": ce,
+        "F.cross_entropy": ce_step(x, target),
         "reference": fused("reference"),
         "cpp": fused("cpp"),
         "cpp op": op,
@@ -200,12 +215,37 @@ def make_steps(shape, layout="NCHW", providers=PROVIDERS):
     return {name: steps[name] for name in providers}
 
 
+def ce_step(x, target):
+    """F.cross_entropy's training step on logits x that require grad: the price users already pay."""
+
+    def step():
+        F.cross_entropy(x, target).backward()
+        x.grad = None
+
+    return step
+
+
+def member_steps(N, K):
+    """F.cross_entropy's step and every member's eager "cpp" step on the same fp32 (N, K) logits."""
+    x, target = logits_and_target((N, K))
+    x.requires_grad_()
+
+    def member(loss):
+        def step():
+            loss(x, target).backward()
+            x.grad = None
+
+        return step
+
+    return {"F.cross_entropy": ce_step(x, target), **{name: member(loss) for name, loss in MEMBERS.items()}}
+
+
 def check_same_values(shape, layout="NCHW"):
     """The new and the old kernel agree (the float64 test matrix checks the numbers themselves)."""
     x, target = logits_and_target(shape, layout)
     x3, t = _inputs.as_rows(x), target.reshape(-1)
     args = (x3, t, torch.tensor([1.0 / t.numel()]), -2.3, 0.0, shape[1] - 1, -100)
-    new = torch.ops.drainage_fast.forward_with_grad.default(*args)
+    new = torch.ops.drainage_fast.forward_with_grad.default(*args, 0, None)  # Drainage, no weights
     old = torch.ops.drainage_fast_before.forward_with_grad.default(*args)
     for a, b in zip(new, old):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -228,8 +268,10 @@ def kernels_only(all_cases, repeats: int, rev: str, out: Path) -> None:
         x, target = logits_and_target(shape, layout)
         x3, t = _inputs.as_rows(x), target.reshape(-1)
         args = (x3, t, torch.tensor([1.0 / t.numel()]), -2.3, 0.0, shape[1] - 1, -100)
-        ops = {"this tree": torch.ops.drainage_fast, rev: torch.ops.drainage_fast_before}
-        steps = {name: (lambda ns=ns: ns.forward_with_grad.default(*args)) for name, ns in ops.items()}
+        steps = {
+            "this tree": lambda: torch.ops.drainage_fast.forward_with_grad.default(*args, 0, None),
+            rev: lambda: torch.ops.drainage_fast_before.forward_with_grad.default(*args),
+        }
         samples = measure.cpu_samples(steps, repeats)
         stats = {name: (min(v) * 1e3, statistics.median(v) * 1e3) for name, v in samples.items()}
         rows.append(
@@ -263,6 +305,103 @@ def kernels_only(all_cases, repeats: int, rev: str, out: Path) -> None:
             f"| {b_min / a_min:.2f}x / {b_med / a_med:.2f}x |"
         )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def members(shapes, repeats: int, out: Path) -> None:
+    """--members: every member's step in turns with F.cross_entropy (cpu_members_vs_cross_entropy)."""
+    info = {**machine(), "repeats": repeats}
+    rows = []
+    for N, K in shapes:
+        rows += sample_rows({"N": N, "K": K}, measure.cpu_samples(member_steps(N, K), repeats))
+        print(members_table(rows, "min_ms").splitlines()[-1], flush=True)
+    info["loadavg_1min_at_end"] = os.getloadavg()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{MEMBERS_STEM}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    write_members_report(out)
+
+
+def members_table(rows, stat: str) -> str:
+    """Each member's time (µs), its ratio to Drainage's (goal <= 1.1) and F.cross_entropy's time over
+    it (> 1: faster), in the order the shapes were measured."""
+    by = {(r["N"], r["K"], r["provider"]): r[stat] for r in rows}
+    lines = [
+        "| shape (N, K) | F.cross_entropy µs | "
+        + " | ".join(f"{m} µs (vs Drainage, F.ce / it)" for m in MEMBERS)
+        + " |",
+        "|---|" + "---:|" * (len(MEMBERS) + 1),
+    ]
+    for N, K in dict.fromkeys((r["N"], r["K"]) for r in rows):
+        ce, drainage = by[(N, K, "F.cross_entropy")], by[(N, K, "Drainage")]
+        cells = [
+            f"{fmt_us(by[(N, K, m)])} ({by[(N, K, m)] / drainage:.2f}x, {ce / by[(N, K, m)]:.2f}x)"
+            for m in MEMBERS
+        ]
+        lines.append(f"| ({N}, {K}) | {fmt_us(ce)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def members_summary(rows) -> str:
+    by = {(r["N"], r["K"], r["provider"]): r["min_ms"] for r in rows}
+    shapes = list(dict.fromkeys((r["N"], r["K"]) for r in rows))
+    slow = [(m, s) for s in shapes for m in MEMBERS if by[(*s, m)] > MEMBER_GOAL * by[(*s, "Drainage")]]
+    behind = [(m, s) for s in shapes for m in MEMBERS if by[(*s, m)] >= by[(*s, "F.cross_entropy")]]
+    worst = max(by[(*s, m)] / by[(*s, "Drainage")] for s in shapes for m in MEMBERS)
+    return "\n".join(
+        [
+            f"- Every member within {MEMBER_GOAL}x of Drainage's time at every shape (min): "
+            + ("**met**" if not slow else f"**NOT met** ({', '.join(f'{m} at {s}' for m, s in slow)})")
+            + f"; the largest ratio is {worst:.2f}x.",
+            "- Every member faster than F.cross_entropy at every shape (min): "
+            + ("**met**." if not behind else f"**NOT met** ({', '.join(f'{m} at {s}' for m, s in behind)})."),
+        ]
+    )
+
+
+def write_members_report(out: Path) -> None:
+    data = json.loads((out / f"{MEMBERS_STEM}.json").read_text())
+    info, rows = data["machine"], data["rows"]
+    header = (
+        "# The abstention family on the CPU (`cpp`): every member against Drainage and F.cross_entropy\n\n"
+        "fp32, forward + backward, reduction mean, 2 threads: the whole eager step "
+        '(`fused_*_loss(x, t, backend="cpp").backward()`, one op with a C++ autograd node), and '
+        "`F.cross_entropy(x, t).backward()`, on the same logits (N(0, 9); targets never the last, "
+        "drainage output). Drainage alpha 0.1, Deep Gamblers reward 2.2, DAC alpha 0.5.\n\n"
+        f"Machine: {info['cpu']} (`lscpu`), {info['logical_cpus']} logical CPUs, "
+        f"torch.set_num_threads({info['threads']}), torch {info['torch']}, Python {info['python']}. "
+        f"1-minute load average {info['loadavg_1min_at_start']:.2f} at the start, "
+        f"{info['loadavg_1min_at_end']:.2f} at the end (the machine is shared). {info['repeats']} rounds, "
+        "providers in turns; each sample averages enough calls to last >= 20 ms; the first table gives "
+        "the min over the rounds, the second the median. Generated by "
+        "`benchmarks/cpu_vs_cross_entropy.py --members`; every sample is in the .json beside this file.\n\n"
+        "Each cell: the member's time, its ratio to Drainage's (goal: <= 1.1x) and F.cross_entropy's "
+        "time over it (> 1: the member is faster).\n\n"
+    )
+    body = (
+        members_table(rows, "min_ms")
+        + "\n\n"
+        + members_summary(rows)
+        + "\n\nMedians:\n\n"
+        + members_table(rows, "median_ms")
+        + "\n"
+    )
+    (out / f"{MEMBERS_STEM}.md").write_text(header + body)
+
+
+def sample_rows(where: dict, samples: dict) -> list[dict]:
+    """The result rows of one case (`where`: its shape): each provider's samples (seconds) as min,
+    median and all, in ms."""
+    return [
+        {
+            **where,
+            "dtype": "float32",
+            "reduction": "mean",
+            "provider": name,
+            "min_ms": min(s) * 1e3,
+            "median_ms": statistics.median(s) * 1e3,
+            "samples_ms": [v * 1e3 for v in s],
+        }
+        for name, s in samples.items()
+    ]
 
 
 def machine() -> dict:
@@ -450,15 +589,23 @@ def main():
         action="store_true",
         help="time forward_with_grad of this tree against --before-rev's alone (cpu_kernels_vs_REV.md)",
     )
+    parser.add_argument(
+        "--members",
+        action="store_true",
+        help="every member against Drainage and F.cross_entropy (cpu_members_vs_cross_entropy.md)",
+    )
     args = parser.parse_args()
     if args.report_only:
-        write_report(args.out)
+        (write_members_report if args.members else write_report)(args.out)
         return
     shapes = parse_shapes(args.shapes, SHAPES)
     pixel_shapes = parse_shapes(args.pixel_shapes, PIXEL_SHAPES)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     assert _ext.load_cpu() is None, _ext.load_cpu()
+    if args.members:
+        members(shapes, args.repeats, args.out)
+        return
     build_before(args.before_rev)
     if args.kernels_only:
         kernels_only(cases(shapes, pixel_shapes), args.repeats, args.before_rev, args.out)
@@ -472,18 +619,7 @@ def main():
             make_steps(shape, layout, PIXEL_PROVIDERS if per_pixel else PROVIDERS), args.repeats
         )
         where = {"shape": list(shape), "layout": layout} if per_pixel else {"N": shape[0], "K": shape[1]}
-        for name, s in samples.items():
-            rows.append(
-                {
-                    **where,
-                    "dtype": "float32",
-                    "reduction": "mean",
-                    "provider": name,
-                    "min_ms": min(s) * 1e3,
-                    "median_ms": statistics.median(s) * 1e3,
-                    "samples_ms": [v * 1e3 for v in s],
-                }
-            )
+        rows += sample_rows(where, samples)
         print((pixel_table(rows) if per_pixel else table(rows)).splitlines()[-1], flush=True)
     info["loadavg_1min_at_end"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 // The eager mean / sum loss of the native backends ("cpp", "cuda") as one op with its own C++
 // autograd node:
-//   reduced_loss(logits, target, mean, log_alpha, log_beta, drainage_idx, ignore_index) -> 0-dim loss
-// (schema in drainage.cpp). logits is the user's (N, K, d1..dk) tensor, target (N, d1..dk).
+//   reduced_loss(logits, target, mean, h1, h2, drainage_idx, ignore_index, member, weight) -> 0-dim loss
+// (schema in drainage.cpp). logits is the user's (N, K, d1..dk) tensor, target (N, d1..dk), weight
+// None or shaped like target (sample weights that do not require grad: the API weighs rows in torch
+// ops when they do).
 //
 // Why C++: on the CPU at (512, 51) the kernels take ~30 us, and the Python torch.autograd.Function
 // around them took ~70 us more (apply ~17 us, the Python backward node ~45 us), which made the step
@@ -44,18 +46,33 @@ using torch::autograd::variable_list;
 constexpr const char* kHigherOrderMessage =
     "fused_drainage_loss has a hand-written first-order backward only: it cannot be differentiated "
     "twice (create_graph=True, gradgradcheck, Hessians) nor run under torch.func transforms (grad, vmap, "
-    "jacrev, ...). Use drainage_fast.drainage_loss_reference, the pure-PyTorch loss, for those.";
+    "jacrev, ...). Use drainage_fast.drainage_loss_reference (or the member's *_loss_reference), the "
+    "pure-PyTorch loss, for those.";
 
 using Reduced = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
-Reduced forward_reduced(const at::Tensor& x3, const at::Tensor& target, bool mean, bool with_grad, double log_alpha,
-                        double log_beta, int64_t drainage_idx, int64_t ignore_index) {
+// The loss's arguments besides the tensors, as the ops take them.
+struct Args {
+  bool mean;
+  double h1, h2;
+  int64_t drainage_idx, ignore_index, member;
+
+  // As one saved entry: each entry of saved_data is a hash-map insert, on every step.
+  at::IValue saved() const { return c10::ivalue::Tuple::create({mean, h1, h2, drainage_idx, ignore_index, member}); }
+  static Args from_saved(const at::IValue& v) {
+    const auto& e = v.toTupleRef().elements();
+    return {e[0].toBool(), e[1].toDouble(), e[2].toDouble(), e[3].toInt(), e[4].toInt(), e[5].toInt()};
+  }
+};
+
+Reduced forward_reduced(const at::Tensor& x3, const at::Tensor& target, bool with_grad, const Args& a,
+                        const std::optional<at::Tensor>& weight) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("drainage_fast::forward_reduced", "")
                              .typed<Reduced(const at::Tensor&, const at::Tensor&, bool, bool, double, double,
-                                            int64_t, int64_t)>();
+                                            int64_t, int64_t, int64_t, const std::optional<at::Tensor>&)>();
   at::AutoDispatchBelowADInplaceOrView kernels_only;  // the op has no autograd of its own: skip the keys
-  return op.call(x3, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index);
+  return op.call(x3, target, a.mean, with_grad, a.h1, a.h2, a.drainage_idx, a.ignore_index, a.member, weight);
 }
 
 void scale_by_(const at::Tensor& grad, const at::Tensor& grad_out, const std::optional<at::Tensor>& pending) {
@@ -90,13 +107,16 @@ struct Written {
   std::optional<at::Tensor> pending;
 };
 
-Written run_forward(const at::Tensor& logits, const at::Tensor& target, bool mean, bool with_grad, double log_alpha,
-                    double log_beta, int64_t drainage_idx, int64_t ignore_index, at::Tensor* out) {
-  auto [loss, inv_count, grad] = forward_reduced(as_rows(logits), target.reshape({-1}), mean, with_grad, log_alpha,
-                                                 log_beta, drainage_idx, ignore_index);
+// target (and weight) as the (R,) vector of the rows (a view; no op when it is one already).
+at::Tensor flat(const at::Tensor& t) { return t.dim() == 1 ? t : t.reshape({-1}); }
+
+Written run_forward(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                    bool with_grad, const Args& a, at::Tensor* out) {
+  const std::optional<at::Tensor> rows_weight = weight.has_value() ? std::optional(flat(*weight)) : std::nullopt;
+  auto [loss, inv_count, grad] = forward_reduced(as_rows(logits), flat(target), with_grad, a, rows_weight);
   if (out != nullptr) *out = loss;
   if (!with_grad) return {};
-  const bool count_pending = mean && logits.device().type() != c10::DeviceType::CPU;
+  const bool count_pending = a.mean && logits.device().type() != c10::DeviceType::CPU;
   return {from_rows(*grad, logits.sizes()), count_pending ? inv_count : std::nullopt};
 }
 
@@ -109,22 +129,16 @@ struct NoSecondOrder : public torch::autograd::Function<NoSecondOrder> {
 };
 
 struct ReducedLoss : public torch::autograd::Function<ReducedLoss> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target, bool mean,
-                            bool with_grad, double log_alpha, double log_beta, int64_t drainage_idx,
-                            int64_t ignore_index) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, bool with_grad, Args a) {
     at::Tensor out;
-    Written written =
-        run_forward(logits, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index, &out);
+    Written written = run_forward(logits, target, weight, with_grad, a, &out);
     if (with_grad) {
-      // Saved for a second backward and for create_graph only; the first backward reads neither.
-      ctx->save_for_backward({logits, target});
+      // Saved for a second backward and for create_graph only; the first backward reads none.
+      ctx->save_for_backward({logits, target, weight.value_or(at::Tensor())});
       ctx->saved_data["grad"] = written.grad;
       ctx->saved_data["pending"] = written.pending;
-      ctx->saved_data["mean"] = mean;
-      ctx->saved_data["log_alpha"] = log_alpha;
-      ctx->saved_data["log_beta"] = log_beta;
-      ctx->saved_data["drainage_idx"] = drainage_idx;
-      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["args"] = a.saved();
     }
     return out;
   }
@@ -139,14 +153,13 @@ struct ReducedLoss : public torch::autograd::Function<ReducedLoss> {
         grad = at::IValue();
       } else {  // a second backward through the same graph: the saved inputs, checked for in-place changes
         const variable_list saved = ctx->get_saved_variables();
-        const auto& data = ctx->saved_data;
-        written = run_forward(saved.at(0), saved.at(1), data.at("mean").toBool(), /*with_grad=*/true,
-                              data.at("log_alpha").toDouble(), data.at("log_beta").toDouble(),
-                              data.at("drainage_idx").toInt(), data.at("ignore_index").toInt(), nullptr);
+        const at::Tensor& weight = saved.at(2);
+        written = run_forward(saved.at(0), saved.at(1), weight.defined() ? std::optional(weight) : std::nullopt,
+                              /*with_grad=*/true, Args::from_saved(ctx->saved_data.at("args")), nullptr);
       }
       scale_by_(written.grad, grad_outputs.at(0), written.pending);
     }
-    variable_list grads(8);
+    variable_list grads(5);  // logits, target, weight, with_grad, a
     grads[0] = written.grad;
     // create_graph=True: tie the gradient to the logits, so that differentiating it raises.
     if (at::GradMode::is_enabled()) grads[0] = NoSecondOrder::apply(written.grad, ctx->get_saved_variables().at(0));
@@ -154,16 +167,23 @@ struct ReducedLoss : public torch::autograd::Function<ReducedLoss> {
   }
 };
 
-at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& target, bool mean, double log_alpha,
-                                 double log_beta, int64_t drainage_idx, int64_t ignore_index) {
+at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& target, bool mean, double h1, double h2,
+                                 int64_t drainage_idx, int64_t ignore_index, int64_t member,
+                                 const std::optional<at::Tensor>& weight) {
   const bool with_grad = at::GradMode::is_enabled() && logits.requires_grad();
-  return ReducedLoss::apply(logits, target, mean, with_grad, log_alpha, log_beta, drainage_idx, ignore_index);
+  // The node gives the logits their gradient only: a weight's would be silently lost.
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && weight.has_value() && weight->requires_grad()),
+                    "drainage_fast: reduced_loss takes sample weights that do not require grad (the fused_* "
+                    "losses weigh the rows in torch ops when they do)");
+  return ReducedLoss::apply(logits, target, weight, with_grad, Args{mean, h1, h2, drainage_idx, ignore_index, member});
 }
 
-at::Tensor reduced_loss_forward(const at::Tensor& logits, const at::Tensor& target, bool mean, double log_alpha,
-                                double log_beta, int64_t drainage_idx, int64_t ignore_index) {
+at::Tensor reduced_loss_forward(const at::Tensor& logits, const at::Tensor& target, bool mean, double h1, double h2,
+                                int64_t drainage_idx, int64_t ignore_index, int64_t member,
+                                const std::optional<at::Tensor>& weight) {
   at::Tensor out;
-  run_forward(logits, target, mean, /*with_grad=*/false, log_alpha, log_beta, drainage_idx, ignore_index, &out);
+  run_forward(logits, target, weight, /*with_grad=*/false, Args{mean, h1, h2, drainage_idx, ignore_index, member},
+              &out);
   return out;
 }
 

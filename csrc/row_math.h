@@ -1,18 +1,26 @@
-// Per-row math of the drainage loss, shared by the CPU and the CUDA kernels; the same formulas as
-// the Triton kernels (drainage_fast/backends/triton_kernels.py, whose docstring derives them).
+// Per-row math of the abstention family (drainage_fast/_members.py), shared by the CPU and the CUDA
+// kernels; the same formulas as the reference backend (drainage_fast/backends/reference.py, the
+// spec, with their derivations) and the Triton kernels (backends/triton_kernels.py, _row_terms).
 //
 // One pass over a row gives z_t, z_d, the max m of J = all outputs but {t, d} and
-// s = sum over J of exp(z_j - m). With lse_J = m + log(s) and L = logaddexp(z_d, lse_J):
+// s = sum over J of exp(z_j - m), so lse_J = m + log(s). A member is a function of (z_t, z_d, lse_J)
+// that gives the loss and four row terms, from which the gradient is elementwise:
+//
+//     dl/dz_t = g_t        dl/dz_d = g_d        dl/dz_j = exp(z_j - shift) * c   (j in J, shift = m)
+//
+// Precision at any logit scale: every member is written in three differences of the inputs,
+// z_t - z_d, m - z_t and m - z_d (each rounded once, relative to itself), and log s (at most log K).
+// No constant is added to a number of the logits' magnitude, and no two such numbers are
+// subtracted: at |z| ~ 1e4 that would put an fp32 error of ~1e-3 into every exponent. Drainage,
+// with L = logaddexp(z_d, lse_J):
 //
 //     a = log(alpha) + L - z_t        b = log(beta) + lse_J - z_d        l = logsumexp(0, a, b)
-//     dl/dz_t = -pi_a        dl/dz_d = pi_a exp(z_d - L) - pi_b        (pi_a, pi_b) = exp((a, b) - l)
-//     dl/dz_j = exp(z_j - shift) * c,   c = pi_a exp(m - L) + pi_b / s,   shift = m   (j in J)
+//     g_t = -pi_a        g_d = pi_a exp(z_d - L) - pi_b        (pi_a, pi_b) = exp((a, b) - l)
+//     c = pi_a exp(m - L) + pi_b / s
 //
-// Every exponent is a difference of nearby values, so the gradient keeps its precision at any
-// logit scale. x - x is taken as 0 where both are the same infinity, which gives the reference's
-// results for infinite logits.
-//
-// T is the compute type: float for float / half / bfloat16 logits, double for double.
+// Each member is written once, on a value type V with its math in M (ScalarMath below: one row in
+// float or double, on the host or in CUDA device code; the CPU kernel's LaneMath: 16 rows in the
+// lanes of a vector, cpu/drainage_cpu.cpp). Branches are selects, so both give the same values.
 #pragma once
 
 #include <cmath>
@@ -27,6 +35,16 @@
 
 namespace drainage {
 
+// The members: drainage_fast/_members.py Member (h1, h2 are each member's runtime hyper-parameters).
+enum Member : int {
+  kDrainage = 0,  // h1, h2 = log alpha, log beta
+  kGamblers = 1,  // h1, h2 = log reward, log(1 - 1 / reward)
+  kDac = 2,  // h1 = alpha
+  kCeAll = 3,  // cross-entropy over all K outputs
+  kCeClasses = 4,  // cross-entropy over the C classes
+};
+constexpr int kMembers = 5;
+
 // The C names resolve to the same accurate functions on the host and in CUDA device code.
 DRAINAGE_HD float exp_acc(float x) { return ::expf(x); }
 DRAINAGE_HD double exp_acc(double x) { return ::exp(x); }
@@ -34,6 +52,8 @@ DRAINAGE_HD float log_acc(float x) { return ::logf(x); }
 DRAINAGE_HD double log_acc(double x) { return ::log(x); }
 DRAINAGE_HD float log1p_acc(float x) { return ::log1pf(x); }
 DRAINAGE_HD double log1p_acc(double x) { return ::log1p(x); }
+DRAINAGE_HD float expm1_acc(float x) { return ::expm1f(x); }
+DRAINAGE_HD double expm1_acc(double x) { return ::expm1(x); }
 
 template <typename T>
 DRAINAGE_HD T neg_inf() {
@@ -45,27 +65,81 @@ DRAINAGE_HD T quiet_nan() {
   return std::numeric_limits<T>::quiet_NaN();
 }
 
-// log(exp(x) + exp(y)). log1p keeps full relative precision when exp(lo - hi) is tiny: a confident
-// row's loss is ~exp(a) + exp(b), far below the fp32 epsilon, and log(1 + x) would round it to 0.
+// The math of one row in T (float or double).
 template <typename T>
-DRAINAGE_HD T logaddexp(T x, T y) {
-  if (x != x || y != y) return x + y;  // NaN must survive; max / min would drop it
-  const T hi = x > y ? x : y;
-  const T lo = x > y ? y : x;
-  if (hi == neg_inf<T>()) return hi;  // both -inf (J empty): -inf, not -inf - -inf = nan
-  return hi + log1p_acc(exp_acc(lo - hi));
-}
+struct ScalarMath {
+  using V = T;
+  static DRAINAGE_HD V splat(T x) { return x; }
+  static DRAINAGE_HD V exp(V x) { return exp_acc(x); }
+  static DRAINAGE_HD V log(V x) { return log_acc(x); }
+  static DRAINAGE_HD V log1p(V x) { return log1p_acc(x); }
+  static DRAINAGE_HD V expm1(V x) { return expm1_acc(x); }
+  template <typename Mask>
+  static DRAINAGE_HD V select(Mask c, V a, V b) {
+    return c ? a : b;
+  }
+};
 
 // x - y, and 0 where x == y (also for two equal infinities, where x - y is nan).
-template <typename T>
-DRAINAGE_HD T sub(T x, T y) {
-  return x == y ? T(0) : x - y;
+template <class M, class V>
+DRAINAGE_HD V sub(V x, V y) {
+  return M::select(x == y, M::splat(0), x - y);
 }
 
-template <typename T>
-DRAINAGE_HD T max_nan(T x, T y) {
-  if (x != x || y != y) return x + y;  // NaN propagates
-  return x > y ? x : y;
+// log(exp(x) + exp(y)). log1p keeps full relative precision when exp(lo - hi) is tiny: a confident
+// row's loss is ~exp(a) + exp(b), far below the fp32 epsilon, and log(1 + x) would round it to 0.
+// NaN survives (max / min would drop it); x = y = +-inf gives x + log 2 = x, as torch.logaddexp
+// (both -inf: J empty), not inf - inf = nan.
+template <class M, class V>
+DRAINAGE_HD V logaddexp(V x, V y) {
+  const auto x_gt = x > y;
+  const V hi = M::select(x_gt, x, y), lo = M::select(x_gt, y, x);
+  return M::select((x != x) | (y != y), x + y, hi + M::log1p(M::exp(sub<M>(lo, hi))));
+}
+
+// max(x, y), NaN where either is (as torch.maximum).
+template <class M, class V>
+DRAINAGE_HD V max_nan(V x, V y) {
+  return M::select((x != x) | (y != y), x + y, M::select(x > y, x, y));
+}
+
+// -|x| (NaN stays).
+template <class M, class V>
+DRAINAGE_HD V neg_abs(V x) {
+  return M::select(x > M::splat(0), -x, x);
+}
+
+// log(1 + exp(x)): exact for large x, full relative precision for very negative x.
+template <class M, class V>
+DRAINAGE_HD V softplus(V x) {
+  return max_nan<M>(x, M::splat(0)) + M::log1p(M::exp(neg_abs<M>(x)));
+}
+
+template <class M, class V>
+DRAINAGE_HD V sigmoid(V x) {
+  const V e = M::exp(neg_abs<M>(x));
+  return M::select(x >= M::splat(0), M::splat(1) / (M::splat(1) + e), e / (M::splat(1) + e));
+}
+
+// (l, log pi_a, log pi_b) of l = logsumexp(0, a, b), (pi_a, pi_b) = exp((a, b) - l).
+template <class V>
+struct Softplus2 {
+  V l, log_pa, log_pb;
+};
+
+// l = mx + log1p(the two smaller of exp(0 - mx), exp(a - mx), exp(b - mx)): exact for the largest
+// term, and a confident row (mx = 0) keeps the full relative precision of its tiny loss.
+// a = b = +inf (e.g. Drainage's z_t = z_d = -inf): the split between them is undefined, nan as in
+// the reference.
+template <class M, class V>
+DRAINAGE_HD Softplus2<V> softplus2(V a, V b) {
+  const V mx = max_nan<M>(max_nan<M>(a, b), M::splat(0));
+  const V da = sub<M>(a, mx), db = sub<M>(b, mx);
+  const V ea = M::exp(da), eb = M::exp(db), e0 = M::exp(-mx);
+  const V log_z = M::log1p(M::select(a == mx, e0 + eb, M::select(b == mx, e0 + ea, ea + eb)));
+  const V inf = M::splat(-neg_inf<float>()), nan = M::splat(quiet_nan<float>());
+  const auto undefined = (a == inf) & (b == inf);
+  return {mx + log_z, M::select(undefined, nan, da - log_z), M::select(undefined, nan, db - log_z)};
 }
 
 template <typename T>
@@ -73,29 +147,104 @@ struct RowTerms {
   T loss, shift, c, g_t, g_d;
 };
 
-// The loss and the gradient's row terms from z_t, z_d and J's max m and sum s (s = 0: J is empty,
-// K = 2, or all of it is -inf).
-template <typename T>
-DRAINAGE_HD RowTerms<T> row_terms(T z_t, T z_d, T m, T s, T log_alpha, T log_beta) {
-  const bool J_empty = s == T(0);
-  const T shift = m == neg_inf<T>() ? T(0) : m;
-  const T log_s = J_empty ? T(0) : log_acc(s);
-  const T lse_J = J_empty ? neg_inf<T>() : shift + log_s;
-  const T L = logaddexp(z_d, lse_J);
-  const T a = log_alpha + L - z_t;
-  const T b = log_beta + lse_J - z_d;
-  // l = mx + log1p(the two smaller of exp(0 - mx), exp(a - mx), exp(b - mx)): exact for the largest
-  // term, and a confident row (mx = 0) keeps the full relative precision of its tiny loss.
-  const T mx = max_nan(max_nan(a, b), T(0));
-  const T da = sub(a, mx), db = sub(b, mx);
-  const T ea = exp_acc(da), eb = exp_acc(db), e0 = exp_acc(-mx);
-  const T log_z = log1p_acc(a == mx ? e0 + eb : (b == mx ? e0 + ea : ea + eb));
-  // a = b = +inf (z_t = z_d = -inf): the split between them is undefined, nan as in the reference.
-  const bool undefined = a == -neg_inf<T>() && b == -neg_inf<T>();
-  const T log_pa = undefined ? quiet_nan<T>() : da - log_z;
-  const T log_pb = undefined ? quiet_nan<T>() : db - log_z;
-  const T c = J_empty ? T(0) : exp_acc(logaddexp(log_pa + sub(m, L), log_pb - log_s));
-  return {mx + log_z, shift, c, -exp_acc(log_pa), exp_acc(log_pa + sub(z_d, L)) - exp_acc(log_pb)};
+// What a member reads of a row: the differences d_td = z_t - z_d, and J_t = lse_J - z_t,
+// J_d = lse_J - z_d (-inf when J is empty or all -inf), log_s, and m_L = m - L (L = logaddexp(z_d,
+// lse_J), the mass off t).
+template <class V>
+struct RowInputs {
+  V d_td, J_t, J_d, log_s, m_L;
+};
+
+// Each member: (loss, c, g_t, g_d) (the shift is m, set by row_terms), reference.py's row_terms.
+template <class M, class V>
+DRAINAGE_HD RowTerms<V> drainage_terms(const RowInputs<V>& r, V log_alpha, V log_beta) {
+  const Softplus2<V> p = softplus2<M>(log_alpha + logaddexp<M>(-r.d_td, r.J_t), log_beta + r.J_d);
+  const V g_d = M::exp(p.log_pa - logaddexp<M>(M::splat(0), r.J_d)) - M::exp(p.log_pb);
+  const V c = M::exp(logaddexp<M>(p.log_pa + r.m_L, p.log_pb - r.log_s));
+  return {p.l, V{}, c, -M::exp(p.log_pa), g_d};
+}
+
+// l = -log(p_t + p_d / o) = log1p((p_d (1 - 1/o) + p_J) / (p_t + p_d / o)): softplus2 of
+// a = log(1 - 1/o) + z_d - A and b = lse_J - A, A = logaddexp(z_t, z_d - log o), each formed against
+// the larger term of A. sigma_u = e^(z_t - A), sigma_v = e^(z_d - log o - A) add to 1, and
+// dl/dz_d = pi_a sigma_u - pi_b sigma_v: no cancellation of two terms near pi_a when sigma_v ~ 1.
+template <class M, class V>
+DRAINAGE_HD RowTerms<V> gamblers_terms(const RowInputs<V>& r, V log_reward, V log_keep) {
+  const auto t_leads = r.d_td + log_reward >= M::splat(0);
+  const V A_t = softplus<M>(-r.d_td - log_reward);  // A - z_t
+  const V A_v = softplus<M>(r.d_td + log_reward);  // A - (z_d - log o)
+  const V z_d_A = M::select(t_leads, -r.d_td - A_t, log_reward - A_v);
+  const V lse_J_A = M::select(t_leads, r.J_t - A_t, r.J_d + log_reward - A_v);
+  const Softplus2<V> p = softplus2<M>(log_keep + z_d_A, lse_J_A);
+  const V sigma_u = M::exp(M::select(t_leads, -A_t, r.d_td + log_reward - A_v));
+  const V sigma_v = M::exp(M::select(t_leads, -r.d_td - log_reward - A_t, -A_v));
+  const V kept_mass = -M::expm1(-p.l);  // pi_a + pi_b = 1 - exp(-l), precise for tiny losses
+  const V g_d = M::exp(p.log_pa) * sigma_u - M::exp(p.log_pb) * sigma_v;
+  return {p.l, V{}, M::exp(p.log_pb - r.log_s), -kept_mass * sigma_u, g_d};
+}
+
+// l = q CE_C + alpha sp, B = logaddexp(z_t, lse_J) (the C classes), CE_C = B - z_t =
+// softplus(lse_J - z_t), sp = -log(1 - p_d) = softplus(z_d - B), q = 1 - p_d; with
+// r = alpha - q CE_C: dl/dz_d = p_d r, dl/dz_t = -p_d r e^(z_t - B) - q e^(lse_J - B),
+// dl/dlse_J = e^(lse_J - B) (q - p_d r); e^(z_t - B) = sigmoid(z_t - lse_J).
+template <class M, class V>
+DRAINAGE_HD RowTerms<V> dac_terms(const RowInputs<V>& r, V alpha) {
+  const V ce = softplus<M>(r.J_t);
+  const V z_d_B = M::select(r.J_t <= M::splat(0), -r.d_td - ce, -r.J_d - softplus<M>(-r.J_t));  // B's larger term
+  const V sp = softplus<M>(z_d_B);
+  const V p_d = sigmoid<M>(z_d_B), q = M::exp(-sp);
+  const V rest = alpha - q * ce;
+  const V g_t = -p_d * rest * sigmoid<M>(-r.J_t) - q * sigmoid<M>(r.J_t);
+  const V c = M::exp(-r.log_s) * sigmoid<M>(r.J_t) * (q - p_d * rest);
+  return {q * ce + alpha * sp, V{}, c, g_t, p_d * rest};
+}
+
+// l = softplus(D), D = L - z_t; sigma = 1 - p_t.
+template <class M, class V>
+DRAINAGE_HD RowTerms<V> ce_all_terms(const RowInputs<V>& r) {
+  const V D = logaddexp<M>(-r.d_td, r.J_t), sigma = sigmoid<M>(D);
+  const V g_d = sigma * M::exp(-logaddexp<M>(M::splat(0), r.J_d));  // sigma e^(z_d - L)
+  return {softplus<M>(D), V{}, sigma * M::exp(r.m_L), -sigma, g_d};
+}
+
+// CE_C = softplus(lse_J - z_t); z_d takes no part.
+template <class M, class V>
+DRAINAGE_HD RowTerms<V> ce_classes_terms(const RowInputs<V>& r) {
+  const V sigma = sigmoid<M>(r.J_t);
+  return {softplus<M>(r.J_t), V{}, M::exp(-r.log_s) * sigma, -sigma, M::splat(0)};  // c = e^(m - B)
+}
+
+// The loss and the gradient's row terms of a member from z_t, z_d and J's max m and sum s (s = 0:
+// J is empty, K = 2, or all of it is -inf).
+template <class M, class V>
+DRAINAGE_HD RowTerms<V> row_terms(int member, V z_t, V z_d, V m, V s, V h1, V h2) {
+  const V zero = M::splat(0), ninf = M::splat(neg_inf<float>());
+  const auto J_empty = s == zero;
+  const V shift = M::select(m == ninf, zero, m);
+  const V log_s = M::log(s);  // -inf when J is empty
+  // Plain differences, so that an infinity meets an infinity as in the oracle (nan), but for two
+  // -inf (no mass at t nor d: the row's loss is inf, as the oracle's).
+  const V d_td = M::select((z_t == ninf) & (z_d == ninf), zero, z_t - z_d);
+  const V d_md = shift - z_d;
+  const RowInputs<V> r = {d_td, M::select(J_empty, ninf, (shift - z_t) + log_s),
+                          M::select(J_empty, ninf, d_md + log_s), log_s, -logaddexp<M>(-d_md, log_s)};
+  RowTerms<V> t;
+  switch (member) {
+    case kGamblers: t = gamblers_terms<M>(r, h1, h2); break;
+    case kDac: t = dac_terms<M>(r, h1); break;
+    case kCeAll: t = ce_all_terms<M>(r); break;
+    case kCeClasses: t = ce_classes_terms<M>(r); break;
+    default: t = drainage_terms<M>(r, h1, h2); break;
+  }
+  t.shift = shift;
+  t.c = M::select(J_empty, zero, t.c);
+  return t;
+}
+
+// The terms of the weighted loss w_r l_r.
+template <class V>
+DRAINAGE_HD RowTerms<V> weighted(RowTerms<V> t, V w) {
+  return {t.loss * w, t.shift, t.c * w, t.g_t * w, t.g_d * w};
 }
 
 // The terms a row stores: an ignored row has loss 0 (its gradient is zeroed by a select, so inf or

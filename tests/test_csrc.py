@@ -7,6 +7,7 @@ this file checks what only the extension has.
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_cases import FAMILY, op_args, strided_weights
 from support import DEVICE, assert_grad_close, random_targets
 
 from drainage_fast import _ext, backends, drainage_loss_reference, fused_drainage_loss
-from drainage_fast._inputs import as_rows, from_rows
+from drainage_fast._inputs import WEIGHT_MESSAGE, as_rows, from_rows
+from drainage_fast._members import Member
 
 ROOT = Path(__file__).resolve().parents[1]
 DISABLED = os.environ.get("DRAINAGE_FAST_NO_EXT") == "1"
@@ -55,7 +58,14 @@ def _rows(layout, dtype, requires_grad):
 
 LAYOUTS = ["contiguous", "transposed", "channels_last", "empty"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
-HP = (0.25, -0.5, 10, -100)  # log_alpha, log_beta, drainage_idx, ignore_index
+HP = (
+    0.25,
+    -0.5,
+    10,
+    -100,
+    0,
+    None,
+)  # h1, h2 (Drainage: log alpha, log beta), d, ignore_index, member, weight
 
 
 @needs_ext
@@ -111,10 +121,61 @@ def test_forward_with_grad_is_the_gradient_of_the_mean(dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "long"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("member", list(Member))
+def test_forward_grad_in_place_is_forward_then_backward(layout, dtype, member):
+    """forward_grad_ (the fused linear path's chunk) overwrites the logits with the gradient of the
+    summed (weighted) row losses: the same bits as forward, then backward with upstream 1, on the
+    short-row groups, the pixel layout and long rows (one row a group, the CUDA block-per-row path),
+    with ignored rows and weights."""
+    if layout == "long":
+        x3 = (3 * torch.randn(5, 1, 3001, device=DEVICE)).to(dtype)
+        target = random_targets(5, 3001, 10)
+        target[1] = -100
+    else:
+        x3, target = _rows(layout, dtype, False)
+    weight = strided_weights(target.numel())
+    hp = op_args(member, 10, weight)
+    loss_ref, stats = torch.ops.drainage_fast.forward(x3, target, *hp)
+    ones = loss_ref.new_ones(()).expand(target.numel())
+    grad_ref = torch.ops.drainage_fast.backward(x3, target, stats, ones, 10, -100)
+    buffer = x3.clone()
+    loss = torch.ops.drainage_fast.forward_grad_(buffer, target, *hp)
+    assert torch.equal(loss, loss_ref)
+    assert torch.equal(buffer, grad_ref)
+    torch.library.opcheck(torch.ops.drainage_fast.forward_grad_.default, (x3.clone(), target, *hp))
+
+
+@needs_ext
 def test_forward_with_grad_refuses_a_scale_of_the_wrong_type():
     x3, target = _rows("contiguous", torch.float32, False)
     with pytest.raises(RuntimeError, match="scale must be a one-element Float tensor"):
         torch.ops.drainage_fast.forward_with_grad(x3, target, torch.tensor([3]), *HP)
+
+
+@needs_ext
+@pytest.mark.parametrize("member", list(Member))
+def test_opcheck_members_and_weights(member):
+    """The schemas with a member and sample weights (any float dtype and stride), every op that
+    takes them."""
+    x3, target = _rows("contiguous", torch.float32, False)
+    for weight in (None, strided_weights(target.numel())):
+        hp = op_args(member, 10, weight)
+        torch.library.opcheck(torch.ops.drainage_fast.forward.default, (x3, target, *hp))
+        torch.library.opcheck(torch.ops.drainage_fast.forward_with_grad.default, (x3, target, None, *hp))
+        for mean in (True, False):
+            torch.library.opcheck(
+                torch.ops.drainage_fast.forward_reduced.default, (x3, target, mean, True, *hp)
+            )
+    x = torch.randn(6, 11, 3, device=DEVICE, requires_grad=True)
+    target = random_targets(6, 11, 10, 3)
+    weight = strided_weights(18).reshape(6, 3)
+    torch.library.opcheck(
+        torch.ops.drainage_fast.reduced_loss.default,
+        (x, target, True, *op_args(member, 10, weight)),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
@@ -289,16 +350,18 @@ def test_cpu_chunk_edges_match_float64(K):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("member", list(Member))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("K", EDGE_K)
-def test_cpu_rows_do_not_depend_on_their_group_or_the_thread_count(K, dtype):
+def test_cpu_rows_do_not_depend_on_their_group_or_the_thread_count(K, dtype, member):
     """Each row's loss, row terms and gradient are the same bits whether it is computed alone, in a
-    batch on 1 thread or on 2, fused or recomputed."""
+    batch on 1 thread or on 2, fused or recomputed; for every member, with sample weights."""
     x, t, d = _edge_rows(K, dtype=dtype)
     x3 = x.unsqueeze(1)
     ltype = torch.float64 if dtype == torch.float64 else torch.float32
     scale = torch.tensor([0.25], dtype=ltype)
-    hp = (-2.3, -0.35, d, -100)
+    weight = strided_weights(t.numel(), torch.bfloat16)
+    hp = op_args(member, d, weight)
     threads = torch.get_num_threads()
     try:
         runs = []
@@ -313,7 +376,8 @@ def test_cpu_rows_do_not_depend_on_their_group_or_the_thread_count(K, dtype):
     recomputed = torch.ops.drainage_fast.backward(x3, t, stats, scale.expand(t.numel()), d, -100)
     assert torch.equal(grad, recomputed)
     for r in range(0, x.shape[0], 5):
-        one = torch.ops.drainage_fast.forward_with_grad(x3[r : r + 1].clone(), t[r : r + 1], scale, *hp)
+        one_hp = (*hp[:-1], weight[r : r + 1])
+        one = torch.ops.drainage_fast.forward_with_grad(x3[r : r + 1].clone(), t[r : r + 1], scale, *one_hp)
         assert torch.equal(one[0], loss[r : r + 1])
         assert torch.equal(one[1], stats[:, r : r + 1])
         assert torch.equal(one[2], grad[r : r + 1])
@@ -387,14 +451,16 @@ def test_cpu_pixel_rows_match_float64(K, layout):
             assert (xc.grad.movedim(1, -1)[t == -100] == 0).all()
 
 
-def _per_pixel_ops(x, t, up, hp):
+def _per_pixel_ops(x, t, up, hp, weight):
     """Every CPU op on (N, K, H, W) logits, each output per pixel: losses (N, H, W), row terms
     (4, N, H, W) and gradients (N, K, H, W), whatever the layout; `up` (N, H, W): the upstream
-    gradient of the losses. The targets are not checked."""
+    gradient of the losses; hp: the ops' h1, h2, d, ignore_index, member; weight (N, H, W). The
+    targets are not checked."""
     ops = torch.ops.drainage_fast
     N, K, H, W = x.shape
     x3, target = as_rows(x), t.reshape(-1)
     d, ignore_index = hp[2], hp[3]
+    hp = (*hp, weight.reshape(-1))
     scale = torch.tensor([0.25])
     loss, stats = ops.forward(x3, target, *hp)
     fused_loss, fused_stats, fused_grad = ops.forward_with_grad(x3, target, scale, *hp)
@@ -430,18 +496,22 @@ def _specials(x, t, K, d):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("member", list(Member))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K", PIXEL_K)
-def test_cpu_pixel_rows_are_the_row_path_bits(K, dtype):
+def test_cpu_pixel_rows_are_the_row_path_bits(K, dtype, member):
     """Each pixel's loss, row terms and gradient have the same bits in the pixel layout (NCHW) as
     in the row path (the same values channels_last), on 1 thread and on 2, and when the image is
     cropped so that its pixels fall in other lanes and groups: the pixel path adds a row's terms in
-    the row path's order. Also with infinities, nan and bad targets (the ops do not check them:
-    those rows are nan)."""
+    the row path's order. Every member, with sample weights (one of them 0). Also with infinities,
+    nan and bad targets (the ops do not check them: those rows are nan); the fused gradient is the
+    recomputed one there too (+inf in J: 1 where z == shift, not nan, in both)."""
     N, H, W, d = 2, 5, 7, (K - 1) // 2
     x, t = _pixel_batch(N, K, H, W, dtype, d, seed=K)
     _specials(x, t, K, d)
-    hp = (-2.3, -0.35, d, -100)
+    hp = op_args(member, d)[:-1]
+    weight = strided_weights(t.numel(), seed=K).view(t.shape)
+    weight[1, 2, 3] = 0.0
     up = torch.linspace(0.5, 2.0, t.numel()).view(t.shape)
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert as_rows(x).stride()[1:] == (1, H * W) and H * W >= 16  # the pixel layout
@@ -453,9 +523,12 @@ def test_cpu_pixel_rows_are_the_row_path_bits(K, dtype):
         for n in (1, 2):
             torch.set_num_threads(n)
             for logits in (x, channels_last):
-                out = _per_pixel_ops(logits, t, up, hp)
+                out = _per_pixel_ops(logits, t, up, hp, weight)
+                torch.testing.assert_close(
+                    out["fused grad"], out["scalar grad"], rtol=0, atol=0, equal_nan=True
+                )
                 reduced = torch.ops.drainage_fast.forward_reduced(
-                    as_rows(logits), good.reshape(-1), True, True, *hp
+                    as_rows(logits), good.reshape(-1), True, True, *hp, weight.reshape(-1)
                 )
                 out["mean"], out["mean grad"] = reduced[0], from_rows(reduced[2], x.shape)
                 runs.append(out)
@@ -471,24 +544,117 @@ def test_cpu_pixel_rows_are_the_row_path_bits(K, dtype):
         expected["grad"].movedim(1, -1)[t == -100] == 0
     ).all()
     cropped = _per_pixel_ops(
-        x[..., 1:].contiguous(), t[..., 1:], up[..., 1:].contiguous(), hp
+        x[..., 1:].contiguous(), t[..., 1:], up[..., 1:].contiguous(), hp, weight[..., 1:]
     )  # S = 30: the pixels one lane over
     for name, value in cropped.items():
         torch.testing.assert_close(value, expected[name][..., 1:], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 @needs_cpu_kernel
-def test_cpp_names_the_output_count_when_a_target_is_the_drainage_output():
+@pytest.mark.parametrize("member", list(Member))
+def test_cpp_names_the_output_count_when_a_target_is_the_drainage_output(member):
     """The eager mean checks the targets in the C++ op: a target equal to the drainage index gets the
-    K = C + 1 hint, one out of range does not."""
+    K = C + 1 hint, one out of range does not; for every member, with and without sample weights."""
+    loss, _, params, _ = FAMILY[member]
     x = torch.randn(4, 5, 6, requires_grad=True)
-    for bad, what in [(4, "equals drainage_idx"), (7, "is out of range [0, 5)")]:
+    for (bad, what), weight in itertools.product(
+        [(4, "equals drainage_idx"), (7, "is out of range [0, 5)")], [None, torch.rand(4, 6)]
+    ):
         t = torch.zeros(4, 6, dtype=torch.long)
         t[2, 3] = bad
         with pytest.raises(IndexError) as err:
-            fused_drainage_loss(x, t, backend="cpp")
+            loss(x, t, **params, sample_weight=weight, backend="cpp")
         assert f"target value {bad} {what}" in str(err.value)
         assert (K_RULE in str(err.value)) == (bad == 4), str(err.value)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "pixels"])
+@pytest.mark.parametrize("member", list(Member))
+def test_cpp_members_and_weights_match_float64(member, layout, weighted):
+    """Every member through the cpp backend against its float64 oracle (autograd of
+    drainage_fast.reference) with sample_weight: rows of K = 51 (the row path; K = 3 and 300 too),
+    and NCHW pixels (the pixel path), fp32 / bf16 / fp64 logits, weights of another dtype and a
+    stride, every reduction (mean: the weighted mean sum(w l) / sum(w)), ignored rows."""
+    from support import assert_loss_close
+
+    loss_fn, oracle, params, (a, b) = FAMILY[member]
+    gen = torch.Generator().manual_seed(int(member))
+    cases = [(torch.float32, 51), (torch.bfloat16, 3), (torch.float64, 300)]
+    for (dtype, K), reduction in itertools.product(cases, ["none", "sum", "mean"]):
+        shape = (37, K) if layout == "rows" else (2, K, 4, 5)
+        x = (torch.randn(shape, generator=gen) * 4).to(dtype)
+        t = torch.randint(0, K - 1, shape[:1] + shape[2:], generator=gen)
+        t.view(-1)[::6] = -100
+        w_dtype = {
+            torch.float32: torch.float64,
+            torch.bfloat16: torch.bfloat16,
+            torch.float64: torch.float32,
+        }[dtype]
+        w = strided_weights(t.numel(), w_dtype, seed=K).view(t.shape) if weighted else None
+        x64 = x.to(torch.float64, copy=True).requires_grad_()
+        ref = oracle(x64, t, **params, reduction=reduction, sample_weight=w)
+        up = torch.rand(ref.shape, dtype=torch.float64, generator=gen) + 0.5
+        ref.backward(up)
+        xc = x.clone().requires_grad_()
+        loss = loss_fn(xc, t, **params, reduction=reduction, sample_weight=w, backend="cpp")
+        loss.backward(up.to(loss.dtype))
+        assert_loss_close(loss, ref.detach(), x, a, b)
+        # the fused gradient (mean, sum) is rounded, then scaled by the upstream gradient
+        assert_grad_close(xc.grad, x64.grad, x, a, b, roundings=1 if reduction == "none" else 2)
+        assert (xc.grad.movedim(1, -1)[t == -100] == 0).all()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("bad", [-1.5, float("nan"), float("inf"), float("-inf")])
+def test_the_cpp_reduction_refuses_bad_weights_naming_them(bad):
+    """forward_reduced (and so reduced_loss) checks every weight, an ignored row's too, as the Python
+    API does: a ValueError with WEIGHT_MESSAGE's words and the value."""
+    x3, target = _rows("contiguous", torch.float32, False)
+    for row in (0, 1):  # row 1 is ignored
+        weight = torch.ones(target.numel(), dtype=torch.float64)
+        weight[row] = bad
+        expected = f"{WEIGHT_MESSAGE}, got {bad}"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            torch.ops.drainage_fast.forward_reduced(x3, target, True, False, *op_args(Member.DAC, 10, weight))
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            torch.ops.drainage_fast.reduced_loss(
+                x3.squeeze(1), target, False, *op_args(Member.DAC, 10, weight)
+            )
+
+
+@needs_ext
+def test_reduced_loss_refuses_a_weight_that_requires_grad():
+    """The node gives the logits their gradient only: a weight's would be lost, so the op refuses it
+    (the API weighs such rows in torch ops)."""
+    x = torch.randn(6, 11, device=DEVICE, requires_grad=True)
+    weight = torch.rand(6, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="do not require grad"):
+        torch.ops.drainage_fast.reduced_loss(
+            x, random_targets(6, 11, 10), True, *op_args(Member.GAMBLERS, 10, weight)
+        )
+    with torch.no_grad():  # nothing to lose
+        torch.ops.drainage_fast.reduced_loss(
+            x, random_targets(6, 11, 10), True, *op_args(Member.GAMBLERS, 10, weight)
+        )
+
+
+@needs_ext
+@pytest.mark.parametrize("member", list(Member))
+def test_a_second_backward_recomputes_the_member_and_its_weights(member):
+    """retain_graph: the second backward runs forward_reduced again on the saved logits, targets and
+    weights with the saved member and hyper-parameters: the same gradient, bit for bit."""
+    loss_fn, _, params, _ = FAMILY[member]
+    x = torch.randn(9, 7, 4, device=DEVICE, requires_grad=True)
+    target = random_targets(9, 7, -1, 4)
+    target[0, 1] = -100
+    weight = strided_weights(36).view(9, 4)
+    loss = loss_fn(x, target, **params, sample_weight=weight, backend=NATIVE)
+    assert "ReducedLoss" in loss.grad_fn.name()
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    assert torch.equal(first, second)
 
 
 # The eager mean / sum of the native backends: one op with a C++ autograd node (csrc/reduced_loss.cpp).
@@ -647,26 +813,35 @@ def test_the_native_op_under_inference_mode_is_the_forward_of_the_step(reduction
 
 
 @needs_cpu_kernel
-def test_the_cpp_mean_is_the_exact_mean_of_its_rows_rounded_once():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_cpp_mean_is_the_exact_mean_of_its_rows_rounded_once(weighted):
     """The reduction sums the row losses in double with compensation, in fixed chunks of rows, and
     rounds the mean once: within half a float ulp of the exact mean of the rows, with the same bits
     on 1 thread and on 2. (At this size, torch's float32 sum is an ulp off, a float32 sum in row
-    order ~100 ulps.)"""
+    order ~100 ulps.) A weighted mean divides by the kept rows' weight sum, made the same way: within
+    half an ulp of the exact sum(w l) / sum(w)."""
     import math
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(200_000, 3, generator=gen) * 3
     target = torch.randint(0, 2, (200_000,), generator=gen)
     target[::7] = -100
-    rows = fused_drainage_loss(x, target, reduction="none", backend="cpp")
-    exact = math.fsum(rows.double().tolist()) / int((target != -100).sum())
+    kept = target != -100
+    weight = None
+    if weighted:
+        weight = torch.rand(200_000, generator=gen) * 3
+        weight[::11] = 0.0
+    loss_fn, _, params, _ = FAMILY[Member.DAC if weighted else Member.DRAINAGE]
+    rows = loss_fn(x, target, **params, reduction="none", sample_weight=weight, backend="cpp")
+    divisor = math.fsum(weight[kept].double().tolist()) if weighted else int(kept.sum())
+    exact = math.fsum(rows.double().tolist()) / divisor
     float_ulp = 2.0 ** (math.floor(math.log2(exact)) - 23)
     threads = torch.get_num_threads()
     try:
         means = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            means.append(fused_drainage_loss(x, target, backend="cpp").item())
+            means.append(loss_fn(x, target, **params, sample_weight=weight, backend="cpp").item())
     finally:
         torch.set_num_threads(threads)
     assert means[0] == means[1]

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import OPS, assert_grad_close, compute_roundoff, exponent_scale, random_targets
+from family_cases import FAMILY, MEMBER_PARAMS, strided_weights
+from support import (
+    OPS,
+    assert_grad_close,
+    assert_loss_close,
+    compute_roundoff,
+    exponent_scale,
+    random_targets,
+)
 
 from drainage_fast import backends, drainage_loss_reference, fused_drainage_loss
-from drainage_fast._inputs import Hyper, loss_dtype
+from drainage_fast._inputs import WEIGHT_MESSAGE, Hyper, loss_dtype
+from drainage_fast._members import Member
 
 CUDA_OK = torch.cuda.is_available() and backends.availability("cuda", torch.device("cuda"))[0]
 pytestmark = pytest.mark.skipif(
@@ -266,3 +275,124 @@ def test_bad_target_is_a_device_side_assert(bad):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
     assert run.returncode != 0 and "assert" in run.stderr.lower(), run.stderr[-2000:]
+
+
+# The abstention family and sample weights (issue 21): one kernel serves every member (the member is
+# a runtime argument), the forward weighs each row, and the partials carry the kept rows' weight sum
+# (fp64) for a weighted mean's divisor; the finalize asserts on bad weights as on bad targets.
+
+
+def _weighted_case(N, K, dtype, member, weight_dtype=torch.float64):
+    x = (torch.randn(N, K, device=CUDA) * 3).to(dtype)
+    t = random_targets(N, K, -1, device=CUDA)
+    t[1] = t[4] = -100
+    weight = strided_weights(N, weight_dtype, seed=K, device=CUDA)
+    hp = Hyper(*MEMBER_PARAMS[member], K - 1, -100, int(member))
+    return x, t, weight, hp
+
+
+@pytest.mark.parametrize("member", list(Member))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_members_and_weights_match_the_oracle(member, shape, dtype):
+    """forward (reduction none) and forward_reduced + scale_ (mean, sum) of every member with strided
+    fp64 weights, against the member's float64 oracle with sample_weight."""
+    x, t, weight, hp = _weighted_case(*shape, dtype, member)
+    _, oracle, params, (a, b) = FAMILY[member]
+    x3, cuda = x.unsqueeze(1), _cuda()
+    rows, _ = cuda.forward(x3, t, hp, weight)
+    ref_rows = oracle(x.double(), t, **params, reduction="none", sample_weight=weight)
+    assert_loss_close(rows, ref_rows, x, a, b)
+    for mean in (True, False):
+        ref_x = x.detach().double().requires_grad_()
+        ref = oracle(ref_x, t, **params, reduction="mean" if mean else "sum", sample_weight=weight)
+        ref.backward()
+        out, inv_count, grad, pending = cuda.forward_reduced(x3, t, hp, mean, True, weight)
+        assert_loss_close(out, ref.detach(), x, a, b)
+        if mean:
+            kept_weight = weight.to(loss_dtype(x))[t != -100].double().sum()
+            torch.testing.assert_close(inv_count.double(), 1 / kept_weight.reshape(1), rtol=1e-6, atol=0)
+            assert pending is inv_count
+        cuda.scale_(grad, torch.ones((), dtype=loss_dtype(x), device=CUDA), pending)
+        assert_grad_close(grad.squeeze(1), ref_x.grad, x, a, b, roundings=2)
+
+
+@pytest.mark.parametrize("member", list(Member))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weighted_fused_gradient_then_scale_has_the_bits_of_a_recompute(member, dtype):
+    """The bits rule with weights (bf16 weights: read and converted in the kernel): the fused
+    gradient scaled by grad_out * 1 / sum(w) == backward with that factor per row from forward's
+    weighted row terms."""
+    for shape in SHAPES:
+        x, t, weight, hp = _weighted_case(*shape, dtype, member, torch.bfloat16)
+        x3, cuda = x.unsqueeze(1), _cuda()
+        _, inv_count, grad, pending = cuda.forward_reduced(x3, t, hp, True, True, weight)
+        g_out = torch.tensor(0.37, dtype=loss_dtype(x), device=CUDA)
+        cuda.scale_(grad, g_out, pending)
+        _, stats = cuda.forward(x3, t, hp, weight)
+        recomputed = cuda.backward(x3, t, stats, (g_out * inv_count).reshape(1).expand(t.numel()), hp)
+        assert torch.equal(grad, recomputed)
+
+
+def test_a_weighted_mean_over_no_weight_has_a_zero_gradient():
+    """Every kept weight 0 (or every row ignored): the mean is 0 / 0 = nan, as the oracle's, 1 / 0 =
+    inf is pending, and scale_by_'s infinite-pending rule leaves the gradient 0."""
+    x, t, weight, hp = _weighted_case(64, 11, torch.float32, Member.DAC)
+    weight = torch.zeros_like(weight)
+    out, inv_count, grad, pending = _cuda().forward_reduced(x.unsqueeze(1), t, hp, True, True, weight)
+    _cuda().scale_(grad, torch.ones((), device=CUDA), pending)
+    assert torch.isnan(out) and torch.isinf(inv_count).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_a_weighted_reduced_step_is_three_launches(weight_dtype):
+    """Weights of any float dtype are read in the forward kernel: no conversion launch."""
+    x, t, weight, hp = _weighted_case(300, 11, torch.bfloat16, Member.GAMBLERS, weight_dtype)
+    one = torch.ones((), device=CUDA)
+    cuda = _cuda()
+
+    def step():
+        _, _, grad, pending = cuda.forward_reduced(x.unsqueeze(1), t, hp, True, True, weight)
+        cuda.scale_(grad, one, pending)
+
+    names = _kernels(step)
+    assert len(names) == 3 and all("drainage_" in n for n in names), names
+
+
+def test_the_member_is_a_runtime_argument():
+    """Every member runs the same forward kernel: a new DAC alpha (every epoch) compiles nothing and
+    launches the same kernel."""
+    x = torch.randn(300, 11, device=CUDA)
+    t = random_targets(300, 11, -1, device=CUDA)
+    names = set()
+    for member, alpha in [(Member.DRAINAGE, 0.0), (Member.DAC, 0.1), (Member.DAC, 0.9), (Member.CE_ALL, 0.0)]:
+        hp = Hyper(alpha, 0.0, 10, -100, int(member))
+        names.update(_kernels(lambda hp=hp: _cuda().forward(x.unsqueeze(1), t, hp)))
+    assert len(names) == 1, names
+
+
+@pytest.mark.parametrize("reduced", [True, False])
+@pytest.mark.parametrize("bad", ["-1.0", "float('nan')", "float('inf')"])
+def test_bad_weight_is_a_device_side_assert(bad, reduced):
+    """A negative or non-finite weight (an ignored row's too) is a device-side assert with
+    _inputs.WEIGHT_MESSAGE: in forward_reduced's finalize, or once per block in the forward."""
+    call = "cuda.forward_reduced(x, t, hp, True, True, w)" if reduced else "cuda.forward(x, t, hp, w)"
+    code = textwrap.dedent(f"""
+        import torch
+        from drainage_fast import backends
+        from drainage_fast._inputs import Hyper
+        cuda = backends.load("cuda")
+        x = torch.randn(8, 1, 1001, device="cuda")
+        t = torch.zeros(8, dtype=torch.long, device="cuda")
+        t[5] = -100
+        w = torch.ones(8, device="cuda")
+        w[3], w[5] = {bad}, {bad}
+        hp = Hyper(0.6, 0.0, 1000, -100, 2)
+        {call}
+        torch.cuda.synchronize()
+    """)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode != 0 and "assert" in run.stderr.lower(), run.stderr[-2000:]
+    assert WEIGHT_MESSAGE in run.stderr, run.stderr[-2000:]

@@ -62,6 +62,30 @@ def test_bad_target_is_a_device_side_assert(backend, reduction, bad):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss", ["fused_drainage_loss(x, t", "fused_dac_loss(x, t, alpha=0.5"])
+def test_bad_sample_weight_is_a_device_side_assert(backend, reduction, loss):
+    """A negative sample weight on a GPU: the API leaves the value check to the kernels (no host
+    sync), which assert with _inputs.WEIGHT_MESSAGE, once per failing program."""
+    code = textwrap.dedent(f"""
+        import torch
+        from drainage_fast import fused_drainage_loss, fused_dac_loss
+        x = torch.randn(8, 1001, device="cuda")
+        t = torch.zeros(8, dtype=torch.long, device="cuda")
+        w = torch.ones(8, device="cuda")
+        w[3] = -1.0
+        {loss}, sample_weight=w, backend={backend!r}, reduction={reduction!r})
+        torch.cuda.synchronize()
+    """)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode != 0 and "assert" in run.stderr.lower(), run.stderr[-2000:]
+    printed = run.stderr.count("every sample_weight must be finite and >= 0")
+    assert 1 <= printed <= 3, run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cuda_graph_capture_and_replay(backend, reduction):
     """The recipe of docs/kernels.md "Host time and CUDA graphs": a whole step captured and replayed.
     For cuda, mean is the C++ autograd node (csrc/reduced_loss.cpp)."""

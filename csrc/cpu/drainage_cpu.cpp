@@ -29,9 +29,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -48,13 +50,14 @@ namespace drainage::cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Accurate exp / log / log1p on 16 lanes for the row math (within 1 ulp, as libm's): SLEEF's
+// Accurate exp / log / log1p / expm1 on 16 lanes for the row math (within 1 ulp, as libm's): SLEEF's
 // vector functions where the target has AVX, else libm lane by lane.
 
 #if defined(__AVX512F__)
 inline vfloat vexp_acc(vfloat x) { return (vfloat)Sleef_expf16_u10((__m512)x); }
 inline vfloat vlog_acc(vfloat x) { return (vfloat)Sleef_logf16_u10((__m512)x); }
 inline vfloat vlog1p_acc(vfloat x) { return (vfloat)Sleef_log1pf16_u10((__m512)x); }
+inline vfloat vexpm1_acc(vfloat x) { return (vfloat)Sleef_expm1f16_u10((__m512)x); }
 #elif defined(__AVX__)
 using half_vfloat = float __attribute__((vector_size(32)));
 template <typename F>
@@ -72,6 +75,7 @@ inline vfloat by_halves(vfloat x, F f) {
 inline vfloat vexp_acc(vfloat x) { return by_halves(x, [](__m256 v) { return Sleef_expf8_u10(v); }); }
 inline vfloat vlog_acc(vfloat x) { return by_halves(x, [](__m256 v) { return Sleef_logf8_u10(v); }); }
 inline vfloat vlog1p_acc(vfloat x) { return by_halves(x, [](__m256 v) { return Sleef_log1pf8_u10(v); }); }
+inline vfloat vexpm1_acc(vfloat x) { return by_halves(x, [](__m256 v) { return Sleef_expm1f8_u10(v); }); }
 #else
 template <typename F>
 inline vfloat lane_by_lane(vfloat x, F f) {
@@ -81,70 +85,50 @@ inline vfloat lane_by_lane(vfloat x, F f) {
 inline vfloat vexp_acc(vfloat x) { return lane_by_lane(x, [](float v) { return exp_acc(v); }); }
 inline vfloat vlog_acc(vfloat x) { return lane_by_lane(x, [](float v) { return log_acc(v); }); }
 inline vfloat vlog1p_acc(vfloat x) { return lane_by_lane(x, [](float v) { return log1p_acc(v); }); }
+inline vfloat vexpm1_acc(vfloat x) { return lane_by_lane(x, [](float v) { return expm1_acc(v); }); }
 #endif
 
-// row_math.h's helpers on lanes: the same expressions, with selects for the branches.
-inline vfloat vlogaddexp(vfloat x, vfloat y) {
-  const vfloat ninf = vsplat(neg_inf<float>());
-  const vint nan = (x != x) | (y != y);
-  const vint x_gt = x > y;
-  const vfloat hi = x_gt ? x : y, lo = x_gt ? y : x;
-  const vfloat v = hi + vlog1p_acc(vexp_acc(lo - hi));
-  const vfloat v2 = hi == ninf ? hi : v;
-  return nan ? x + y : v2;
-}
-
-inline vfloat vsub(vfloat x, vfloat y) { return x == y ? vsplat(0.0f) : x - y; }
-
-inline vfloat vmax_nan(vfloat x, vfloat y) {
-  const vint nan = (x != x) | (y != y);
-  return nan ? x + y : (x > y ? x : y);
-}
+// row_math.h's math on 16 lanes, one row a lane: its member functions then run on 16 rows at once.
+struct LaneMath {
+  using V = vfloat;
+  static V splat(float x) { return vsplat(x); }
+  static V exp(V x) { return vexp_acc(x); }
+  static V log(V x) { return vlog_acc(x); }
+  static V log1p(V x) { return vlog1p_acc(x); }
+  static V expm1(V x) { return vexpm1_acc(x); }
+  static V select(vint c, V a, V b) { return c ? a : b; }
+};
 
 // Inputs and outputs of the row math for one group of rows, one lane a row.
 template <typename T>
 struct RowLanes {
-  alignas(64) T z_t[kLanes], z_d[kLanes], m[kLanes], s[kLanes];
+  alignas(64) T z_t[kLanes], z_d[kLanes], m[kLanes], s[kLanes], w[kLanes];
   alignas(64) T loss[kLanes], shift[kLanes], c[kLanes], g_t[kLanes], g_d[kLanes];
 
   // Harmless values (every term finite) for lanes without a row.
   void clear(int i) {
-    z_t[i] = T(0), z_d[i] = T(0), m[i] = T(0), s[i] = T(1);
+    z_t[i] = T(0), z_d[i] = T(0), m[i] = T(0), s[i] = T(1), w[i] = T(1);
   }
   RowTerms<T> terms(int i) const { return {loss[i], shift[i], c[i], g_t[i], g_d[i]}; }
 };
 
-// row_terms (row_math.h) of 16 rows at once.
-void row_terms_lanes(RowLanes<float>& q, float log_alpha, float log_beta) {
-  const vfloat z_t = vload(q.z_t), z_d = vload(q.z_d), m = vload(q.m), s = vload(q.s);
-  const vfloat zero = vsplat(0.0f), ninf = vsplat(neg_inf<float>()), inf = -ninf;
-  const vint J_empty = s == zero;
-  const vfloat shift = m == ninf ? zero : m;
-  const vfloat log_s = J_empty ? zero : vlog_acc(s);
-  const vfloat lse_J = J_empty ? ninf : shift + log_s;
-  const vfloat L = vlogaddexp(z_d, lse_J);
-  const vfloat a = (log_alpha + L) - z_t;
-  const vfloat b = (log_beta + lse_J) - z_d;
-  const vfloat mx = vmax_nan(vmax_nan(a, b), zero);
-  const vfloat da = vsub(a, mx), db = vsub(b, mx);
-  const vfloat ea = vexp_acc(da), eb = vexp_acc(db), e0 = vexp_acc(-mx);
-  const vfloat log_z = vlog1p_acc(a == mx ? e0 + eb : (b == mx ? e0 + ea : ea + eb));
-  const vint undefined = (a == inf) & (b == inf);
-  const vfloat nan = vsplat(quiet_nan<float>());
-  const vfloat log_pa = undefined ? nan : da - log_z;
-  const vfloat log_pb = undefined ? nan : db - log_z;
-  const vfloat c = J_empty ? zero : vexp_acc(vlogaddexp(log_pa + vsub(m, L), log_pb - log_s));
-  vstore(q.loss, mx + log_z);
-  vstore(q.shift, shift);
-  vstore(q.c, c);
-  vstore(q.g_t, -vexp_acc(log_pa));
-  vstore(q.g_d, vexp_acc(log_pa + vsub(z_d, L)) - vexp_acc(log_pb));
+// row_terms (row_math.h) of 16 rows at once; with weights, those of the weighted loss w l.
+void row_terms_lanes(RowLanes<float>& q, const Hyper& hp) {
+  RowTerms<vfloat> t = row_terms<LaneMath>(hp.member, vload(q.z_t), vload(q.z_d), vload(q.m), vload(q.s),
+                                           vsplat(static_cast<float>(hp.h1)), vsplat(static_cast<float>(hp.h2)));
+  if (hp.weight.ptr != nullptr) t = weighted(t, vload(q.w));
+  vstore(q.loss, t.loss);
+  vstore(q.shift, t.shift);
+  vstore(q.c, t.c);
+  vstore(q.g_t, t.g_t);
+  vstore(q.g_d, t.g_d);
 }
 
-// float64: row_math.h itself, row by row (libm; gradcheck and exactness, not speed).
-void row_terms_lanes(RowLanes<double>& q, double log_alpha, double log_beta) {
+// float64: row_math.h's scalar math, row by row (libm; gradcheck and exactness, not speed).
+void row_terms_lanes(RowLanes<double>& q, const Hyper& hp) {
   for (int i = 0; i < kLanes; ++i) {
-    const RowTerms<double> t = row_terms(q.z_t[i], q.z_d[i], q.m[i], q.s[i], log_alpha, log_beta);
+    RowTerms<double> t = row_terms<ScalarMath<double>>(hp.member, q.z_t[i], q.z_d[i], q.m[i], q.s[i], hp.h1, hp.h2);
+    if (hp.weight.ptr != nullptr) t = weighted(t, q.w[i]);
     q.loss[i] = t.loss, q.shift[i] = t.shift, q.c[i] = t.c, q.g_t[i] = t.g_t, q.g_d[i] = t.g_d;
   }
 }
@@ -708,10 +692,9 @@ const RowLanes<float> kCleared = [] {
 
 // forward_rows in the pixel layout (float, bfloat16 and float16 logits; float math).
 template <typename scalar_t>
-void forward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& targets, float log_alpha,
-                    float log_beta, int64_t d, int64_t ignore_index, float* loss, float* stats, scalar_t* g,
-                    const RowLayout& g_rows, float scale) {
-  const int64_t K = rows.K;
+void forward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& targets, const Hyper& hp,
+                    float* loss, float* stats, scalar_t* g, const RowLayout& g_rows, float scale) {
+  const int64_t K = rows.K, d = hp.drainage_idx, ignore_index = hp.ignore_index;
   const bool write_grad = g != nullptr;
   for_pixel_groups(rows, targets, d, ignore_index, write_grad ? K * kLanes : 0, [&](const PixelGroup& p, float* e) {
     const scalar_t* z = x + p.start(rows);
@@ -738,7 +721,10 @@ void forward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView& 
           q.s[i] = sum_exp_slow(z + i, rows.stride_k, K, p.t[i], d, q.m[i], write_grad ? e + i : nullptr, kLanes);
         }
       }
-      row_terms_lanes(q, log_alpha, log_beta);
+      for (int i = 0; hp.weight.ptr != nullptr && i < p.n; ++i) {
+        if (p.live[i]) q.w[i] = hp.weight.at<float>(p.r0 + i);
+      }
+      row_terms_lanes(q, hp);
     }
     store_lanes(loss + p.r0, p.live ? vload(q.loss) : p.skipped(&RowTerms<float>::loss), p.n);
     if (stats != nullptr) {
@@ -768,19 +754,22 @@ void backward_pixels(const RowLayout& rows, const scalar_t* x, const TargetView&
       scale[i] = dy[(p.r0 + i) * dy_stride];
     }
     const vfloat shift = vload(terms[0]), sc = vload(scale);
+    bool inf_shift = false;  // some lane's J has +inf: 1 where z == shift, as backward_rows
+    for (int i = 0; i < p.n; ++i) inf_shift |= terms[0][i] == -neg_inf<float>();
     const scalar_t* z = x + p.start(rows);
     store_grad_pixels(g + p.start(g_rows), g_rows.stride_k, K, d, p, vload(terms[1]) * sc, vload(terms[2]) * sc,
-                      vload(terms[3]) * sc,
-                      [&](int64_t k) { return fast_exp(load_lanes(z + k * rows.stride_k, p.n) - shift); });
+                      vload(terms[3]) * sc, [&](int64_t k) {
+                        const vfloat v = load_lanes(z + k * rows.stride_k, p.n), e = fast_exp(v - shift);
+                        return inf_shift ? (v == shift ? vsplat(1.0f) : e) : e;
+                      });
   });
 }
 
 // forward, and forward_with_grad when `grad` is defined: then grad = grad_scale * d(sum loss)/dx.
 // An undefined `stats` is not written (the reduced path keeps no row terms).
 template <typename scalar_t>
-void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alpha, double log_beta,
-                  int64_t d, int64_t ignore_index, const at::Tensor& loss, const at::Tensor& stats,
-                  const at::Tensor& grad, double grad_scale) {
+void forward_rows(const at::Tensor& x3, const at::Tensor& target, const Hyper& hp, const at::Tensor& loss,
+                  const at::Tensor& stats, const at::Tensor& grad, double grad_scale) {
   using T = at::opmath_type<scalar_t>;  // float for the half types, else the type itself
   const RowLayout rows = layout_of(x3);
   const TargetView targets = target_view(target);
@@ -792,10 +781,11 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
   const RowLayout g_rows = write_grad ? layout_of(grad) : rows;
   const int64_t R = rows.R, K = rows.K, Kp = padded(K);
   const int64_t G = group_rows(Kp, write_grad);
-  const T la = static_cast<T>(log_alpha), lb = static_cast<T>(log_beta), scale = static_cast<T>(grad_scale);
+  const int64_t d = hp.drainage_idx, ignore_index = hp.ignore_index;
+  const T scale = static_cast<T>(grad_scale);
   if constexpr (std::is_same_v<T, float>) {
     if (pixel_layout(rows, g_rows)) {
-      forward_pixels(rows, x, targets, la, lb, d, ignore_index, loss_p, stats_p, g, g_rows, scale);
+      forward_pixels(rows, x, targets, hp, loss_p, stats_p, g, g_rows, scale);
       return;
     }
   }
@@ -815,7 +805,9 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
       for (int i = 0; i < n; ++i) {
         ts[i] = targets[r0 + i];
         checks[i] = check_target(ts[i], K, d, ignore_index);
-        if (checks[i].kept && !checks[i].bad) live[n_live++] = i;
+        if (!checks[i].kept || checks[i].bad) continue;
+        live[n_live++] = i;
+        if (hp.weight.ptr != nullptr) q.w[i] = hp.weight.at<T>(r0 + i);
       }
       for (int b = 0; b < n_live;) {
         const int nb = K <= kBlockMaxK && n_live - b >= kBlock ? kBlock : 1;
@@ -839,7 +831,7 @@ void forward_rows(const at::Tensor& x3, const at::Tensor& target, double log_alp
         }
         b += nb;
       }
-      row_terms_lanes(q, la, lb);
+      row_terms_lanes(q, hp);
       for (int i = 0; i < n; ++i) {
         const int64_t r = r0 + i;
         const TargetCheck check = checks[i];
@@ -898,40 +890,41 @@ void backward_rows(const at::Tensor& x3, const at::Tensor& target, const at::Ten
       } else {
         const RowTerms<T> terms = {T(0), stats_p[r], stats_p[R + r], stats_p[2 * R + r], stats_p[3 * R + r]};
         const T scale = dy[r * dy_stride];
+        // J's max is +inf: exp(z - shift) is 1 where z == shift, not nan, as the forward's terms
+        // (sum_exp_slow); the rest of such a row is 0 (its c is finite for some members).
+        const bool inf_shift = terms.shift == -neg_inf<T>();
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (rows.stride_k == 1 && g_rows.stride_k == 1) {
+          if (rows.stride_k == 1 && g_rows.stride_k == 1 && !inf_shift) {
             grad_row_direct(x + rows.start(r), K, t, d, terms, scale, g_row);
             continue;
           }
         }
         const T* z = load_row(x + rows.start(r), K, rows.stride_k, z_buffer.data());
         exp_row(z, K, terms.shift, e_buffer.data);
+        if (inf_shift) sum_exp_slow(z, 1, K, t, d, terms.shift, e_buffer.data, 1);
         store_grad_row(e_buffer.data, K, t, d, terms, scale, g_row, g_rows.stride_k);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x3, const at::Tensor& target,
-                                               double log_alpha, double log_beta, int64_t drainage_idx,
-                                               int64_t ignore_index) {
-  check_rows(x3, target);
-  check_drainage_idx(drainage_idx, x3.size(2));
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x3, const at::Tensor& target, double h1, double h2,
+                                               int64_t drainage_idx, int64_t ignore_index, int64_t member,
+                                               const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_cpu", [&] {
-    forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats,
-                           at::Tensor(), 1.0);
+    forward_rows<scalar_t>(x3, target, hp, loss, stats, at::Tensor(), 1.0);
   });
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu(
-    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& scale,
-    double log_alpha, double log_beta, int64_t drainage_idx, int64_t ignore_index) {
-  check_rows(x3, target);
-  check_drainage_idx(drainage_idx, x3.size(2));
+    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& scale, double h1, double h2,
+    int64_t drainage_idx, int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
@@ -940,9 +933,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu(
   // The gradient's factor (1 / count for a mean), in the compute type: converting it to T is exact.
   const double factor = scale.has_value() ? scale->item<double>() : 1.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_with_grad_cpu", [&] {
-    forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad, factor);
+    forward_rows<scalar_t>(x3, target, hp, loss, stats, grad, factor);
   });
   return {loss, stats, grad};
+}
+
+// The row losses, and x3 overwritten with the gradient of their sum. In place is safe in forward_rows:
+// a group of rows (or of pixels) is read whole (max, sum, z_t, z_d, the exponentials into a scratch
+// buffer) before its gradient is stored, and a group writes only its own rows.
+at::Tensor forward_grad_cpu(at::Tensor& x3, const at::Tensor& target, double h1, double h2, int64_t drainage_idx,
+                            int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
+  at::Tensor loss = at::empty({x3.size(0) * x3.size(1)}, x3.options().dtype(loss_type(x3)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_grad_cpu", [&] {
+    forward_rows<scalar_t>(x3, target, hp, loss, at::Tensor(), x3, 1.0);
+  });
+  return loss;
 }
 
 at::Tensor backward_cpu(const at::Tensor& x3, const at::Tensor& target, const at::Tensor& stats,
@@ -971,12 +977,13 @@ struct CompensatedSum {
   double value() const { return std::isfinite(sum) ? sum + compensation : sum; }
 };
 
-// The sum of n values with the same bits for any thread count: chunks of a fixed kSumChunk values
-// summed in parallel, each in order with compensation, then the chunks' sums in order (float rows:
-// far below a float ulp, so the final rounding is the only error that shows; double rows: within an
-// ulp or two). In parallel because a per-pixel loss has millions of rows (~1.7 ns a row on one core).
-template <typename T>
-double sum_in_order(const T* values, int64_t n) {
+// The sum of value(i), i < n, with the same bits for any thread count: chunks of a fixed kSumChunk
+// values summed in parallel, each in order with compensation, then the chunks' sums in order (float
+// rows: far below a float ulp, so the final rounding is the only error that shows; double rows:
+// within an ulp or two). In parallel because a per-pixel loss has millions of rows (~1.7 ns a row on
+// one core).
+template <typename F>
+double sum_in_order(int64_t n, F value) {
   constexpr int64_t kSumChunk = int64_t(1) << 16;
   const int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
   std::vector<double> chunk_sums(chunks);
@@ -984,7 +991,7 @@ double sum_in_order(const T* values, int64_t n) {
     for (int64_t c = begin; c < end; ++c) {
       CompensatedSum acc;
       const int64_t stop = std::min(n, (c + 1) * kSumChunk);
-      for (int64_t i = c * kSumChunk; i < stop; ++i) acc.add(static_cast<double>(values[i]));
+      for (int64_t i = c * kSumChunk; i < stop; ++i) acc.add(value(i));
       chunk_sums[c] = acc.value();
     }
   });
@@ -1036,40 +1043,54 @@ int64_t check_and_count_targets(const at::Tensor& target, int64_t K, int64_t d, 
   return kept;
 }
 
-// backends.Backend.forward_reduced for CPU tensors in one call: the target check and count, the
-// forward with the gradient of the reduced loss (1 / count applied in the pass) and the reduction.
-// The Python version of the same steps cost ~60 us of op overhead at (512, 51), more than the kernel.
+// The divisor of a weighted mean: the sum of the kept rows' weights, each as T (the dtype the rows
+// are weighted in, as _inputs.kept_total), in double in sum_in_order's fixed order; after checking
+// every weight as the Python API does (_inputs.check_sample_weight, WEIGHT_MESSAGE's words): finite
+// and >= 0, else a ValueError naming the first bad value.
+template <typename T>
+double check_and_sum_weights(const WeightView& w, const TargetView& targets, int64_t R, int64_t ignore_index) {
+  std::atomic<bool> any_bad{false};
+  auto good = [](double v) { return v >= 0.0 && v <= std::numeric_limits<double>::max(); };  // false for nan
+  const double sum = sum_in_order(R, [&](int64_t r) {
+    const double v = w.at<double>(r);  // exact for every float dtype
+    if (!good(v)) any_bad.store(true, std::memory_order_relaxed);
+    return targets[r] != ignore_index ? static_cast<double>(static_cast<T>(v)) : 0.0;
+  });
+  for (int64_t r = 0; any_bad.load() && r < R; ++r) {
+    const double v = w.at<double>(r);
+    TORCH_CHECK_VALUE(good(v), "drainage_fast: every sample_weight must be finite and >= 0, got ", v);
+  }
+  return sum;
+}
+
+// backends.Backend.forward_reduced for CPU tensors in one call: the target (and weight) check and
+// the divisor (the kept count, or the kept rows' weight sum), the forward with the gradient of the
+// reduced loss (1 / divisor applied in the pass) and the reduction. The Python version of the same
+// steps cost ~60 us of op overhead at (512, 51), more than the kernel.
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> forward_reduced_cpu(
-    const at::Tensor& x3, const at::Tensor& target, bool mean, bool with_grad, double log_alpha, double log_beta,
-    int64_t drainage_idx, int64_t ignore_index) {
-  check_rows(x3, target);
-  check_drainage_idx(drainage_idx, x3.size(2));
+    const at::Tensor& x3, const at::Tensor& target, bool mean, bool with_grad, double h1, double h2,
+    int64_t drainage_idx, int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
   const int64_t count = check_and_count_targets(target, x3.size(2), drainage_idx, ignore_index);
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor loss = at::empty({R}, opts);
   at::Tensor grad = with_grad ? at::empty_like(x3) : at::Tensor();
-  // 1 / count rounded once to the loss dtype (an IEEE division): the bits of
-  // torch.reciprocal(count.to(dtype)), which the recompute path (a second backward) scales by.
-  at::Tensor inv_count = at::empty({1}, opts);
-  double factor;
-  if (x3.scalar_type() == at::kDouble) {
-    factor = 1.0 / static_cast<double>(count);
-    inv_count.mutable_data_ptr<double>()[0] = factor;
-  } else {
-    const float inv = 1.0f / static_cast<float>(count);
-    inv_count.mutable_data_ptr<float>()[0] = inv;
-    factor = inv;
-  }
-  if (!mean) factor = 1.0;
-  at::Tensor out = at::empty({}, opts);
+  at::Tensor inv_count = at::empty({1}, opts), out = at::empty({}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_reduced_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    forward_rows<scalar_t>(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, at::Tensor(), grad,
-                           factor);
+    const bool weighted = hp.weight.ptr != nullptr;
+    const double divisor = weighted ? check_and_sum_weights<T>(hp.weight, target_view(target), R, ignore_index)
+                                    : static_cast<double>(count);
+    // 1 / divisor rounded once to the loss dtype, which the recompute path (a second backward)
+    // scales by too; for a count, an IEEE division in T: the bits of torch.reciprocal(count.to(T)).
+    const T inv = weighted ? static_cast<T>(1.0 / divisor) : T(1) / static_cast<T>(count);
+    inv_count.mutable_data_ptr<T>()[0] = inv;
+    forward_rows<scalar_t>(x3, target, hp, loss, at::Tensor(), grad, mean ? static_cast<double>(inv) : 1.0);
     // The sum, then the mean over the kept rows (nan when none is kept), each rounded once to T.
-    const double total = sum_in_order(loss.const_data_ptr<T>(), R);
-    out.mutable_data_ptr<T>()[0] = static_cast<T>(mean ? total / static_cast<double>(count) : total);
+    const T* rows = loss.const_data_ptr<T>();
+    const double total = sum_in_order(R, [&](int64_t r) { return static_cast<double>(rows[r]); });
+    out.mutable_data_ptr<T>()[0] = static_cast<T>(mean ? total / divisor : total);
   });
   return {out, mean ? std::optional<at::Tensor>(inv_count) : std::nullopt,
           with_grad ? std::optional<at::Tensor>(grad) : std::nullopt};
@@ -1087,6 +1108,11 @@ void scale_cpu(const at::Tensor& grad, const at::Tensor& scale) {
 void scale_by_cpu(const at::Tensor& grad, const at::Tensor& grad_out, const std::optional<at::Tensor>& pending) {
   TORCH_CHECK(grad_out.numel() == 1 && (!pending.has_value() || pending->numel() == 1),
               "drainage_fast: grad_out and pending must have one element");
+  // loss.backward(): grad_out is a float 1 and nothing is pending; read in place (item() and the
+  // reshape below are an op each, ~2 us of a (512, 51) step).
+  if (!pending.has_value() && grad_out.scalar_type() == at::kFloat && *grad_out.const_data_ptr<float>() == 1.0f) {
+    return;
+  }
   if (pending.has_value() && std::isinf(pending->item<double>())) return;
   const at::Tensor factor =
       pending.has_value() ? grad_out.reshape({}).mul(pending->reshape({})) : grad_out.reshape({});
@@ -1100,6 +1126,7 @@ TORCH_LIBRARY_IMPL(drainage_fast, CPU, m) {
   m.impl("forward", &drainage::cpu::forward_cpu);
   m.impl("backward", &drainage::cpu::backward_cpu);
   m.impl("forward_with_grad", &drainage::cpu::forward_with_grad_cpu);
+  m.impl("forward_grad_", &drainage::cpu::forward_grad_cpu);
   m.impl("scale_", &drainage::cpu::scale_cpu);
   m.impl("forward_reduced", &drainage::cpu::forward_reduced_cpu);
   m.impl("scale_by_", &drainage::cpu::scale_by_cpu);

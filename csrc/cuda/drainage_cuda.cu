@@ -16,10 +16,18 @@
 // elements before its first 16-byte boundary (the head) and after its last one (the tail) are read
 // singly.
 //
+// Members (row_math.h): the member is a runtime argument (ForwardArgs.hp), not a template parameter:
+// one kernel per layout and dtype serves every member, and a DAC alpha that changes every epoch
+// compiles nothing. The members' row terms are one switch in the row-terms step, evaluated once per
+// row (by its lane group, or warp 0); the passes over the row are the same for all.
+// Sample weights: the forward reads w_r (any float dtype and stride) and gives the weighted loss
+// w_r l_r and its row terms; it checks every weight (finite, >= 0) as it checks the targets.
+//
 // Reduced forward (forward_reduced, the mean / sum path): the forward kernel writes one partial per
-// block (its rows' loss sum in fp64, kept rows, bad targets), a one-block finalize kernel sums them
-// in a fixed order, asserts on the device that no target was bad, and writes the loss and 1 / count.
-// The backward is one scale kernel (scale_by_) that returns at once when its factor is exactly 1.
+// block (its rows' loss sum and kept rows' weight sum in fp64, kept rows, bad targets and weights),
+// a one-block finalize kernel sums them in a fixed order, asserts on the device that no target and no
+// weight was bad, and writes the loss and 1 / divisor (the count, or the weight sum). The backward
+// is one scale kernel (scale_by_) that returns at once when its factor is exactly 1.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -39,6 +47,8 @@
 // address of a host array).
 #define DRAINAGE_TARGET_MESSAGE \
   "drainage_fast: every target must be in [0, K) and != drainage_idx, or == ignore_index"
+// _inputs.WEIGHT_MESSAGE.
+#define DRAINAGE_WEIGHT_MESSAGE "drainage_fast: every sample_weight must be finite and >= 0"
 
 namespace drainage::cuda {
 namespace {
@@ -191,12 +201,49 @@ __device__ __forceinline__ T grad_element(int64_t k, T z, int64_t t, int64_t d, 
   return kept ? g * scale : T(0);
 }
 
-// One partial per block of the reduced forward: its rows' loss sum and counts.
-struct BlockPartial {
-  double loss;  // fp64 for every logits dtype: a handful of adds per thread, no rounding drift
-  int32_t kept, bad;  // rows with target != ignore_index; among them, bad targets
+// The sums of the reduced forward: its rows' losses and the kept rows' sample weights (the divisor
+// of a weighted mean; fp64 for every logits dtype: a handful of adds per thread, no rounding drift),
+// the kept rows (target != ignore_index), the bad targets among them, and the rows whose weight is
+// not finite or < 0. I: int32 in the partial of a block, int64 over the blocks.
+template <typename I>
+struct Sums {
+  double loss, weight;
+  I kept, bad, bad_weight;
 };
-static_assert(sizeof(BlockPartial) == 16, "BlockPartial is read as 16-byte records");
+using BlockPartial = Sums<int32_t>;  // one per block
+static_assert(sizeof(BlockPartial) == 32, "BlockPartial is read as 32-byte records");
+
+template <typename I, typename J>
+__device__ __forceinline__ Sums<I> operator+(const Sums<I>& a, const Sums<J>& b) {
+  return {a.loss + b.loss, a.weight + b.weight, a.kept + b.kept, a.bad + b.bad, a.bad_weight + b.bad_weight};
+}
+
+// The sums of a block's threads, in thread 0, in a fixed tree: shuffles down within each warp, then
+// the warps in order. The warps' sums wait in shared memory a field an array (an array of Sums
+// records took the block-per-row forward past its 64 registers, 32-48 bytes of stack, nvcc 13.0).
+template <int kMaxWarps, typename I>
+__device__ __forceinline__ Sums<I> block_sum(Sums<I> v) {
+  __shared__ double loss[kMaxWarps], weight[kMaxWarps];
+  __shared__ I kept[kMaxWarps], bad[kMaxWarps], bad_weight[kMaxWarps];
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v.loss += __shfl_down_sync(0xffffffffu, v.loss, offset);
+    v.weight += __shfl_down_sync(0xffffffffu, v.weight, offset);
+    v.kept += __shfl_down_sync(0xffffffffu, v.kept, offset);
+    v.bad += __shfl_down_sync(0xffffffffu, v.bad, offset);
+    v.bad_weight += __shfl_down_sync(0xffffffffu, v.bad_weight, offset);
+  }
+  const int warp = threadIdx.x / kWarp;
+  if (threadIdx.x % kWarp == 0) {
+    loss[warp] = v.loss, weight[warp] = v.weight, kept[warp] = v.kept, bad[warp] = v.bad;
+    bad_weight[warp] = v.bad_weight;
+  }
+  __syncthreads();
+  Sums<I> total = {};
+  for (int w = 0; threadIdx.x == 0 && w < static_cast<int>(blockDim.x / kWarp); ++w) {
+    total = total + Sums<I>{loss[w], weight[w], kept[w], bad[w], bad_weight[w]};
+  }
+  return total;
+}
 
 struct ForwardArgs {
   const void* x;
@@ -207,9 +254,19 @@ struct ForwardArgs {
   const void* scale;  // one T, the gradient's factor (1 / count for a mean); null: 1
   BlockPartial* partials;  // gridDim.x records (forward_reduced); null: none
   RowLayout rows, g_rows;
-  int64_t drainage_idx, ignore_index;
-  double log_alpha, log_beta;
+  Hyper hp;  // the member (a runtime argument: one kernel serves them all), its h1, h2, the weights
 };
+
+// The row terms of row x (target t, (m, s) of its J, sample weight w) or, where the row does not
+// count (compute false), skipped_row's.
+template <typename T, typename scalar_t>
+__device__ __forceinline__ RowTerms<T> terms_of(const ForwardArgs& a, const scalar_t* x, int64_t t, bool compute,
+                                                bool bad, MaxSum<T> v, T w) {
+  if (!compute) return skipped_row<T>(bad);
+  const T z_t = static_cast<T>(x[t * a.rows.stride_k]), z_d = static_cast<T>(x[a.hp.drainage_idx * a.rows.stride_k]);
+  const RowTerms<T> terms = row_terms<ScalarMath<T>>(a.hp.member, z_t, z_d, v.m, v.s, T(a.hp.h1), T(a.hp.h2));
+  return a.hp.weight.ptr != nullptr ? weighted(terms, w) : terms;
+}
 
 // Launch bounds. A block-per-row kernel (TPR = 0) may get up to max_threads(sizeof(scalar_t))
 // threads, so it must fit in 65536 / that many registers per thread (64 at 1024); without the bound
@@ -217,7 +274,10 @@ struct ForwardArgs {
 // registers, so fp64 blocks stop at 512 threads (128 registers). The second bound (1 block per SM at
 // least) lets ptxas use that room: with the first alone it still stopped at 64 registers and spilled
 // 8-28 bytes (nvcc 13.0, sm_90). Short-row kernels (TPR > 0) always run kBlock = 256 threads with at
-// least kShortMinBlocks = 2 blocks per SM: 65536 / 512 = 128 registers, not 64.
+// least kShortMinBlocks = 2 blocks per SM: 65536 / 512 = 128 registers, not 64. The forward of the
+// 2- and 4-byte dtypes asks for 4 blocks (64 registers, as many resident blocks as before the
+// members): allowed 128, ptxas took 84-96 for it (nvcc 13.0, sm_90), which would halve the blocks
+// per SM; at 64 it spills nothing. fp64's forward spills 32 bytes at 64 registers, so it keeps 2.
 constexpr int max_threads(int64_t elem_size) { return elem_size == 8 ? 512 : 1024; }
 
 template <typename scalar_t, int TPR>
@@ -231,7 +291,12 @@ constexpr int bound_blocks() {
 }
 
 template <typename scalar_t, int TPR>
-__global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<TPR>())
+constexpr int forward_bound_blocks() {
+  return TPR > 0 && sizeof(scalar_t) < 8 ? 2 * kShortMinBlocks : bound_blocks<TPR>();
+}
+
+template <typename scalar_t, int TPR>
+__global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), forward_bound_blocks<scalar_t, TPR>())
     drainage_fwd_kernel(ForwardArgs a) {
   using T = at::opmath_type<scalar_t>;
   static_assert(TPR == 0 || (TPR >= 4 && TPR <= kWarp && kBlock % (TPR > 0 ? TPR : 1) == 0), "lanes per row");
@@ -240,21 +305,24 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<T
   const int lanes = TPR > 0 ? TPR : blockDim.x;
   const int lane = threadIdx.x % lanes, rows_per_block = blockDim.x / lanes;
   const int warp = threadIdx.x / kWarp, warp_lane = threadIdx.x % kWarp;
-  const int64_t R = a.rows.R, K = a.rows.K, d = a.drainage_idx;
+  const int64_t R = a.rows.R, K = a.rows.K, d = a.hp.drainage_idx, ignore_index = a.hp.ignore_index;
+  const bool weighted = a.hp.weight.ptr != nullptr;
   const auto* X = static_cast<const scalar_t*>(a.x);
   T* loss = static_cast<T*>(a.loss);
   T* stats = static_cast<T*>(a.stats);
   // This thread's share of the block partial (lane 0 of each row group owns its rows).
-  double loss_sum = 0.0;
-  int kept_rows = 0, bad_rows = 0;
+  double loss_sum = 0.0, weight_sum = 0.0;
+  int kept_rows = 0, bad_rows = 0, bad_weights = 0;
 
   // Grid-stride over row groups; the loop condition is the same for the whole block, so every
   // thread reaches every __syncthreads below the same number of times.
   for (int64_t base = int64_t(blockIdx.x) * rows_per_block; base < R; base += int64_t(gridDim.x) * rows_per_block) {
     const int64_t r = base + threadIdx.x / lanes;  // TPR = 0: the same row in the whole block
     const bool row_ok = r < R;
-    const int64_t t = row_ok ? a.target[r] : a.ignore_index;
-    const TargetCheck check = check_target(t, K, d, a.ignore_index);
+    const int64_t t = row_ok ? a.target[r] : ignore_index;
+    const TargetCheck check = check_target(t, K, d, ignore_index);
+    // The lanes of a row read the same weight: one transaction.
+    const T w = row_ok && weighted ? a.hp.weight.at<T>(r) : T(1);
     const bool compute = row_ok && check.kept && !check.bad;
     const scalar_t* x = X + (row_ok ? a.rows.start(r) : 0);
 
@@ -269,11 +337,7 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<T
     if constexpr (TPR > 0) {
       // Every lane of the warp takes part (no early exit above): full-mask shuffles are safe.
       acc = warp_reduce(acc, TPR);
-      terms = skipped_row<T>(check.bad);
-      if (compute) {
-        const T z_t = static_cast<T>(x[t * a.rows.stride_k]), z_d = static_cast<T>(x[d * a.rows.stride_k]);
-        terms = row_terms(z_t, z_d, acc.m, acc.s, T(a.log_alpha), T(a.log_beta));
-      }
+      terms = terms_of(a, x, t, compute, check.bad, acc, w);
     } else {
       acc = warp_reduce(acc, kWarp);
       if (warp_lane == 0) warp_sums[warp] = acc;
@@ -282,12 +346,8 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<T
         // The row terms once per row, by warp 0 (compute is uniform across the block).
         const bool has = warp_lane < static_cast<int>(blockDim.x / kWarp);
         const MaxSum<T> v = warp_reduce(has ? warp_sums[warp_lane] : MaxSum<T>{neg_inf<T>(), T(0)}, kWarp);
-        RowTerms<T> w = skipped_row<T>(check.bad);
-        if (compute) {
-          const T z_t = static_cast<T>(x[t * a.rows.stride_k]), z_d = static_cast<T>(x[d * a.rows.stride_k]);
-          w = row_terms(z_t, z_d, v.m, v.s, T(a.log_alpha), T(a.log_beta));
-        }
-        if (warp_lane == 0) block_terms = w;
+        const RowTerms<T> row = terms_of(a, x, t, compute, check.bad, v, w);
+        if (warp_lane == 0) block_terms = row;
       }
       // (2) block_terms is written, and warp 0 has read warp_sums: the next row may overwrite them.
       // block_terms itself is written again only after the next row's barrier (1), which no thread
@@ -306,10 +366,16 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<T
       }
       if (check.kept) {
         loss_sum += static_cast<double>(terms.loss);
+        weight_sum += static_cast<double>(w);
         ++kept_rows;
       }
       bad_rows += check.bad ? 1 : 0;
+      bad_weights += w >= T(0) && isfinite(w) ? 0 : 1;  // nan: not >= 0
     }
+    // forward_grad_ writes the gradient over the logits: the lanes of a row must all have read z_t
+    // and z_d (terms_of) before any of them stores there (the block-per-row path's barrier (2)
+    // already orders them).
+    if constexpr (TPR > 0) __syncwarp();
     if (a.grad != nullptr && row_ok) {
       // The row was just read: this second read mostly hits L1 / L2, so DRAM sees one read and
       // one write of the logits for the whole forward + backward.
@@ -322,80 +388,37 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<T
   }
 
   if (a.partials == nullptr) {
-    // forward / forward_with_grad check the targets here, as forward_reduced's finalize does: a
-    // device-side assert (no host sync), once per block (one thread), not once per bad row.
+    // forward / forward_with_grad check the targets and weights here, as forward_reduced's finalize
+    // does: a device-side assert (no host sync), once per block (one thread), not once per bad row.
     if (__syncthreads_or(bad_rows > 0) && threadIdx.x == 0) CUDA_KERNEL_ASSERT_MSG(false, DRAINAGE_TARGET_MESSAGE);
+    if (__syncthreads_or(bad_weights > 0) && threadIdx.x == 0) CUDA_KERNEL_ASSERT_MSG(false, DRAINAGE_WEIGHT_MESSAGE);
     return;
   }
   // forward_reduced: one partial per block (thread 0 writes it once the whole block is here).
-  // Fixed tree: shuffles down within each warp, then thread 0 adds the warps in order.
-  __shared__ double warp_loss[kWarp];
-  __shared__ int warp_kept[kWarp], warp_bad[kWarp];
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    loss_sum += __shfl_down_sync(0xffffffffu, loss_sum, offset);
-    kept_rows += __shfl_down_sync(0xffffffffu, kept_rows, offset);
-    bad_rows += __shfl_down_sync(0xffffffffu, bad_rows, offset);
-  }
-  if (warp_lane == 0) {
-    warp_loss[warp] = loss_sum;
-    warp_kept[warp] = kept_rows;
-    warp_bad[warp] = bad_rows;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    BlockPartial p = {0.0, 0, 0};
-    for (int w = 0; w < static_cast<int>(blockDim.x / kWarp); ++w) {
-      p.loss += warp_loss[w];
-      p.kept += warp_kept[w];
-      p.bad += warp_bad[w];
-    }
-    a.partials[blockIdx.x] = p;
-  }
+  const BlockPartial p = block_sum<kWarp>(BlockPartial{loss_sum, weight_sum, kept_rows, bad_rows, bad_weights});
+  if (threadIdx.x == 0) a.partials[blockIdx.x] = p;
 }
 
 // The reduced forward's second launch: one block sums the n partials in a fixed order (a strided
-// sequential pass per thread, then a fixed tree), asserts that no target was bad (the device-side
-// target check: no host sync), and writes out = sum (or sum / count for a mean) and
-// inv_count = 1 / count (mean only; inv_count null otherwise). count = 0: a mean is 0 / 0 = nan and
-// 1 / count = inf, as the contract asks.
+// sequential pass per thread, then a fixed tree), asserts that no target and no weight was bad (the
+// device-side checks: no host sync), and writes out = sum (or sum / divisor for a mean) and
+// inv_count = 1 / divisor (mean only; inv_count null otherwise), the divisor being the kept count or,
+// weighted, the kept rows' weight sum. divisor = 0: a mean is 0 / 0 = nan and 1 / divisor = inf, as
+// the contract asks.
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads) drainage_finalize_kernel(const BlockPartial* partials,
                                                                               int64_t n, T* out, T* inv_count,
-                                                                              bool mean) {
-  __shared__ double warp_loss[kFinalizeThreads / kWarp];
-  __shared__ long long warp_kept[kFinalizeThreads / kWarp], warp_bad[kFinalizeThreads / kWarp];
-  double loss_sum = 0.0;
-  long long kept = 0, bad = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kFinalizeThreads) {
-    const BlockPartial p = partials[i];
-    loss_sum += p.loss;
-    kept += p.kept;
-    bad += p.bad;
-  }
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    loss_sum += __shfl_down_sync(0xffffffffu, loss_sum, offset);
-    kept += __shfl_down_sync(0xffffffffu, kept, offset);
-    bad += __shfl_down_sync(0xffffffffu, bad, offset);
-  }
-  const int warp = threadIdx.x / kWarp;
-  if (threadIdx.x % kWarp == 0) {
-    warp_loss[warp] = loss_sum;
-    warp_kept[warp] = kept;
-    warp_bad[warp] = bad;
-  }
-  __syncthreads();
+                                                                              bool mean, bool weighted) {
+  Sums<long long> mine = {};
+  for (int64_t i = threadIdx.x; i < n; i += kFinalizeThreads) mine = mine + partials[i];
+  const Sums<long long> all = block_sum<kFinalizeThreads / kWarp>(mine);
   if (threadIdx.x == 0) {
-    loss_sum = 0.0;
-    kept = bad = 0;
-    for (int w = 0; w < kFinalizeThreads / kWarp; ++w) {
-      loss_sum += warp_loss[w];
-      kept += warp_kept[w];
-      bad += warp_bad[w];
-    }
-    CUDA_KERNEL_ASSERT_MSG(bad == 0, DRAINAGE_TARGET_MESSAGE);
-    const T total = static_cast<T>(loss_sum), count = static_cast<T>(kept);
-    *out = mean ? total / count : total;
-    if (inv_count != nullptr) *inv_count = T(1) / count;
+    CUDA_KERNEL_ASSERT_MSG(all.bad == 0, DRAINAGE_TARGET_MESSAGE);
+    CUDA_KERNEL_ASSERT_MSG(all.bad_weight == 0, DRAINAGE_WEIGHT_MESSAGE);
+    const T total = static_cast<T>(all.loss);
+    const T divisor = weighted ? static_cast<T>(all.weight) : static_cast<T>(all.kept);
+    *out = mean ? total / divisor : total;
+    if (inv_count != nullptr) *inv_count = T(1) / divisor;
   }
 }
 
@@ -435,30 +458,6 @@ __global__ void __launch_bounds__(bound_threads<scalar_t, TPR>(), bound_blocks<T
   }
 }
 
-// A one-element factor of any float dtype, read on the device (no host-side conversion launch).
-enum ScalarKind : int { kKindFloat = 0, kKindDouble = 1, kKindHalf = 2, kKindBFloat16 = 3 };
-
-int scalar_kind(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kKindFloat;
-    case at::kDouble: return kKindDouble;
-    case at::kHalf: return kKindHalf;
-    case at::kBFloat16: return kKindBFloat16;
-    default: TORCH_CHECK(false, "drainage_fast: a scale factor must be a float tensor, got ", t.scalar_type());
-  }
-  return kKindFloat;
-}
-
-template <typename T>
-__device__ __forceinline__ T load_factor(const void* p, int kind) {
-  switch (kind) {
-    case kKindFloat: return static_cast<T>(*static_cast<const float*>(p));
-    case kKindDouble: return static_cast<T>(*static_cast<const double*>(p));
-    case kKindHalf: return static_cast<T>(static_cast<float>(*static_cast<const at::Half*>(p)));
-    default: return static_cast<T>(static_cast<float>(*static_cast<const at::BFloat16*>(p)));
-  }
-}
-
 // g *= s in place, s = grad_out * pending (pending null: 1) in the compute type T (the loss dtype);
 // each element becomes scalar_t(T(g) * s). Returns at once when s == 1 (loss.backward() of a sum):
 // decided on the device, no host sync. pending is 1 / count of a mean: infinite only when no row was
@@ -471,9 +470,9 @@ __global__ void __launch_bounds__(kBlock) drainage_scale_kernel(scalar_t* g, int
                                                               int pending_kind) {
   using T = at::opmath_type<scalar_t>;
   constexpr int V = 16 / sizeof(scalar_t);
-  T s = load_factor<T>(grad_out, grad_out_kind);
+  T s = load_as<T>(grad_out, 0, grad_out_kind);
   if (pending != nullptr) {
-    const T p = load_factor<T>(pending, pending_kind);
+    const T p = load_as<T>(pending, 0, pending_kind);
     if (isinf(p)) return;  // 1 / 0: every row ignored, the gradient is all zeros
     s = s * p;
   }
@@ -563,17 +562,18 @@ void check_device(const at::Tensor& x3) {
   TORCH_CHECK(x3.is_cuda(), "drainage_fast: the CUDA kernels need CUDA tensors, got ", x3.device());
 }
 
-void check_forward_inputs(const at::Tensor& x3, const at::Tensor& target, int64_t drainage_idx) {
+// check_forward's checks, on CUDA tensors.
+Hyper check_cuda_forward(const at::Tensor& x3, const at::Tensor& target, double h1, double h2, int64_t drainage_idx,
+                         int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
   check_device(x3);
-  check_rows(x3, target);
-  check_drainage_idx(drainage_idx, x3.size(2));
+  return check_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
 }
 
 // The forward kernel for forward, forward_with_grad and forward_reduced: loss / stats / grad /
 // scale / partials as in ForwardArgs (an undefined tensor or a null pointer: not written / 1).
-void run_forward(const at::Tensor& x3, const at::Tensor& target, double log_alpha, double log_beta,
-                 int64_t drainage_idx, int64_t ignore_index, const at::Tensor& loss, const at::Tensor& stats,
-                 const at::Tensor& grad, const void* scale, BlockPartial* partials, const Config& config) {
+void run_forward(const at::Tensor& x3, const at::Tensor& target, const Hyper& hp, const at::Tensor& loss,
+                 const at::Tensor& stats, const at::Tensor& grad, const void* scale, BlockPartial* partials,
+                 const Config& config) {
   const RowLayout rows = layout_of(x3);
   if (rows.R == 0) return;
   ForwardArgs args{x3.data_ptr(),
@@ -585,10 +585,7 @@ void run_forward(const at::Tensor& x3, const at::Tensor& target, double log_alph
                    partials,
                    rows,
                    grad.defined() ? layout_of(grad) : rows,
-                   drainage_idx,
-                   ignore_index,
-                   log_alpha,
-                   log_beta};
+                   hp};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_cuda", [&] {
     launch<ForwardKernel, scalar_t>(config, args);
   });
@@ -599,41 +596,53 @@ Config config_of(const at::Tensor& x3) {
   return config_for(rows.R, rows.K, x3.element_size(), sm_count(x3));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x3, const at::Tensor& target,
-                                                double log_alpha, double log_beta, int64_t drainage_idx,
-                                                int64_t ignore_index) {
-  check_forward_inputs(x3, target, drainage_idx);
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x3, const at::Tensor& target, double h1,
+                                                double h2, int64_t drainage_idx, int64_t ignore_index,
+                                                int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_cuda_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
   const c10::cuda::CUDAGuard guard(x3.device());
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
-  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, at::Tensor(), nullptr,
-              nullptr, config_of(x3));
+  run_forward(x3, target, hp, loss, stats, at::Tensor(), nullptr, nullptr, config_of(x3));
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cuda(
-    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& scale,
-    double log_alpha, double log_beta, int64_t drainage_idx, int64_t ignore_index) {
-  check_forward_inputs(x3, target, drainage_idx);
+    const at::Tensor& x3, const at::Tensor& target, const std::optional<at::Tensor>& scale, double h1, double h2,
+    int64_t drainage_idx, int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_cuda_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
   check_scale(x3, scale);
   const c10::cuda::CUDAGuard guard(x3.device());
   const int64_t R = x3.size(0) * x3.size(1);
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor loss = at::empty({R}, opts), stats = at::empty({kRowTerms, R}, opts);
   at::Tensor grad = at::empty_like(x3);  // keeps a dense input's layout (e.g. channels_last)
-  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, loss, stats, grad,
-              scale.has_value() ? scale->const_data_ptr() : nullptr, nullptr, config_of(x3));
+  run_forward(x3, target, hp, loss, stats, grad, scale.has_value() ? scale->const_data_ptr() : nullptr, nullptr,
+              config_of(x3));
   return {loss, stats, grad};
 }
 
+// The row losses, and x3 overwritten with the gradient of their sum, in one launch: each element
+// is read and then written by the same thread, and z_t / z_d are read by every lane of a row before
+// the warp's (or block's) barrier that precedes the stores. Targets and weights: the device assert.
+at::Tensor forward_grad_cuda(at::Tensor& x3, const at::Tensor& target, double h1, double h2, int64_t drainage_idx,
+                             int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_cuda_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
+  const c10::cuda::CUDAGuard guard(x3.device());
+  at::Tensor loss = at::empty({x3.size(0) * x3.size(1)}, x3.options().dtype(loss_type(x3)));
+  run_forward(x3, target, hp, loss, at::Tensor(), x3, nullptr, nullptr, config_of(x3));
+  return loss;
+}
+
 // The mean / sum forward in two launches and no host sync: the forward kernel (per-block partials,
-// the gradient of the summed loss when with_grad, no per-row output) and the one-block finalize
-// (the target assert, out, inv_count). out: 0-dim loss dtype; inv_count: (1,) when mean.
+// the gradient of the summed (weighted) loss when with_grad, no per-row output) and the one-block
+// finalize (the target and weight asserts, out, inv_count). out: 0-dim loss dtype; inv_count: (1,)
+// when mean.
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> forward_reduced_cuda(
-    const at::Tensor& x3, const at::Tensor& target, bool mean, bool with_grad, double log_alpha,
-    double log_beta, int64_t drainage_idx, int64_t ignore_index) {
-  check_forward_inputs(x3, target, drainage_idx);
+    const at::Tensor& x3, const at::Tensor& target, bool mean, bool with_grad, double h1, double h2,
+    int64_t drainage_idx, int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
+  const Hyper hp = check_cuda_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
   const c10::cuda::CUDAGuard guard(x3.device());
   const auto opts = x3.options().dtype(loss_type(x3));
   at::Tensor out = at::empty({}, opts);
@@ -642,17 +651,17 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
   if (with_grad) grad = at::empty_like(x3);  // keeps a dense input's layout (e.g. channels_last)
   const Config config = config_of(x3);
   const int64_t n_partials = layout_of(x3).R == 0 ? 0 : config.blocks;
-  // One byte buffer of n_partials 16-byte records (the allocator aligns it to far more than 16).
+  // One byte buffer of n_partials 32-byte records (the allocator aligns it to far more than 16).
   at::Tensor work = at::empty({std::max<int64_t>(n_partials, 1) * int64_t(sizeof(BlockPartial))},
                               x3.options().dtype(at::kByte));
   auto* partials = reinterpret_cast<BlockPartial*>(work.data_ptr());
-  run_forward(x3, target, log_alpha, log_beta, drainage_idx, ignore_index, at::Tensor(), at::Tensor(),
-              grad.has_value() ? *grad : at::Tensor(), nullptr, partials, config);
+  run_forward(x3, target, hp, at::Tensor(), at::Tensor(), grad.has_value() ? *grad : at::Tensor(), nullptr, partials,
+              config);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(opts.dtype().toScalarType(), "drainage_finalize_cuda", [&] {
     drainage_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
         partials, n_partials, out.data_ptr<scalar_t>(),
-        inv_count.has_value() ? inv_count->data_ptr<scalar_t>() : nullptr, mean);
+        inv_count.has_value() ? inv_count->data_ptr<scalar_t>() : nullptr, mean, hp.weight.ptr != nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, inv_count, grad};
@@ -660,7 +669,9 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> for
 
 at::Tensor backward_cuda(const at::Tensor& x3, const at::Tensor& target, const at::Tensor& stats,
                          const at::Tensor& grad_rows, int64_t drainage_idx, int64_t ignore_index) {
-  check_forward_inputs(x3, target, drainage_idx);
+  check_device(x3);
+  check_rows(x3, target);
+  check_drainage_idx(drainage_idx, x3.size(2));
   check_stats(x3, stats, grad_rows);
   const c10::cuda::CUDAGuard guard(x3.device());
   at::Tensor grad = at::empty_like(x3);
@@ -718,6 +729,7 @@ TORCH_LIBRARY_IMPL(drainage_fast, CUDA, m) {
   m.impl("forward", &drainage::cuda::forward_cuda);
   m.impl("backward", &drainage::cuda::backward_cuda);
   m.impl("forward_with_grad", &drainage::cuda::forward_with_grad_cuda);
+  m.impl("forward_grad_", &drainage::cuda::forward_grad_cuda);
   m.impl("scale_", &drainage::cuda::scale_cuda);
   m.impl("forward_reduced", &drainage::cuda::forward_reduced_cuda);
   m.impl("scale_by_", &drainage::cuda::scale_by_cuda);

@@ -32,6 +32,14 @@ def forward(
     return native.forward(x3, target, hp, weight)
 
 
+def forward_grad_(
+    x3: torch.Tensor, target: torch.Tensor, hp: _inputs.Hyper, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """See backends.Backend: one pass; x3 becomes the gradient of the summed row losses."""
+    _inputs.check_targets_unless_checked(target, x3.shape[-1], hp, weight)
+    return native.forward_grad_(x3, target, hp, weight)
+
+
 def forward_reduced(
     x3: torch.Tensor,
     target: torch.Tensor,

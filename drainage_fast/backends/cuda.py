@@ -1,7 +1,7 @@
 """Backend "cuda": the CUDA C++ kernels of csrc/cuda (see native.py for the ops, _ext.py for the build).
 
-forward / backward / forward_with_grad are the shared ops of native.py. The mean / sum path of the
-backend contract (backends.Backend) is CUDA-only: forward_reduced is two launches (the
+forward / backward / forward_with_grad / forward_grad_ are the shared ops of native.py. The mean /
+sum path of the backend contract (backends.Backend) is CUDA-only: forward_reduced is two launches (the
 forward kernel with the device-side target check and per-block partials, then a one-block finalize)
 and scale_ one launch, with no host sync.
 """
@@ -13,7 +13,7 @@ import torch
 from .. import _ext
 from .._inputs import Hyper
 from . import native
-from .native import backward, forward_with_grad, reduced_loss  # noqa: F401
+from .native import backward, forward_grad_, forward_with_grad, reduced_loss  # noqa: F401
 
 NAME = "cuda"
 FUSED_GRAD = True  # forward_reduced(with_grad=True): the gradient is written in the forward pass

@@ -1,6 +1,6 @@
 """The Python face of the csrc/ ops (torch.ops.drainage_fast.forward / backward / forward_with_grad /
-scale_), shared by the "cpp" and "cuda" backends: the dispatcher picks the CPU or CUDA kernel from
-the tensors' device.
+forward_grad_ / scale_), shared by the "cpp" and "cuda" backends: the dispatcher picks the CPU or
+CUDA kernel from the tensors' device.
 
 Importing this module loads the extension (see _ext.py) and registers what torch.compile needs
 beside the C++ kernels: a fake kernel per op (shapes and dtypes only). The kernel ops carry no
@@ -37,6 +37,10 @@ def _register_python_parts() -> None:
         R = x3.shape[0] * x3.shape[1]
         loss = x3.new_empty(R, dtype=loss_dtype(x3))
         return loss, x3.new_empty((ROW_TERMS, R), dtype=loss_dtype(x3)), torch.empty_like(x3)
+
+    @torch.library.register_fake("drainage_fast::forward_grad_")
+    def _(x3, target, h1, h2, drainage_idx, ignore_index, member, weight):
+        return x3.new_empty(x3.shape[0] * x3.shape[1], dtype=loss_dtype(x3))
 
     @torch.library.register_fake("drainage_fast::scale_")
     def _(grad, scale):
@@ -84,6 +88,12 @@ def forward_with_grad(x3, target, hp: Hyper, scale: torch.Tensor | None, weight:
     loss dtype, 1 / count for a mean; None: 1) while each row is still in cache: one read and one
     write of the logits in all."""
     return torch.ops.drainage_fast.forward_with_grad.default(x3, target, scale, *hp, weight)
+
+
+def forward_grad_(x3, target, hp: Hyper, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """backends.Backend.forward_grad_: the per-row (weighted) losses (R,), and x3 overwritten with the
+    gradient of their sum, in one pass (the fused linear path's chunk buffer)."""
+    return torch.ops.drainage_fast.forward_grad_.default(x3, target, *hp, weight)
 
 
 def reduced_loss(
