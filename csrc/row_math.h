@@ -147,21 +147,69 @@ struct RowTerms {
   T loss, shift, c, g_t, g_d;
 };
 
-// What a member reads of a row: the differences d_td = z_t - z_d, and J_t = lse_J - z_t,
-// J_d = lse_J - z_d (-inf when J is empty or all -inf), log_s, and m_L = m - L (L = logaddexp(z_d,
-// lse_J), the mass off t).
+// exp(-|x|) and log1p of it: the shared part of softplus(x), softplus(-x), sigmoid(x), sigmoid(-x),
+// and of a logaddexp whose two arguments differ by x. One exponential and one log1p serve them all
+// (these transcendental calls are most of a short row's cost on the CPU).
+template <class V>
+struct Tail {
+  V e, lp;
+};
+
+template <class M, class V>
+DRAINAGE_HD Tail<V> tail_of(V x) {
+  const V e = M::exp(neg_abs<M>(x));
+  return {e, M::log1p(e)};
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)), as softplus above.
+template <class M, class V>
+DRAINAGE_HD V softplus_of(V x, const Tail<V>& t) {
+  return max_nan<M>(x, M::splat(0)) + t.lp;
+}
+
+// sigmoid(x), as sigmoid above.
+template <class M, class V>
+DRAINAGE_HD V sigmoid_of(V x, const Tail<V>& t) {
+  const V one = M::splat(1);
+  return M::select(x >= M::splat(0), one / (one + t.e), t.e / (one + t.e));
+}
+
+// What a member reads of a row: the differences d_td = z_t - z_d, d_md = m - z_d, J_t = lse_J - z_t,
+// J_d = lse_J - z_d (-inf when J is empty or all -inf), log_s, and tail_J, the tail of J_d. The
+// three log-sum-exps of the mass off t, L = logaddexp(z_d, lse_J), taken against z_t, z_d and m
+// (L_t, L_d, m_L below), are logaddexps whose arguments differ by J_d: they share tail_J.
 template <class V>
 struct RowInputs {
-  V d_td, J_t, J_d, log_s, m_L;
+  V d_td, d_md, J_t, J_d, log_s;
+  Tail<V> tail_J;
 };
+
+// L - z_t = logaddexp(-d_td, J_t).
+template <class M, class V>
+DRAINAGE_HD V L_t(const RowInputs<V>& r) {
+  return max_nan<M>(-r.d_td, r.J_t) + r.tail_J.lp;
+}
+
+// L - z_d = logaddexp(0, J_d).
+template <class M, class V>
+DRAINAGE_HD V L_d(const RowInputs<V>& r) {
+  return max_nan<M>(M::splat(0), r.J_d) + r.tail_J.lp;
+}
+
+// m - L = -logaddexp(-d_md, log_s).
+template <class M, class V>
+DRAINAGE_HD V m_L(const RowInputs<V>& r) {
+  return -(max_nan<M>(-r.d_md, r.log_s) + r.tail_J.lp);
+}
 
 // Each member: (loss, c, g_t, g_d) (the shift is m, set by row_terms), reference.py's row_terms.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> drainage_terms(const RowInputs<V>& r, V log_alpha, V log_beta) {
-  const Softplus2<V> p = softplus2<M>(log_alpha + logaddexp<M>(-r.d_td, r.J_t), log_beta + r.J_d);
-  const V g_d = M::exp(p.log_pa - logaddexp<M>(M::splat(0), r.J_d)) - M::exp(p.log_pb);
-  const V c = M::exp(logaddexp<M>(p.log_pa + r.m_L, p.log_pb - r.log_s));
-  return {p.l, V{}, c, -M::exp(p.log_pa), g_d};
+  const Softplus2<V> p = softplus2<M>(log_alpha + L_t<M>(r), log_beta + r.J_d);
+  const V pa = M::exp(p.log_pa), pb = M::exp(p.log_pb);
+  const V g_d = M::exp(p.log_pa - L_d<M>(r)) - pb;
+  const V c = M::exp(logaddexp<M>(p.log_pa + m_L<M>(r), p.log_pb - r.log_s));
+  return {p.l, V{}, c, -pa, g_d};
 }
 
 // l = -log(p_t + p_d / o) = log1p((p_d (1 - 1/o) + p_J) / (p_t + p_d / o)): softplus2 of
@@ -170,14 +218,15 @@ DRAINAGE_HD RowTerms<V> drainage_terms(const RowInputs<V>& r, V log_alpha, V log
 // dl/dz_d = pi_a sigma_u - pi_b sigma_v: no cancellation of two terms near pi_a when sigma_v ~ 1.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> gamblers_terms(const RowInputs<V>& r, V log_reward, V log_keep) {
-  const auto t_leads = r.d_td + log_reward >= M::splat(0);
-  const V A_t = softplus<M>(-r.d_td - log_reward);  // A - z_t
-  const V A_v = softplus<M>(r.d_td + log_reward);  // A - (z_d - log o)
+  const V x = r.d_td + log_reward;  // z_t - (z_d - log o)
+  const auto t_leads = x >= M::splat(0);
+  const Tail<V> tail = tail_of<M>(x);
+  const V A_t = softplus_of<M>(-x, tail);  // A - z_t
+  const V A_v = softplus_of<M>(x, tail);  // A - (z_d - log o)
   const V z_d_A = M::select(t_leads, -r.d_td - A_t, log_reward - A_v);
   const V lse_J_A = M::select(t_leads, r.J_t - A_t, r.J_d + log_reward - A_v);
   const Softplus2<V> p = softplus2<M>(log_keep + z_d_A, lse_J_A);
-  const V sigma_u = M::exp(M::select(t_leads, -A_t, r.d_td + log_reward - A_v));
-  const V sigma_v = M::exp(M::select(t_leads, -r.d_td - log_reward - A_t, -A_v));
+  const V sigma_u = sigmoid_of<M>(x, tail), sigma_v = sigmoid_of<M>(-x, tail);
   const V kept_mass = -M::expm1(-p.l);  // pi_a + pi_b = 1 - exp(-l), precise for tiny losses
   const V g_d = M::exp(p.log_pa) * sigma_u - M::exp(p.log_pb) * sigma_v;
   return {p.l, V{}, M::exp(p.log_pb - r.log_s), -kept_mass * sigma_u, g_d};
@@ -189,29 +238,35 @@ DRAINAGE_HD RowTerms<V> gamblers_terms(const RowInputs<V>& r, V log_reward, V lo
 // dl/dlse_J = e^(lse_J - B) (q - p_d r); e^(z_t - B) = sigmoid(z_t - lse_J).
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> dac_terms(const RowInputs<V>& r, V alpha) {
-  const V ce = softplus<M>(r.J_t);
-  const V z_d_B = M::select(r.J_t <= M::splat(0), -r.d_td - ce, -r.J_d - softplus<M>(-r.J_t));  // B's larger term
-  const V sp = softplus<M>(z_d_B);
-  const V p_d = sigmoid<M>(z_d_B), q = M::exp(-sp);
+  const Tail<V> tail_t = tail_of<M>(r.J_t);
+  const V ce = softplus_of<M>(r.J_t, tail_t);
+  const V z_d_B = M::select(r.J_t <= M::splat(0), -r.d_td - ce, -r.J_d - softplus_of<M>(-r.J_t, tail_t));
+  const Tail<V> tail_d = tail_of<M>(z_d_B);
+  const V sp = softplus_of<M>(z_d_B, tail_d);
+  const V p_d = sigmoid_of<M>(z_d_B, tail_d), q = sigmoid_of<M>(-z_d_B, tail_d);
   const V rest = alpha - q * ce;
-  const V g_t = -p_d * rest * sigmoid<M>(-r.J_t) - q * sigmoid<M>(r.J_t);
-  const V c = M::exp(-r.log_s) * sigmoid<M>(r.J_t) * (q - p_d * rest);
+  const V share_J = sigmoid_of<M>(r.J_t, tail_t);  // e^(lse_J - B)
+  const V g_t = -p_d * rest * sigmoid_of<M>(-r.J_t, tail_t) - q * share_J;
+  const V c = M::exp(-r.log_s) * share_J * (q - p_d * rest);
   return {q * ce + alpha * sp, V{}, c, g_t, p_d * rest};
 }
 
 // l = softplus(D), D = L - z_t; sigma = 1 - p_t.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> ce_all_terms(const RowInputs<V>& r) {
-  const V D = logaddexp<M>(-r.d_td, r.J_t), sigma = sigmoid<M>(D);
-  const V g_d = sigma * M::exp(-logaddexp<M>(M::splat(0), r.J_d));  // sigma e^(z_d - L)
-  return {softplus<M>(D), V{}, sigma * M::exp(r.m_L), -sigma, g_d};
+  const V D = L_t<M>(r);
+  const Tail<V> tail = tail_of<M>(D);
+  const V sigma = sigmoid_of<M>(D, tail);
+  const V g_d = sigma * M::exp(-L_d<M>(r));  // sigma e^(z_d - L)
+  return {softplus_of<M>(D, tail), V{}, sigma * M::exp(m_L<M>(r)), -sigma, g_d};
 }
 
 // CE_C = softplus(lse_J - z_t); z_d takes no part.
 template <class M, class V>
 DRAINAGE_HD RowTerms<V> ce_classes_terms(const RowInputs<V>& r) {
-  const V sigma = sigmoid<M>(r.J_t);
-  return {softplus<M>(r.J_t), V{}, M::exp(-r.log_s) * sigma, -sigma, M::splat(0)};  // c = e^(m - B)
+  const Tail<V> tail = tail_of<M>(r.J_t);
+  const V sigma = sigmoid_of<M>(r.J_t, tail);
+  return {softplus_of<M>(r.J_t, tail), V{}, M::exp(-r.log_s) * sigma, -sigma, M::splat(0)};  // c = e^(m - B)
 }
 
 // The loss and the gradient's row terms of a member from z_t, z_d and J's max m and sum s (s = 0:
@@ -226,8 +281,12 @@ DRAINAGE_HD RowTerms<V> row_terms(int member, V z_t, V z_d, V m, V s, V h1, V h2
   // -inf (no mass at t nor d: the row's loss is inf, as the oracle's).
   const V d_td = M::select((z_t == ninf) & (z_d == ninf), zero, z_t - z_d);
   const V d_md = shift - z_d;
-  const RowInputs<V> r = {d_td, M::select(J_empty, ninf, (shift - z_t) + log_s),
-                          M::select(J_empty, ninf, d_md + log_s), log_s, -logaddexp<M>(-d_md, log_s)};
+  const V J_d = M::select(J_empty, ninf, d_md + log_s);
+  // A NaN J_d comes from d_md = inf - inf (z_d = m = +inf) or a NaN logit: the logaddexps that share
+  // its tail are then nan or infinite through their own arguments, as the plain logaddexps would be.
+  Tail<V> tail_J = tail_of<M>(J_d);
+  tail_J.lp = M::select(J_d != J_d, zero, tail_J.lp);
+  const RowInputs<V> r = {d_td, d_md, M::select(J_empty, ninf, (shift - z_t) + log_s), J_d, log_s, tail_J};
   RowTerms<V> t;
   switch (member) {
     case kGamblers: t = gamblers_terms<M>(r, h1, h2); break;
