@@ -29,6 +29,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -56,13 +59,6 @@ struct Args {
   bool mean;
   double h1, h2;
   int64_t drainage_idx, ignore_index, member;
-
-  // As one saved entry: each entry of saved_data is a hash-map insert, on every step.
-  at::IValue saved() const { return c10::ivalue::Tuple::create({mean, h1, h2, drainage_idx, ignore_index, member}); }
-  static Args from_saved(const at::IValue& v) {
-    const auto& e = v.toTupleRef().elements();
-    return {e[0].toBool(), e[1].toDouble(), e[2].toDouble(), e[3].toInt(), e[4].toInt(), e[5].toInt()};
-  }
 };
 
 Reduced forward_reduced(const at::Tensor& x3, const at::Tensor& target, bool with_grad, const Args& a,
@@ -128,43 +124,52 @@ struct NoSecondOrder : public torch::autograd::Function<NoSecondOrder> {
   static variable_list backward(AutogradContext*, variable_list) { TORCH_CHECK(false, kHigherOrderMessage); }
 };
 
-struct ReducedLoss : public torch::autograd::Function<ReducedLoss> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                            const std::optional<at::Tensor>& weight, bool with_grad, Args a) {
-    at::Tensor out;
-    Written written = run_forward(logits, target, weight, with_grad, a, &out);
-    if (with_grad) {
-      // Saved for a second backward and for create_graph only; the first backward reads none.
-      ctx->save_for_backward({logits, target, weight.value_or(at::Tensor())});
-      ctx->saved_data["grad"] = written.grad;
-      ctx->saved_data["pending"] = written.pending;
-      ctx->saved_data["args"] = a.saved();
-    }
-    return out;
-  }
+// The loss's backward node. A Node of its own rather than a torch::autograd::Function: a Function's
+// node is CppNode<ReducedLoss>, and torch prints a grad_fn by what follows the last "::" of its C++
+// name, which gave grad_fn=<ReducedLoss>>. Here the node names itself, and saves its tensors as
+// torch's generated nodes do (SavedVariable: the version check, and the "backward through the graph
+// a second time" error once released).
+struct ReducedLossBackward : public torch::autograd::Node {
+  std::string name() const override { return "ReducedLossBackward"; }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  variable_list apply(variable_list&& grad_outputs) override {
     Written written;
     {
       at::NoGradGuard no_grad;
-      at::IValue& grad = ctx->saved_data["grad"];
-      if (grad.isTensor()) {  // handed out once: the caller may accumulate into it
-        written = {grad.toTensor(), ctx->saved_data["pending"].toOptional<at::Tensor>()};
-        grad = at::IValue();
+      if (grad.defined()) {  // handed out once: the caller may accumulate into it
+        written = {std::move(grad), std::move(pending)};
+        grad = at::Tensor();
+        pending.reset();
       } else {  // a second backward through the same graph: the saved inputs, checked for in-place changes
-        const variable_list saved = ctx->get_saved_variables();
-        const at::Tensor& weight = saved.at(2);
-        written = run_forward(saved.at(0), saved.at(1), weight.defined() ? std::optional(weight) : std::nullopt,
-                              /*with_grad=*/true, Args::from_saved(ctx->saved_data.at("args")), nullptr);
+        const at::Tensor w = weight.unpack();
+        written = run_forward(logits.unpack(), target.unpack(), w.defined() ? std::optional(w) : std::nullopt,
+                              /*with_grad=*/true, args, nullptr);
       }
-      scale_by_(written.grad, grad_outputs.at(0), written.pending);
+      const at::Tensor& grad_out = grad_outputs.at(0);
+      if (grad_out.defined()) {
+        scale_by_(written.grad, grad_out, written.pending);
+      } else {  // no gradient reached the loss: it counts as 0, as a Function's materialised zeros
+        written.grad.zero_();
+      }
     }
-    variable_list grads(5);  // logits, target, weight, with_grad, a
-    grads[0] = written.grad;
     // create_graph=True: tie the gradient to the logits, so that differentiating it raises.
-    if (at::GradMode::is_enabled()) grads[0] = NoSecondOrder::apply(written.grad, ctx->get_saved_variables().at(0));
-    return grads;
+    if (at::GradMode::is_enabled()) return {NoSecondOrder::apply(written.grad, logits.unpack())};
+    return {written.grad};
   }
+
+  void release_variables() override {
+    logits.reset_data();
+    target.reset_data();
+    weight.reset_data();
+    grad = at::Tensor();
+    pending.reset();
+  }
+
+  // Saved for a second backward and for create_graph only; the first backward reads none.
+  torch::autograd::SavedVariable logits, target, weight;
+  at::Tensor grad;  // the gradient the forward wrote, until the first backward hands it out
+  std::optional<at::Tensor> pending;
+  Args args{};
 };
 
 at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& target, bool mean, double h1, double h2,
@@ -175,7 +180,24 @@ at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& tar
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && weight.has_value() && weight->requires_grad()),
                     "drainage_fast: reduced_loss takes sample weights that do not require grad (the fused_* "
                     "losses weigh the rows in torch ops when they do)");
-  return ReducedLoss::apply(logits, target, weight, with_grad, Args{mean, h1, h2, drainage_idx, ignore_index, member});
+  const Args a{mean, h1, h2, drainage_idx, ignore_index, member};
+  at::Tensor out;
+  Written written;
+  {
+    at::AutoGradMode no_grad(false);  // as inside a Function's forward: the row views make no graph
+    written = run_forward(logits, target, weight, with_grad, a, &out);
+  }
+  if (!with_grad) return out;
+  auto node = c10::make_intrusive<ReducedLossBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(logits));
+  node->logits = torch::autograd::SavedVariable(logits, /*is_output=*/false);
+  node->target = torch::autograd::SavedVariable(target, false);
+  node->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+  node->grad = std::move(written.grad);
+  node->pending = std::move(written.pending);
+  node->args = a;
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 at::Tensor reduced_loss_forward(const at::Tensor& logits, const at::Tensor& target, bool mean, double h1, double h2,
