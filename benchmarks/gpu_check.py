@@ -1,5 +1,6 @@
-"""One GPU check on an 8-minute budget: the environment, the core tests on CUDA tensors, compute-sanitizer
-on every kernel, fwd+bwd timings, the fused linear losses against materialising the logits.
+"""One GPU check on a 450 s budget (one command on a lent H200): the environment, the core tests on
+CUDA tensors, compute-sanitizer on every kernel, fwd+bwd timings, the fused linear losses against
+materialising the logits.
 
     PYTHONPATH=. python3 -m benchmarks.gpu_check --out /tmp/gpu      # on a GPU machine
     python benchmarks/gpu_check.py --dry-run --out /tmp/plan          # anywhere: the plan, no GPU
@@ -67,7 +68,7 @@ from measure import describe, recover, time_cap
 from providers import all_providers, make_step, unavailable
 from report import slug
 
-BUDGET_S = 450  # 8 minutes less start-up (torch, the CUDA context) and the last write
+BUDGET_S = 450  # a command may take 10 minutes of the 15 lent; less start-up and the last write
 # The core files took 91 s on 2 CPU cores (Triton's interpreter); on a GPU their time is mostly
 # compiling Triton / Inductor kernels and the files run side by side.
 TESTS_CAP_S = 210
