@@ -109,3 +109,25 @@ def test_link_checker_sees_links_and_anchors(tmp_path):
         "# Native extension (csrc/)\n\n    # not a heading\n## `train osr` 7/8/9\n## Tests\n## Tests\n"
     )
     assert anchors(page) == {"native-extension-csrc", "train-osr-789", "tests", "tests-1"}
+
+
+def test_alpha_is_documented_as_the_code_and_the_presets_have_it():
+    """Issue 20, item 5: what alpha defaults to, and the paper's value per dataset, as the README and
+    docs/training.md#alpha-and-beta state them, are the library's default and the presets' values."""
+    import inspect
+    import json
+
+    from drainage_fast import DrainageLoss, fused_drainage_loss
+
+    default = inspect.signature(fused_drainage_loss).parameters["alpha"].default
+    assert inspect.signature(DrainageLoss).parameters["alpha"].default == default
+    assert f"`alpha` defaults to {default}" in README.read_text()
+    training = (ROOT / "docs" / "training.md").read_text()
+    section = training.split("## Alpha and beta", 1)[1].split("\n## ", 1)[0]
+    assert f"The library's default** is alpha = {default}" in section
+    paper = {"cifar10": ("CIFAR-10", 1.0), "cifar100": ("CIFAR-100", 0.1)}
+    paper |= {"webvision": ("WebVision", 0.1), "clothing1m": ("Clothing1M", 0.01)}
+    for preset, (dataset, alpha) in paper.items():
+        assert re.search(rf"{dataset} {alpha}\b", " ".join(section.split())), dataset
+        config = json.loads((ROOT / "train" / "configs" / f"{preset}_drainage.json").read_text())
+        assert config["loss_params"]["alpha"] == alpha, preset

@@ -2,6 +2,7 @@
 real tensor of more than 2^31 elements. Skipped (with the reason) on machines without CUDA; the rest
 of the suite also runs on the GPU there (support.DEVICE)."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -136,3 +137,33 @@ def test_more_than_2_pow_31_elements():
     rows = fused_drainage_loss(x.detach()[tail], target[tail], reduction="none")
     assert_loss_close(rows, ref, x.detach()[tail], 1.0, 1.0)
     assert_grad_close(x.grad[tail], x64.grad, x.detach()[tail], 1.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("triton", "cuda")])
+def test_more_than_2_pow_31_rows(backend):
+    """Issue 19, item 2: past 2^31 kept rows an int32 count wraps (a wrong mean and gradient, no error)
+    and an int32 cdiv of the row count runs no block at all. (2^31 + 4096, 2) bf16 logits of value 0,
+    every 1000th target ignored: each kept row's loss is log(1 + alpha) (p_d / p_t = 1, J empty), so
+    the mean is that and the gradient of each kept row is the same. 8.6 GB of logits, as much of
+    gradient, 17 GB of int64 targets."""
+    R = 2**31 + 4096
+    if torch.cuda.get_device_properties(CUDA).total_memory < 48 * 2**30:
+        pytest.skip("needs 48 GiB of GPU memory")
+    x = torch.zeros(R, 2, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.zeros(R, device=CUDA, dtype=torch.int64)  # class 0; the drainage output is 1
+    target[::1000] = -100
+    kept = R - len(range(0, R, 1000))
+    alpha = 0.5
+    loss = fused_drainage_loss(x, target, alpha=alpha, backend=backend)
+    loss.backward()
+    # A wrapped int32 count or cdiv is far off; fp32 partial sums of ~8k terms a lane stay within 1e-3.
+    assert abs(loss.item() - math.log1p(alpha)) < 1e-2 * math.log1p(alpha), loss.item()
+    del target
+    g = x.grad
+    # One kept row's gradient, from the oracle; the rows past 2^31 must have it too (times 1 / kept).
+    one = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    drainage_loss_reference(one, torch.zeros(1, dtype=torch.int64), alpha=alpha).backward()
+    expected = (one.grad[0] / kept).float()
+    for rows in (slice(1, 3), slice(2**31 + 1, 2**31 + 3), slice(R - 3, R - 1)):
+        torch.testing.assert_close(g[rows].float().cpu(), expected.expand(2, 2), rtol=1e-2, atol=0)
+    assert not g[2**31 - 2**31 % 1000 + 1000 :: 1000].any()  # ignored rows past 2^31: exactly 0

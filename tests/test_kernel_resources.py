@@ -136,6 +136,23 @@ def test_grids_are_one_wave_of_the_programs_the_compiled_kernel_fits():
     assert programs_per_sm(255, 0, 16) == 1  # never 0
 
 
+def test_the_compiled_fused_forwards_fill_one_wave_and_keep_their_loads_in_flight():
+    """Issue 19, items 7, 8 and 10 on the kernels the launcher really compiles for sm_90 (not on
+    hand-computed registers): for each memory case, programs per SM from the compiled registers and
+    shared memory on an H200, a grid of one wave of them, the streamed rows' >= 32 KB of loads in
+    flight per SM, and 16-byte loads. The table of benchmarks/results/kernel_registers.md."""
+    rows = [
+        kernel_resources._on_an_h200(row) for row in kernel_resources._memory_facts_of(kernel_resources.ROOT)
+    ]
+    assert len(rows) == len(kernel_resources.MEMORY_CASES)
+    for row in rows:
+        assert row["occupancy_grid"] and row["programs_per_sm"] >= 1, row
+        assert row["waves"] == 1.0, row
+        assert row["loads16"] >= 1, row
+        if row["stream"]:
+            assert row["bytes_in_flight_per_sm"] >= 32 * 1024, row
+
+
 def test_the_launcher_sizes_its_grid_from_the_compiled_kernel(monkeypatch):
     """_occupancy reads the registers and shared memory of the kernel the launch compiles to, once."""
     from types import SimpleNamespace

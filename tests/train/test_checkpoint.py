@@ -11,10 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from train.checkpoint import atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
+from train.checkpoint import (
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    read_checkpoint,
+    restore_rng_state,
+)
 from train.config import load_config
 from train.experiment import run_experiment
 from train.models import MODELS
+from train.run_dirs import UserError
 from train.trainer import CHECKPOINT
 
 
@@ -62,3 +69,13 @@ def test_resume_is_exact_for_a_model_that_draws_from_the_global_rng(tmp_path, mo
     run_experiment(cfg, tmp_path / "chunked", quiet=True, resume=True)
     a, b = (load_checkpoint(tmp_path / name / CHECKPOINT) for name in ("straight", "chunked"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_missing_last_pt_says_why(tmp_path):
+    """Issue 20: --resume of a run whose last.pt is gone names the file and the usual reason (a
+    finished run of sweep, clean, osr or demo789 drops it), in one line for the user."""
+    with pytest.raises(UserError) as caught:
+        read_checkpoint(tmp_path / "last.pt", ("model",))
+    message = str(caught.value)
+    assert str(tmp_path / "last.pt") in message and "does not exist" in message
+    assert "checkpoint=false" in message and "\n" not in message

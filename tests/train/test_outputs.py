@@ -142,6 +142,8 @@ def sweep_rows(seeds, accuracy=0.9):
 def test_single_seed_tables_print_the_value_alone(tmp_path):
     one = write_report(sweep_rows([1]), tmp_path / "one", "one seed")
     assert "91.00" in one and "±" not in one.split("## Last epoch")[1]
+    # A sweep's report says one seed as such (issue 20, item 8: it once said "over 1 seeds").
+    assert "over 1 " not in one and "one run per setting (seed 1)" in one and "one seed, no spread" in one
     assert "91.50 ± 0.71" in write_report(sweep_rows([1, 2]), tmp_path / "two", "two seeds")
     assert pct(0.5, math.nan) == "50.00" and pct(0.5, 0.01) == "50.00 ± 1.00"
     rows = [
