@@ -69,6 +69,7 @@ def run_files(files: list[str], log_dir: Path, timeout_s: float, cwd: Path, env:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_sigint_by_default,
             )
     seconds: dict[str, float] = {}
     try:
@@ -96,6 +97,13 @@ def run_files(files: list[str], log_dir: Path, timeout_s: float, cwd: Path, env:
         name: _result(procs[name].returncode, name in late, seconds[name], log_dir / f"{Path(name).stem}.xml")
         for name in files
     }
+
+
+def _sigint_by_default() -> None:
+    """In the child before exec: SIGINT's default action, so that its Python raises KeyboardInterrupt
+    (and pytest writes its junit xml) even when this process was started ignoring SIGINT (a background
+    job of a non-interactive shell is): an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:

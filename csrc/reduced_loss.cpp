@@ -34,6 +34,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -133,6 +134,10 @@ struct ReducedLossBackward : public torch::autograd::Node {
   std::string name() const override { return "ReducedLossBackward"; }
 
   variable_list apply(variable_list&& grad_outputs) override {
+    // Node's thread-safety contract: apply and release_variables take the node's mutex, as a
+    // Function's CppNode does. Two threads' retain_graph backwards through one loss would otherwise
+    // both take the one pre-written gradient (and scale it twice).
+    std::lock_guard<std::mutex> lock(mutex_);
     Written written;
     {
       at::NoGradGuard no_grad;
@@ -158,6 +163,7 @@ struct ReducedLossBackward : public torch::autograd::Node {
   }
 
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     logits.reset_data();
     target.reset_data();
     weight.reset_data();
@@ -180,6 +186,10 @@ at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& tar
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && weight.has_value() && weight->requires_grad()),
                     "drainage_fast: reduced_loss takes sample weights that do not require grad (the fused_* "
                     "losses weigh the rows in torch ops when they do)");
+  // Forward-mode AD: a Function raised for want of a jvp; this node has none either, and must say so
+  // rather than return a loss without a tangent.
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(logits) && !torch::autograd::isFwGradDefined(weight),
+              kHigherOrderMessage);
   const Args a{mean, h1, h2, drainage_idx, ignore_index, member};
   at::Tensor out;
   Written written;

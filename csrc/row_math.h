@@ -1,6 +1,8 @@
 // Per-row math of the abstention family (drainage_fast/_members.py), shared by the CPU and the CUDA
-// kernels; the same formulas as the reference backend (drainage_fast/backends/reference.py, the
-// spec, with their derivations) and the Triton kernels (backends/triton_kernels.py, _row_terms).
+// kernels; the formulas of the reference backend (drainage_fast/backends/reference.py, the spec,
+// with their derivations) and of the Triton kernels (backends/triton_kernels.py, _row_terms), with
+// the transcendental calls that share an argument computed once (Tail below): the same values up to
+// rounding, not the same bits.
 //
 // One pass over a row gives z_t, z_d, the max m of J = all outputs but {t, d} and
 // s = sum over J of exp(z_j - m), so lse_J = m + log(s). A member is a function of (z_t, z_d, lse_J)

@@ -121,17 +121,23 @@ def test_forward_with_grad_is_the_gradient_of_the_mean(dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "long"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last", "nchw", "wide", "long"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("member", list(Member))
 def test_forward_grad_in_place_is_forward_then_backward(layout, dtype, member):
     """forward_grad_ (the fused linear path's chunk) overwrites the logits with the gradient of the
-    summed (weighted) row losses: the same bits as forward, then backward with upstream 1, on the
-    short-row groups, the pixel layout and long rows (one row a group, the CUDA block-per-row path),
-    with ignored rows and weights."""
-    if layout == "long":
-        x3 = (3 * torch.randn(5, 1, 3001, device=DEVICE)).to(dtype)
-        target = random_targets(5, 3001, 10)
+    summed (weighted) row losses: the same bits as forward, then backward with upstream 1, with
+    ignored rows and weights. Layouts: short rows in groups, strided rows, unit-stride pixels, the
+    pixel layout (NCHW, 32 pixels an image: the CPU's vector lanes along pixels), K = 601 (32 lanes a
+    row on CUDA) and K = 3001 (one row a group; CUDA's block-per-row path)."""
+    if layout == "nchw":  # (2, 11, 4, 8) NCHW -> (2, 32, 11) with stride_k = 32
+        x3 = torch.randn(2, 11, 4, 8, device=DEVICE).to(dtype).movedim(1, -1).reshape(2, 32, 11)
+        target = random_targets(64, 11, 10)
+        target[5] = -100
+    elif layout in ("wide", "long"):
+        K = 601 if layout == "wide" else 3001
+        x3 = (3 * torch.randn(5, 1, K, device=DEVICE)).to(dtype)
+        target = random_targets(5, K, 10)
         target[1] = -100
     else:
         x3, target = _rows(layout, dtype, False)
@@ -145,6 +151,50 @@ def test_forward_grad_in_place_is_forward_then_backward(layout, dtype, member):
     assert torch.equal(loss, loss_ref)
     assert torch.equal(buffer, grad_ref)
     torch.library.opcheck(torch.ops.drainage_fast.forward_grad_.default, (x3.clone(), target, *hp))
+
+
+@needs_ext
+def test_forward_grad_refuses_logits_whose_rows_share_memory():
+    """In place, an expanded view would have several rows write one memory: refused, not raced."""
+    x3 = torch.randn(1, 1, 11, device=DEVICE).expand(4, 1, 11)
+    with pytest.raises(RuntimeError, match="refers to a single memory location"):
+        torch.ops.drainage_fast.forward_grad_(x3, random_targets(4, 11, 10), *op_args(Member.DRAINAGE, 10))
+
+
+@needs_ext
+def test_forward_mode_ad_is_refused_not_silently_dropped():
+    """A dual tensor (torch.autograd.forward_ad) has no grad requirement, so it reaches the native
+    mean / sum op: its node has no jvp, and must say so rather than return a loss without tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(6, 5, device=DEVICE)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="first-order backward only"):
+        fused_drainage_loss(fwAD.make_dual(x, torch.ones_like(x)), random_targets(6, 5, -1), backend=NATIVE)
+
+
+@needs_ext
+def test_two_threads_backward_through_one_loss_each_get_the_gradient():
+    """The node's mutex (Node's thread-safety contract): two retain_graph backwards through one loss
+    from two threads each get the whole gradient, never the one pre-written buffer twice."""
+    import threading
+
+    x = torch.randn(64, 33, device=DEVICE, requires_grad=True)
+    target = random_targets(64, 33, -1)
+    (expected,) = torch.autograd.grad(fused_drainage_loss(x, target, backend=NATIVE), x)
+    for _ in range(20):
+        loss = fused_drainage_loss(x, target, backend=NATIVE)
+        grads = [None, None]
+
+        def run(i, loss=loss, grads=grads):
+            grads[i] = torch.autograd.grad(loss, x, retain_graph=True)[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for g in grads:
+            assert torch.equal(g, expected)
 
 
 @needs_ext

@@ -21,6 +21,7 @@
 // the pixel layout instead (below, "Pixel layout"): 16 pixels in the lanes and a loop over the
 // outputs, with the same bits per row as the row path.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -944,6 +945,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cpu(
 at::Tensor forward_grad_cpu(at::Tensor& x3, const at::Tensor& target, double h1, double h2, int64_t drainage_idx,
                             int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
   const Hyper hp = check_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
+  at::assert_no_internal_overlap(x3);  // an expanded view: several rows would write one memory
+  if (weight.has_value()) at::assert_no_overlap(x3, *weight);
   at::Tensor loss = at::empty({x3.size(0) * x3.size(1)}, x3.options().dtype(loss_type(x3)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x3.scalar_type(), "drainage_forward_grad_cpu", [&] {
     forward_rows<scalar_t>(x3, target, hp, loss, at::Tensor(), x3, 1.0);

@@ -29,6 +29,7 @@
 // weight was bad, and writes the loss and 1 / divisor (the count, or the weight sum). The backward
 // is one scale kernel (scale_by_) that returns at once when its factor is exactly 1.
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -629,6 +630,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_with_grad_cuda(
 at::Tensor forward_grad_cuda(at::Tensor& x3, const at::Tensor& target, double h1, double h2, int64_t drainage_idx,
                              int64_t ignore_index, int64_t member, const std::optional<at::Tensor>& weight) {
   const Hyper hp = check_cuda_forward(x3, target, h1, h2, drainage_idx, ignore_index, member, weight);
+  at::assert_no_internal_overlap(x3);  // an expanded view: several rows would write one memory
+  if (weight.has_value()) at::assert_no_overlap(x3, *weight);
   const c10::cuda::CUDAGuard guard(x3.device());
   at::Tensor loss = at::empty({x3.size(0) * x3.size(1)}, x3.options().dtype(loss_type(x3)));
   run_forward(x3, target, hp, loss, at::Tensor(), x3, nullptr, nullptr, config_of(x3));

@@ -32,6 +32,7 @@ sys.exit(main(sys.argv[1:]))
 # (CUT_AT=0: never): the real signal, delivered mid-epoch
 CUT_CLI = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started ignoring it
 import train.trainer
 at, calls = int(os.environ["CUT_AT"]), [0]
 epoch = train.trainer.Trainer.train_epoch

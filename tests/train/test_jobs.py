@@ -98,6 +98,7 @@ def train_log_line(run_dir) -> str:
 # run has finished: the runs in progress in the workers stop wherever they are
 PARALLEL_CUT = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started ignoring it
 import train.commands.sweep as sweep
 progress = sweep._progress
 def cut_progress(n, *args):
