@@ -32,6 +32,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -162,6 +163,45 @@ struct ReducedLossBackward : public torch::autograd::Node {
     return {written.grad};
   }
 
+  // Compiled autograd (torch._dynamo's compiled_autograd): the node is traced with proxies for its
+  // saved tensors. It takes the recompute path there (forward_reduced and scale_by_, both with fake
+  // kernels): a pre-written buffer handed out of a traced graph would alias the graph's input.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& compiled) const override {
+    compiled.collect(logits, false);
+    compiled.collect(target, false);
+    compiled.collect(weight, false);
+    compiled.collect(args.mean);
+    compiled.collect(args.h1);
+    compiled.collect(args.h2);
+    compiled.collect(args.drainage_idx);
+    compiled.collect(args.ignore_index);
+    compiled.collect(args.member);
+  }
+
+  variable_list apply_with_saved(const variable_list& grad_outputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(logits);
+    saved.before(target);
+    saved.before(weight);
+    Written written;
+    {
+      at::NoGradGuard no_grad;
+      const at::Tensor w = weight.unpack();
+      written = run_forward(logits.unpack(), target.unpack(), w.defined() ? std::optional(w) : std::nullopt,
+                            /*with_grad=*/true, args, nullptr);
+      const at::Tensor& grad_out = grad_outputs.at(0);
+      if (grad_out.defined()) {
+        scale_by_(written.grad, grad_out, written.pending);
+      } else {
+        written.grad.zero_();
+      }
+    }
+    saved.after(logits);
+    saved.after(target);
+    saved.after(weight);
+    return {written.grad};
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     logits.reset_data();
@@ -176,6 +216,26 @@ struct ReducedLossBackward : public torch::autograd::Node {
   at::Tensor grad;  // the gradient the forward wrote, until the first backward hands it out
   std::optional<at::Tensor> pending;
   Args args{};
+};
+
+// torch up to 2.11 (the GPU image's) holds autograd nodes in std::shared_ptr, deleted by deleteNode
+// (which frees a long graph without deep recursion); later versions in c10::intrusive_ptr. The node
+// is made as the installed torch holds them: picked by the type of Edge::function.
+template <class T, class Ptr = decltype(torch::autograd::Edge::function)>
+struct MakeNode;
+
+template <class T>
+struct MakeNode<T, std::shared_ptr<torch::autograd::Node>> {
+  static std::shared_ptr<T> make() {
+    // deleteNode(Node*) of torch/csrc/autograd/function.h, found through T's base (a dependent call:
+    // it is looked up only where this torch has it).
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });
+  }
+};
+
+template <class T>
+struct MakeNode<T, c10::intrusive_ptr<torch::autograd::Node>> {
+  static c10::intrusive_ptr<T> make() { return c10::make_intrusive<T>(); }
 };
 
 at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& target, bool mean, double h1, double h2,
@@ -198,7 +258,7 @@ at::Tensor reduced_loss_autograd(const at::Tensor& logits, const at::Tensor& tar
     written = run_forward(logits, target, weight, with_grad, a, &out);
   }
   if (!with_grad) return out;
-  auto node = c10::make_intrusive<ReducedLossBackward>();
+  auto node = MakeNode<ReducedLossBackward>::make();
   node->set_next_edges(torch::autograd::collect_next_edges(logits));
   node->logits = torch::autograd::SavedVariable(logits, /*is_output=*/false);
   node->target = torch::autograd::SavedVariable(target, false);

@@ -898,3 +898,24 @@ def test_the_cpp_mean_is_the_exact_mean_of_its_rows_rounded_once(weighted):
         torch.set_num_threads(threads)
     assert means[0] == means[1]
     assert abs(means[0] - exact) <= 0.5 * float_ulp
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_compiled_autograd_traces_the_native_node(reduction, weighted):
+    """torch._dynamo's compiled autograd traces ReducedLossBackward (its recompute path, through the
+    ops' fake kernels): the gradient an eager backward gives, with an upstream factor and an ignored
+    row. (A node without compiled_args makes compiled autograd raise.)"""
+    from torch._dynamo import compiled_autograd
+
+    x = torch.randn(8, 5, device=DEVICE, requires_grad=True)
+    target = random_targets(8, 5, -1)
+    target[2] = -100
+    weight = strided_weights(8) if weighted else None
+    kw = dict(reduction=reduction, sample_weight=weight, backend=NATIVE)
+    (expected,) = torch.autograd.grad(fused_drainage_loss(x, target, **kw) * 3, x)
+    loss = fused_drainage_loss(x, target, **kw)
+    with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        (loss * 3).backward()
+    torch.testing.assert_close(x.grad, expected, rtol=0, atol=0)
